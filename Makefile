@@ -1,0 +1,65 @@
+# evaclip: two commands on a fresh machine:  make setup  then  make demo  (and make test)
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# DeepSpeed JIT-builds its CPU ops (shm comm) on first use: keep them inside the venv
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
+export DS_BUILD_OPS := 0
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+DEMO_DATA := data/synth
+DEMO_RUN  := runs/demo_cpu
+
+.PHONY: setup demo test test-fast bench lint lock clean help
+
+help:
+	@echo "make setup      create .venv and install the pinned stack (CPU torch) + evaclip"
+	@echo "make demo       synth data -> train -> zero-shot eval -> open_clip export (+ reload check)"
+	@echo "make test       the whole test suite (CPU; includes slow end-to-end and 2-process tests)"
+	@echo "make test-fast  tests without the slow end-to-end ones"
+	@echo "make bench      benchmarks, results in bench/results/"
+	@echo "make lint       ruff"
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements/lock.txt requirements/constraints.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --no-deps -c requirements/constraints.txt -r requirements/lock.txt
+	$(BIN)/pip install --no-deps --no-build-isolation -e .
+	$(BIN)/python -c "from evaclip._shim import write_pth; print('import hooks:', write_pth())"
+	$(BIN)/pip check
+	@touch $@
+
+demo: setup
+	$(BIN)/evaclip data synth --out $(DEMO_DATA)
+	rm -rf $(DEMO_RUN)
+	$(BIN)/evaclip train launch/experiments/demo_cpu.toml run.output_dir=runs run.name=demo_cpu data.root=$(DEMO_DATA)
+	$(BIN)/evaclip eval --checkpoint $(DEMO_RUN) --suite eval/suites/quick.toml \
+		--datasets-root $(DEMO_DATA)/zeroshot --out $(DEMO_RUN)/zeroshot --require-acc1 0.09375
+	$(BIN)/evaclip export $(DEMO_RUN) --out $(DEMO_RUN)/open_clip_export --verify
+	@echo ""
+	@echo "demo done:"
+	@echo "  data:        $(DEMO_DATA)  (train shards + zero-shot sets)"
+	@echo "  run:         $(DEMO_RUN)  (config.resolved.toml, metrics.jsonl, plots.png, checkpoints/)"
+	@echo "  zero-shot:   $(DEMO_RUN)/zeroshot/results.md"
+	@echo "  open_clip:   $(DEMO_RUN)/open_clip_export  (open_clip.create_model_and_transforms('local-dir:...'))"
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+bench: setup
+	$(BIN)/python bench/run.py --out bench/results
+
+lint: setup
+	$(BIN)/ruff check evaclip tests bench
+
+lock:
+	$(BIN)/pip freeze --all | grep -v -iE "^(evaclip|-e |pip==)" > requirements/lock.body
+	{ sed -n '1,3p' requirements/lock.txt; cat requirements/lock.body; } > requirements/lock.txt.new
+	mv requirements/lock.txt.new requirements/lock.txt && rm requirements/lock.body
+
+clean:
+	rm -rf runs results exports data/synth .pytest_cache

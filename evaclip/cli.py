@@ -1,0 +1,366 @@
+"""``evaclip`` command line: train, eval, export, data, models. Thin: parse, build, call."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import textwrap
+from typing import List, Optional
+
+from evaclip.config import ConfigError
+
+_F = argparse.RawDescriptionHelpFormatter
+
+
+class UserError(Exception):
+    """An error the user can fix; printed as one line without a traceback."""
+
+
+def _progress(total: Optional[int], desc: str, unit: str = "it"):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stdout, leave=False)
+
+
+# ---------------------------------------------------------------------------------------------------- train
+def cmd_train(args) -> int:
+    from evaclip import dist as edist
+    from evaclip.config import describe, load_config, resolve, to_dict
+
+    if args.help_config:
+        print("\n".join(describe()))
+        return 0
+    if not args.experiment:
+        raise UserError("evaclip train needs an experiment file (e.g. launch/experiments/demo_cpu.toml)")
+    cfg = load_config(args.experiment, args.overrides)
+    world = args.world_size or edist.env_world()[2]
+    derived = resolve(cfg, world)
+    if args.dry_run:
+        from evaclip.config import dumps_toml
+        from evaclip.engine import deepspeed_config
+
+        print(dumps_toml(to_dict(cfg)))
+        print("\n[derived]")
+        for k, v in derived.__dict__.items():
+            print(f"{k} = {v!r}")
+        if cfg.engine.kind == "deepspeed":
+            print("\n# DeepSpeed config")
+            print(json.dumps(deepspeed_config(cfg.engine, cfg.data.micro_batch_size, world), indent=2))
+        print(f"\nworld size {world}, global batch {derived.global_batch}, {derived.steps} steps, "
+              f"{derived.train_samples:,} samples; run dir {derived.run_dir}")
+        return 0
+    from evaclip.trainer import Trainer, TrainingStopped
+
+    trainer = Trainer(cfg, derived)
+    try:
+        summary = trainer.train()
+    except TrainingStopped as e:
+        raise UserError(str(e)) from None
+    if edist.is_main():
+        zs = summary["zeroshot"]
+        acc = {k: v for k, v in zs.items() if k.endswith("/acc1")}
+        print(f"trained {summary['steps']} steps ({summary['samples']:,} samples); skipped samples: "
+              f"{sum(summary['skips'].values())} {summary['skips']}")
+        for k, v in acc.items():
+            print(f"  {k}: {100 * v:.2f}%")
+        print(f"run dir: {summary['run_dir']}\ncheckpoint: {summary['checkpoint']}"
+              + (f"\nplots: {summary['plot']}" if summary.get("plot") else ""))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- eval
+def _load_for_eval(args):
+    """(encode_image, encode_text, tokenizer, image_size, mean, std, name, pretrained) for --checkpoint or --model."""
+    import torch
+
+    from evaclip.data.transforms import Tokenizer
+
+    device = torch.device(args.device)
+    if args.checkpoint:
+        from evaclip.checkpoint import load_weights
+        from evaclip.models import build_image_tower, build_text_tower, get_variant
+        from evaclip.models.clip import CLIP
+
+        sd, meta = load_weights(args.checkpoint)
+        v = get_variant(meta["model"])
+        model = CLIP(build_image_tower(v), build_text_tower(v, act=meta.get("text_act", "gelu")), v.embed_dim)
+        model.load_state_dict(sd)
+        model.eval().to(device)
+        return (lambda x: model.encode_image(x, normalize=False), lambda t: model.encode_text(t, normalize=False),
+                Tokenizer(v.context_length), v.image_size, v.mean, v.std, v.name, os.path.abspath(args.checkpoint))
+    if args.model and args.model.startswith("open_clip:"):
+        import open_clip
+
+        name = args.model[len("open_clip:"):]
+        if args.pretrained and os.path.isdir(args.pretrained):
+            model, _, pre = open_clip.create_model_and_transforms(f"local-dir:{args.pretrained}")
+            tok = open_clip.get_tokenizer(f"local-dir:{args.pretrained}")
+        else:
+            model, _, pre = open_clip.create_model_and_transforms(name, pretrained=args.pretrained or None)
+            tok = open_clip.get_tokenizer(name)
+        model.eval().to(device)
+        cfg = model.visual.preprocess_cfg if hasattr(model.visual, "preprocess_cfg") else {}
+        size = model.visual.image_size[0] if isinstance(model.visual.image_size, (tuple, list)) else model.visual.image_size
+        mean = cfg.get("mean", (0.48145466, 0.4578275, 0.40821073))
+        std = cfg.get("std", (0.26862954, 0.26130258, 0.27577711))
+        return (model.encode_image, model.encode_text, tok, size, mean, std, name, args.pretrained or "")
+    raise UserError("evaclip eval needs --checkpoint <run dir|checkpoint> or --model open_clip:<name>")
+
+
+def cmd_eval(args) -> int:
+    from evaclip.evalsuite import load_suite, run_suite, table, write_results
+
+    if args.compare:
+        return _compare(args.compare)
+    if not args.suite:
+        raise UserError("evaclip eval needs --suite (e.g. eval/suites/quick.toml)")
+    entries = load_suite(args.suite)
+    enc_i, enc_t, tok, size, mean, std, name, pretrained = _load_for_eval(args)
+    import torch
+
+    amp = args.precision == "bf16"
+
+    def wrap(fn):
+        def run(x):
+            with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=amp):
+                return fn(x)
+        return run
+
+    cache = os.path.join(args.out, ".classifier_cache", _fingerprint(name, pretrained))
+    results = run_suite(wrap(enc_i), wrap(enc_t), tok, entries, args.datasets_root, size, mean, std,
+                        torch.device(args.device), args.batch_size, strict=args.strict, classifier_cache=cache,
+                        model_name=name, pretrained=pretrained,
+                        progress_factory=lambda n: _progress(None, n, "img"))
+    write_results(results, args.out)
+    md = table(results)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(md + "\n")
+    _write_csv(results, os.path.join(args.out, "results.csv"))
+    print(md)
+    missing = [r["dataset"] for r in results if r["status"] == "missing"]
+    print(f"results: {args.out} ({len(results) - len(missing)} evaluated, {len(missing)} missing"
+          + (f": {', '.join(missing)}" if missing else "") + ")")
+    if args.require_acc1 is not None:
+        low = [f"{r['dataset']} {100 * r['metrics']['acc1']:.2f}%" for r in results
+               if "acc1" in r["metrics"] and r["metrics"]["acc1"] < args.require_acc1]
+        if low:
+            raise UserError(f"top-1 below the required {100 * args.require_acc1:.2f}%: {', '.join(low)}")
+        print(f"top-1 >= {100 * args.require_acc1:.2f}% on every classification set: ok")
+    return 0
+
+
+def _fingerprint(name: str, pretrained: str) -> str:
+    import hashlib
+
+    stamp = ""
+    if pretrained and os.path.exists(pretrained):
+        stamp = str(os.path.getmtime(pretrained))
+    return hashlib.sha1(f"{name}|{os.path.abspath(pretrained) if pretrained else ''}|{stamp}".encode()).hexdigest()[:16]
+
+
+def _write_csv(results, path):
+    import csv
+
+    keys = sorted({k for r in results for k in r["metrics"]})
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["dataset", "task", "status"] + keys)
+        for r in results:
+            w.writerow([r["dataset"], r["task"], r["status"]] + [r["metrics"].get(k, "") for k in keys])
+
+
+def _compare(files: List[str]) -> int:
+    from evaclip.evalsuite import headline
+
+    rows = {}
+    for i, path in enumerate(files):
+        with open(path) as f:
+            data = json.load(f)
+        for r in data if isinstance(data, list) else [data]:
+            rows.setdefault(r["dataset"], [None] * len(files))[i] = headline(r)
+    head = "| dataset | " + " | ".join(os.path.basename(f) for f in files) + " |"
+    print(head + "\n|---|" + "---|" * len(files))
+    for ds, vals in rows.items():
+        print(f"| {ds} | " + " | ".join("-" if v is None else f"{100 * v:.2f}" for v in vals) + " |")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- export
+def cmd_export(args) -> int:
+    from evaclip.checkpoint import find_checkpoint, load_weights
+    from evaclip.export.open_clip import export_open_clip, verify_export
+    from evaclip.models import get_variant
+
+    ckpt = find_checkpoint(args.source)
+    print(f"consolidating {ckpt} ...", flush=True)
+    sd, meta = load_weights(ckpt)
+    v = get_variant(meta["model"])
+    act = meta.get("text_act", "gelu")
+    written = export_open_clip(sd, v, args.out, dtype=args.dtype, text_act=act, tower=args.tower, source=ckpt)
+    for k, p in written.items():
+        print(f"  {k}: {p}")
+    if args.verify:
+        if args.tower != "both" or args.dtype != "fp32":
+            raise UserError("--verify compares fp32 embeddings of a full export: use --tower both --dtype fp32")
+        diffs = verify_export(args.out, sd, v, act)
+        print("open_clip reload, max |embedding difference| vs the trained model: "
+              + ", ".join(f"{k} {d:.2e}" for k, d in diffs.items()))
+        if max(diffs.values()) > args.tolerance:
+            raise UserError(f"export verification failed: max difference {max(diffs.values()):.3e} > {args.tolerance}")
+    print(f"exported {v.name} to {args.out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- data
+def cmd_data(args) -> int:
+    if args.data_cmd == "synth":
+        from evaclip.data import synth
+
+        bar = _progress(args.shards, "synth shards", "shard")
+        out = synth.write_all(args.out, shards=args.shards, per_shard=args.per_shard, image_size=args.image_size,
+                              seed=args.seed, eval_per_class=args.eval_per_class,
+                              retrieval_images=args.retrieval_images, progress=bar.update)
+        bar.close()
+        print(f"wrote {args.shards * args.per_shard} training samples in {args.shards} shards: {out['train']}\n"
+              f"zero-shot classification set: {out['zeroshot']}\nzero-shot retrieval set: {out['retrieval']}\n"
+              f"recipe: {out['recipe']}")
+        return 0
+    from evaclip.data import tools
+
+    return tools.run(args)
+
+
+# ---------------------------------------------------------------------------------------------------- models
+def cmd_models(args) -> int:
+    from evaclip.models import VARIANTS, create_model_from_name
+
+    print(f"{'model':<18} {'timm image tower':<36} {'params':>10}  published")
+    for name, v in VARIANTS.items():
+        m = create_model_from_name(name, device="meta")
+        n = sum(p.numel() for p in m.parameters())
+        pub = f"{v.published_params / 1e6:,.0f}M" if v.published_params else "-"
+        print(f"{name:<18} {v.timm_name:<36} {n / 1e6:>9,.1f}M  {pub}")
+        del m
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="evaclip", formatter_class=_F, description=textwrap.dedent("""\
+        Large-batch contrastive image-text (CLIP) training in the style of EVA-CLIP.
+
+        Typical flow:
+          evaclip data synth --out data/synth                       # a small local dataset
+          evaclip train launch/experiments/demo_cpu.toml            # train (overrides: optim.lr=3e-4 ...)
+          evaclip eval --checkpoint runs/demo_cpu --suite eval/suites/quick.toml --datasets-root data/synth/zeroshot
+          evaclip export runs/demo_cpu --out exports/demo --verify  # open_clip folder (+ timm image tower)
+        """))
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+
+    t = sub.add_parser("train", formatter_class=_F, help="train from an experiment file",
+                       description=textwrap.dedent("""\
+        Train from a TOML experiment file (launch/experiments/*.toml), with dotted overrides:
+
+          evaclip train launch/experiments/demo_cpu.toml optim.visual.lr=3e-4 model.vision.patch_dropout=0.5
+
+        Single process runs directly; several processes under torchrun or Slurm (launch/torchrun.sh,
+        launch/slurm/train.sbatch) with engine.kind=deepspeed. A run resumes from its latest checkpoint
+        (checkpoint.resume=auto). --help-config lists every key with its type, default and meaning.
+        """))
+    t.add_argument("experiment", nargs="?", help="experiment TOML file")
+    t.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides (any position)")
+    t.add_argument("--dry-run", action="store_true", help="print the resolved config, derived values and the "
+                   "DeepSpeed config, then exit")
+    t.add_argument("--world-size", type=int, default=0, help="with --dry-run: resolve for this many processes")
+    t.add_argument("--help-config", action="store_true", help="list every config key and exit")
+    t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("eval", formatter_class=_F, help="zero-shot evaluation suite",
+                       description=textwrap.dedent("""\
+        Zero-shot classification / retrieval over a suite of datasets (eval/suites/*.toml), writing one JSON
+        per dataset (CLIP_benchmark's shape) plus results.md / results.csv:
+
+          evaclip eval --checkpoint runs/demo_cpu --suite eval/suites/quick.toml --datasets-root data/synth/zeroshot
+          evaclip eval --model open_clip:EVA02-B-16 --pretrained exports/demo --suite ...
+          evaclip eval --compare results/a/imagenet1k.json results/b/imagenet1k.json
+
+        Datasets are looked up as <datasets-root>/<path> (default path: wds_<name>, as clip_benchmark names
+        its webdataset sets). Missing datasets are reported, not fatal, unless --strict.
+        """))
+    e.add_argument("--checkpoint", help="run dir or checkpoint dir of an evaclip run")
+    e.add_argument("--model", help="open_clip:<name> to evaluate an open_clip model with the same code")
+    e.add_argument("--pretrained", help="with --model: a weights file, an open_clip export folder, or a tag")
+    e.add_argument("--suite", help="suite TOML (eval/suites/*.toml)")
+    e.add_argument("--datasets-root", default="datasets", help="folder holding the datasets (default: datasets)")
+    e.add_argument("--out", default="results", help="output folder (default: results)")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--workers", type=int, default=0, help="(reserved) decode workers")
+    e.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    e.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    e.add_argument("--strict", action="store_true", help="fail (exit 2) when a dataset is missing")
+    e.add_argument("--compare", nargs="+", metavar="JSON", help="print a side-by-side table of result files")
+    e.add_argument("--require-acc1", type=float, default=None, metavar="FRAC",
+                   help="exit 2 if a classification set's top-1 is below FRAC (e.g. 0.094 = 3x chance of 32 classes)")
+    e.set_defaults(fn=cmd_eval)
+
+    x = sub.add_parser("export", formatter_class=_F, help="export to open_clip / timm format",
+                       description=textwrap.dedent("""\
+        Consolidate a checkpoint (plain or DeepSpeed ZeRO-1/2/3 shards, to fp32) and write an open_clip folder
+        (open_clip_config.json + open_clip_model.safetensors) plus the image tower as a timm state dict:
+
+          evaclip export runs/demo_cpu --out exports/demo --verify
+          python -c "import open_clip; open_clip.create_model_and_transforms('local-dir:exports/demo')"
+        """))
+    x.add_argument("source", help="run dir (its latest checkpoint) or checkpoint dir")
+    x.add_argument("--out", required=True, help="output folder")
+    x.add_argument("--tower", choices=["both", "image", "text"], default="both")
+    x.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    x.add_argument("--verify", action="store_true", help="reload with open_clip and timm, compare embeddings")
+    x.add_argument("--tolerance", type=float, default=1e-5, help="--verify: max abs difference allowed")
+    x.set_defaults(fn=cmd_export)
+
+    d = sub.add_parser("data", formatter_class=_F, help="make, inspect and check datasets",
+                       description="Dataset tools: synth (the embedded default dataset), stats, verify, preview.")
+    dsub = d.add_subparsers(dest="data_cmd", metavar="DATA_COMMAND")
+    s = dsub.add_parser("synth", help="write the synthetic captioned-shapes dataset (train shards + zero-shot sets)")
+    s.add_argument("--out", default="data/synth")
+    s.add_argument("--shards", type=int, default=20)
+    s.add_argument("--per-shard", type=int, default=1000)
+    s.add_argument("--image-size", type=int, default=64)
+    s.add_argument("--eval-per-class", type=int, default=20)
+    s.add_argument("--retrieval-images", type=int, default=200)
+    s.add_argument("--seed", type=int, default=0)
+    from evaclip.data import tools
+
+    tools.add_parsers(dsub)
+    d.set_defaults(fn=cmd_data)
+
+    m = sub.add_parser("models", help="list model variants with parameter counts")
+    m.set_defaults(fn=cmd_models)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # `train x.toml a=1 --dry-run b=2`: overrides may come after options
+        bad = [a for a in extra if a.startswith("-") or "=" not in a or args.cmd != "train"]
+        if bad:
+            parser.error(f"unrecognized arguments: {' '.join(bad)}")
+        args.overrides = list(args.overrides) + extra
+    if not getattr(args, "fn", None) or (args.cmd == "data" and not args.data_cmd):
+        parser.print_help() if not getattr(args, "fn", None) else parser.parse_args([args.cmd, "--help"])
+        return 2
+    try:
+        return args.fn(args) or 0
+    except (ConfigError, UserError, FileNotFoundError) as e:
+        print(f"evaclip {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

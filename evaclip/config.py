@@ -1,0 +1,440 @@
+"""One typed, strict experiment config: a dataclass per component, loaded from TOML, overridden by dotted keys.
+
+    cfg = load_config("launch/experiments/demo_cpu.toml", ["optim.visual.lr=3e-4", "model.vision.patch_dropout=0.5"])
+    derived = resolve(cfg, world_size=8)      # global batch, steps, warmup ... computed once
+    save_run_config(run_dir, cfg, derived)    # written into the run directory
+
+Strictness: an unknown key, a wrong type or a bad value raises ``ConfigError`` naming the dotted key and
+(for unknown keys) the valid ones. Components receive their own section (``cfg.optim``, ``cfg.data`` ...),
+never the root. An experiment file may start from another with ``base = "other.toml"`` (deep-merged).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+
+class ConfigError(ValueError):
+    """A bad experiment file or override; the message is one line that names the key."""
+
+
+def _f(default, help: str, choices=None):
+    """A documented field (``evaclip train --help-config`` prints the help)."""
+    md = {"help": help}
+    if choices:
+        md["choices"] = tuple(choices)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=md)
+    return field(default=default, metadata=md)
+
+
+# ---------------------------------------------------------------------------------------------------- sections
+@dataclass
+class RunConfig:
+    name: str = _f("run", "run name; the run directory is <output_dir>/<name>")
+    output_dir: str = _f("runs", "parent folder of run directories")
+    seed: int = _f(0, "global seed (model init, data order, patch dropout)")
+    train_samples: int = _f(0, "samples to train on; steps = ceil(train_samples / global batch) (or set steps)")
+    steps: int = _f(0, "optimizer steps to train (overrides train_samples when > 0)")
+    device: str = _f("auto", "auto | cpu | cuda", ["auto", "cpu", "cuda"])
+
+
+@dataclass
+class VisionConfig:
+    patch_dropout: float = _f(0.0, "FLIP token dropping rate during training (EVA-CLIP E/g+: 0.5)")
+    attn_impl: str = _f("sdpa", "attention kernel", ["sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_math",
+                                                      "sdpa_cudnn", "flash_attn", "math"])
+    grad_checkpointing: bool = _f(False, "activation checkpointing per block")
+    init: str = _f("", "EVA / EVA-02 MIM checkpoint to start from (original EVA or timm layout)")
+    lock: bool = _f(False, "freeze the image tower")
+    unlocked_layers: int = _f(0, "with lock: leave the last N layer groups trainable")
+
+
+@dataclass
+class TextConfig:
+    kind: str = _f("clip", "clip (CLIP text transformer) | hf (Hugging Face encoder)", ["clip", "hf"])
+    act: str = _f("gelu", "MLP activation of the CLIP text tower (OpenAI weights: quick_gelu)",
+                  ["gelu", "quick_gelu"])
+    attn_impl: str = _f("sdpa", "attention kernel (causal)", ["sdpa", "sdpa_flash", "sdpa_efficient",
+                                                             "sdpa_math", "sdpa_cudnn", "flash_attn", "math"])
+    grad_checkpointing: bool = _f(False, "activation checkpointing per block")
+    init: str = _f("", "text weights to start from: an OpenAI CLIP or open_clip checkpoint")
+    hf_path: str = _f("", "kind=hf: local folder with config.json (+ weights); no downloads")
+    hf_pooler: str = _f("mean", "kind=hf: cls | mean | eos", ["cls", "mean", "eos"])
+    lock: bool = _f(False, "freeze the text tower")
+    unlocked_layers: int = _f(0, "with lock: leave the last N layer groups trainable")
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("EVA02-Ti-8-64", "model variant (evaclip models: `evaclip models`)")
+    init_temperature: float = _f(0.07, "initial softmax temperature (logit_scale = ln(1/T))")
+    max_logit_scale: float = _f(100.0, "cap on exp(logit_scale) (EVA-CLIP: 100)")
+    init: str = _f("", "a whole CLIP checkpoint to start from (evaclip checkpoint or open_clip export)")
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+
+
+@dataclass
+class DataConfig:
+    recipe: str = _f("", "data recipe TOML (data_recipes/*.toml): sources, shard patterns, weights")
+    root: str = _f("", "substituted for {root} in the recipe's shard patterns")
+    shards: str = _f("", "instead of a recipe: one brace pattern of tar shards (local, pipe:, or URL)")
+    micro_batch_size: int = _f(32, "samples per rank per micro-step")
+    workers: int = _f(2, "dataloader worker processes per rank")
+    shuffle_buffer: int = _f(1000, "sample shuffle buffer per worker")
+    resampled: bool = _f(True, "draw shards with replacement (infinite stream; restart-safe position)")
+    crop_scale: List[float] = _f([0.9, 1.0], "RandomResizedCrop scale range for training")
+    max_skip_fraction: float = _f(0.1, "stop with an error when more than this fraction of samples is corrupt")
+
+
+@dataclass
+class LossConfig:
+    kind: str = _f("clip", "clip (softmax InfoNCE) | siglip (sigmoid)", ["clip", "siglip"])
+    impl: str = _f("local", "naive (full G x G logits) | local (gather with grad, local rows) | tiled "
+                   "(never materialises logits; for 100k+ batches)", ["naive", "local", "tiled"])
+    tile_size: int = _f(4096, "impl=tiled: columns per tile")
+
+
+@dataclass
+class TowerOptimConfig:
+    lr: float = _f(-1.0, "learning rate of this tower (-1: optim.lr)")
+    weight_decay: float = _f(-1.0, "weight decay of this tower (-1: optim.weight_decay)")
+    layer_decay: float = _f(1.0, "layer-wise lr decay: lr * ld ** (num_layers + 1 - layer_id)")
+
+
+@dataclass
+class OptimConfig:
+    name: str = _f("lamb", "lamb | adamw", ["lamb", "adamw"])
+    lr: float = _f(5e-4, "peak learning rate (towers may override)")
+    weight_decay: float = _f(0.05, "decoupled weight decay (not on biases, norms, pos/cls, logit_scale)")
+    betas: List[float] = _f([0.9, 0.98], "Adam/LAMB betas")
+    eps: float = _f(1e-6, "Adam/LAMB epsilon")
+    trust_clip: List[float] = _f([0.0, 10.0], "LAMB trust-ratio clamp [min, max]")
+    bias_correction: bool = _f(True, "LAMB bias correction")
+    visual: TowerOptimConfig = field(default_factory=TowerOptimConfig)
+    text: TowerOptimConfig = field(default_factory=TowerOptimConfig)
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = _f("cosine", "cosine | constant | const_cooldown", ["cosine", "constant", "const_cooldown"])
+    warmup_steps: int = _f(0, "linear warmup steps")
+    min_lr_ratio: float = _f(0.0, "final lr as a fraction of peak (cosine)")
+    cooldown_steps: int = _f(0, "const_cooldown: steps of linear decay to min lr at the end")
+    unmasked_tuning_samples: int = _f(0, "last N samples with patch dropout 0 (FLIP unmasked tuning)")
+
+
+@dataclass
+class EngineConfig:
+    kind: str = _f("torch", "torch (plain, single process or DDP-free CPU) | deepspeed", ["torch", "deepspeed"])
+    precision: str = _f("fp32", "fp32 | bf16 | fp16 (fp16: dynamic loss scaling)", ["fp32", "bf16", "fp16"])
+    zero_stage: int = _f(0, "DeepSpeed ZeRO stage 0-3", [0, 1, 2, 3])
+    grad_clip: float = _f(0.0, "global grad-norm clip (0 = off; EVA-CLIP: 5.0)")
+    accum_steps: int = _f(1, "micro-steps per optimizer step (feature-cached, exact for contrastive loss)")
+    deepspeed_overlay: str = _f("", "JSON merged over the generated DeepSpeed config (launch/deepspeed/*.json)")
+    max_bad_steps: int = _f(10, "consecutive non-finite steps before the run stops")
+    compile: bool = _f(False, "torch.compile the towers")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = _f(1000, "save every N optimizer steps (and at the end)")
+    keep_last: int = _f(3, "checkpoints kept (older ones deleted)")
+    resume: str = _f("auto", "auto (latest complete checkpoint in the run dir) | none | <checkpoint dir>")
+
+
+@dataclass
+class EvalConfig:
+    suite: str = _f("", "zero-shot suite TOML (eval/suites/*.toml) run during training and at the end")
+    datasets_root: str = _f("", "folder holding the suite's datasets")
+    every_steps: int = _f(0, "evaluate every N steps (0: only at the end)")
+    batch_size: int = _f(64, "eval batch size")
+    workers: int = _f(0, "eval dataloader workers")
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = _f(10, "log metrics every N steps")
+    tensorboard: bool = _f(True, "write tensorboard events (if tensorboard is installed)")
+    wandb: bool = _f(False, "log to Weights & Biases (if installed)")
+    plot: bool = _f(True, "write plots.png (loss, lr, zero-shot) into the run dir")
+    progress: bool = _f(True, "progress bar on rank 0")
+
+
+@dataclass
+class ExperimentConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Values computed once from the config and the launch environment, saved with the run."""
+
+    world_size: int
+    global_batch: int  # micro_batch_size * world_size * accum_steps
+    steps: int
+    warmup_steps: int
+    train_samples: int  # steps * global_batch
+    unmasked_from_step: int  # first step with patch dropout 0
+    run_dir: str
+    image_size: int
+    context_length: int
+
+
+# ---------------------------------------------------------------------------------------------------- parsing
+def _hints(cls) -> Dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _check_value(key: str, value: Any, tp: Any, f: Optional[dataclasses.Field]) -> Any:
+    """Validate (and lightly coerce: int -> float) one value against its declared type and choices."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _check_value(key, value, args[0], f)
+    if origin in (list, List):
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list of {inner.__name__}, got {value!r}")
+        if dataclasses.is_dataclass(inner):  # arrays of tables ([[source]] in recipes)
+            return [_from_dict(inner, v, f"{key}[{i}].") for i, v in enumerate(value)]
+        return [_check_value(f"{key}[{i}]", v, inner, None) for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        value = float(value)
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    elif tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+    choices = f.metadata.get("choices") if f is not None else None
+    if choices and value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+    return value
+
+
+def _from_dict(cls, data: Dict[str, Any], prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a table, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = _hints(cls)
+    kwargs = {}
+    for k, v in data.items():
+        if k not in fields:
+            raise ConfigError(f"unknown key '{prefix}{k}'; valid keys in [{prefix.rstrip('.') or 'top level'}]: "
+                              f"{', '.join(fields)}")
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            kwargs[k] = _from_dict(tp, v, f"{prefix}{k}.")
+        else:
+            kwargs[k] = _check_value(f"{prefix}{k}", v, tp, fields[k])
+    return cls(**kwargs)
+
+
+def _deep_merge(base: Dict, over: Dict) -> Dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_toml(path: str, _seen=()) -> Dict[str, Any]:
+    if not os.path.exists(path):
+        raise ConfigError(f"experiment file not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    base = data.pop("base", None)
+    if base is not None:
+        base_path = os.path.normpath(os.path.join(os.path.dirname(path), base))
+        if base_path in _seen:
+            raise ConfigError(f"{path}: circular 'base' chain through {base_path}")
+        data = _deep_merge(_read_toml(base_path, _seen + (base_path,)), data)
+    return data
+
+
+def parse_override(text: str) -> tuple:
+    """``a.b.c=value`` -> (['a','b','c'], value); value parsed as TOML (numbers, booleans, lists), else a string."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {text!r}: bad key {key!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # bare strings: model.name=EVA02-B-16
+    return key.split("."), value
+
+
+def _field_type(cls, path: List[str]):
+    """Declared type of a dotted key, or None when the path is not a config field."""
+    for i, name in enumerate(path):
+        if not dataclasses.is_dataclass(cls):
+            return None
+        hints = _hints(cls)
+        if name not in hints:
+            return None
+        cls = hints[name]
+    return cls
+
+
+def _set_path(data: Dict, path: List[str], value: Any) -> None:
+    node = data
+    for p in path[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {p} is not a section")
+    node[path[-1]] = value
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> ExperimentConfig:
+    """Load an experiment file (or the defaults) and apply CLI overrides, strictly."""
+    data = _read_toml(path) if path else {}
+    for o in overrides or []:
+        keys, value = parse_override(o)
+        if _field_type(ExperimentConfig, keys) is str and not isinstance(value, str):
+            value = o.split("=", 1)[1].strip()  # run.name=nan, model.name=1e3: strings stay strings
+        _set_path(data, keys, value)
+    try:
+        return _from_dict(ExperimentConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def to_dict(obj) -> Dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+# ---------------------------------------------------------------------------------------------------- resolve
+def resolve(cfg: ExperimentConfig, world_size: int = 1) -> Derived:
+    """Compute the derived values once (and check cross-field consistency)."""
+    from evaclip.models.registry import get_variant
+
+    try:
+        variant = get_variant(cfg.model.name)
+    except ValueError as e:
+        raise ConfigError(f"model.name: {e}") from None
+    for key, v in [("data.micro_batch_size", cfg.data.micro_batch_size), ("engine.accum_steps", cfg.engine.accum_steps),
+                   ("checkpoint.keep_last", cfg.checkpoint.keep_last), ("log.every_steps", cfg.log.every_steps)]:
+        if v < 1:
+            raise ConfigError(f"{key} must be >= 1, got {v}")
+    if not 0.0 <= cfg.model.vision.patch_dropout < 1.0:
+        raise ConfigError(f"model.vision.patch_dropout must be in [0, 1), got {cfg.model.vision.patch_dropout}")
+    if cfg.engine.kind == "torch" and cfg.engine.zero_stage:
+        raise ConfigError("engine.zero_stage needs engine.kind = 'deepspeed'")
+    if cfg.engine.kind == "torch" and cfg.engine.precision == "fp16":
+        raise ConfigError("engine.precision = 'fp16' needs engine.kind = 'deepspeed' (dynamic loss scaling)")
+    if not cfg.data.recipe and not cfg.data.shards:
+        raise ConfigError("data: set data.recipe (a data_recipes/*.toml file) or data.shards (a tar pattern)")
+    if len(cfg.optim.betas) != 2 or len(cfg.optim.trust_clip) != 2 or len(cfg.data.crop_scale) != 2:
+        raise ConfigError("optim.betas, optim.trust_clip and data.crop_scale take two numbers each")
+    global_batch = cfg.data.micro_batch_size * world_size * cfg.engine.accum_steps
+    if cfg.run.steps > 0:
+        steps = cfg.run.steps
+    elif cfg.run.train_samples > 0:
+        steps = math.ceil(cfg.run.train_samples / global_batch)
+    else:
+        raise ConfigError("run: set run.steps or run.train_samples")
+    if cfg.schedule.warmup_steps >= steps and steps > 1:
+        raise ConfigError(f"schedule.warmup_steps ({cfg.schedule.warmup_steps}) must be below the {steps} steps")
+    unmasked = cfg.schedule.unmasked_tuning_samples
+    unmasked_from = steps - math.ceil(unmasked / global_batch) if unmasked > 0 else steps
+    return Derived(
+        world_size=world_size,
+        global_batch=global_batch,
+        steps=steps,
+        warmup_steps=cfg.schedule.warmup_steps,
+        train_samples=steps * global_batch,
+        unmasked_from_step=max(0, unmasked_from),
+        run_dir=os.path.join(cfg.run.output_dir, cfg.run.name),
+        image_size=variant.image_size,
+        context_length=variant.context_length,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def dumps_toml(data: Dict[str, Any], _prefix: str = "") -> str:
+    """A small TOML writer for nested dicts of scalars and lists (what configs hold)."""
+    scalars = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict) and v is not None]
+    chunks = ["\n".join(scalars)] if scalars else []
+    for k, v in data.items():
+        if isinstance(v, dict):
+            sub = dumps_toml(v, f"{_prefix}{k}.")
+            chunks.append(f"[{_prefix}{k}]" + ("\n" + sub if sub else ""))
+    return "\n\n".join(chunks)
+
+
+def save_run_config(run_dir: str, cfg: ExperimentConfig, derived: Derived, extra: Optional[Dict] = None) -> str:
+    """Write ``config.resolved.toml``: the full config plus a [derived] table (and e.g. the git sha)."""
+    os.makedirs(run_dir, exist_ok=True)
+    data = to_dict(cfg)
+    data["derived"] = dict(dataclasses.asdict(derived), **(extra or {}))
+    path = os.path.join(run_dir, "config.resolved.toml")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("# written by evaclip: the config this run used, with values derived at launch\n")
+        f.write(dumps_toml(data) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load_run_config(run_dir: str) -> tuple:
+    """Read a run's ``config.resolved.toml`` back: (ExperimentConfig, derived dict)."""
+    path = os.path.join(run_dir, "config.resolved.toml")
+    with open(path, "rb") as f:
+        data = tomllib.load(f)
+    derived = data.pop("derived", {})
+    return _from_dict(ExperimentConfig, data), derived
+
+
+def describe(cls=ExperimentConfig, prefix: str = "") -> List[str]:
+    """Every key with its type, default and help: the text of ``--help-config``."""
+    out = []
+    hints = _hints(cls)
+    inst = cls()
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.append(f"[{prefix}{f.name}]")
+            out += describe(tp, f"{prefix}{f.name}.")
+        else:
+            tname = getattr(tp, "__name__", str(tp).replace("typing.", ""))
+            default = getattr(inst, f.name)
+            out.append(f"  {prefix}{f.name} ({tname}, default {default!r}): {f.metadata.get('help', '')}")
+    return out

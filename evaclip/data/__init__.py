@@ -1,0 +1,1 @@
+"""Data: webdataset streams, recipes, transforms, the synthetic default dataset."""

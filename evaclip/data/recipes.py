@@ -1,0 +1,76 @@
+"""Data recipes (``data_recipes/*.toml``): named sources with shard patterns, sample counts and weights.
+
+    name = "merged-2b"
+    [[source]]
+    name = "laion2b"
+    shards = "{root}/laion2b-en/{000000..164090}.tar"
+    samples = 1_600_000_000          # mixing weight defaults to the share of samples (true weights)
+    img2dataset = "img2dataset --url_list ... --output_format webdataset ..."
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from typing import List
+
+from evaclip.config import ConfigError, _from_dict
+
+
+@dataclass
+class SourceSpec:
+    name: str = ""
+    shards: str = ""  # brace pattern; {root} is replaced by data.root
+    samples: int = 0  # total samples (from img2dataset stats or `evaclip data stats`)
+    weight: float = -1.0  # sampling weight; -1 everywhere: proportional to samples
+    manifest: str = ""  # optional parquet manifest written by `evaclip data stats`
+    licence: str = ""
+    img2dataset: str = ""  # the command that produces the shards
+    notes: str = ""
+
+
+@dataclass
+class Recipe:
+    name: str = ""
+    description: str = ""
+    licence: str = ""
+    source: List[SourceSpec] = field(default_factory=list)
+
+    def weights(self) -> List[float]:
+        """Normalised per-source sampling weights: explicit ones, else proportional to sample counts."""
+        ws = [s.weight for s in self.source]
+        if all(w < 0 for w in ws):
+            counts = [s.samples for s in self.source]
+            ws = [float(c) for c in counts] if all(c > 0 for c in counts) else [1.0] * len(ws)
+        elif any(w < 0 for w in ws):
+            raise ConfigError(f"recipe {self.name}: set weight on every source or on none")
+        total = sum(ws)
+        if total <= 0:
+            raise ConfigError(f"recipe {self.name}: weights must be positive")
+        return [w / total for w in ws]
+
+
+def load_recipe(path: str) -> Recipe:
+    if not os.path.exists(path):
+        raise ConfigError(f"data recipe not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    try:
+        recipe = _from_dict(Recipe, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    if not recipe.source:
+        raise ConfigError(f"{path}: a recipe needs at least one [[source]]")
+    for i, s in enumerate(recipe.source):
+        if not s.name or not s.shards:
+            raise ConfigError(f"{path}: source[{i}] needs a name and a shards pattern")
+    recipe.weights()  # validates
+    return recipe
+
+
+def recipe_from_shards(pattern: str) -> Recipe:
+    """A one-source recipe for ``data.shards``."""
+    return Recipe(name="shards", source=[SourceSpec(name="shards", shards=pattern)])

@@ -1,0 +1,64 @@
+"""Image decode and transforms (EVA/OpenAI CLIP mean-std), and the text tokenizer."""
+from __future__ import annotations
+
+import io
+import math
+from typing import Sequence, Tuple
+
+import torch
+from PIL import Image
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def decode_image(data: bytes, min_side: int = 0) -> Image.Image:
+    """Decode to RGB with PIL. For JPEG, draft mode lets libjpeg decode at 1/2, 1/4, 1/8 scale directly when
+    the image is much larger than needed (``min_side``: the smallest shorter side we still need)."""
+    img = Image.open(io.BytesIO(data))
+    if min_side and img.format == "JPEG":
+        img.draft("RGB", (min_side, min_side))
+    return img.convert("RGB")
+
+
+def train_transform(image_size: int, mean: Sequence[float], std: Sequence[float],
+                    crop_scale: Tuple[float, float] = (0.9, 1.0)):
+    """RandomResizedCrop (bicubic) -> tensor -> normalise, as EVA-CLIP trains."""
+    from torchvision import transforms as T
+
+    return T.Compose([
+        T.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=T.InterpolationMode.BICUBIC),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])
+
+
+def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float], mode: str = "center_crop"):
+    """Resize the shorter side + centre crop (``center_crop``) or resize both sides (``squash``)."""
+    from torchvision import transforms as T
+
+    bicubic = T.InterpolationMode.BICUBIC
+    if mode == "squash":
+        resize = [T.Resize((image_size, image_size), interpolation=bicubic)]
+    elif mode == "center_crop":
+        resize = [T.Resize(image_size, interpolation=bicubic), T.CenterCrop(image_size)]
+    else:
+        raise ValueError(f"eval transform mode must be center_crop or squash, got {mode!r}")
+    return T.Compose(resize + [T.ToTensor(), T.Normalize(mean, std)])
+
+
+def draft_side(image_size: int, crop_scale_min: float = 1.0) -> int:
+    """Shorter side to decode at so a crop of ``crop_scale_min`` of the area still has ``image_size`` pixels."""
+    return math.ceil(image_size / math.sqrt(max(crop_scale_min, 1e-3)))
+
+
+class Tokenizer:
+    """open_clip's CLIP BPE tokenizer (ships its vocab; offline) at a given context length."""
+
+    def __init__(self, context_length: int = 77):
+        from open_clip.tokenizer import SimpleTokenizer
+
+        self.context_length = context_length
+        self._tok = SimpleTokenizer(context_length=context_length)
+
+    def __call__(self, texts) -> torch.Tensor:
+        return self._tok(texts, context_length=self.context_length)

@@ -1,0 +1,332 @@
+"""The training input pipeline for image-text webdataset shards, as an explicit list of stages.
+
+Per DataLoader worker (one stream per rank x worker, all deterministic in (seed, rank, worker)):
+
+  1. shard list      ``expand_pattern`` of each source's brace pattern (local, ``pipe:``, URLs)
+  2. shard sequence  resampled: shards drawn with replacement by a seeded RNG, so every rank/worker gets
+                     data however few shards there are; epoch mode: a seeded permutation per epoch, split
+                     by (rank, worker). Shards are grouped in blocks of ``block_shards``.
+  3. tar -> samples  ``iter_tar_samples``: members grouped by key; an unreadable/truncated shard is counted
+                     and skipped (the samples read before the damage are kept)
+  4. shuffle buffer  per block, seeded by the block index, drained at the block's end
+  5. mix sources     each sample's source drawn with the recipe's true weights (e.g. 80/20 by samples)
+  6. decode          PIL (JPEG draft mode); a missing image/caption, empty caption or undecodable image is
+                     skipped and counted per reason
+  7. transform       RandomResizedCrop + normalise; the augmentation RNG is re-seeded per batch
+  8. tokenize, batch ``micro_batch_size`` samples -> {image, text, key, source, __state__}
+
+Restart safety: each batch carries its worker's position (per source: block and offset in the block;
+the mixer's sample count; batches emitted) and skip counters. The trainer keeps the position of the last
+batch it consumed from each worker (``DataState``) and checkpoints it; a restarted worker regenerates the
+block it was in and fast-forwards to the offset without decoding, then continues with exactly the samples
+the uninterrupted run would have seen. Neither EVA-CLIP nor open_clip can do this.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import random
+from collections import Counter
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from evaclip.data.recipes import Recipe
+from evaclip.data.shards import ShardError, expand_pattern, is_local, iter_tar_samples
+from evaclip.data.transforms import IMAGE_EXTS, decode_image
+
+SKIP_REASONS = ("decode_error", "missing_image", "missing_caption", "empty_caption", "unreadable_shard")
+_MIX_CHUNK = 1024
+
+
+def _seed(*parts) -> int:
+    """A stable 63-bit seed from any tuple of ints/strings (Python's hash() is salted per process)."""
+    h = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") >> 1
+
+
+class SkipSample(Exception):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class StreamSpec:
+    """What a worker needs to build its streams (picklable; no open files)."""
+
+    urls: List[List[str]]  # per source
+    names: List[str]
+    weights: List[float]
+    seed: int
+    rank: int
+    world_size: int
+    resampled: bool = True
+    shuffle_buffer: int = 1000
+    block_shards: int = 4
+
+
+class ShardSequence:
+    """Deterministic, infinite sequence of shard urls for one (source, rank, worker), in blocks."""
+
+    def __init__(self, urls: List[str], spec: StreamSpec, source: int, worker: int, num_workers: int):
+        self.urls, self.spec, self.source, self.worker = urls, spec, source, worker
+        self.global_worker = spec.rank * num_workers + worker
+        self.total_workers = spec.world_size * num_workers
+        if not spec.resampled and len(urls) < self.total_workers:
+            raise ValueError(
+                f"source {spec.names[source]!r}: {len(urls)} shards for {self.total_workers} rank x worker streams; "
+                "use data.resampled = true (shards drawn with replacement) or fewer workers")
+
+    def block(self, b: int) -> List[str]:
+        n, bs, spec = len(self.urls), self.spec.block_shards, self.spec
+        if spec.resampled:
+            rng = np.random.default_rng(_seed(spec.seed, "shards", self.source, spec.rank, self.worker, b))
+            return [self.urls[i] for i in rng.integers(0, n, size=bs)]
+        g, total = self.global_worker, self.total_workers
+        mine = len(range(g, n, total))
+        out = []
+        for k in range(b * bs, (b + 1) * bs):
+            epoch, idx = divmod(k, mine)
+            perm = np.random.default_rng(_seed(spec.seed, "epoch", self.source, epoch)).permutation(n)
+            out.append(self.urls[perm[g + idx * total]])
+        return out
+
+
+class SourceStream:
+    """Raw samples of one source for one worker: shard blocks -> tar samples -> seeded shuffle buffer."""
+
+    MAX_CONSECUTIVE_FAILURES = 1000
+
+    def __init__(self, seq: ShardSequence, counts: Counter, block: int = 0, offset: int = 0):
+        self.seq, self.counts = seq, counts
+        self.block, self.offset = block, offset  # position: `offset` samples of `block` already emitted
+        self._replay_until = (block, offset)
+        self.successes, self.consecutive_failures = 0, 0
+        self.failed_urls: set = set()
+
+    def _replaying(self, block: int, emitted: int) -> bool:
+        return (block, emitted) < self._replay_until
+
+    def _raw_block(self, b: int, emitted_ref: List[int]) -> Iterator[Dict]:
+        for url in self.seq.block(b):
+            got = 0
+            try:
+                for sample in iter_tar_samples(url):
+                    got += 1
+                    yield sample
+            except ShardError as e:
+                if not self._replaying(b, emitted_ref[0]):
+                    self.counts["unreadable_shard"] += 1
+                self._on_failure(url, e)
+                continue
+            if got:
+                self.successes += 1
+                self.consecutive_failures = 0
+
+    def _on_failure(self, url: str, err: Exception) -> None:
+        self.consecutive_failures += 1
+        self.failed_urls.add(url)
+        name = self.seq.spec.names[self.seq.source]
+        if self.successes == 0 and (len(self.failed_urls) >= len(set(self.seq.urls)) or self.consecutive_failures >= 50):
+            raise RuntimeError(f"data source {name!r}: every shard tried is unreadable "
+                               f"({len(self.failed_urls)} distinct, last: {err})")
+        if self.consecutive_failures >= self.MAX_CONSECUTIVE_FAILURES:
+            raise RuntimeError(f"data source {name!r}: {self.consecutive_failures} consecutive shards failed "
+                               f"(last: {err})")
+
+    def __iter__(self) -> Iterator[Dict]:
+        size = self.seq.spec.shuffle_buffer
+        while True:
+            b = self.block
+            rng = random.Random(_seed(self.seq.spec.seed, "buffer", self.seq.source, self.seq.spec.rank,
+                                      self.seq.worker, b))
+            emitted = [0]
+            buf: List[Dict] = []
+            for sample in self._raw_block(b, emitted):
+                if len(buf) < size:
+                    buf.append(sample)
+                    continue
+                i = rng.randrange(len(buf))
+                out, buf[i] = buf[i], sample
+                yield from self._emit(b, emitted, out)
+            while buf:  # drain at the block's end
+                out = buf.pop(rng.randrange(len(buf)))
+                yield from self._emit(b, emitted, out)
+            self.block, self.offset = b + 1, 0
+
+    def _emit(self, b: int, emitted: List[int], sample: Dict):
+        emitted[0] += 1
+        if self._replaying(b, emitted[0] - 1):
+            return  # fast-forward after a restart: already consumed before the checkpoint
+        self.offset = emitted[0]
+        yield sample
+
+
+class MixedStream:
+    """Draws each sample's source with the recipe weights (seeded in chunks, so the position is a count)."""
+
+    def __init__(self, streams: List[SourceStream], weights: List[float], seed_parts: tuple, n: int = 0):
+        self.streams, self.weights, self.seed_parts, self.n = streams, np.asarray(weights), seed_parts, n
+
+    def __iter__(self):
+        iters = [iter(s) for s in self.streams]
+        while True:
+            chunk, start = divmod(self.n, _MIX_CHUNK)
+            rng = np.random.default_rng(_seed(*self.seed_parts, "mix", chunk))
+            choice = rng.choice(len(self.streams), size=_MIX_CHUNK, p=self.weights)
+            for k in range(start, _MIX_CHUNK):
+                src = int(choice[k])
+                sample = next(iters[src])
+                self.n += 1
+                yield src, sample
+
+    def state(self) -> Dict:
+        return {"mixed": self.n, "sources": [[s.block, s.offset] for s in self.streams]}
+
+
+def decode_sample(raw: Dict, transform, min_side: int):
+    """(image tensor, caption) or SkipSample(reason)."""
+    ext = next((e for e in IMAGE_EXTS if e in raw), None)
+    if ext is None:
+        raise SkipSample("missing_image")
+    if "txt" not in raw:
+        raise SkipSample("missing_caption")
+    try:
+        caption = raw["txt"].decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise SkipSample("missing_caption") from None
+    if not caption:
+        raise SkipSample("empty_caption")
+    try:
+        img = decode_image(raw[ext], min_side)
+    except Exception:  # noqa: BLE001 - PIL raises many types for corrupt data
+        raise SkipSample("decode_error") from None
+    return transform(img), caption
+
+
+class ImageTextStream(IterableDataset):
+    """Infinite, restart-safe stream of training batches for one rank (see the module docstring)."""
+
+    def __init__(self, spec: StreamSpec, micro_batch_size: int, transform, tokenizer, min_side: int = 0):
+        super().__init__()
+        self.spec, self.micro_batch_size = spec, micro_batch_size
+        self.transform, self.tokenizer, self.min_side = transform, tokenizer, min_side
+        self.resume: Dict[int, Dict] = {}  # stream id -> state, set before iterating
+        self.offset = 0  # stream served by DataLoader worker 0 (see set_state)
+
+    def set_state(self, worker_states: Optional[Dict[int, Dict]]) -> None:
+        """Resume from ``DataState.state_dict()``. The DataLoader polls its workers round-robin starting at
+        worker 0, so worker i serves stream (i + offset) % W, where offset is the stream that was next in
+        line when the state was taken: the batch order continues exactly."""
+        self.resume = {int(k): v for k, v in (worker_states or {}).items()}
+        if self.resume:
+            w = next(iter(self.resume.values()))["num_workers"]
+            self.offset = sum(st["batches"] for st in self.resume.values()) % w
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        worker = (worker + self.offset) % num_workers  # the stream this DataLoader worker serves
+        spec = self.spec
+        st = self.resume.get(worker)
+        if st is not None and st.get("num_workers", num_workers) != num_workers:
+            raise RuntimeError(f"resume state was written with {st['num_workers']} workers per rank, "
+                               f"this run has {num_workers}; keep data.workers unchanged to resume")
+        counts: Counter = Counter(st["counts"]) if st else Counter()
+        pos = st["stream"] if st else {"mixed": 0, "sources": [[0, 0]] * len(spec.urls)}
+        streams = [SourceStream(ShardSequence(urls, spec, i, worker, num_workers), counts, *pos["sources"][i])
+                   for i, urls in enumerate(spec.urls)]
+        mixed = MixedStream(streams, spec.weights, (spec.seed, spec.rank, worker), n=pos["mixed"])
+        batches = st["batches"] if st else 0
+        per_source = Counter(st.get("per_source", {})) if st else Counter()
+        it = iter(mixed)
+        while True:
+            # fork_rng: the augmentation RNG is re-seeded per batch (deterministic crops on resume) without
+            # touching the global RNG of the main process when workers = 0
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_seed(spec.seed, "aug", spec.rank, worker, batches))
+                images, texts, keys, sources = [], [], [], []
+                while len(images) < self.micro_batch_size:
+                    src, raw = next(it)
+                    try:
+                        img, cap = decode_sample(raw, self.transform, self.min_side)
+                    except SkipSample as s:
+                        counts[s.reason] += 1
+                        continue
+                    images.append(img)
+                    texts.append(cap)
+                    keys.append(raw["__key__"])
+                    sources.append(spec.names[src])
+                    per_source[spec.names[src]] += 1
+            batches += 1
+            yield {
+                "image": torch.stack(images),
+                "text": self.tokenizer(texts),
+                "key": keys,
+                "source": sources,
+                "__state__": {"worker": worker, "num_workers": num_workers, "batches": batches,
+                              "stream": mixed.state(), "counts": dict(counts), "per_source": dict(per_source)},
+            }
+
+
+class DataState:
+    """Main-process record of the position of the last batch consumed from each worker of this rank."""
+
+    def __init__(self, initial: Optional[Dict[int, Dict]] = None):
+        self.workers: Dict[int, Dict] = {int(k): v for k, v in (initial or {}).items()}
+
+    def update(self, batch_state: Dict) -> None:
+        self.workers[batch_state["worker"]] = copy.deepcopy(batch_state)
+
+    def state_dict(self) -> Dict[int, Dict]:
+        return copy.deepcopy(self.workers)
+
+    def skip_counts(self) -> Dict[str, int]:
+        total: Counter = Counter()
+        for st in self.workers.values():
+            total.update(st["counts"])
+        return {k: total.get(k, 0) for k in SKIP_REASONS}
+
+    def samples(self) -> int:
+        return sum(sum(st["per_source"].values()) for st in self.workers.values())
+
+    def per_source(self) -> Dict[str, int]:
+        total: Counter = Counter()
+        for st in self.workers.values():
+            total.update(st["per_source"])
+        return dict(total)
+
+
+def build_stream_spec(recipe: Recipe, root: str, seed: int, rank: int, world_size: int, resampled: bool,
+                      shuffle_buffer: int, block_shards: int = 4) -> StreamSpec:
+    """Expand and check the recipe's sources in the main process (clear errors before workers start)."""
+    urls = []
+    for s in recipe.source:
+        u = expand_pattern(s.shards, root)
+        if not u:
+            raise ValueError(f"data source {s.name!r}: pattern {s.shards!r} expands to no shards")
+        local = [x for x in u if is_local(x)]
+        if local and len(local) == len(u):
+            import os
+
+            if not any(os.path.exists(x) for x in local):
+                raise FileNotFoundError(f"data source {s.name!r}: none of its {len(u)} shards exist "
+                                        f"(first: {u[0]}); check data.root / the recipe pattern")
+        urls.append(u)
+    return StreamSpec(urls=urls, names=[s.name for s in recipe.source], weights=recipe.weights(), seed=seed,
+                      rank=rank, world_size=world_size, resampled=resampled, shuffle_buffer=shuffle_buffer,
+                      block_shards=block_shards)
+
+
+def make_loader(stream: ImageTextStream, workers: int, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over whole batches; workers are polled round-robin, so the batch order is deterministic.
+
+    It gets its own generator: creating an iterator draws a base seed, which must not consume the global
+    RNG (that would shift patch-dropout masks after a resume)."""
+    gen = torch.Generator().manual_seed(_seed(stream.spec.seed, "loader", stream.spec.rank))
+    return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory, generator=gen,
+                      persistent_workers=False, prefetch_factor=2 if workers > 0 else None)

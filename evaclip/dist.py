@@ -1,0 +1,101 @@
+"""Process-group helpers: rank/world from torchrun or Slurm, init, and all-gather with gradient."""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import List
+
+import torch
+import torch.distributed as dist
+
+
+def env_world() -> tuple:
+    """(rank, local_rank, world_size) from torchrun's env, else Slurm's (one task per GPU), else (0, 0, 1)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
+    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ and int(os.environ["SLURM_NTASKS"]) > 1:
+        return int(os.environ["SLURM_PROCID"]), int(os.environ.get("SLURM_LOCALID", 0)), int(os.environ["SLURM_NTASKS"])
+    return 0, 0, 1
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init_distributed(device: torch.device, timeout_min: int = 30) -> None:
+    """Initialise the default process group when launched with several processes (nccl on GPU, gloo on CPU)."""
+    r, local, w = env_world()
+    if w == 1 or is_initialized():
+        return
+    if "MASTER_ADDR" not in os.environ:  # Slurm without torchrun: the first node of the job is the master
+        os.environ["MASTER_ADDR"] = os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+    os.environ.setdefault("RANK", str(r))
+    os.environ.setdefault("WORLD_SIZE", str(w))
+    os.environ.setdefault("LOCAL_RANK", str(local))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_min))
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward returns this rank's slice of the summed gradients.
+
+    Every rank's loss may depend on every rank's features, so the gradient of a local feature is the
+    sum over ranks of the gradients of its gathered copies: reduce-scatter where the backend has it
+    (NCCL), all-reduce + slice otherwise (gloo).
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.rank, ctx.world, ctx.n = dist.get_rank(), dist.get_world_size(), x.shape[0]
+        out = [torch.empty_like(x) for _ in range(ctx.world)]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        if dist.get_backend() == "nccl":
+            out = torch.empty((ctx.n,) + tuple(grad.shape[1:]), dtype=grad.dtype, device=grad.device)
+            dist.reduce_scatter_tensor(out, grad)
+            return out
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """[b, ...] on each rank -> [world * b, ...] (rank-major), differentiable."""
+    if not is_initialized() or world_size() == 1:
+        return x
+    return _AllGatherWithGrad.apply(x)
+
+
+def all_gather_objects(obj) -> List:
+    if not is_initialized():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if is_initialized():
+        dist.all_reduce(t)
+    return t

@@ -1,0 +1,249 @@
+"""The engine seam: the only module that knows DeepSpeed.
+
+Both engines expose the same small interface to the trainer:
+
+    out = engine(image, text)        forward (DeepSpeed: through its wrapper, ZeRO-3 hooks included)
+    engine.backward(loss, boundary)  accumulate gradients of ``loss`` (no division by accumulation steps:
+                                     feature-cached accumulation already makes each micro-loss the big one)
+    info = engine.step()             clip, optimizer step at the accumulation boundary -> {grad_norm, skipped}
+    engine.save(dir) / load(dir)     engine state (weights, optimizer, loss scaler) into/from a directory
+    with engine.full_weights():      the unwrapped model with full parameters (ZeRO-3 gathers them)
+    engine.input_dtype               dtype images must have (bf16/fp16 models under DeepSpeed)
+
+``TorchEngine`` is plain PyTorch for single-process runs (CPU or one GPU); ``DeepSpeedEngine`` runs under
+torchrun / Slurm with ZeRO 0-3, bf16 / fp16 (dynamic loss scaling), gradient clipping. The DeepSpeed config
+is generated from the resolved config (``deepspeed_config``) and written into the run directory.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Dict, Optional
+
+import torch
+
+from evaclip import dist as edist
+from evaclip.optim import Lamb, flat_layout
+
+
+def pick_device(run_device: str) -> torch.device:
+    if run_device == "cpu" or (run_device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("run.device = 'cuda' but no CUDA device is available")
+    _, local, _ = edist.env_world()
+    torch.cuda.set_device(local)
+    return torch.device("cuda", local)
+
+
+class TorchEngine:
+    """Plain PyTorch: one process; bf16 by autocast with fp32 weights."""
+
+    name = "torch"
+
+    def __init__(self, model, optimizer, engine_cfg, device: torch.device):
+        if edist.world_size() > 1:
+            raise RuntimeError("multi-process training needs engine.kind = 'deepspeed'")
+        self.model, self.optimizer, self.cfg, self.device = model.to(device), optimizer, engine_cfg, device
+        self.input_dtype = torch.float32
+        self._amp = engine_cfg.precision == "bf16"
+
+    def __call__(self, image, text):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._amp):
+            out = self.model(image, text)
+        return {k: v.float() for k, v in out.items()} if self._amp else out
+
+    def train(self, mode: bool = True):
+        self.model.train(mode)
+
+    def backward(self, loss, boundary: bool = True):
+        loss.backward()
+
+    def step(self) -> Dict:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.cfg.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        skipped = not torch.isfinite(norm).item()
+        if not skipped:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": float(norm), "skipped": skipped}
+
+    def zero_grad(self):
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def save(self, path: str) -> None:
+        os.makedirs(path, exist_ok=True)
+        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()},
+                   os.path.join(path, "engine_state.pt"))
+
+    def load(self, path: str, load_optimizer: bool = True) -> None:
+        st = torch.load(os.path.join(path, "engine_state.pt"), map_location=self.device, weights_only=False)
+        self.model.load_state_dict(st["model"])
+        if load_optimizer:
+            self.optimizer.load_state_dict(st["optimizer"])
+
+    @contextlib.contextmanager
+    def full_weights(self):
+        yield self.model
+
+
+def deepspeed_config(engine_cfg, micro_batch_size: int, world_size: int) -> Dict:
+    """The DeepSpeed config dict for this run (overlay JSON merged on top)."""
+    prec = engine_cfg.precision
+    cfg = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": engine_cfg.accum_steps,
+        "train_batch_size": micro_batch_size * engine_cfg.accum_steps * world_size,
+        # always explicit: the default changed to 1.0 in DeepSpeed 0.19.7 (it was 0.0)
+        "gradient_clipping": float(engine_cfg.grad_clip),
+        "zero_optimization": {"stage": engine_cfg.zero_stage},
+        "bf16": {"enabled": prec == "bf16"},
+        "fp16": {"enabled": prec == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        # our LAMB / AdamW are client optimizers (FusedLamb has no CPU kernel)
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+    if engine_cfg.zero_stage in (1, 2):
+        cfg["zero_optimization"].update({"round_robin_gradients": False})  # LAMB layouts assume group order
+    if engine_cfg.deepspeed_overlay:
+        with open(engine_cfg.deepspeed_overlay) as f:
+            cfg = _deep_merge(cfg, json.load(f))
+    return cfg
+
+
+def _deep_merge(a: Dict, b: Dict) -> Dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+class DeepSpeedEngine:
+    """DeepSpeed under torchrun / Slurm: ZeRO 0-3, bf16 / fp16, clipping; LAMB kept exact under partitioning."""
+
+    name = "deepspeed"
+
+    def __init__(self, model, optimizer, engine_cfg, device: torch.device, ds_config: Dict):
+        import deepspeed
+
+        self.cfg, self.device = engine_cfg, device
+        self.client_optimizer = optimizer
+        self._group_params = [list(g["params"]) for g in optimizer.param_groups]  # before DeepSpeed swaps them
+        self.ds, self.ds_optimizer, _, _ = deepspeed.initialize(model=model.to(device), optimizer=optimizer,
+                                                                config=ds_config)
+        self.model = self.ds.module
+        self.optimizer = optimizer  # param groups (lr, base_lr, lr_scale) live in the client optimizer
+        self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(engine_cfg.precision, torch.float32)
+        if isinstance(optimizer, Lamb):
+            self._install_lamb_layouts()
+
+    # LAMB needs to know which tensor each stretch of the flat partitions it is handed belongs to
+    def _install_lamb_layouts(self) -> None:
+        opt, lamb = self.ds.optimizer, self.client_optimizer
+        kind = type(opt).__name__
+        if opt is lamb:
+            return  # fp32 without ZeRO: the optimizer sees the real tensors
+        dist = torch.distributed
+        layouts = []  # (group index, DeepSpeed's ordered params, layout)
+        if kind == "DeepSpeedZeroOptimizer":
+            for i, params in enumerate(opt.round_robin_bit16_groups):
+                pg = opt.real_dp_process_group[i]
+                numels = [m.numel() for m in opt.round_robin_bit16_meta[i]]
+                part, pid = opt.partition_size[i], dist.get_rank(group=pg)
+                layouts.append((i, params, flat_layout(numels, list(opt.round_robin_bit16_offsets[i]),
+                                                       pid * part, part, pg)))
+        elif kind in ("BF16_Optimizer", "FP16_Optimizer"):
+            sharded = kind == "BF16_Optimizer"
+            for i, params in enumerate(opt.bf16_groups if sharded else opt.fp16_groups):
+                numels = [p.numel() for p in params]
+                offsets = [sum(numels[:j]) for j in range(len(numels))]
+                if sharded:
+                    pg = opt.real_dp_process_group[i]
+                    part, pid = opt.bf16_groups_flat[i].numel() // dist.get_world_size(pg), dist.get_rank(group=pg)
+                else:
+                    pg, part, pid = None, sum(numels), 0
+                layouts.append((i, params, flat_layout(numels, offsets, pid * part, part, pg)))
+        else:
+            raise RuntimeError(f"optim.name = 'lamb' is not supported with DeepSpeed's {kind} "
+                               f"(ZeRO stage {self.cfg.zero_stage}); use optim.name = 'adamw'")
+        for i, ds_params, layout in layouts:
+            self._check_layout(i, ds_params, layout)
+            lamb.set_flat_layout(i, layout)
+
+    def _check_layout(self, i: int, ds_params, layout) -> None:
+        """DeepSpeed must keep our group's parameter order, and each tensor's stretches must add up to its
+        size over the data-parallel ranks: a layout change in a future DeepSpeed fails here at start-up
+        instead of silently breaking LAMB's trust ratios."""
+        ours = self._group_params[i]
+        if len(ours) != len(ds_params) or any(a is not b for a, b in zip(ours, ds_params)):
+            raise RuntimeError(f"DeepSpeed reordered parameter group {i}; LAMB layouts need the original order")
+        sizes = torch.zeros(layout.num_tensors + 1, dtype=torch.long, device=self.device)
+        sizes.index_add_(0, layout.ids.to(self.device), layout.lengths.to(self.device))
+        if layout.process_group is not None:
+            torch.distributed.all_reduce(sizes, group=layout.process_group)
+        if sizes[:-1].tolist() != [p.numel() for p in ours]:
+            raise RuntimeError(f"LAMB layout of parameter group {i} does not match DeepSpeed's partitioning")
+
+    def __call__(self, image, text):
+        out = self.ds(image.to(self.input_dtype), text)
+        return {k: v.float() for k, v in out.items()}
+
+    def train(self, mode: bool = True):
+        self.ds.train(mode)
+
+    def backward(self, loss, boundary: bool = True):
+        self.ds.backward(loss, scale_wrt_gas=False)
+        if not boundary:
+            self.ds.step()  # DeepSpeed counts micro-steps in step(); it only updates at the boundary
+
+    def step(self) -> Dict:
+        self.ds.step()
+        norm = self.ds.get_global_grad_norm()
+        norm = float(norm) if norm is not None else float("nan")
+        skipped = bool(getattr(self.ds_optimizer, "overflow", False))
+        return {"grad_norm": norm, "skipped": skipped}
+
+    def zero_grad(self):
+        self.ds.zero_grad()
+
+    def save(self, path: str) -> None:
+        parent, tag = os.path.split(path.rstrip("/"))
+        self.ds.save_checkpoint(parent, tag=tag, save_latest=False)
+
+    def load(self, path: str, load_optimizer: bool = True) -> None:
+        parent, tag = os.path.split(path.rstrip("/"))
+        load_path, _ = self.ds.load_checkpoint(parent, tag=tag, load_optimizer_states=load_optimizer,
+                                               load_lr_scheduler_states=False,
+                                               load_module_only=not load_optimizer)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")
+
+    @contextlib.contextmanager
+    def full_weights(self):
+        if self.cfg.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
+                yield self.model
+        else:
+            yield self.model
+
+
+def build_engine(model, optimizer, engine_cfg, device: torch.device, micro_batch_size: int,
+                 run_dir: Optional[str] = None):
+    """The engine ``engine.kind`` names; writes ``ds_config.json`` into the run dir for DeepSpeed."""
+    if engine_cfg.kind == "torch":
+        return TorchEngine(model, optimizer, engine_cfg, device)
+    ds_cfg = deepspeed_config(engine_cfg, micro_batch_size, edist.world_size())
+    if run_dir and edist.is_main():
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "ds_config.json"), "w") as f:
+            json.dump(ds_cfg, f, indent=2)
+    return DeepSpeedEngine(model, optimizer, engine_cfg, device, ds_cfg)

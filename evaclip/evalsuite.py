@@ -1,0 +1,195 @@
+"""Evaluation suites as data: ``eval/suites/*.toml`` list datasets of the registry ``eval/datasets.toml``.
+
+    # eval/suites/quick.toml
+    name = "quick"
+    datasets = ["synth_shapes", "synth_retrieval"]
+    [overrides.synth_shapes]          # optional per-dataset overrides of registry fields
+    transform = "squash"
+
+A registry entry names the task, the folder (under ``--datasets-root``), the layout (wds | imagefolder |
+csv), the split, the default transform chosen per dataset (EVA-CLIP-18B: resize+centre-crop or squash),
+and optionally class names / templates shipped under ``eval/`` (else the dataset's own files are used).
+A dataset whose files are missing is reported as ``missing`` (an error only with ``strict``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import tomllib
+from dataclasses import dataclass, field, replace
+from typing import Callable, Dict, List, Optional
+
+from evaclip.config import ConfigError, _from_dict
+
+REPO_EVAL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "eval")
+
+
+@dataclass
+class DatasetEntry:
+    name: str = ""
+    task: str = "zeroshot_classification"
+    path: str = ""  # folder under the datasets root (default: wds_<name> as clip_benchmark names them)
+    layout: str = "wds"
+    split: str = "test"
+    transform: str = "center_crop"
+    classnames: str = ""  # file under eval/ (e.g. classnames/imagenet1k.txt); default: the dataset's own
+    templates: str = ""  # file under eval/ (e.g. templates/imagenet1k.txt); default: the dataset's own
+    clip_benchmark: str = ""  # clip_benchmark's dataset name, for reference and comparisons
+    notes: str = ""
+
+
+@dataclass
+class Registry:
+    dataset: List[DatasetEntry] = field(default_factory=list)
+
+
+@dataclass
+class Suite:
+    name: str = ""
+    description: str = ""
+    datasets: List[str] = field(default_factory=list)
+    overrides: Dict = field(default_factory=dict)
+
+
+def _load_toml(path: str) -> Dict:
+    if not os.path.exists(path):
+        raise ConfigError(f"file not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+
+
+def load_registry(path: Optional[str] = None) -> Dict[str, DatasetEntry]:
+    path = path or os.path.join(REPO_EVAL_DIR, "datasets.toml")
+    reg = _from_dict(Registry, _load_toml(path))
+    out = {}
+    for d in reg.dataset:
+        if d.name in out:
+            raise ConfigError(f"{path}: dataset {d.name!r} listed twice")
+        if d.task not in ("zeroshot_classification", "zeroshot_retrieval"):
+            raise ConfigError(f"{path}: dataset {d.name}: unknown task {d.task!r}")
+        if d.transform not in ("center_crop", "squash"):
+            raise ConfigError(f"{path}: dataset {d.name}: transform must be center_crop or squash")
+        out[d.name] = d
+    return out
+
+
+def load_suite(path: str, registry: Optional[Dict[str, DatasetEntry]] = None) -> List[DatasetEntry]:
+    """The suite's datasets, resolved against the registry (unknown names are an error)."""
+    registry = registry if registry is not None else load_registry()
+    try:
+        suite = _from_dict(Suite, _load_toml(path))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    entries = []
+    for name in suite.datasets:
+        if name not in registry:
+            raise ConfigError(f"{path}: dataset {name!r} is not in the registry (eval/datasets.toml)")
+        e = registry[name]
+        over = suite.overrides.get(name, {})
+        try:
+            e = replace(e, **over)
+        except TypeError as err:
+            raise ConfigError(f"{path}: overrides.{name}: {err}") from None
+        entries.append(e)
+    for name in suite.overrides:
+        if name not in suite.datasets:
+            raise ConfigError(f"{path}: overrides.{name} names a dataset the suite does not list")
+    return entries
+
+
+def _eval_file(rel: str) -> Optional[List[str]]:
+    if not rel:
+        return None
+    path = rel if os.path.isabs(rel) else os.path.join(REPO_EVAL_DIR, rel)
+    with open(path) as f:
+        return [line.rstrip("\n") for line in f if line.strip()]
+
+
+def dataset_root(entry: DatasetEntry, datasets_root: str) -> str:
+    return os.path.join(datasets_root, entry.path or f"wds_{entry.name}")
+
+
+def run_suite(encode_image: Callable, encode_text: Callable, tokenizer, entries: List[DatasetEntry],
+              datasets_root: str, image_size: int, mean, std, device, batch_size: int = 64, strict: bool = False,
+              classifier_cache: Optional[str] = None, model_name: str = "", pretrained: str = "",
+              progress_factory=None, log=print) -> List[Dict]:
+    """Evaluate every dataset; one CLIP_benchmark-shaped result dict each (``status`` ok | missing)."""
+    import torch
+
+    from evaclip.data.transforms import eval_transform
+    from evaclip.zeroshot import open_dataset
+    from evaclip.zeroshot import evaluate as eval_one
+
+    results = []
+    for e in entries:
+        root = dataset_root(e, datasets_root)
+        base = {"dataset": e.name, "model": model_name, "pretrained": pretrained, "task": e.task, "language": "en"}
+        try:
+            evalset = open_dataset(e.layout, root, e.split)
+        except (FileNotFoundError, NotADirectoryError) as err:
+            if strict:
+                raise FileNotFoundError(f"dataset {e.name}: {err}") from None
+            log(f"  {e.name}: missing ({root})")
+            results.append(dict(base, metrics={}, status="missing", path=root))
+            continue
+        transform = eval_transform(image_size, mean, std, e.transform)
+        cache_file = None
+        classifier = None
+        if classifier_cache and e.task == "zeroshot_classification":
+            cache_file = os.path.join(classifier_cache, f"{e.name}.pt")
+            if os.path.exists(cache_file):
+                classifier = torch.load(cache_file, map_location=device)
+        bar = progress_factory(e.name) if progress_factory else None
+        t0 = time.time()
+        metrics, clf = eval_one(encode_image, encode_text, tokenizer, evalset, transform, device, batch_size,
+                                templates=_eval_file(e.templates), classnames=_eval_file(e.classnames),
+                                classifier=classifier, progress=bar.update if bar is not None else None)
+        if bar is not None:
+            bar.close()
+        if cache_file and clf is not None and classifier is None:
+            os.makedirs(classifier_cache, exist_ok=True)
+            torch.save(clf.cpu(), cache_file)
+        results.append(dict(base, metrics=metrics, status="ok", seconds=round(time.time() - t0, 2)))
+    return results
+
+
+def write_results(results: List[Dict], out_dir: str) -> List[str]:
+    """One JSON per dataset in CLIP_benchmark's shape."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for r in results:
+        path = os.path.join(out_dir, f"{r['dataset']}.json")
+        with open(path, "w") as f:
+            json.dump(r, f, indent=2)
+        paths.append(path)
+    return paths
+
+
+def headline(r: Dict) -> Optional[float]:
+    """The metric a table shows for a result: top-1 for classification, mean recall@5 for retrieval."""
+    m = r.get("metrics") or {}
+    if "acc1" in m:
+        return m["acc1"]
+    if "image_retrieval_recall@5" in m:
+        return (m["image_retrieval_recall@5"] + m["text_retrieval_recall@5"]) / 2
+    return None
+
+
+def table(results: List[Dict]) -> str:
+    """A markdown table with the average of the available headline metrics."""
+    lines = ["| dataset | task | metric | value |", "|---|---|---|---|"]
+    vals = []
+    for r in results:
+        v = headline(r)
+        metric = "acc1" if r["task"] == "zeroshot_classification" else "mean R@5"
+        lines.append(f"| {r['dataset']} | {r['task'].replace('zeroshot_', '')} | {metric} | "
+                     f"{'missing' if v is None else f'{100 * v:.2f}'} |")
+        if v is not None:
+            vals.append(v)
+    if vals:
+        lines.append(f"| **average** ({len(vals)}) | | | **{100 * sum(vals) / len(vals):.2f}** |")
+    return "\n".join(lines)

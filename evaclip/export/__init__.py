@@ -1,0 +1,1 @@
+"""Exporters: open_clip folder format (+ timm image tower)."""

@@ -1,0 +1,99 @@
+"""Rank-0 run logging: metrics.jsonl (always), tensorboard and wandb (when asked and installed), plots.png."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Dict, List, Optional
+
+
+class MetricLogger:
+    def __init__(self, run_dir: str, log_cfg, enabled: bool = True, run_name: str = "", config: Optional[Dict] = None):
+        self.run_dir, self.cfg, self.enabled = run_dir, log_cfg, enabled
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.tb = self.wandb = None
+        if not enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        if log_cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            except ImportError:
+                pass
+        if log_cfg.wandb:
+            try:
+                import wandb
+
+                self.wandb = wandb.init(project="evaclip", name=run_name, config=config, dir=run_dir)
+            except ImportError:
+                print("log.wandb = true but wandb is not installed; skipping wandb", flush=True)
+
+    def log(self, step: int, metrics: Dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        rec = {"step": step, "time": time.time(), **metrics}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                if self.tb is not None:
+                    self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def read_metrics(path: str) -> List[Dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_run(run_dir: str, out: Optional[str] = None) -> Optional[str]:
+    """plots.png: training loss, learning rates, logit scale, zero-shot metrics over steps."""
+    recs = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    if not recs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(key):
+        pts = [(r["step"], r[key]) for r in recs if isinstance(r.get(key), (int, float))]
+        return zip(*pts) if pts else ((), ())
+
+    zs_keys = sorted({k for r in recs for k in r if k.startswith("zeroshot/") and k.endswith(("/acc1", "recall@1"))})
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    ax = axes[0][0]
+    ax.plot(*series("train/loss"), lw=1)
+    ax.set_title("training loss")
+    ax.set_xlabel("step")
+    ax = axes[0][1]
+    for k in sorted({k for r in recs for k in r if k.startswith("lr/")}):
+        ax.plot(*series(k), label=k[3:])
+    ax.set_title("learning rate (peak of each tower)")
+    ax.legend(fontsize=8)
+    ax = axes[1][0]
+    ax.plot(*series("train/logit_scale"), color="tab:purple")
+    ax.set_title("exp(logit_scale)")
+    ax = axes[1][1]
+    for k in zs_keys:
+        ax.plot(*series(k), marker="o", label=k[len("zeroshot/"):])
+    ax.set_title("zero-shot")
+    if zs_keys:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = out or os.path.join(run_dir, "plots.png")
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out

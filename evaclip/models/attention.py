@@ -1,0 +1,83 @@
+"""Attention kernels behind one function, so towers can switch backend without branching elsewhere.
+
+Backends:
+  ``sdpa``        torch ``scaled_dot_product_attention``, torch picks flash / mem-efficient / math.
+  ``sdpa_flash``, ``sdpa_efficient``, ``sdpa_math``, ``sdpa_cudnn``
+                  the same call pinned to one SDPA kernel (errors if that kernel cannot run the inputs).
+  ``flash_attn``  the ``flash-attn`` package (optional extra; CUDA + fp16/bf16 only).
+  ``math``        an explicit softmax(QK^T)V written out here: the float reference the others are tested against.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+ATTN_IMPLS = ("sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_math", "sdpa_cudnn", "flash_attn", "math")
+
+
+def _sdpa_backends():
+    from torch.nn.attention import SDPBackend
+
+    return {
+        "sdpa_flash": SDPBackend.FLASH_ATTENTION,
+        "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "sdpa_math": SDPBackend.MATH,
+        "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
+    }
+
+
+def flash_attn_available() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def check_attn_impl(impl: str) -> None:
+    """Raise a clear error for an unknown or unavailable backend (called once at model build)."""
+    if impl not in ATTN_IMPLS:
+        raise ValueError(f"unknown attention impl {impl!r}; choose one of {', '.join(ATTN_IMPLS)}")
+    if impl == "flash_attn" and not flash_attn_available():
+        raise ValueError(
+            "attn_impl='flash_attn' needs the flash-attn package and a CUDA GPU "
+            "(pip install 'evaclip[flash]' on a GPU machine); use attn_impl='sdpa' otherwise"
+        )
+
+
+def attention(
+    q: torch.Tensor,  # [B, H, N, D]
+    k: torch.Tensor,  # [B, H, N, D]
+    v: torch.Tensor,  # [B, H, N, D]
+    impl: str = "sdpa",
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:  # [B, H, N, D]
+    if impl == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal)
+    if impl.startswith("sdpa_"):
+        from torch.nn.attention import sdpa_kernel
+
+        with sdpa_kernel([_sdpa_backends()[impl]]):
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal)
+    if impl == "flash_attn":
+        from flash_attn import flash_attn_func
+
+        # flash-attn wants [B, N, H, D]
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p, causal=is_causal)
+        return out.transpose(1, 2)
+    if impl == "math":
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        attn = (q * scale) @ k.transpose(-2, -1)
+        if is_causal:
+            n = q.shape[-2]
+            mask = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
+            attn = attn.masked_fill(mask, float("-inf"))
+        attn = attn.softmax(dim=-1)
+        if dropout_p:
+            attn = F.dropout(attn, p=dropout_p)
+        return attn @ v
+    raise ValueError(f"unknown attention impl {impl!r}")
+

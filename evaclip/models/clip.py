@@ -1,0 +1,100 @@
+"""The two-tower CLIP model: EVA image tower, text tower, learned temperature.
+
+State-dict layout is open_clip's ``CustomTextCLIP`` (``visual.trunk.*``, ``text.*``, ``logit_scale``) except
+that ``logit_scale`` has shape [1] instead of [] (DeepSpeed 0.19.8 crashes broadcasting 0-dim parameters);
+``convert.py`` reshapes it on export/import.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from evaclip.models.eva_vit import Eva
+
+
+class ImageTower(nn.Module):
+    """Holds the EVA trunk under ``trunk`` (open_clip's TimmModel layout with the head as projection)."""
+
+    def __init__(self, trunk: Eva, image_size: int):
+        super().__init__()
+        self.trunk = trunk
+        self.image_size = (image_size, image_size)
+
+    def forward(self, x):
+        return self.trunk(x)
+
+
+class CLIP(nn.Module):
+    def __init__(self, visual: ImageTower, text: nn.Module, embed_dim: int,
+                 init_logit_scale: float = math.log(1 / 0.07), max_logit_scale: float = math.log(100)):
+        super().__init__()
+        self.visual, self.text, self.embed_dim = visual, text, embed_dim
+        self.logit_scale = nn.Parameter(torch.full((1,), float(init_logit_scale)))
+        self.max_logit_scale = max_logit_scale
+
+    # -- encoders ---------------------------------------------------------------------------------------
+    def encode_image(self, image, normalize: bool = True):
+        f = self.visual(image)
+        return F.normalize(f, dim=-1) if normalize else f
+
+    def encode_text(self, text, normalize: bool = True):
+        f = self.text(text)
+        return F.normalize(f, dim=-1) if normalize else f
+
+    def temperature(self) -> torch.Tensor:
+        """exp(logit_scale), capped at 100 (EVA-CLIP / open_clip clamp ln 100; clamping in the forward keeps it
+        correct under ZeRO, where an in-place clamp of the model copy would be undone by the master weights)."""
+        return self.logit_scale.clamp(max=self.max_logit_scale).exp()
+
+    def forward(self, image, text) -> Dict[str, torch.Tensor]:
+        return {
+            "image_features": self.encode_image(image),
+            "text_features": self.encode_text(text),
+            "logit_scale": self.temperature().squeeze(0),
+        }
+
+    # -- optimizer / engine metadata ------------------------------------------------------------------------
+    def no_weight_decay(self) -> set:
+        """Full names excluded from weight decay besides biases and norms (handled by ndim in optim.py)."""
+        names = {"logit_scale"}
+        names |= {f"visual.trunk.{n}" for n in self.visual.trunk.no_weight_decay()}
+        names |= {f"text.{n}" for n in self.text.no_weight_decay()}
+        return names
+
+    def tower_of(self, name: str) -> str:
+        if name.startswith("visual."):
+            return "visual"
+        if name.startswith("text."):
+            return "text"
+        return "other"
+
+    def layer_id(self, name: str) -> int:
+        """Layer id within the parameter's tower (0 = embeddings, depth + 1 = head); 'other' params -> 0."""
+        tower = self.tower_of(name)
+        if tower == "visual":
+            return self.visual.trunk.layer_id(name[len("visual.trunk."):])
+        if tower == "text":
+            return self.text.layer_id(name[len("text."):])
+        return 0
+
+    def num_layers(self, tower: str) -> int:
+        return {"visual": self.visual.trunk.num_layers, "text": self.text.num_layers}.get(tower, 0)
+
+    def set_grad_checkpointing(self, vision: bool = True, text: Optional[bool] = None):
+        self.visual.trunk.set_grad_checkpointing(vision)
+        self.text.set_grad_checkpointing(vision if text is None else text)
+
+    def set_patch_dropout(self, rate: float):
+        self.visual.trunk.set_patch_dropout(rate)
+
+    def lock_tower(self, tower: str, unlocked_layers: int = 0):
+        """Freeze a tower, leaving its last ``unlocked_layers`` layer groups (by layer id) trainable."""
+        n_groups = self.num_layers(tower) + 2  # embeddings, blocks, head
+        first_unlocked = n_groups - unlocked_layers
+        for name, p in self.named_parameters():
+            if self.tower_of(name) == tower and self.layer_id(name) < first_unlocked:
+                p.requires_grad_(False)

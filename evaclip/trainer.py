@@ -1,0 +1,317 @@
+"""The Trainer: one explicit build order, a short step loop, resumable state.
+
+Build order: distributed -> seed -> model (+ weight init) -> loss -> optimizer -> engine -> schedule ->
+data -> checkpoint (resume) -> evaluator -> logger. ``train()`` runs steps (not epochs) until ``derived.steps``.
+
+One optimizer step = ``engine.accum_steps`` micro-batches. With accumulation the gradient equals that of
+the big batch (feature caching, as GradCache / open_clip's accum-freq): all micro-batch features are
+computed without grad, then each micro-batch is recomputed with grad (same RNG state, so patch dropout
+masks match) and back-propagated through the loss over the full cached batch.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+from evaclip import dist as edist
+from evaclip.checkpoint import load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
+from evaclip.config import Derived, ExperimentConfig, save_run_config, to_dict
+from evaclip.engine import build_engine, pick_device
+from evaclip.losses import ContrastiveLoss
+from evaclip.metrics import MetricLogger, plot_run
+from evaclip.models import create_model
+from evaclip.models.convert import init_from_files
+from evaclip.models.registry import get_variant
+from evaclip.optim import build_optimizer
+from evaclip.schedule import LrScheduler, patch_dropout_at
+
+REQUEUE_EXIT_CODE = 85  # the sbatch script requeues the job when the trainer exits with this code
+
+
+def git_sha() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _get_rng(device: torch.device):
+    return (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _set_rng(state, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+class TrainingStopped(RuntimeError):
+    """Raised when the run cannot continue (e.g. too many non-finite steps)."""
+
+
+class Trainer:
+    def __init__(self, cfg: ExperimentConfig, derived: Derived, log=print):
+        self.cfg, self.derived, self.log = cfg, derived, (log if edist.is_main() else (lambda *a, **k: None))
+        self.run_dir = derived.run_dir
+        # 1. distributed
+        self.device = pick_device(cfg.run.device)
+        edist.init_distributed(self.device)
+        if edist.world_size() != derived.world_size:
+            raise RuntimeError(f"resolved for {derived.world_size} processes but running with {edist.world_size()}")
+        # 2. seed (same model init on every rank; data and dropout streams differ per rank below)
+        torch.manual_seed(cfg.run.seed)
+        # 3. model
+        self.variant = get_variant(cfg.model.name)
+        model = create_model(cfg.model)
+        report = init_from_files(model, cfg.model)
+        if report:
+            self.log(report)
+        if cfg.model.vision.lock:
+            model.lock_tower("visual", cfg.model.vision.unlocked_layers)
+        if cfg.model.text.lock:
+            model.lock_tower("text", cfg.model.text.unlocked_layers)
+        # 4. loss, 5. optimizer, 6. engine, 7. schedule
+        self.loss_fn = ContrastiveLoss(cfg.loss.kind, cfg.loss.impl, cfg.loss.tile_size)
+        optimizer = build_optimizer(model, cfg.optim)
+        if edist.is_main():
+            save_run_config(self.run_dir, cfg, derived, {"git_sha": git_sha(), "world_size": edist.world_size()})
+        self.engine = build_engine(model, optimizer, cfg.engine, self.device, cfg.data.micro_batch_size, self.run_dir)
+        self.model = self.engine.model
+        if cfg.engine.compile:
+            self.model.visual.compile()
+            self.model.text.compile()
+        self.scheduler = LrScheduler(optimizer, derived.steps, derived.warmup_steps, cfg.schedule.name,
+                                     cfg.schedule.min_lr_ratio, cfg.schedule.cooldown_steps)
+        torch.manual_seed(cfg.run.seed * 1000 + edist.rank())  # per-rank dropout / patch-drop stream
+        # 8. data
+        self.step, self.samples_seen, self.bad_steps = 0, 0, 0
+        self.data_states: Optional[Dict] = None
+        # 9. checkpoint: resume before building the data iterator (it starts at the saved position)
+        ckpt = resolve_resume(cfg.checkpoint.resume, self.run_dir)
+        if ckpt:
+            meta, rank_state = load_checkpoint(self.engine, ckpt)
+            self.step, self.samples_seen = meta["step"], meta["samples_seen"]
+            self.data_states = rank_state["data"]
+            set_rng_state(rank_state["rng"])
+            self.log(f"resumed from {ckpt} at step {self.step} ({self.samples_seen} samples)")
+        self._build_data()
+        # 10. evaluator, 11. logger
+        self.eval_entries = None
+        if cfg.eval.suite:
+            from evaclip.evalsuite import load_suite
+
+            self.eval_entries = load_suite(cfg.eval.suite)
+        self.logger = MetricLogger(self.run_dir, cfg.log, enabled=edist.is_main(), run_name=cfg.run.name,
+                                   config=to_dict(cfg))
+        self._stop_signal: Optional[int] = None
+
+    # ------------------------------------------------------------------------------------------------ data
+    def _build_data(self):
+        from evaclip.data.recipes import load_recipe, recipe_from_shards
+        from evaclip.data.transforms import Tokenizer, draft_side, train_transform
+        from evaclip.data.wds import DataState, ImageTextStream, build_stream_spec, make_loader
+
+        c = self.cfg.data
+        recipe = load_recipe(c.recipe) if c.recipe else recipe_from_shards(c.shards)
+        spec = build_stream_spec(recipe, c.root, self.cfg.run.seed, edist.rank(), edist.world_size(),
+                                 c.resampled, c.shuffle_buffer)
+        v = self.variant
+        stream = ImageTextStream(spec, c.micro_batch_size, train_transform(v.image_size, v.mean, v.std, c.crop_scale),
+                                 Tokenizer(v.context_length), min_side=draft_side(v.image_size, c.crop_scale[0]))
+        stream.set_state(self.data_states)
+        self.data_state = DataState(self.data_states)
+        self.loader = make_loader(stream, c.workers, pin_memory=self.device.type == "cuda")
+        self.data_iter = iter(self.loader)
+
+    def _next_batch(self):
+        batch = next(self.data_iter)
+        self.data_state.update(batch.pop("__state__"))
+        return batch
+
+    # ------------------------------------------------------------------------------------------------ step
+    def _loss(self, img, txt, scale):
+        return self.loss_fn(img, txt, scale)
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        flag = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=self.device)
+        edist.all_reduce_sum(flag)
+        return flag.item() == 0
+
+    def train_step(self, micro: List[Dict]) -> Dict:
+        """Forward/backward over the micro-batches of one optimizer step, then the engine step."""
+        dev = self.device
+        imgs = [m["image"].to(dev, non_blocking=True) for m in micro]
+        txts = [m["text"].to(dev, non_blocking=True) for m in micro]
+        if len(micro) == 1:
+            out = self.engine(imgs[0], txts[0])
+            loss = self._loss(out["image_features"], out["text_features"], out["logit_scale"])
+            if not self._all_finite(loss):
+                return self._bad_step(loss)
+            self.engine.backward(loss, boundary=True)
+        else:
+            # feature caching: no-grad features of every micro-batch, remembering each one's RNG state
+            states, cached = [], []
+            with torch.no_grad():
+                for img, txt in zip(imgs, txts):
+                    states.append(_get_rng(dev))
+                    cached.append(self.engine(img, txt))
+            after = _get_rng(dev)
+            img_all = [c["image_features"] for c in cached]
+            txt_all = [c["text_features"] for c in cached]
+            loss = self._loss(torch.cat(img_all), torch.cat(txt_all), cached[-1]["logit_scale"])
+            if not self._all_finite(loss):
+                return self._bad_step(loss)
+            for j, (img, txt) in enumerate(zip(imgs, txts)):
+                _set_rng(states[j], dev)
+                out = self.engine(img, txt)
+                i_cat = torch.cat(img_all[:j] + [out["image_features"]] + img_all[j + 1:])
+                t_cat = torch.cat(txt_all[:j] + [out["text_features"]] + txt_all[j + 1:])
+                last = j == len(micro) - 1
+                # the temperature's gradient must be counted once, not once per micro-batch
+                scale = out["logit_scale"] if last else out["logit_scale"].detach()
+                self.engine.backward(self._loss(i_cat, t_cat, scale), boundary=last)
+            _set_rng(after, dev)
+            out = cached[-1]
+        info = self.engine.step()
+        if info["skipped"]:
+            return self._bad_step(loss, info)
+        self.bad_steps = 0
+        return {"train/loss": loss.detach().item(), "train/logit_scale": float(out["logit_scale"].detach()),
+                "train/grad_norm": info["grad_norm"]}
+
+    def _bad_step(self, loss, info=None) -> Dict:
+        self.engine.zero_grad()
+        self.bad_steps += 1
+        self.log(f"step {self.step}: non-finite {'loss' if info is None else 'gradients'} "
+                 f"({float(loss):.4g}); step skipped ({self.bad_steps} in a row)")
+        if self.bad_steps >= self.cfg.engine.max_bad_steps:
+            raise TrainingStopped(f"{self.bad_steps} consecutive non-finite steps at step {self.step}; stopping. "
+                                  "Lower the lr, raise engine.grad_clip, or use bf16/fp32 instead of fp16.")
+        return {"train/skipped_step": 1.0}
+
+    # ------------------------------------------------------------------------------------------------ loop
+    def _install_signal_handlers(self):
+        def handler(signum, frame):
+            self._stop_signal = signum
+            self.log(f"received signal {signum}: finishing this step, saving, exiting for requeue")
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, handler)
+
+    def _should_stop(self) -> bool:
+        flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0], device=self.device)
+        edist.all_reduce_sum(flag)
+        return flag.item() > 0
+
+    def save(self):
+        meta = {"samples_seen": self.samples_seen, "model": self.cfg.model.name, "world_size": edist.world_size(),
+                "skips": self.data_state.skip_counts(), "text_act": self.cfg.model.text.act}
+        path = save_checkpoint(self.engine, self.run_dir, self.step, meta,
+                               {"data": self.data_state.state_dict(), "rng": rng_state()},
+                               self.cfg.checkpoint.keep_last)
+        self.log(f"checkpoint: {path}")
+        return path
+
+    def evaluate(self) -> Dict[str, float]:
+        if not self.eval_entries:
+            return {}
+        from evaclip.data.transforms import Tokenizer
+        from evaclip.evalsuite import run_suite, write_results
+
+        out: Dict[str, float] = {}
+        self.engine.train(False)
+        with self.engine.full_weights() as model:
+            if edist.is_main():
+                v = self.variant
+                dtype = self.engine.input_dtype
+                results = run_suite(lambda x: model.encode_image(x.to(dtype), normalize=False),
+                                    lambda t: model.encode_text(t, normalize=False), Tokenizer(v.context_length),
+                                    self.eval_entries, self.cfg.eval.datasets_root, v.image_size, v.mean, v.std,
+                                    self.device, self.cfg.eval.batch_size, model_name=v.name,
+                                    pretrained=f"{self.run_dir}@step{self.step}", log=self.log)
+                write_results(results, os.path.join(self.run_dir, "eval", f"step-{self.step:08d}"))
+                for r in results:
+                    for k, val in r["metrics"].items():
+                        out[f"zeroshot/{r['dataset']}/{k}"] = val
+            edist.barrier()
+        self.engine.train(True)
+        return out
+
+    def train(self) -> Dict:
+        cfg, d = self.cfg, self.derived
+        self._install_signal_handlers()
+        self.engine.train(True)
+        bar = None
+        if edist.is_main() and cfg.log.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=d.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                       file=sys.stdout)
+        t_last, n_last = time.time(), self.samples_seen
+        last_eval: Dict[str, float] = {}
+        while self.step < d.steps:
+            rate = patch_dropout_at(self.step, cfg.model.vision.patch_dropout, d.unmasked_from_step)
+            self.model.set_patch_dropout(rate)
+            lr_factor = self.scheduler.set_step(self.step)
+            micro = [self._next_batch() for _ in range(cfg.engine.accum_steps)]
+            metrics = self.train_step(micro)
+            self.step += 1
+            self.samples_seen += d.global_batch
+            if bar:
+                bar.update(1)
+            if self.step % cfg.log.every_steps == 0 or self.step == d.steps:
+                now = time.time()
+                sps = (self.samples_seen - n_last) / max(now - t_last, 1e-9)
+                t_last, n_last = now, self.samples_seen
+                metrics.update(self._lr_metrics(lr_factor))
+                metrics.update({"train/samples_per_s": sps, "train/patch_dropout": rate,
+                                "train/samples_seen": self.samples_seen})
+                metrics.update({f"data/skipped/{k}": v for k, v in self.data_state.skip_counts().items()})
+                self._check_skips()
+                self.logger.log(self.step, metrics)
+                if bar and "train/loss" in metrics:
+                    bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", samples_s=f"{sps:.0f}")
+            if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < d.steps:
+                last_eval = self.evaluate()
+                self.logger.log(self.step, last_eval)
+            stop = self._should_stop()
+            if (self.step % cfg.checkpoint.every_steps == 0 and self.step < d.steps) or stop:
+                self.save()
+            if stop:
+                if bar:
+                    bar.close()
+                self.logger.close()
+                raise SystemExit(REQUEUE_EXIT_CODE)
+        if bar:
+            bar.close()
+        final = self.save()
+        last_eval = self.evaluate()
+        if last_eval:
+            self.logger.log(self.step, last_eval)
+        plot = plot_run(self.run_dir) if edist.is_main() and cfg.log.plot else None
+        self.logger.close()
+        return {"run_dir": self.run_dir, "checkpoint": final, "steps": self.step, "samples": self.samples_seen,
+                "zeroshot": last_eval, "plot": plot, "skips": self.data_state.skip_counts()}
+
+    def _lr_metrics(self, factor: float) -> Dict[str, float]:
+        peak: Dict[str, float] = {}
+        for g in self.engine.optimizer.param_groups:
+            tower = g.get("name", "all").split("/")[0]
+            peak[tower] = max(peak.get(tower, 0.0), g["lr"])
+        return {f"lr/{k}": v for k, v in peak.items()}
+
+    def _check_skips(self):
+        skips = sum(self.data_state.skip_counts().values())
+        seen = self.data_state.samples() + skips
+        if seen >= 1000 and skips / seen > self.cfg.data.max_skip_fraction:
+            raise TrainingStopped(f"{skips} of {seen} samples were unusable ({self.data_state.skip_counts()}), "
+                                  f"above data.max_skip_fraction = {self.cfg.data.max_skip_fraction}; check the shards "
+                                  "(`evaclip data verify`)")

@@ -1,0 +1,217 @@
+"""Zero-shot evaluation: classification (prompt ensembles) and retrieval, shared by the runner and training.
+
+Classification (Radford et al. 2021): for each class embed every template, L2-normalise, average,
+re-normalise -> classifier W [D, C]; logits = 100 * img . W; metrics top-1, top-5 and mean per-class recall.
+Retrieval (CLIP paper definition, as CLIP_benchmark): with several captions per image,
+  image_retrieval_recall@k  text -> image: fraction of captions whose image is among the top-k images
+  text_retrieval_recall@k   image -> text: fraction of images with at least one of their captions in the top-k
+Ties are broken by index (a stable descending sort), so results are deterministic.
+
+Datasets are read in CLIP_benchmark's webdataset layout unchanged (``<root>/<split>/nshards.txt``, ``0.tar``,
+``classnames.txt``, ``zeroshot_classification_templates.txt``, ``dataset_type.txt``), or as an ImageFolder
+(``<root>/<split>/<class>/<image>``) or a CSV (``<root>/<split>.csv`` with ``path,caption`` rows).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from evaclip.data.shards import iter_tar_samples
+from evaclip.data.transforms import IMAGE_EXTS
+
+CLASSIFICATION, RETRIEVAL = "zeroshot_classification", "zeroshot_retrieval"
+
+
+# ---------------------------------------------------------------------------------------------------- metrics
+def classification_metrics(logits: torch.Tensor, targets: torch.Tensor) -> Dict[str, float]:
+    """top-1, top-5 accuracy and mean per-class recall (balanced accuracy over the classes present)."""
+    n, c = logits.shape
+    order = _stable_desc(logits)
+    hit = order[:, : min(5, c)] == targets[:, None]
+    acc1 = hit[:, :1].any(1).float().mean().item()
+    acc5 = hit.any(1).float().mean().item()
+    pred = order[:, 0]
+    recalls = [(pred[targets == k] == k).float().mean().item() for k in targets.unique().tolist()]
+    return {"acc1": acc1, "acc5": acc5, "mean_per_class_recall": sum(recalls) / len(recalls)}
+
+
+def _stable_desc(scores: torch.Tensor) -> torch.Tensor:
+    return torch.sort(scores, dim=1, descending=True, stable=True).indices
+
+
+def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: torch.Tensor,
+                      ks: Sequence[int] = (1, 5, 10)) -> Dict[str, float]:
+    """Recall@k both ways for normalised embeddings; ``text_to_image[j]`` is the image of caption j."""
+    scores = text_emb @ image_emb.t()  # [T, I]
+    t2i_rank = _stable_desc(scores)  # images ranked per caption
+    i2t_rank = _stable_desc(scores.t())  # captions ranked per image
+    out = {}
+    for k in ks:
+        k_i, k_t = min(k, scores.shape[1]), min(k, scores.shape[0])
+        out[f"image_retrieval_recall@{k}"] = (t2i_rank[:, :k_i] == text_to_image[:, None]).any(1).float().mean().item()
+        # captions in the top-k of image i that belong to image i
+        owners = text_to_image[i2t_rank[:, :k_t]]  # [I, k]
+        mine = torch.arange(scores.shape[1])[:, None]
+        out[f"text_retrieval_recall@{k}"] = (owners == mine).any(1).float().mean().item()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- encoders
+@torch.no_grad()
+def build_classifier(encode_text: Callable, tokenizer, classnames: Sequence[str], templates: Sequence[str],
+                     device: torch.device, batch_size: int = 256) -> torch.Tensor:
+    """[D, C] prompt-ensemble classifier."""
+    weights = []
+    for name in classnames:
+        texts = [t.format(c=name) for t in templates]
+        emb = torch.cat([F.normalize(encode_text(tokenizer(texts[i:i + batch_size]).to(device)).float(), dim=-1)
+                         for i in range(0, len(texts), batch_size)])
+        w = emb.mean(0)
+        weights.append(w / w.norm())
+    return torch.stack(weights, dim=1)
+
+
+# ---------------------------------------------------------------------------------------------------- datasets
+@dataclass
+class EvalSet:
+    """What a dataset on disk provides."""
+
+    task: str
+    samples: Callable[[], Iterator[Tuple[Image.Image, object]]]  # (image, label int | list of captions)
+    classnames: Optional[List[str]] = None
+    templates: Optional[List[str]] = None
+    size: Optional[int] = None
+
+
+def _read_lines(path: str) -> List[str]:
+    with open(path) as f:
+        return [line.rstrip("\n") for line in f if line.strip()]
+
+
+def _decode(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def open_wds_benchmark(root: str, split: str = "test") -> EvalSet:
+    """CLIP_benchmark's webdataset layout (``wds_*`` sets), read unchanged."""
+    split_dir = os.path.join(root, split)
+    nshards_file = os.path.join(split_dir, "nshards.txt")
+    if not os.path.exists(nshards_file):
+        raise FileNotFoundError(f"{nshards_file} not found")
+    nshards = int(open(nshards_file).read().strip())
+    kind_file = os.path.join(root, "dataset_type.txt")
+    kind = open(kind_file).read().strip() if os.path.exists(kind_file) else "classification"
+    task = RETRIEVAL if kind == "retrieval" else CLASSIFICATION
+
+    def samples():
+        for k in range(nshards):
+            for s in iter_tar_samples(os.path.join(split_dir, f"{k}.tar")):
+                ext = next((e for e in ("webp", "png", "jpg", "jpeg") if e in s), None)
+                if ext is None:
+                    continue
+                if task == CLASSIFICATION:
+                    yield _decode(s[ext]), int(s["cls"].decode().strip())
+                else:
+                    yield _decode(s[ext]), [c for c in s["txt"].decode().split("\n") if c.strip()]
+
+    classnames = templates = None
+    if task == CLASSIFICATION:
+        classnames = _read_lines(os.path.join(root, "classnames.txt"))
+        tpl = os.path.join(root, "zeroshot_classification_templates.txt")
+        templates = _read_lines(tpl) if os.path.exists(tpl) else None
+    return EvalSet(task, samples, classnames, templates)
+
+
+def open_imagefolder(root: str, split: str = "test") -> EvalSet:
+    """``<root>/<split>/<class>/<image>``; classes sorted, names from classnames.txt if present."""
+    split_dir = os.path.join(root, split)
+    classes = sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
+    names_file = os.path.join(root, "classnames.txt")
+    classnames = _read_lines(names_file) if os.path.exists(names_file) else [c.replace("_", " ") for c in classes]
+    files = [(os.path.join(split_dir, c, f), i) for i, c in enumerate(classes)
+             for f in sorted(os.listdir(os.path.join(split_dir, c))) if f.rsplit(".", 1)[-1].lower() in IMAGE_EXTS]
+
+    def samples():
+        for path, label in files:
+            yield Image.open(path).convert("RGB"), label
+
+    tpl = os.path.join(root, "zeroshot_classification_templates.txt")
+    return EvalSet(CLASSIFICATION, samples, classnames, _read_lines(tpl) if os.path.exists(tpl) else None, len(files))
+
+
+def open_csv_retrieval(root: str, split: str = "test") -> EvalSet:
+    """``<root>/<split>.csv`` with ``path,caption`` rows (several rows per image = several captions)."""
+    path = os.path.join(root, f"{split}.csv")
+    captions: Dict[str, List[str]] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            captions.setdefault(row["path"], []).append(row["caption"])
+
+    def samples():
+        for p, caps in captions.items():
+            yield Image.open(p if os.path.isabs(p) else os.path.join(root, p)).convert("RGB"), caps
+
+    return EvalSet(RETRIEVAL, samples, size=len(captions))
+
+
+LAYOUTS = {"wds": open_wds_benchmark, "imagefolder": open_imagefolder, "csv": open_csv_retrieval}
+
+
+def open_dataset(layout: str, root: str, split: str = "test") -> EvalSet:
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown dataset layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    return LAYOUTS[layout](root, split)
+
+
+def _batches(it: Iterator, transform, batch_size: int):
+    imgs, targets = [], []
+    for img, target in it:
+        imgs.append(transform(img))
+        targets.append(target)
+        if len(imgs) == batch_size:
+            yield torch.stack(imgs), targets
+            imgs, targets = [], []
+    if imgs:
+        yield torch.stack(imgs), targets
+
+
+# ---------------------------------------------------------------------------------------------------- evaluate
+@torch.no_grad()
+def evaluate(encode_image: Callable, encode_text: Callable, tokenizer, evalset: EvalSet, transform,
+             device: torch.device, batch_size: int = 64, templates: Optional[List[str]] = None,
+             classnames: Optional[List[str]] = None, classifier: Optional[torch.Tensor] = None,
+             progress=None) -> Tuple[Dict[str, float], Optional[torch.Tensor]]:
+    """Metrics for one dataset (and the classifier used, so callers can cache it)."""
+    if evalset.task == CLASSIFICATION:
+        names = classnames or evalset.classnames
+        tpls = templates or evalset.templates
+        if not names or not tpls:
+            raise ValueError("classification needs class names and templates")
+        if classifier is None:
+            classifier = build_classifier(encode_text, tokenizer, names, tpls, device)
+        logits, targets = [], []
+        for images, labels in _batches(evalset.samples(), transform, batch_size):
+            f = F.normalize(encode_image(images.to(device)).float(), dim=-1)
+            logits.append((100.0 * f @ classifier).cpu())
+            targets += labels
+            if progress:
+                progress(len(labels))
+        return classification_metrics(torch.cat(logits), torch.tensor(targets)), classifier
+    img_emb, txt_emb, owner = [], [], []
+    n_img = 0
+    for images, caps in _batches(evalset.samples(), transform, batch_size):
+        img_emb.append(F.normalize(encode_image(images.to(device)).float(), dim=-1).cpu())
+        flat = [c for cs in caps for c in cs]
+        owner += [n_img + i for i, cs in enumerate(caps) for _ in cs]
+        txt_emb.append(F.normalize(encode_text(tokenizer(flat).to(device)).float(), dim=-1).cpu())
+        n_img += len(caps)
+        if progress:
+            progress(len(caps))
+    return retrieval_metrics(torch.cat(img_emb), torch.cat(txt_emb), torch.tensor(owner)), None

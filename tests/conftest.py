@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny synthetic shards and zero-shot sets made locally (no downloads), tiny configs."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import evaclip  # noqa: F401  (installs the CPU import hooks before timm / open_clip are imported)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".venv", "torch_extensions"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run where the device tool lends one)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory):
+    """4 shards x 64 samples at 64 px + small zero-shot sets (seconds)."""
+    from evaclip.data import synth
+
+    out = str(tmp_path_factory.mktemp("synth"))
+    synth.write_all(out, shards=4, per_shard=64, image_size=64, seed=1, eval_per_class=2, retrieval_images=24)
+    return out
+
+
+def tiny_overrides(synth_dir: str, run_dir_parent: str, name: str = "t", steps: int = 4, extra=()):
+    """Overrides that turn the demo experiment into a seconds-long test run."""
+    return [
+        f"run.output_dir={run_dir_parent}", f"run.name={name}", f"run.steps={steps}",
+        f'data.recipe="{os.path.join(synth_dir, "recipe.toml")}"', f'data.root="{synth_dir}"',
+        "data.micro_batch_size=8", "data.workers=0", "data.shuffle_buffer=16",
+        "schedule.warmup_steps=1", "checkpoint.every_steps=1000", "log.every_steps=1", "log.progress=false",
+        "log.tensorboard=false", "log.plot=false",
+        'eval.suite=""', *extra,
+    ]
+
+
+def run_cli(args, cwd=REPO, env=None, timeout=600):
+    """Run ``python -m evaclip.cli ...`` in a fresh process; returns CompletedProcess."""
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "evaclip.cli", *args], cwd=cwd, env=e, capture_output=True,
+                          text=True, timeout=timeout)

@@ -1,0 +1,167 @@
+"""Config: every shipped experiment/recipe/suite loads; strict errors name the key; derived values; CLI errors."""
+import glob
+import os
+import tomllib
+
+import pytest
+
+from evaclip.config import (ConfigError, ExperimentConfig, describe, dumps_toml, load_config, load_run_config,
+                            parse_override, resolve, save_run_config, to_dict)
+from tests.conftest import REPO, run_cli
+
+EXPERIMENTS = sorted(glob.glob(os.path.join(REPO, "launch", "experiments", "*.toml")))
+RECIPES = sorted(glob.glob(os.path.join(REPO, "data_recipes", "*.toml")))
+SUITES = sorted(glob.glob(os.path.join(REPO, "eval", "suites", "*.toml")))
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=os.path.basename)
+def test_every_experiment_loads_and_resolves(path):
+    cfg = load_config(path)
+    d = resolve(cfg, world_size=8)
+    assert d.global_batch == cfg.data.micro_batch_size * 8 * cfg.engine.accum_steps
+    assert d.steps > 0 and d.train_samples == d.steps * d.global_batch
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)
+def test_every_recipe_loads(path):
+    from evaclip.data.recipes import load_recipe
+
+    r = load_recipe(path)
+    w = r.weights()
+    assert abs(sum(w) - 1) < 1e-9 and all(x > 0 for x in w)
+
+
+@pytest.mark.parametrize("path", SUITES, ids=os.path.basename)
+def test_every_suite_names_known_datasets(path):
+    from evaclip.evalsuite import load_registry, load_suite
+
+    reg = load_registry()
+    entries = load_suite(path, reg)
+    assert entries and all(e.name in reg for e in entries)
+
+
+def test_experiments_exist():
+    names = {os.path.basename(p) for p in EXPERIMENTS}
+    assert "demo_cpu.toml" in names
+
+
+def test_overrides_are_typed():
+    cfg = load_config(os.path.join(REPO, "launch/experiments/demo_cpu.toml"),
+                      ["optim.lr=3e-4", "model.vision.patch_dropout=0.5", "model.name=EVA02-B-16",
+                       "optim.betas=[0.9, 0.99]", "engine.grad_clip=1", "log.progress=false"])
+    assert cfg.optim.lr == 3e-4 and cfg.model.vision.patch_dropout == 0.5
+    assert cfg.model.name == "EVA02-B-16" and cfg.optim.betas == [0.9, 0.99]
+    assert isinstance(cfg.engine.grad_clip, float) and cfg.engine.grad_clip == 1.0
+    assert cfg.log.progress is False
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("model.vison.patch_dropout=0.5", "unknown key 'model.vison'"),
+    ("optim.lr=fast", "optim.lr: expected a number"),
+    ("run.seed=1.5", "run.seed: expected an integer"),
+    ("engine.zero_stage=4", "engine.zero_stage: 4 is not one of 0, 1, 2, 3"),
+    ("log.progress=1", "log.progress: expected true or false"),
+    ("optim.name=sgd", "optim.name: 'sgd' is not one of lamb, adamw"),
+    ("nonsense", "must look like section.key=value"),
+])
+def test_strict_errors_name_the_key(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(os.path.join(REPO, "launch/experiments/demo_cpu.toml"), [override])
+    assert needle in str(e.value)
+
+
+def test_unknown_key_lists_valid_keys(tmp_path):
+    p = tmp_path / "bad.toml"
+    p.write_text("[optim]\nlearning_rate = 0.1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(p))
+    msg = str(e.value)
+    assert "optim.learning_rate" in msg and "lr" in msg and "weight_decay" in msg and str(p) in msg
+
+
+def test_base_file_is_merged(tmp_path):
+    base = tmp_path / "base.toml"
+    base.write_text('[run]\nname = "a"\nsteps = 10\n[data]\nshards = "x/{0..1}.tar"\n[optim]\nlr = 0.5\n')
+    child = tmp_path / "child.toml"
+    child.write_text('base = "base.toml"\n[optim]\nweight_decay = 0.2\n')
+    cfg = load_config(str(child))
+    assert cfg.run.name == "a" and cfg.optim.lr == 0.5 and cfg.optim.weight_decay == 0.2
+
+
+def test_derived_values():
+    cfg = load_config(None, ["data.shards=a/{0..1}.tar", "run.train_samples=1000", "data.micro_batch_size=16",
+                             "engine.accum_steps=2", "schedule.unmasked_tuning_samples=200"])
+    d = resolve(cfg, world_size=4)
+    assert d.global_batch == 128 and d.steps == 8  # ceil(1000 / 128)
+    assert d.unmasked_from_step == 8 - 2  # ceil(200 / 128) = 2 unmasked steps at the end
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        resolve(load_config(None, ["data.shards=a.tar", "run.steps=5", "schedule.warmup_steps=5"]))
+    with pytest.raises(ConfigError, match="run.steps or run.train_samples"):
+        resolve(load_config(None, ["data.shards=a.tar"]))
+    with pytest.raises(ConfigError, match="model.name"):
+        resolve(load_config(None, ["data.shards=a.tar", "run.steps=2", "model.name=ViT-Z"]))
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(os.path.join(REPO, "launch/experiments/demo_cpu.toml"))
+    d = resolve(cfg, 2)
+    save_run_config(str(tmp_path), cfg, d, {"git_sha": "abc"})
+    back, derived = load_run_config(str(tmp_path))
+    assert to_dict(back) == to_dict(cfg)
+    assert derived["global_batch"] == d.global_batch and derived["git_sha"] == "abc"
+    assert tomllib.loads(dumps_toml(to_dict(cfg))) == to_dict(cfg)
+
+
+def test_parse_override_values():
+    assert parse_override("a.b=1") == (["a", "b"], 1)
+    assert parse_override("a.b=true") == (["a", "b"], True)
+    assert parse_override("a.b=EVA02-B-16") == (["a", "b"], "EVA02-B-16")
+    assert parse_override('a.b="x y"') == (["a", "b"], "x y")
+
+
+def test_describe_documents_every_key():
+    lines = describe()
+    keys = [line.split()[0] for line in lines if line.startswith("  ")]
+    flat = []
+
+    def walk(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, prefix + k + ".")
+            else:
+                flat.append(prefix + k)
+
+    walk(to_dict(ExperimentConfig()))
+    assert sorted(keys) == sorted(flat)
+    assert all(": " in line and not line.rstrip().endswith(":") for line in lines if line.startswith("  "))
+
+
+def test_cli_bad_override_is_one_clear_line():
+    r = run_cli(["train", "launch/experiments/demo_cpu.toml", "optim.lrr=1", "--dry-run"])
+    assert r.returncode == 2
+    lines = [x for x in r.stderr.strip().splitlines() if x.strip()]
+    assert len(lines) == 1, r.stderr
+    assert "unknown key 'optim.lrr'" in lines[0] and "Traceback" not in r.stderr
+
+
+def test_cli_bad_experiment_file(tmp_path):
+    p = tmp_path / "broken.toml"
+    p.write_text("[run\nname = 1\n")
+    r = run_cli(["train", str(p)])
+    assert r.returncode == 2 and "invalid TOML" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli(["train", str(tmp_path / "missing.toml")])
+    assert r.returncode == 2 and "not found" in r.stderr
+
+
+def test_cli_dry_run_prints_derived():
+    r = run_cli(["train", "launch/experiments/demo_cpu.toml", "--dry-run", "--world-size", "4",
+                 "engine.kind=deepspeed", "engine.zero_stage=1"])
+    assert r.returncode == 0, r.stderr
+    assert "global_batch = 256" in r.stdout and '"stage": 1' in r.stdout and '"gradient_clipping"' in r.stdout
+
+
+def test_cli_help_is_usable():
+    for args in (["--help"], ["train", "--help"], ["eval", "--help"], ["export", "--help"], ["data", "--help"],
+                 ["data", "synth", "--help"]):
+        r = run_cli(args)
+        assert r.returncode == 0 and "usage:" in r.stdout, args
