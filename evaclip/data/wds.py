@@ -67,6 +67,7 @@ class StreamSpec:
     resampled: bool = True
     shuffle_buffer: int = 1000
     block_shards: int = 4
+    epochs: int = 0  # epoch mode only: stop after this many passes (0: infinite, what training uses)
 
 
 class ShardSequence:
@@ -76,6 +77,8 @@ class ShardSequence:
         self.urls, self.spec, self.source, self.worker = urls, spec, source, worker
         self.global_worker = spec.rank * num_workers + worker
         self.total_workers = spec.world_size * num_workers
+        if spec.resampled and spec.epochs:
+            raise ValueError("a finite number of epochs needs epoch mode (resampled = false)")
         if not spec.resampled and len(urls) < self.total_workers:
             raise ValueError(
                 f"source {spec.names[source]!r}: {len(urls)} shards for {self.total_workers} rank x worker streams; "
@@ -91,9 +94,17 @@ class ShardSequence:
         out = []
         for k in range(b * bs, (b + 1) * bs):
             epoch, idx = divmod(k, mine)
-            perm = np.random.default_rng(_seed(spec.seed, "epoch", self.source, epoch)).permutation(n)
-            out.append(self.urls[perm[g + idx * total]])
+            if spec.epochs and epoch >= spec.epochs:
+                break
+            out.append(self.urls[self._perm(epoch)[g + idx * total]])
         return out
+
+    def _perm(self, epoch: int):
+        if getattr(self, "_perm_epoch", None) != epoch:  # one permutation of all shards per epoch, cached
+            self._perm_epoch = epoch
+            self._perm_cache = np.random.default_rng(_seed(self.spec.seed, "epoch", self.source, epoch)).permutation(
+                len(self.urls))
+        return self._perm_cache
 
 
 class SourceStream:
@@ -111,8 +122,8 @@ class SourceStream:
     def _replaying(self, block: int, emitted: int) -> bool:
         return (block, emitted) < self._replay_until
 
-    def _raw_block(self, b: int, emitted_ref: List[int]) -> Iterator[Dict]:
-        for url in self.seq.block(b):
+    def _raw_block(self, b: int, urls: List[str], emitted_ref: List[int]) -> Iterator[Dict]:
+        for url in urls:
             got = 0
             try:
                 for sample in iter_tar_samples(url):
@@ -142,11 +153,14 @@ class SourceStream:
         size = self.seq.spec.shuffle_buffer
         while True:
             b = self.block
+            urls = self.seq.block(b)
+            if not urls:
+                return  # a finite (epochs > 0) stream is done
             rng = random.Random(_seed(self.seq.spec.seed, "buffer", self.seq.source, self.seq.spec.rank,
                                       self.seq.worker, b))
             emitted = [0]
             buf: List[Dict] = []
-            for sample in self._raw_block(b, emitted):
+            for sample in self._raw_block(b, urls, emitted):
                 if len(buf) < size:
                     buf.append(sample)
                     continue
@@ -180,7 +194,10 @@ class MixedStream:
             choice = rng.choice(len(self.streams), size=_MIX_CHUNK, p=self.weights)
             for k in range(start, _MIX_CHUNK):
                 src = int(choice[k])
-                sample = next(iters[src])
+                try:
+                    sample = next(iters[src])
+                except StopIteration:
+                    return  # finite streams end with their first exhausted source
                 self.n += 1
                 yield src, sample
 
@@ -251,7 +268,10 @@ class ImageTextStream(IterableDataset):
                 torch.manual_seed(_seed(spec.seed, "aug", spec.rank, worker, batches))
                 images, texts, keys, sources = [], [], [], []
                 while len(images) < self.micro_batch_size:
-                    src, raw = next(it)
+                    try:
+                        src, raw = next(it)
+                    except StopIteration:
+                        break  # finite stream: a last, short batch
                     try:
                         img, cap = decode_sample(raw, self.transform, self.min_side)
                     except SkipSample as s:
@@ -262,6 +282,8 @@ class ImageTextStream(IterableDataset):
                     keys.append(raw["__key__"])
                     sources.append(spec.names[src])
                     per_source[spec.names[src]] += 1
+            if not images:
+                return
             batches += 1
             yield {
                 "image": torch.stack(images),

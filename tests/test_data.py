@@ -1,0 +1,263 @@
+"""The webdataset stream on shards made here, including deliberately broken ones: true-weight mixing,
+exact resume across workers and ranks, corrupt-data accounting, no hang with few shards, manifests."""
+import io
+import os
+import subprocess
+import sys
+import tarfile
+from collections import Counter
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from evaclip.data.recipes import Recipe, SourceSpec, load_recipe
+from evaclip.data.shards import ShardError, count_tar_samples, expand_pattern, iter_tar_samples
+from evaclip.data.transforms import Tokenizer
+from evaclip.data.wds import (DataState, ImageTextStream, MixedStream, ShardSequence, SourceStream, StreamSpec,
+                              build_stream_spec, make_loader)
+from tests.conftest import REPO, run_cli
+
+
+def _jpeg(seed: int, size: int = 16) -> bytes:
+    g = torch.Generator().manual_seed(seed)
+    arr = (torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def write_shards(folder, name, n_shards, per_shard, corrupt=(), no_caption=(), empty_caption=(), no_image=()):
+    """Tiny img2dataset-style shards; the sets name (shard, index) pairs to break."""
+    from webdataset import TarWriter
+
+    os.makedirs(folder, exist_ok=True)
+    for s in range(n_shards):
+        with TarWriter(os.path.join(folder, f"{s:05d}.tar")) as w:
+            for i in range(per_shard):
+                key = f"{name}{s:03d}{i:05d}"
+                sample = {"__key__": key, "jpg": _jpeg(s * 1000 + i), "txt": f"{name} sample {s} {i}".encode()}
+                if (s, i) in corrupt:
+                    sample["jpg"] = b"\xff\xd8\xff\xe0 this is not a jpeg" + os.urandom(50)
+                if (s, i) in no_caption:
+                    del sample["txt"]
+                if (s, i) in empty_caption:
+                    sample["txt"] = b"   "
+                if (s, i) in no_image:
+                    del sample["jpg"]
+                w.write(sample)
+    return os.path.join(folder, "{%05d..%05d}.tar" % (0, n_shards - 1))
+
+
+def _identity(img):
+    return torch.zeros(1)
+
+
+def stream_for(pattern, rank=0, world=1, mb=8, resampled=True, buffer=20, weights=None, epochs=0, seed=0,
+               recipe=None):
+    recipe = recipe or Recipe(name="t", source=[SourceSpec(name="s", shards=pattern)])
+    spec = build_stream_spec(recipe, "", seed, rank, world, resampled, buffer, block_shards=2)
+    spec.epochs = epochs
+    return ImageTextStream(spec, mb, _identity, Tokenizer(16))
+
+
+# ------------------------------------------------------------------------------------------------ mixing
+def test_true_weight_mixing_over_20k(tmp_path):
+    a = write_shards(tmp_path / "laion", "a", 4, 50)
+    b = write_shards(tmp_path / "coyo", "b", 2, 50)
+    recipe = Recipe(name="merged", source=[SourceSpec(name="laion", shards=a, samples=1_600_000_000),
+                                           SourceSpec(name="coyo", shards=b, samples=400_000_000)])
+    assert recipe.weights() == pytest.approx([0.8, 0.2])
+    spec = build_stream_spec(recipe, "", 0, 0, 1, True, 50)
+    streams = [SourceStream(ShardSequence(u, spec, i, 0, 1), Counter()) for i, u in enumerate(spec.urls)]
+    mixed = MixedStream(streams, spec.weights, (0, 0, 0))
+    counts = Counter()
+    for n, (src, raw) in enumerate(mixed):
+        counts[src] += 1
+        assert raw["__key__"].startswith("ab"[src])
+        if n + 1 == 20_000:
+            break
+    assert abs(counts[0] / 20_000 - 0.8) <= 0.02 and abs(counts[1] / 20_000 - 0.2) <= 0.02
+
+
+def test_recipe_weights_explicit_or_from_counts(tmp_path):
+    p = tmp_path / "r.toml"
+    p.write_text('name = "x"\n[[source]]\nname = "a"\nshards = "a.tar"\nweight = 3\n'
+                 '[[source]]\nname = "b"\nshards = "b.tar"\nweight = 1\n')
+    assert load_recipe(str(p)).weights() == pytest.approx([0.75, 0.25])
+    p.write_text('name = "x"\n[[source]]\nname = "a"\nshards = "a.tar"\nwieght = 3\n')
+    with pytest.raises(Exception, match="source\\[0\\].wieght"):
+        load_recipe(str(p))
+
+
+def test_decoded_stream_reports_per_source_counts(tmp_path):
+    a = write_shards(tmp_path / "a", "a", 2, 30)
+    b = write_shards(tmp_path / "b", "b", 2, 30)
+    recipe = Recipe(name="m", source=[SourceSpec(name="A", shards=a, weight=0.7), SourceSpec(name="B", shards=b, weight=0.3)])
+    st = DataState()
+    for i, batch in enumerate(make_loader(stream_for(None, recipe=recipe, mb=16), 0)):
+        st.update(batch.pop("__state__"))
+        assert batch["image"].shape[0] == 16 and batch["text"].shape == (16, 16)
+        if i == 40:
+            break
+    per = st.per_source()
+    assert per["A"] + per["B"] == 41 * 16 and 0.6 < per["A"] / (41 * 16) < 0.8
+
+
+# ------------------------------------------------------------------------------------------------ resume
+@pytest.mark.parametrize("resampled", [True, False])
+def test_resume_gives_the_uninterrupted_keys(tmp_path, resampled):
+    """2 simulated ranks x 2 workers: stream 5 batches, keep the position, restart -> the next batches'
+    keys equal those of the uninterrupted stream."""
+    pattern = write_shards(tmp_path / "d", "k", 8, 25)
+    for rank in range(2):
+        full = make_loader(stream_for(pattern, rank, 2, resampled=resampled), 2)
+        keys, state = [], DataState()
+        for i, batch in enumerate(full):
+            keys.append(batch["key"])
+            if i < 5:
+                state.update(batch["__state__"])
+            if i == 11:
+                break
+        resumed = stream_for(pattern, rank, 2, resampled=resampled)
+        resumed.set_state(state.state_dict())
+        again = []
+        for i, batch in enumerate(make_loader(resumed, 2)):
+            again.append(batch["key"])
+            if i == 5:
+                break
+        assert again == keys[5:11], f"rank {rank}"
+    # and the ranks see different data
+    k0 = next(iter(make_loader(stream_for(pattern, 0, 2), 0)))["key"]
+    k1 = next(iter(make_loader(stream_for(pattern, 1, 2), 0)))["key"]
+    assert k0 != k1
+
+
+def test_resume_with_other_worker_count_is_refused(tmp_path):
+    pattern = write_shards(tmp_path / "d", "k", 4, 10)
+    st = DataState()
+    for i, b in enumerate(make_loader(stream_for(pattern), 2)):
+        st.update(b["__state__"])
+        if i == 2:
+            break
+    s = stream_for(pattern)
+    s.set_state(st.state_dict())
+    with pytest.raises(RuntimeError, match="keep data.workers unchanged"):
+        next(iter(make_loader(s, 0)))
+
+
+# ------------------------------------------------------------------------------------------------ faults
+def _truncate(path, fraction):
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: int(len(data) * fraction)])
+
+
+def _readable_samples(path):
+    """Independent count of the complete samples Python's tarfile can read before the damage."""
+    keys = []
+    try:
+        with tarfile.open(path, "r|*") as t:
+            for m in t:
+                f = t.extractfile(m)
+                if f is not None:
+                    f.read()
+                keys.append(m.name.split(".")[0])
+    except (tarfile.TarError, OSError, EOFError):
+        pass
+    # the last key read may be incomplete (its other member lost): drop it, as the stream does
+    uniq = list(dict.fromkeys(keys))
+    return len(uniq) - 1 if uniq else 0
+
+
+def test_corrupt_data_is_skipped_and_counted_exactly(tmp_path):
+    n_shards, per = 5, 40  # 200 samples; 2% corrupt JPEGs = 4
+    corrupt = {(0, 3), (1, 17), (2, 5), (3, 39)}
+    pattern = write_shards(tmp_path / "bad", "c", n_shards, per, corrupt=corrupt, no_caption={(1, 2)},
+                           empty_caption={(2, 9)}, no_image={(3, 0)})
+    extra = tmp_path / "bad" / "00005.tar"  # the truncated shard
+    write_shards(tmp_path / "t", "t", 1, per)
+    os.replace(tmp_path / "t" / "00000.tar", extra)
+    _truncate(str(extra), 0.55)
+    kept_from_truncated = _readable_samples(str(extra))
+    assert 0 < kept_from_truncated < per
+    stream = stream_for(str(tmp_path / "bad" / "{00000..00005}.tar"), resampled=False, epochs=1, mb=7)
+    st, delivered = DataState(), 0
+    for batch in make_loader(stream, 0):
+        st.update(batch.pop("__state__"))
+        delivered += len(batch["key"])
+    skips = st.skip_counts()
+    assert skips == {"decode_error": 4, "missing_image": 1, "missing_caption": 1, "empty_caption": 1,
+                     "unreadable_shard": 1}
+    assert delivered == n_shards * per - 7 + kept_from_truncated
+
+
+def test_source_with_only_unreadable_shards_is_a_clear_error(tmp_path):
+    for i in range(3):
+        (tmp_path / f"{i}.tar").write_bytes(os.urandom(3000))
+    stream = stream_for(str(tmp_path / "{0..2}.tar"))
+    with pytest.raises(RuntimeError, match="every shard tried is unreadable"):
+        next(iter(make_loader(stream, 0)))
+    with pytest.raises(FileNotFoundError, match="none of its 3 shards exist"):
+        stream_for(str(tmp_path / "missing_{0..2}.tar"))
+
+
+def test_epoch_mode_with_too_few_shards_is_refused(tmp_path):
+    pattern = write_shards(tmp_path / "d", "k", 2, 5)
+    with pytest.raises(ValueError, match="use data.resampled = true"):
+        next(iter(make_loader(stream_for(pattern, 0, 2, resampled=False), 2)))
+
+
+def test_more_rank_workers_than_shards_does_not_hang(tmp_path):
+    """2 shards, 2 ranks x 3 workers, resampled: every rank gets batches from every worker, in a subprocess
+    with a timeout so a hang fails the test instead of stalling CI."""
+    pattern = write_shards(tmp_path / "d", "k", 2, 12)
+    code = f"""
+import sys; sys.path.insert(0, {REPO!r})
+from tests.test_data import stream_for, make_loader
+for rank in range(2):
+    seen = set()
+    for i, b in enumerate(make_loader(stream_for({pattern!r}, rank, 2, mb=4), 3)):
+        seen.add(b["__state__"]["worker"])
+        if i == 8:
+            break
+    assert seen == {{0, 1, 2}}, seen
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr
+
+
+def test_shard_reader_keeps_samples_before_damage(tmp_path):
+    pattern = write_shards(tmp_path / "d", "k", 1, 20)
+    path = expand_pattern(pattern)[0]
+    _truncate(path, 0.5)
+    got = []
+    with pytest.raises(ShardError):
+        for s in iter_tar_samples(path):
+            got.append(s["__key__"])
+    assert len(got) == _readable_samples(path)
+
+
+# ------------------------------------------------------------------------------------------------ tools
+def test_stats_manifest_round_trips_with_exact_counts(tmp_path):
+    pattern = write_shards(tmp_path / "d", "k", 3, 11)
+    (tmp_path / "d" / "00001_stats.json").write_text('{"successes": 11, "count": 12}')  # as img2dataset writes
+    out = tmp_path / "manifest.parquet"
+    r = run_cli(["data", "stats", pattern, "--out", str(out)])
+    assert r.returncode == 0, r.stderr
+    table = pq.read_table(str(out)).to_pydict()
+    assert table["samples"] == [11, 11, 11]
+    assert table["counted_from"] == ["tar_headers", "img2dataset_stats", "tar_headers"]
+    assert [os.path.basename(s) for s in table["shard"]] == ["00000.tar", "00001.tar", "00002.tar"]
+    assert count_tar_samples(expand_pattern(pattern)[0]) == 11
+
+
+def test_verify_and_preview(tmp_path):
+    pattern = write_shards(tmp_path / "d", "k", 2, 6, corrupt={(1, 2)})
+    r = run_cli(["data", "verify", pattern, "--fail"])
+    assert r.returncode == 1 and "00001.tar" in r.stdout and "decode_error" in r.stdout
+    png = tmp_path / "sheet.png"
+    r = run_cli(["data", "preview", pattern, "-n", "5", "--out", str(png)])
+    assert r.returncode == 0 and png.exists() and r.stdout.count("k000") == 5
+    assert Image.open(png).size[0] > 0
