@@ -24,7 +24,7 @@ from typing import Dict, Optional
 import torch
 
 from evaclip import dist as edist
-from evaclip.optim import Lamb, flat_layout
+from evaclip.optim import FlatLayout, Lamb, flat_layout
 
 
 def pick_device(run_device: str) -> torch.device:
@@ -148,18 +148,18 @@ class DeepSpeedEngine:
     def _install_lamb_layouts(self) -> None:
         opt, lamb = self.ds.optimizer, self.client_optimizer
         kind = type(opt).__name__
-        if opt is lamb:
-            return  # fp32 without ZeRO: the optimizer sees the real tensors
+        if opt is lamb or kind == "FP16_UnfusedOptimizer":
+            return  # no ZeRO: the optimizer sees real (fp32 master) tensors, one per parameter
         dist = torch.distributed
-        layouts = []  # (group index, DeepSpeed's ordered params, layout)
-        if kind == "DeepSpeedZeroOptimizer":
+        flats = []  # (flat partition the optimizer will see, DeepSpeed's ordered params, layout)
+        if kind == "DeepSpeedZeroOptimizer":  # ZeRO-1/2: padded concatenation of the group, cut in W pieces
             for i, params in enumerate(opt.round_robin_bit16_groups):
                 pg = opt.real_dp_process_group[i]
                 numels = [m.numel() for m in opt.round_robin_bit16_meta[i]]
                 part, pid = opt.partition_size[i], dist.get_rank(group=pg)
-                layouts.append((i, params, flat_layout(numels, list(opt.round_robin_bit16_offsets[i]),
-                                                       pid * part, part, pg)))
-        elif kind in ("BF16_Optimizer", "FP16_Optimizer"):
+                flats.append((opt.single_partition_of_fp32_groups[i], params,
+                              flat_layout(numels, list(opt.round_robin_bit16_offsets[i]), pid * part, part, pg)))
+        elif kind in ("BF16_Optimizer", "FP16_Optimizer"):  # one flat per group (BF16: sharded like ZeRO-1)
             sharded = kind == "BF16_Optimizer"
             for i, params in enumerate(opt.bf16_groups if sharded else opt.fp16_groups):
                 numels = [p.numel() for p in params]
@@ -167,29 +167,44 @@ class DeepSpeedEngine:
                 if sharded:
                     pg = opt.real_dp_process_group[i]
                     part, pid = opt.bf16_groups_flat[i].numel() // dist.get_world_size(pg), dist.get_rank(group=pg)
+                    flat = opt.fp32_groups_flat_partition[i]
                 else:
-                    pg, part, pid = None, sum(numels), 0
-                layouts.append((i, params, flat_layout(numels, offsets, pid * part, part, pg)))
+                    pg, part, pid, flat = None, sum(numels), 0, opt.fp32_groups_flat[i]
+                flats.append((flat, params, flat_layout(numels, offsets, pid * part, part, pg)))
+        elif kind == "DeepSpeedZeroOptimizer_Stage3":  # each parameter partitioned on its own, concatenated
+            for i, params in enumerate(opt.fp16_groups):
+                sizes = [p.partition_numel() for p in params]
+                pads = opt.groups_padding[i]
+                ids, lengths = [], []
+                for j, (n, pad) in enumerate(zip(sizes, pads)):
+                    ids += [j, len(params)] if pad else [j]
+                    lengths += [n - pad, pad] if pad else [n]
+                keep = [k for k, n in enumerate(lengths) if n > 0]
+                layout = FlatLayout(torch.tensor([ids[k] for k in keep]), torch.tensor([lengths[k] for k in keep]),
+                                    len(params), opt.sub_group_process_groups[i])
+                flats.append((opt.fp32_partitioned_groups_flat[i], params, layout))
         else:
             raise RuntimeError(f"optim.name = 'lamb' is not supported with DeepSpeed's {kind} "
                                f"(ZeRO stage {self.cfg.zero_stage}); use optim.name = 'adamw'")
-        for i, ds_params, layout in layouts:
-            self._check_layout(i, ds_params, layout)
-            lamb.set_flat_layout(i, layout)
+        for flat, ds_params, layout in flats:
+            self._check_layout(ds_params, layout)
+            lamb.register_flat(flat, layout)
 
-    def _check_layout(self, i: int, ds_params, layout) -> None:
-        """DeepSpeed must keep our group's parameter order, and each tensor's stretches must add up to its
-        size over the data-parallel ranks: a layout change in a future DeepSpeed fails here at start-up
-        instead of silently breaking LAMB's trust ratios."""
-        ours = self._group_params[i]
-        if len(ours) != len(ds_params) or any(a is not b for a, b in zip(ours, ds_params)):
-            raise RuntimeError(f"DeepSpeed reordered parameter group {i}; LAMB layouts need the original order")
+    def _check_layout(self, ds_params, layout) -> None:
+        """DeepSpeed's parameters must be a run of one of our groups, in order, and each tensor's stretches
+        must add up to its size over the data-parallel ranks: a layout change in a future DeepSpeed fails
+        here at start-up instead of silently breaking LAMB's trust ratios."""
+        pos = {id(p): (g, j) for g, params in enumerate(self._group_params) for j, p in enumerate(params)}
+        where = [pos.get(id(p)) for p in ds_params]
+        if None in where or len({g for g, _ in where}) != 1 or \
+                [j for _, j in where] != list(range(where[0][1], where[0][1] + len(where))):
+            raise RuntimeError("DeepSpeed reordered a parameter group; LAMB layouts need the original order")
         sizes = torch.zeros(layout.num_tensors + 1, dtype=torch.long, device=self.device)
         sizes.index_add_(0, layout.ids.to(self.device), layout.lengths.to(self.device))
         if layout.process_group is not None:
             torch.distributed.all_reduce(sizes, group=layout.process_group)
-        if sizes[:-1].tolist() != [p.numel() for p in ours]:
-            raise RuntimeError(f"LAMB layout of parameter group {i} does not match DeepSpeed's partitioning")
+        if sizes[:-1].tolist() != [getattr(p, "ds_numel", p.numel()) for p in ds_params]:
+            raise RuntimeError("LAMB layout does not match DeepSpeed's partitioning")
 
     def __call__(self, image, text):
         out = self.ds(image.to(self.input_dtype), text)

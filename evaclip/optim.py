@@ -75,14 +75,15 @@ class Lamb(Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         trust_clip=tuple(trust_clip), bias_correction=bias_correction)
         super().__init__(params, defaults)
-        self.layouts: Dict[int, FlatLayout] = {}
+        # keyed by the flat partition tensor itself: DeepSpeed steps one group at a time by swapping
+        # param_groups, and load_state_dict rebuilds the group dicts, but the partition tensors persist
+        self.layouts: Dict[int, Tuple[torch.Tensor, FlatLayout]] = {}
 
-    def set_flat_layout(self, group_index: int, layout: FlatLayout) -> None:
-        """Declare that group ``group_index`` holds one flat partition described by ``layout``."""
-        group = self.param_groups[group_index]
-        if len(group["params"]) != 1 or group["params"][0].numel() != int(layout.lengths.sum()):
-            raise ValueError(f"group {group_index}: layout does not match its flat parameter")
-        self.layouts[group_index] = layout
+    def register_flat(self, flat: torch.Tensor, layout: FlatLayout) -> None:
+        """Declare that ``flat`` (a partition DeepSpeed will hand to ``step``) is described by ``layout``."""
+        if flat.dim() != 1 or flat.numel() != int(layout.lengths.sum()):
+            raise ValueError(f"layout covers {int(layout.lengths.sum())} elements, the flat partition has {flat.numel()}")
+        self.layouts[id(flat)] = (flat, layout)
 
     @staticmethod
     def _ratio(w_norm: torch.Tensor, u_norm: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
@@ -126,7 +127,7 @@ class Lamb(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for gi, group in enumerate(self.param_groups):
+        for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
@@ -135,8 +136,8 @@ class Lamb(Optimizer):
                 raise RuntimeError("LAMB does not support sparse gradients")
             upd = self._adam_direction(group, params, grads)
             lo, hi = group["trust_clip"]
-            layout = self.layouts.get(gi)
-            if layout is None:  # plain tensors: trust ratio per tensor
+            flat = self.layouts.get(id(params[0])) if len(params) == 1 else None
+            if flat is None:  # plain tensors: trust ratio per tensor
                 w_norm = torch.stack(torch._foreach_norm(params))
                 u_norm = torch.stack(torch._foreach_norm(upd))
                 ratio = self._ratio(w_norm, u_norm, lo, hi) * (-group["lr"])
@@ -144,7 +145,7 @@ class Lamb(Optimizer):
                 torch._foreach_add_(params, upd)
             else:  # one flat partition: per-tensor norms from per-stretch partial sums, all-reduced
                 (p,), (u,) = params, upd
-                ratio = self._flat_ratio(p, u, layout, lo, hi)
+                ratio = self._flat_ratio(p, u, flat[1], lo, hi)
                 p.add_(u * ratio, alpha=-group["lr"])
         return loss
 

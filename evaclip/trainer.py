@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from typing import Dict, List, Optional
 
 import torch
@@ -93,6 +94,7 @@ class Trainer:
         torch.manual_seed(cfg.run.seed * 1000 + edist.rank())  # per-rank dropout / patch-drop stream
         # 8. data
         self.step, self.samples_seen, self.bad_steps = 0, 0, 0
+        self.order_hash = 0  # running CRC of the sample keys consumed: the data order, comparable across runs
         self.data_states: Optional[Dict] = None
         # 9. checkpoint: resume before building the data iterator (it starts at the saved position)
         ckpt = resolve_resume(cfg.checkpoint.resume, self.run_dir)
@@ -100,6 +102,7 @@ class Trainer:
             meta, rank_state = load_checkpoint(self.engine, ckpt)
             self.step, self.samples_seen = meta["step"], meta["samples_seen"]
             self.data_states = rank_state["data"]
+            self.order_hash = rank_state.get("order_hash", 0)
             set_rng_state(rank_state["rng"])
             self.log(f"resumed from {ckpt} at step {self.step} ({self.samples_seen} samples)")
         self._build_data()
@@ -134,6 +137,7 @@ class Trainer:
     def _next_batch(self):
         batch = next(self.data_iter)
         self.data_state.update(batch.pop("__state__"))
+        self.order_hash = zlib.crc32(",".join(batch["key"]).encode(), self.order_hash)
         return batch
 
     # ------------------------------------------------------------------------------------------------ step
@@ -184,7 +188,9 @@ class Trainer:
         if info["skipped"]:
             return self._bad_step(loss, info)
         self.bad_steps = 0
-        return {"train/loss": loss.detach().item(), "train/logit_scale": float(out["logit_scale"].detach()),
+        # each rank's local loss covers its rows; the global loss is their mean
+        mean_loss = edist.all_reduce_sum(loss.detach().clone().reshape(1)) / edist.world_size()
+        return {"train/loss": mean_loss.item(), "train/logit_scale": float(out["logit_scale"].detach()),
                 "train/grad_norm": info["grad_norm"]}
 
     def _bad_step(self, loss, info=None) -> Dict:
@@ -215,7 +221,8 @@ class Trainer:
         meta = {"samples_seen": self.samples_seen, "model": self.cfg.model.name, "world_size": edist.world_size(),
                 "skips": self.data_state.skip_counts(), "text_act": self.cfg.model.text.act}
         path = save_checkpoint(self.engine, self.run_dir, self.step, meta,
-                               {"data": self.data_state.state_dict(), "rng": rng_state()},
+                               {"data": self.data_state.state_dict(), "rng": rng_state(),
+                                "order_hash": self.order_hash},
                                self.cfg.checkpoint.keep_last)
         self.log(f"checkpoint: {path}")
         return path
@@ -273,7 +280,7 @@ class Trainer:
                 t_last, n_last = now, self.samples_seen
                 metrics.update(self._lr_metrics(lr_factor))
                 metrics.update({"train/samples_per_s": sps, "train/patch_dropout": rate,
-                                "train/samples_seen": self.samples_seen})
+                                "train/samples_seen": self.samples_seen, "data/order_hash": self.order_hash})
                 metrics.update({f"data/skipped/{k}": v for k, v in self.data_state.skip_counts().items()})
                 self._check_skips()
                 self.logger.log(self.step, metrics)

@@ -79,7 +79,7 @@ def test_lamb_flat_partitions_equal_reference(world, pad):
     opts = [Lamb([parts[r]], **HP) for r in range(world)]
     layouts = [flat_layout(numels, offsets, r * part, part) for r in range(world)]
     for r in range(world):
-        opts[r].set_flat_layout(0, layouts[r])
+        opts[r].register_flat(parts[r], layouts[r])
     # emulate the all-reduce: patch the reduction to add every rank's partial sums
     import evaclip.optim as O
 

@@ -1,0 +1,98 @@
+"""Worker for the multi-process tests, run under ``torchrun --nproc_per_node 2`` (gloo on CPU).
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py train  OUT.pt shard.tar [overrides]
+    python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py loss   OUT.pt
+
+``train``: the real Trainer.train_step for 10 steps on fixed per-(step, rank) batches; rank 0 saves the full
+weights (and, with checkpoint.*, a checkpoint). ``loss``: naive / local / tiled loss value and feature
+gradients over the gathered global batch. The reference runs in the test process.
+"""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import evaclip  # noqa: E402,F401
+from evaclip import dist as edist  # noqa: E402
+
+STEPS, MB = int(os.environ.get("DIST_STEPS", 10)), 4
+
+
+def batch_for(step: int, rank: int, mb: int = MB):
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    return {"image": torch.randn(mb, 3, 64, 64, generator=g), "text": torch.randint(1, 49000, (mb, 32), generator=g)}
+
+
+def train_overrides(shard: str, run_dir: str, extra=()):
+    return [f'data.shards="{shard}"', f'run.output_dir="{run_dir}"', "run.name=dist", f"run.steps={STEPS}",
+            f"data.micro_batch_size={MB}", "data.workers=0", "log.progress=false", "log.tensorboard=false",
+            "log.plot=false", "schedule.warmup_steps=2", "optim.lr=2e-3", "engine.grad_clip=0", *extra]
+
+
+def run_steps(trainer, rank: int, world: int, steps: int = STEPS):
+    """The reference (world=1) sees each step's rank batches concatenated in rank order."""
+    trainer.engine.train(True)
+    losses = []
+    for step in range(steps):
+        trainer.scheduler.set_step(step)
+        if world == 1:
+            parts = [batch_for(step, r) for r in range(2)]
+            b = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        else:
+            b = batch_for(step, rank)
+        out = trainer.train_step([b])
+        losses.append(out.get("train/loss"))
+    return losses
+
+
+def main_train(out: str, shard: str, overrides):
+    from evaclip.config import load_config, resolve
+    from evaclip.trainer import Trainer
+
+    run_dir = os.path.dirname(out)
+    cfg = load_config(None, train_overrides(shard, run_dir, overrides))
+    tr = Trainer(cfg, resolve(cfg, edist.env_world()[2]), log=lambda *a, **k: None)
+    if os.environ.get("NAIVE_LAMB"):  # negative control: an off-the-shelf LAMB, trust ratios per partition
+        tr.engine.client_optimizer.layouts.clear()
+    losses = run_steps(tr, edist.rank(), edist.world_size())
+    if cfg.checkpoint.every_steps < 1000:
+        tr.step, tr.samples_seen = STEPS, STEPS * MB * edist.world_size()
+        tr.save()
+    with tr.engine.full_weights() as model:
+        if edist.is_main():
+            torch.save({"weights": {k: v.detach().float().clone() for k, v in model.state_dict().items()},
+                        "losses": losses}, out)
+    edist.barrier()
+
+
+def main_loss(out: str):
+    from evaclip.losses import ContrastiveLoss
+
+    torch.distributed.init_process_group("gloo")
+    rank, world = edist.rank(), edist.world_size()
+    g = torch.Generator().manual_seed(rank)
+    img = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=-1).requires_grad_()
+    txt = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=-1).requires_grad_()
+    scale = torch.tensor([12.0], requires_grad=True)
+    res = {}
+    for impl in ("naive", "local", "tiled"):
+        loss = ContrastiveLoss("clip", impl, tile_size=3)(img, txt, scale)
+        gi, gt, gs = torch.autograd.grad(loss, [img, txt, scale])
+        # the engine averages parameter gradients over ranks; do the same for the temperature's
+        torch.distributed.all_reduce(gs)
+        val = loss.detach().clone()
+        torch.distributed.all_reduce(val)
+        res[impl] = {"loss": (val / world).item(), "gi": gi, "gt": gt, "gs": gs / world}
+    torch.save({"rank": rank, "img": img.detach(), "txt": txt.detach(), "res": res}, out.replace(".pt", f".{rank}.pt"))
+
+
+if __name__ == "__main__":
+    mode, out = sys.argv[1], sys.argv[2]
+    if mode == "train":
+        main_train(out, sys.argv[3], sys.argv[4:])
+    elif mode == "loss":
+        main_loss(out)
+    else:
+        raise SystemExit(f"unknown mode {mode}")

@@ -1,0 +1,180 @@
+"""Two processes under torchrun (gloo on CPU) with real DeepSpeed.
+
+Exactness runs use lr 1e-4 and eps 1e-3: in float32 the two runs sum gradients in different orders
+(~1e-7 absolute noise), and Adam-type updates amplify noise on gradients near eps (e.g. the attention
+key bias, whose exact gradient is 0). These settings keep that amplification below 1e-6 while a wrong
+LAMB (trust ratios per ZeRO partition) still diverges by ~1e-3: the negative control below shows the
+test can fail.
+"""
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.conftest import REPO
+
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
+EXACT = ["optim.lr=1e-4", "optim.eps=1e-3"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args, timeout=600, env=None):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(free_port()), *args]
+    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=e)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def shard(synth_dir):
+    return os.path.join(synth_dir, "train", "00000.tar")
+
+
+@pytest.fixture(scope="module")
+def reference(shard, tmp_path_factory):
+    """The same 10 steps in one process with the plain engine on the whole global batch."""
+    from evaclip.config import load_config, resolve
+    from evaclip.trainer import Trainer
+    from tests.dist_worker import run_steps, train_overrides
+
+    out = {}
+    for opt in ("lamb",):
+        cfg = load_config(None, train_overrides(shard, str(tmp_path_factory.mktemp("ref")),
+                                                ["data.micro_batch_size=8", f"optim.name={opt}", *EXACT]))
+        tr = Trainer(cfg, resolve(cfg, 1), log=lambda *a, **k: None)
+        losses = run_steps(tr, 0, 1)
+        out[opt] = {"weights": {k: v.detach().clone() for k, v in tr.model.state_dict().items()}, "losses": losses}
+    return out
+
+
+def _max_diff(a, b):
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in b)
+
+
+def test_losses_over_gloo_match_single_process(tmp_path):
+    out = str(tmp_path / "loss.pt")
+    torchrun(["tests/dist_worker.py", "loss", out])
+    from evaclip.losses import clip_loss_naive
+
+    ranks = [torch.load(out.replace(".pt", f".{r}.pt")) for r in range(2)]
+    img = torch.cat([r["img"] for r in ranks]).requires_grad_()
+    txt = torch.cat([r["txt"] for r in ranks]).requires_grad_()
+    scale = torch.tensor([12.0], requires_grad=True)
+    ref = clip_loss_naive(img, txt, scale)
+    gi, gt, gs = torch.autograd.grad(ref, [img, txt, scale])
+    for impl in ("naive", "local", "tiled"):
+        assert abs(ranks[0]["res"][impl]["loss"] - ref.item()) <= 1e-6, impl
+        for r, rk in enumerate(ranks):
+            res = rk["res"][impl]
+            # the engine averages gradients over ranks: each rank's feature gradient is W x its share
+            assert (res["gi"] / 2 - gi[r * 8:(r + 1) * 8]).abs().max() <= 1e-6, impl
+            assert (res["gt"] / 2 - gt[r * 8:(r + 1) * 8]).abs().max() <= 1e-6, impl
+            assert (res["gs"] - gs).abs().max() <= 1e-6, impl
+
+
+@pytest.mark.parametrize("zero", [1, 2, 3])
+def test_zero_lamb_equals_single_process(zero, shard, reference, tmp_path):
+    """Tiny CLIP, 10 steps, DeepSpeed ZeRO-{1,2,3} + LAMB on 2 ranks == 1 process on the whole batch."""
+    out = str(tmp_path / f"z{zero}.pt")
+    extra = ["checkpoint.every_steps=1"] if zero == 2 else []  # the ZeRO-2 run also leaves a checkpoint
+    torchrun(["tests/dist_worker.py", "train", out, shard, "engine.kind=deepspeed", f"engine.zero_stage={zero}",
+              "optim.name=lamb", *EXACT, *extra])
+    got = torch.load(out)
+    assert _max_diff(got["weights"], reference["lamb"]["weights"]) <= 1e-6
+    assert max(abs(a - b) for a, b in zip(got["losses"], reference["lamb"]["losses"])) <= 1e-5
+    if zero == 2:
+        _check_export_of_zero_checkpoint(os.path.join(str(tmp_path), "dist"), got["weights"], tmp_path)
+
+
+def test_off_the_shelf_lamb_diverges_under_zero(shard, reference, tmp_path):
+    """Negative control: the same run with trust ratios taken per partition (what a plain LAMB does)."""
+    out = str(tmp_path / "naive.pt")
+    torchrun(["tests/dist_worker.py", "train", out, shard, "engine.kind=deepspeed", "engine.zero_stage=2",
+              "optim.name=lamb", *EXACT], env={"NAIVE_LAMB": "1"})
+    assert _max_diff(torch.load(out)["weights"], reference["lamb"]["weights"]) > 1e-4
+
+
+def test_bf16_zero1_trains(shard, tmp_path):
+    out = str(tmp_path / "bf16.pt")
+    torchrun(["tests/dist_worker.py", "train", out, shard, "engine.kind=deepspeed", "engine.zero_stage=1",
+              "engine.precision=bf16", "optim.name=lamb"])
+    losses = torch.load(out)["losses"]
+    assert all(torch.isfinite(torch.tensor(losses))) and len(losses) == 10
+
+
+def _check_export_of_zero_checkpoint(run_dir, weights, tmp_path):
+    """Export consolidates the ZeRO-2 shards (DeepSpeed's zero_to_fp32) into an open_clip / timm folder whose
+    embeddings equal the trained model's."""
+    from evaclip.checkpoint import load_weights
+    from evaclip.export.open_clip import export_open_clip, verify_export
+    from evaclip.models import get_variant
+
+    sd, meta = load_weights(run_dir)
+    assert _max_diff(sd, weights) == 0.0
+    v = get_variant(meta["model"])
+    out = str(tmp_path / "export")
+    export_open_clip(sd, v, out)
+    diffs = verify_export(out, weights, v)
+    assert max(diffs.values()) <= 1e-5, diffs
+
+
+# ------------------------------------------------------------------------------------------ kill -9 + resume
+def _train_cmd(synth_dir, out_dir, name):
+    return ["-m", "evaclip.cli", "train", os.path.join(REPO, "launch/experiments/demo_cpu.toml"),
+            f"run.output_dir={out_dir}", f"run.name={name}", "run.steps=8", "data.micro_batch_size=8",
+            f"data.recipe={os.path.join(synth_dir, 'recipe.toml')}", f"data.root={synth_dir}", "data.workers=1",
+            "engine.kind=deepspeed", "engine.zero_stage=2", "checkpoint.every_steps=2", "log.every_steps=1",
+            "log.progress=false", "log.tensorboard=false", "log.plot=false", 'eval.suite=""',
+            "model.vision.patch_dropout=0.5", "schedule.warmup_steps=2", *EXACT]
+
+
+def _per_step(run_dir):
+    last = {}
+    for line in open(os.path.join(run_dir, "metrics.jsonl")):
+        r = json.loads(line)
+        if "train/loss" in r:
+            last[r["step"]] = (r["train/loss"], r["data/order_hash"])
+    return last
+
+
+def test_kill_9_and_resume_equals_uninterrupted(synth_dir, tmp_path):
+    from evaclip.checkpoint import load_weights
+
+    torchrun(_train_cmd(synth_dir, str(tmp_path), "full"))
+    # the same run, killed with SIGKILL at a random step after its first checkpoint, then resumed
+    run = tmp_path / "killed"
+    kill_at = random.Random().randint(3, 6)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           *_train_cmd(synth_dir, str(tmp_path), "killed")]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (run / "metrics.jsonl").exists() and max(_per_step(str(run)) or [0]) >= kill_at:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert os.path.exists(run / "checkpoints" / "latest")
+    torchrun(_train_cmd(synth_dir, str(tmp_path), "killed"))
+    full, resumed = _per_step(str(tmp_path / "full")), _per_step(str(run))
+    assert sorted(full) == sorted(resumed) == list(range(1, 9))
+    for step in full:
+        assert abs(full[step][0] - resumed[step][0]) <= 1e-6 and full[step][1] == resumed[step][1], step
+    a, _ = load_weights(str(tmp_path / "full"))
+    b, _ = load_weights(str(run))
+    assert _max_diff(a, b) <= 1e-6
