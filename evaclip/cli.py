@@ -35,6 +35,9 @@ def cmd_train(args) -> int:
         raise UserError("evaclip train needs an experiment file (e.g. launch/experiments/demo_cpu.toml)")
     cfg = load_config(args.experiment, args.overrides)
     world = args.world_size or edist.env_world()[2]
+    if args.print_run_dir:
+        print(os.path.join(cfg.run.output_dir, cfg.run.name))
+        return 0
     derived = resolve(cfg, world)
     if args.dry_run:
         from evaclip.config import dumps_toml
@@ -274,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "DeepSpeed config, then exit")
     t.add_argument("--world-size", type=int, default=0, help="with --dry-run: resolve for this many processes")
     t.add_argument("--help-config", action="store_true", help="list every config key and exit")
+    t.add_argument("--print-run-dir", action="store_true", help="print the run directory and exit (scripts)")
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("eval", formatter_class=_F, help="zero-shot evaluation suite",

@@ -352,6 +352,8 @@ def resolve(cfg: ExperimentConfig, world_size: int = 1) -> Derived:
         raise ConfigError("data: set data.recipe (a data_recipes/*.toml file) or data.shards (a tar pattern)")
     if len(cfg.optim.betas) != 2 or len(cfg.optim.trust_clip) != 2 or len(cfg.data.crop_scale) != 2:
         raise ConfigError("optim.betas, optim.trust_clip and data.crop_scale take two numbers each")
+    if cfg.engine.deepspeed_overlay:
+        _check_overlay(cfg.engine.deepspeed_overlay)
     global_batch = cfg.data.micro_batch_size * world_size * cfg.engine.accum_steps
     if cfg.run.steps > 0:
         steps = cfg.run.steps
@@ -374,6 +376,29 @@ def resolve(cfg: ExperimentConfig, world_size: int = 1) -> Derived:
         image_size=variant.image_size,
         context_length=variant.context_length,
     )
+
+
+_OVERLAY_FORBIDDEN = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                      "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")
+
+
+def _check_overlay(path: str) -> None:
+    """Overlays tune DeepSpeed; what the experiment decides (stage, precision, batch, clip) stays there."""
+    import json
+
+    if not os.path.exists(path):
+        raise ConfigError(f"engine.deepspeed_overlay: file not found: {path}")
+    try:
+        with open(path) as f:
+            ov = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"engine.deepspeed_overlay: {path}: invalid JSON: {e}") from None
+    bad = [k for k in _OVERLAY_FORBIDDEN if k in ov]
+    if "stage" in ov.get("zero_optimization", {}):
+        bad.append("zero_optimization.stage")
+    if bad:
+        raise ConfigError(f"engine.deepspeed_overlay {path} sets {', '.join(bad)}: set these in the experiment "
+                          "(engine.zero_stage, engine.precision, data.micro_batch_size, engine.grad_clip, optim.*)")
 
 
 # ---------------------------------------------------------------------------------------------------- writing

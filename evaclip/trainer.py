@@ -32,7 +32,9 @@ from evaclip.models.registry import get_variant
 from evaclip.optim import build_optimizer
 from evaclip.schedule import LrScheduler, patch_dropout_at
 
-REQUEUE_EXIT_CODE = 85  # the sbatch script requeues the job when the trainer exits with this code
+REQUEUE_EXIT_CODE = 85  # the trainer exits with this code after a preemption save
+STOP_FILE = "STOP"  # created in the run dir (e.g. by the sbatch script's pre-timeout trap): save and exit
+REQUEUE_FILE = "REQUEUE"  # written by the trainer on such an exit; the sbatch script then requeues the job
 
 
 def git_sha() -> str:
@@ -115,6 +117,8 @@ class Trainer:
         self.logger = MetricLogger(self.run_dir, cfg.log, enabled=edist.is_main(), run_name=cfg.run.name,
                                    config=to_dict(cfg))
         self._stop_signal: Optional[int] = None
+        if edist.is_main() and os.path.exists(os.path.join(self.run_dir, REQUEUE_FILE)):
+            os.remove(os.path.join(self.run_dir, REQUEUE_FILE))  # this is the requeued run
 
     # ------------------------------------------------------------------------------------------------ data
     def _build_data(self):
@@ -213,9 +217,23 @@ class Trainer:
             signal.signal(sig, handler)
 
     def _should_stop(self) -> bool:
-        flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0], device=self.device)
+        """A signal on any rank (SIGTERM / SIGUSR1) or a STOP file in the run dir: agreed by all ranks."""
+        asked = self._stop_signal is not None or (edist.is_main() and
+                                                   os.path.exists(os.path.join(self.run_dir, STOP_FILE)))
+        flag = torch.tensor([1.0 if asked else 0.0], device=self.device)
         edist.all_reduce_sum(flag)
         return flag.item() > 0
+
+    def _exit_for_requeue(self):
+        if edist.is_main():
+            stop = os.path.join(self.run_dir, STOP_FILE)
+            if os.path.exists(stop):
+                os.remove(stop)
+            with open(os.path.join(self.run_dir, REQUEUE_FILE), "w") as f:
+                f.write(f"step {self.step}: saved after a stop request; resume with the same command\n")
+            self.log(f"saved at step {self.step} after a stop request; exiting with code {REQUEUE_EXIT_CODE}")
+        edist.barrier()
+        raise SystemExit(REQUEUE_EXIT_CODE)
 
     def save(self):
         meta = {"samples_seen": self.samples_seen, "model": self.cfg.model.name, "world_size": edist.world_size(),
@@ -296,7 +314,7 @@ class Trainer:
                 if bar:
                     bar.close()
                 self.logger.close()
-                raise SystemExit(REQUEUE_EXIT_CODE)
+                self._exit_for_requeue()
         if bar:
             bar.close()
         final = self.save()

@@ -22,6 +22,35 @@ def test_every_experiment_loads_and_resolves(path):
     assert d.steps > 0 and d.train_samples == d.steps * d.global_batch
 
 
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=os.path.basename)
+def test_experiment_references_shipped_files(path):
+    """Recipes, suites and DeepSpeed overlays an experiment names ship with the repo."""
+    cfg = load_config(path)
+    for ref in (cfg.data.recipe, cfg.eval.suite, cfg.engine.deepspeed_overlay):
+        if ref:
+            assert os.path.exists(os.path.join(REPO, ref)), ref
+
+
+def test_registry_prompt_files_exist():
+    from evaclip.evalsuite import REPO_EVAL_DIR, load_registry
+
+    for d in load_registry().values():
+        for rel in (d.classnames, d.templates):
+            if rel:
+                assert os.path.exists(os.path.join(REPO_EVAL_DIR, rel)), (d.name, rel)
+        if d.templates:
+            assert all("{c}" in t for t in open(os.path.join(REPO_EVAL_DIR, d.templates)) if t.strip()), d.name
+
+
+def test_overlay_may_not_set_what_the_experiment_decides(tmp_path):
+    p = tmp_path / "o.json"
+    p.write_text('{"zero_optimization": {"stage": 3}, "gradient_clipping": 1.0}')
+    cfg = load_config(os.path.join(REPO, "launch/experiments/demo_cpu.toml"),
+                      ["engine.kind=deepspeed", f"engine.deepspeed_overlay={p}"])
+    with pytest.raises(ConfigError, match="gradient_clipping, zero_optimization.stage"):
+        resolve(cfg, 2)
+
+
 @pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)
 def test_every_recipe_loads(path):
     from evaclip.data.recipes import load_recipe

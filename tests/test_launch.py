@@ -1,0 +1,126 @@
+"""Launch scripts rendered with a fake Slurm environment; preemption by signal and by STOP file; a kill
+during a checkpoint save leaves the previous checkpoint as latest."""
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from evaclip.checkpoint import latest_checkpoint
+from tests.conftest import REPO, tiny_overrides
+from tests.test_train import make_trainer
+
+
+def _fake_slurm_env(tmp_path, nodes=4):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    # `scontrol show hostnames node[001-004]` -> one name per line, like the real one
+    scontrol.write_text("#!/usr/bin/env bash\n[ \"$1 $2\" = \"show hostnames\" ] || exit 1\n"
+                        f"for i in $(seq 1 {nodes}); do printf 'gpu-node%03d\\n' $i; done\n")
+    scontrol.chmod(0o755)
+    return dict(os.environ, PATH=f"{bin_dir}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+                SLURM_JOB_ID="4242", SLURM_NNODES=str(nodes), SLURM_JOB_NODELIST=f"gpu-node[001-00{nodes}]",
+                SLURM_GPUS_ON_NODE="8", EVACLIP_DRY_RUN="1", PYTHON=sys.executable)
+
+
+def test_train_sbatch_renders_the_torchrun_command(tmp_path):
+    env = _fake_slurm_env(tmp_path, nodes=4)
+    r = subprocess.run(["bash", "launch/slurm/train.sbatch", "launch/experiments/eva02_clip_b16.toml",
+                        "run.name=b16_test", "optim.lr=3e-4"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert lines[0] == "run_dir: runs/b16_test"
+    cmd = shlex.split(lines[1])
+    assert cmd[:3] == ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1"] and cmd[3] == "torchrun"
+
+    def opt(name):
+        return cmd[cmd.index(name) + 1]
+
+    assert opt("--nnodes") == "4" and opt("--nproc-per-node") == "8"
+    assert opt("--rdzv-backend") == "c10d" and opt("--rdzv-endpoint") == "gpu-node001:29500"
+    assert opt("--rdzv-id") == "4242"
+    tail = cmd[cmd.index("-m"):]
+    assert tail[:4] == ["-m", "evaclip.cli", "train", "launch/experiments/eva02_clip_b16.toml"]
+    assert "engine.kind=deepspeed" in tail and "run.name=b16_test" in tail and "optim.lr=3e-4" in tail
+    # 4 nodes x 8 GPUs: the config resolves to the recipe's global batch
+    d = subprocess.run([sys.executable, "-m", "evaclip.cli", "train", "launch/experiments/eva02_clip_b16.toml",
+                        "--dry-run", "--world-size", "32"], cwd=REPO, capture_output=True, text=True)
+    assert "global batch 65536" in d.stdout
+
+
+def test_eval_sbatch_renders(tmp_path):
+    env = _fake_slurm_env(tmp_path, nodes=1)
+    r = subprocess.run(["bash", "launch/slurm/eval.sbatch", "runs/x", "eval/suites/retrieval.toml", "/data/cb"],
+                       cwd=REPO, env=env, capture_output=True, text=True)
+    cmd = shlex.split(r.stdout.strip())
+    assert r.returncode == 0 and cmd[:5] == ["srun", "python", "-m", "evaclip.cli", "eval"]
+    assert cmd[cmd.index("--suite") + 1] == "eval/suites/retrieval.toml"
+    assert cmd[cmd.index("--datasets-root") + 1] == "/data/cb" and "--device" in cmd
+
+
+def _wait_for(pred, timeout=120):
+    t = time.time()
+    while time.time() - t < timeout:
+        if pred():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _steps_logged(run):
+    p = os.path.join(run, "metrics.jsonl")
+    return sum(1 for line in open(p) if "train/loss" in line) if os.path.exists(p) else 0
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGUSR1", "STOP file"])
+def test_preemption_saves_and_exits_for_requeue(synth_dir, tmp_path, how):
+    run = tmp_path / "pre"
+    args = [sys.executable, "-m", "evaclip.cli", "train", os.path.join(REPO, "launch/experiments/demo_cpu.toml"),
+            *tiny_overrides(synth_dir, str(tmp_path), "pre", steps=500)]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert _wait_for(lambda: _steps_logged(str(run)) >= 2), "training did not start"
+    if how == "STOP file":
+        (run / "STOP").write_text("")
+    else:
+        proc.send_signal(getattr(signal, how))
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 85, out[-2000:]
+    latest = latest_checkpoint(str(run))
+    step = int(os.path.basename(latest).split("-")[1])
+    assert step >= 2 and (run / "REQUEUE").exists() and not (run / "STOP").exists()
+    # the requeued job resumes from that checkpoint
+    tr = make_trainer(synth_dir, tmp_path, "pre", steps=500)
+    assert tr.step == step and not (run / "REQUEUE").exists()
+
+
+def test_kill_during_save_keeps_previous_latest(synth_dir, tmp_path):
+    tr = make_trainer(synth_dir, tmp_path, "ks", steps=4, extra=["checkpoint.every_steps=2"])
+    tr.engine.train(True)
+    for _ in range(2):
+        tr.train_step([tr._next_batch()])
+        tr.step += 1
+    first = tr.save()
+    assert latest_checkpoint(tr.run_dir) == first
+    tr.train_step([tr._next_batch()])
+    tr.step += 1
+
+    real_save = tr.engine.save
+
+    def dying_save(path):  # the engine writes part of its files, then the process dies
+        real_save(path)
+        raise KeyboardInterrupt("killed during save")
+
+    tr.engine.save = dying_save
+    with pytest.raises(KeyboardInterrupt):
+        tr.save()
+    assert latest_checkpoint(tr.run_dir) == first
+    leftovers = [d for d in os.listdir(os.path.join(tr.run_dir, "checkpoints")) if d.startswith(".tmp-")]
+    assert leftovers  # the partial save is there, never promoted
+    tr.engine.save = real_save
+    second = tr.save()  # the next save succeeds and cleans the leftovers
+    assert latest_checkpoint(tr.run_dir) == second and second.endswith("step-00000003")
+    assert not [d for d in os.listdir(os.path.join(tr.run_dir, "checkpoints")) if d.startswith(".tmp-")]
