@@ -34,8 +34,10 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def init_distributed(device: torch.device, timeout_min: int = 30) -> None:
-    """Initialise the default process group when launched with several processes (nccl on GPU, gloo on CPU)."""
+def init_distributed(device: torch.device, timeout_min: int = 180) -> None:
+    """Initialise the default process group when launched with several processes (nccl on GPU, gloo on CPU).
+
+    The long timeout lets the other ranks wait at a barrier while rank 0 runs a zero-shot suite."""
     r, local, w = env_world()
     if w == 1 or is_initialized():
         return

@@ -41,6 +41,7 @@ class TorchEngine:
     """Plain PyTorch: one process; bf16 by autocast with fp32 weights."""
 
     name = "torch"
+    shards_params = False  # parameters are whole on every rank
 
     def __init__(self, model, optimizer, engine_cfg, device: torch.device):
         if edist.world_size() > 1:
@@ -141,6 +142,8 @@ class DeepSpeedEngine:
         self.model = self.ds.module
         self.optimizer = optimizer  # param groups (lr, base_lr, lr_scale) live in the client optimizer
         self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(engine_cfg.precision, torch.float32)
+        # under ZeRO-3 every forward gathers parameters collectively: one rank cannot run the model alone
+        self.shards_params = engine_cfg.zero_stage == 3
         if isinstance(optimizer, Lamb):
             self._install_lamb_layouts()
 

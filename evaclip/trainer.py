@@ -253,20 +253,28 @@ class Trainer:
 
         out: Dict[str, float] = {}
         self.engine.train(False)
-        with self.engine.full_weights() as model:
+        model, dtype = self.engine.model, self.engine.input_dtype
+        if self.engine.shards_params:
+            # ZeRO-3: gather the weights (every rank), evaluate a plain copy on rank 0 without DeepSpeed's hooks
+            with self.engine.full_weights() as m:
+                sd = {k: v.detach().to("cpu", copy=True) for k, v in m.state_dict().items()} if edist.is_main() else None
             if edist.is_main():
-                v = self.variant
-                dtype = self.engine.input_dtype
-                results = run_suite(lambda x: model.encode_image(x.to(dtype), normalize=False),
-                                    lambda t: model.encode_text(t, normalize=False), Tokenizer(v.context_length),
-                                    self.eval_entries, self.cfg.eval.datasets_root, v.image_size, v.mean, v.std,
-                                    self.device, self.cfg.eval.batch_size, model_name=v.name,
-                                    pretrained=f"{self.run_dir}@step{self.step}", log=self.log)
-                write_results(results, os.path.join(self.run_dir, "eval", f"step-{self.step:08d}"))
-                for r in results:
-                    for k, val in r["metrics"].items():
-                        out[f"zeroshot/{r['dataset']}/{k}"] = val
-            edist.barrier()
+                model = create_model(self.cfg.model)
+                model.load_state_dict(sd)
+                model.to(self.device).eval()
+                dtype = torch.float32
+        if edist.is_main():
+            v = self.variant
+            results = run_suite(lambda x: model.encode_image(x.to(dtype), normalize=False),
+                                lambda t: model.encode_text(t, normalize=False), Tokenizer(v.context_length),
+                                self.eval_entries, self.cfg.eval.datasets_root, v.image_size, v.mean, v.std,
+                                self.device, self.cfg.eval.batch_size, model_name=v.name,
+                                pretrained=f"{self.run_dir}@step{self.step}", log=self.log)
+            write_results(results, os.path.join(self.run_dir, "eval", f"step-{self.step:08d}"))
+            for r in results:
+                for k, val in r["metrics"].items():
+                    out[f"zeroshot/{r['dataset']}/{k}"] = val
+        edist.barrier()
         self.engine.train(True)
         return out
 

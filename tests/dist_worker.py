@@ -60,10 +60,11 @@ def main_train(out: str, shard: str, overrides):
     if cfg.checkpoint.every_steps < 1000:
         tr.step, tr.samples_seen = STEPS, STEPS * MB * edist.world_size()
         tr.save()
+    zeroshot = tr.evaluate() if cfg.eval.suite else {}  # every rank calls it (ZeRO-3 gathers the weights)
     with tr.engine.full_weights() as model:
         if edist.is_main():
             torch.save({"weights": {k: v.detach().float().clone() for k, v in model.state_dict().items()},
-                        "losses": losses}, out)
+                        "losses": losses, "zeroshot": zeroshot}, out)
     edist.barrier()
 
 

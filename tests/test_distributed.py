@@ -90,10 +90,14 @@ def test_losses_over_gloo_match_single_process(tmp_path):
 def test_zero_lamb_equals_single_process(zero, shard, reference, tmp_path):
     """Tiny CLIP, 10 steps, DeepSpeed ZeRO-{1,2,3} + LAMB on 2 ranks == 1 process on the whole batch."""
     out = str(tmp_path / f"z{zero}.pt")
-    extra = ["checkpoint.every_steps=1"] if zero == 2 else []  # the ZeRO-2 run also leaves a checkpoint
+    extra = {2: ["checkpoint.every_steps=1"],  # the ZeRO-2 run also leaves a checkpoint to export
+             3: ["eval.suite=eval/suites/quick.toml",  # and ZeRO-3 evaluates with gathered weights
+                 f"eval.datasets_root={os.path.join(os.path.dirname(os.path.dirname(shard)), 'zeroshot')}"]}
     torchrun(["tests/dist_worker.py", "train", out, shard, "engine.kind=deepspeed", f"engine.zero_stage={zero}",
-              "optim.name=lamb", *EXACT, *extra])
+              "optim.name=lamb", *EXACT, *extra.get(zero, [])])
     got = torch.load(out)
+    if zero == 3:
+        assert 0.0 <= got["zeroshot"]["zeroshot/synth_shapes/acc1"] <= 1.0
     assert _max_diff(got["weights"], reference["lamb"]["weights"]) <= 1e-6
     assert max(abs(a - b) for a, b in zip(got["losses"], reference["lamb"]["losses"])) <= 1e-5
     if zero == 2:

@@ -103,3 +103,19 @@ def test_resume_continues_exactly(synth_dir, tmp_path, workers):
     a, _ = load_weights(full["run_dir"])
     b, _ = load_weights(resumed["run_dir"])
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_in_training_eval_and_unmasked_tuning(synth_dir, tmp_path):
+    """Zero-shot every 2 steps, logged as zeroshot/<dataset>/<metric>; patch dropout 0 for the last steps."""
+    zs = os.path.join(synth_dir, "zeroshot")
+    tr = make_trainer(synth_dir, tmp_path, "ev", steps=4, extra=[
+        "eval.suite=eval/suites/quick.toml", f"eval.datasets_root={zs}", "eval.every_steps=2",
+        "model.vision.patch_dropout=0.5", "schedule.unmasked_tuning_samples=8"])
+    summary = tr.train()
+    recs = [json.loads(x) for x in open(os.path.join(summary["run_dir"], "metrics.jsonl"))]
+    evals = [r for r in recs if "zeroshot/synth_shapes/acc1" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert "zeroshot/synth_retrieval/image_retrieval_recall@5" in evals[0]
+    drop = {r["step"]: r["train/patch_dropout"] for r in recs if "train/patch_dropout" in r}
+    assert drop == {1: 0.5, 2: 0.5, 3: 0.5, 4: 0.0}  # 8 samples = the last step of 8
+    assert os.path.exists(os.path.join(summary["run_dir"], "eval", "step-00000002", "synth_shapes.json"))

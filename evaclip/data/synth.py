@@ -140,14 +140,19 @@ def write_zeroshot_classification(out: str, per_class: int, image_size: int, see
 
 
 def write_zeroshot_retrieval(out: str, n_images: int, image_size: int, seed: int, captions_per_image: int = 3) -> str:
+    """Retrieval set: every image has a distinct attribute combination, so no two captions are identical
+    (identical captions would make recall depend on how ties are broken)."""
+    combos = [dict(colour=c, shape=s, position=p, size=z) for c in COLOURS for s in SHAPES for p in POSITIONS
+              for z in SIZES]
+    if n_images > len(combos):
+        raise ValueError(f"at most {len(combos)} retrieval images (distinct attribute combinations)")
     rng = random.Random(seed + 11)
     items = []
-    for _ in range(n_images):
-        a = _attrs(rng)
+    for a in rng.sample(combos, n_images):
         img = draw(a["colour"], a["shape"], a["position"], a["size"], image_size, rng)
         caps = [f"a {a['size']} {a['colour']} {a['shape']} at the {a['position']}",
-                f"{a['colour']} {a['shape']} in the {a['position']}",
-                f"a picture of a {a['colour']} {a['shape']}"][:captions_per_image]
+                f"{a['colour']} {a['shape']}, {a['size']}, in the {a['position']}",
+                f"the {a['position']} holds a {a['size']} {a['colour']} {a['shape']}"][:captions_per_image]
         items.append((caps, img))
     _write_benchmark(out, items, None, None, 1, kind="retrieval")
     return out
