@@ -1,15 +1,178 @@
-"""Placeholder until the benchmark suite lands (issue: benchmarks). Writes a results file saying so."""
+"""`make bench`: every benchmark side by side with its peer, measured in the same run on this machine.
+
+    python bench/run.py [--out bench/results] [--only train_step loss ...] [--quick]
+
+Writes bench/results/<date>.json and .md and copies the table to bench/results/LATEST.md (the README
+links it). Figures are medians of >= 5 repetitions after warm-up with their spread; comparisons are
+ratios against the peer (open_clip_train, open_clip's data pipeline, clip_benchmark, torch AdamW) run
+in the same invocation, because absolute times on shared machines do not hold from run to run.
+--quick shrinks every size for the test suite (it checks the code, not the numbers).
+"""
+from __future__ import annotations
+
 import argparse
+import datetime
 import json
 import os
+import platform
+import shutil
+import sys
 import time
 
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--out", default="bench/results")
-    a = ap.parse_args()
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from bench.common import REPO, fmt_ms  # noqa: E402
+
+SECTIONS = ("train_step", "token_drop", "loss", "optimizer", "data", "eval")
+
+
+def prepare(cache: str, quick: bool):
+    """Synthetic 64 px training shards + zero-shot sets, 256 px JPEG shards, and a tiny open_clip export."""
+    import evaclip  # noqa: F401
+    from bench.data_pipeline import make_shards
+    from evaclip.data import synth
+    from evaclip.export.open_clip import export_open_clip
+    from evaclip.models import create_model_from_name, get_variant
+
+    small = os.path.join(cache, "synth64")
+    if not os.path.exists(os.path.join(small, "recipe.toml")):
+        synth.write_all(small, shards=4, per_shard=500, image_size=64, seed=3, eval_per_class=40, retrieval_images=200)
+    big = make_shards(os.path.join(cache, "jpeg256"), shards=2, per_shard=200 if quick else 400, size=256)
+    export = os.path.join(cache, "export_tiny")
+    if not os.path.exists(os.path.join(export, "open_clip_config.json")):
+        torch.manual_seed(0)
+        v = get_variant("EVA02-Ti-8-64")
+        export_open_clip(create_model_from_name(v.name).state_dict(), v, export)
+    return {"train_shards": os.path.join(small, "train", "{00000..00003}.tar"), "jpeg256": big,
+            "zeroshot": os.path.join(small, "zeroshot", "synth_shapes"), "export": export}
+
+
+def run_all(sections, quick: bool, cache: str):
+    from bench import data_pipeline, loss_memory, micro, train_step
+
+    reps = 2 if quick else 5
+    paths = prepare(cache, quick)
+    res = {}
+    t0 = time.time()
+    if "train_step" in sections:
+        batch = 16 if quick else 64
+        res["train_step"] = [dict(r, batch=batch) for r in
+                             train_step.run(paths["train_shards"], steps=10 if quick else 30, batch=batch)]
+    if "token_drop" in sections:
+        res["token_drop"] = micro.token_drop(reps, batch=4 if quick else 32)
+    if "loss" in sections:
+        res["loss"] = loss_memory.run(reps, sizes=(1024, 2048) if quick else (16384, 65536, 131072),
+                                      world=8 if quick else 128)
+    if "optimizer" in sections:
+        res["optimizer"] = micro.optimizer_step(reps, model="EVA02-Ti-8-64" if quick else "EVA02-B-16")
+    if "data" in sections:
+        res["data"] = data_pipeline.run(paths["jpeg256"], reps=2 if quick else 5, sizes=(64,) if quick else (224, 64))
+    if "eval" in sections:
+        res["eval"] = micro.eval_throughput(paths["zeroshot"], paths["export"], reps)
+    res["_seconds"] = time.time() - t0
+    return res
+
+
+def _ratio(x):
+    return f"**{x:.2f}x**"
+
+
+def markdown(res, meta) -> str:
+    out = [f"# evaclip benchmarks — {meta['date']}", "",
+           f"{meta['machine']}; torch {meta['torch']}; {meta['threads']} threads. Medians of >= 5 repetitions after "
+           "warm-up, [min-max] spread; ratios > 1 favour evaclip.", ""]
+    if "train_step" in res:
+        out += ["## Train step: evaclip vs open_clip_train", "",
+                f"EVA02-Ti-8-64 (64 px), fp32, AdamW, batch {res['train_step'][0]['batch']}, 1 data worker, same "
+                "synthetic shards; step time includes data wait.", "",
+                "| token drop | evaclip step | open_clip_train step | evaclip samples/s | open_clip samples/s | speed |",
+                "|---|---|---|---|---|---|"]
+        for r in res["train_step"]:
+            e, o = r["evaclip"], r["open_clip"]
+            if "error" in e or "error" in o:
+                out.append(f"| {r['patch_dropout']} | {e.get('error', '')[:80]} | {o.get('error', '')[:80]} | | | |")
+                continue
+            out.append(f"| {r['patch_dropout']} | {fmt_ms(e['step_s'])} | {fmt_ms(o['step_s'])} | "
+                       f"{e['samples_per_s']:.1f} | {o['samples_per_s']:.1f} | {_ratio(r['speed_ratio'])} |")
+        ok = [r for r in res["train_step"] if "speed_ratio" in r]
+        if len(ok) == 2:
+            ev = ok[0]["evaclip"]["step_s"]["median"] / ok[1]["evaclip"]["step_s"]["median"]
+            out += ["", f"evaclip token drop 0.5 vs 0.0 (whole train step, tiny model, text tower included): "
+                        f"{_ratio(ev)}"]
+        out.append("")
+    if "token_drop" in res:
+        t = res["token_drop"]
+        out += ["## Image tower: 50% token dropping", "", t["config"] + ", forward + backward.", "",
+                "| drop 0.0 | drop 0.5 | speed-up |", "|---|---|---|",
+                f"| {fmt_ms(t['drop_0.0'])} | {fmt_ms(t['drop_0.5'])} | {_ratio(t['speedup'])} (target >= 1.8x) |", ""]
+    if "loss" in res:
+        out += ["## Contrastive loss: naive vs local vs tiled", "",
+                "Forward + backward on one process; features [G, 768] fp32; a rank holds G / world rows "
+                f"(world {next((r['world'] for r in res['loss'] if 'world' in r), '-')}). "
+                "Memory: peak RSS above the gathered features.", "",
+                "| global batch | impl | time | peak above inputs | peak total |", "|---|---|---|---|---|"]
+        for r in res["loss"]:
+            if "skipped" in r or "error" in r:
+                out.append(f"| {r['global_batch']:,} | {r['impl']} | not run: {r.get('skipped', r.get('error', ''))[:90]} | | |")
+            else:
+                out.append(f"| {r['global_batch']:,} | {r['impl']} | {fmt_ms(r['time'])} | "
+                           f"{r['above_inputs_mb'] / 1024:.2f} GiB | {r['peak_rss_mb'] / 1024:.2f} GiB |")
+        out.append("")
+    if "optimizer" in res:
+        o = res["optimizer"]
+        out += ["## Optimizer step: LAMB vs torch AdamW", "",
+                f"{o['model']} parameters ({o['params'] / 1e6:.1f}M), fp32, CPU.", "",
+                "| torch AdamW (foreach) | evaclip LAMB | LAMB / AdamW |", "|---|---|---|",
+                f"| {fmt_ms(o['adamw'])} | {fmt_ms(o['lamb'])} | {o['lamb_over_adamw']:.2f}x the time |", ""]
+    if "data" in res:
+        out += ["## Input pipeline: evaclip vs open_clip_train.data", "",
+                "256 px JPEG shards; decode + RandomResizedCrop + normalise + tokenize + batch; one process, "
+                "one thread (images/s per core); runs alternate.", "",
+                "| output size | evaclip img/s | open_clip img/s | ratio |", "|---|---|---|---|"]
+        for r in res["data"]:
+            if "error" in r:
+                out.append(f"| {r['image_size']} | error: {r['error'][:100]} | | |")
+            else:
+                out.append(f"| {r['image_size']} | {r['evaclip_images_per_s']:.0f} | {r['open_clip_images_per_s']:.0f} | "
+                           f"{_ratio(r['ratio'])} (target >= 1.0x) |")
+        out.append("")
+    if "eval" in res:
+        e = res["eval"]
+        out += ["## Zero-shot eval: evaclip vs clip_benchmark", "",
+                f"EVA02-Ti-8-64 export, {e['images']} images (synthetic, 32 classes x 4 prompts), CPU, one process, classifier "
+                "building included.", "",
+                "| evaclip img/s | clip_benchmark img/s | ratio |", "|---|---|---|",
+                f"| {e['evaclip_images_per_s']:.0f} | {e['clip_benchmark_images_per_s']:.0f} | {_ratio(e['ratio'])} |", ""]
+    out.append(f"Total benchmark time: {res['_seconds'] / 60:.1f} min.")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.path.join(REPO, "bench", "results"))
+    ap.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, 2 repetitions (tests)")
+    ap.add_argument("--cache", default=os.path.join(REPO, "bench", ".cache"), help="generated benchmark data")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(os.cpu_count() or 1)
+    meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "quick": a.quick}
+    res = run_all(a.only, a.quick, a.cache)
     os.makedirs(a.out, exist_ok=True)
-    path = os.path.join(a.out, time.strftime("%Y-%m-%d") + ".json")
-    with open(path, "w") as f:
-        json.dump({"status": "placeholder: no benchmarks yet"}, f)
-    print(f"wrote {path}")
+    stem = meta["date"] + ("-quick" if a.quick else "")
+    with open(os.path.join(a.out, stem + ".json"), "w") as f:
+        json.dump({"meta": meta, "results": res}, f, indent=2)
+    md = markdown(res, meta)
+    with open(os.path.join(a.out, stem + ".md"), "w") as f:
+        f.write(md)
+    if not a.quick:
+        shutil.copy(os.path.join(a.out, stem + ".md"), os.path.join(a.out, "LATEST.md"))
+    print(md)
+    print(f"results: {os.path.join(a.out, stem + '.json')}")
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -211,6 +211,7 @@ def build_optimizer(model, cfg) -> Optimizer:
         return Lamb(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
                     trust_clip=tuple(cfg.trust_clip), bias_correction=cfg.bias_correction)
     if cfg.name == "adamw":
+        # the fused kernel (CPU and CUDA) updates every tensor of a group in one pass
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                                 weight_decay=cfg.weight_decay, foreach=True)
+                                 weight_decay=cfg.weight_decay, fused=True)
     raise ValueError(f"optim.name must be lamb or adamw, got {cfg.name!r}")

@@ -67,15 +67,12 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_i
 @torch.no_grad()
 def build_classifier(encode_text: Callable, tokenizer, classnames: Sequence[str], templates: Sequence[str],
                      device: torch.device, batch_size: int = 256) -> torch.Tensor:
-    """[D, C] prompt-ensemble classifier."""
-    weights = []
-    for name in classnames:
-        texts = [t.format(c=name) for t in templates]
-        emb = torch.cat([F.normalize(encode_text(tokenizer(texts[i:i + batch_size]).to(device)).float(), dim=-1)
-                         for i in range(0, len(texts), batch_size)])
-        w = emb.mean(0)
-        weights.append(w / w.norm())
-    return torch.stack(weights, dim=1)
+    """[D, C] prompt-ensemble classifier; all class x template prompts are encoded in large batches."""
+    texts = [t.format(c=name) for name in classnames for t in templates]
+    emb = torch.cat([F.normalize(encode_text(tokenizer(texts[i:i + batch_size]).to(device)).float(), dim=-1)
+                     for i in range(0, len(texts), batch_size)])
+    w = emb.reshape(len(classnames), len(templates), -1).mean(1)  # [C, D]
+    return F.normalize(w, dim=-1).t()
 
 
 # ---------------------------------------------------------------------------------------------------- datasets
@@ -170,6 +167,33 @@ def open_dataset(layout: str, root: str, split: str = "test") -> EvalSet:
     return LAYOUTS[layout](root, split)
 
 
+def _prefetch(gen: Iterator, depth: int = 2) -> Iterator:
+    """Run a (reading + decoding) generator in a thread so it overlaps the model's forward passes (PIL
+    decoding and torch ops both release the GIL)."""
+    import queue
+    import threading
+
+    q: "queue.Queue" = queue.Queue(maxsize=depth)
+    done = object()
+
+    def work():
+        try:
+            for item in gen:
+                q.put(item)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+            q.put(e)
+        q.put(done)
+
+    threading.Thread(target=work, daemon=True).start()
+    while True:
+        item = q.get()
+        if item is done:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
 def _batches(it: Iterator, transform, batch_size: int):
     imgs, targets = [], []
     for img, target in it:
@@ -197,7 +221,7 @@ def evaluate(encode_image: Callable, encode_text: Callable, tokenizer, evalset: 
         if classifier is None:
             classifier = build_classifier(encode_text, tokenizer, names, tpls, device)
         logits, targets = [], []
-        for images, labels in _batches(evalset.samples(), transform, batch_size):
+        for images, labels in _prefetch(_batches(evalset.samples(), transform, batch_size)):
             f = F.normalize(encode_image(images.to(device)).float(), dim=-1)
             logits.append((100.0 * f @ classifier).cpu())
             targets += labels
@@ -206,7 +230,7 @@ def evaluate(encode_image: Callable, encode_text: Callable, tokenizer, evalset: 
         return classification_metrics(torch.cat(logits), torch.tensor(targets)), classifier
     img_emb, txt_emb, owner = [], [], []
     n_img = 0
-    for images, caps in _batches(evalset.samples(), transform, batch_size):
+    for images, caps in _prefetch(_batches(evalset.samples(), transform, batch_size)):
         img_emb.append(F.normalize(encode_image(images.to(device)).float(), dim=-1).cpu())
         flat = [c for cs in caps for c in cs]
         owner += [n_img + i for i, cs in enumerate(caps) for _ in cs]

@@ -1,0 +1,96 @@
+"""Train step: evaclip vs open_clip_train (the trainer shipped in open_clip_torch) on the same tiny EVA-02 CLIP
+(EVA02-Ti-8-64), batch, precision (fp32), optimizer (AdamW), data workers and synthetic shards, with and
+without 50% token dropping. Both log one line per step; the first steps are warm-up.
+
+    python -m bench.train_step '{"impl": "open_clip", ...}'   # one run, prints JSON
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+
+from bench.common import REPO
+
+WARMUP = 5
+
+
+def _open_clip_runner(a, tmp):
+    """open_clip_train.main with our tiny model config registered and the webdataset EOF fix applied."""
+    from evaclip.export.open_clip import open_clip_config
+    from evaclip.models import get_variant
+
+    cfg_dir = os.path.join(tmp, "configs")
+    os.makedirs(cfg_dir, exist_ok=True)
+    with open(os.path.join(cfg_dir, "EVA02-Ti-8-64.json"), "w") as f:
+        json.dump(open_clip_config(get_variant("EVA02-Ti-8-64"))["model_cfg"], f)
+    code = f"""
+import sys, open_clip
+sys.path.insert(0, {REPO!r})
+from bench.data_pipeline import patch_open_clip_train
+patch_open_clip_train()
+open_clip.add_model_config({cfg_dir!r})
+from open_clip_train.main import main
+main(sys.argv[1:])
+"""
+    steps, mb = a["steps"], a["batch"]
+    args = [sys.executable, "-c", code, "--train-data", a["shards"], "--dataset-type", "webdataset",
+            "--dataset-resampled", "--train-num-samples", str(steps * mb), "--batch-size", str(mb), "--epochs", "1",
+            "--workers", "1", "--model", "EVA02-Ti-8-64", "--precision", "fp32", "--lr", "1e-3", "--wd", "0.05",
+            "--warmup", "2", "--log-every-n-steps", "1", "--save-frequency", "0", "--logs", tmp, "--name", "oc",
+            "--report-to", "", "--device", "cpu", "--seed", "0"]
+    if a["patch_dropout"]:
+        args += ["--force-patch-dropout", str(a["patch_dropout"])]
+    r = subprocess.run(args, cwd=tmp, capture_output=True, text=True, timeout=900)
+    log = open(os.path.join(tmp, "oc", "out.log")).read() if os.path.exists(os.path.join(tmp, "oc", "out.log")) else ""
+    times = [float(x) for x in re.findall(r"Batch \(t\): ([0-9.]+)", log)]
+    if r.returncode != 0 or not times:
+        raise RuntimeError((r.stderr or r.stdout)[-2000:])
+    return times
+
+
+def _evaclip_runner(a, tmp):
+    steps, mb = a["steps"], a["batch"]
+    args = [sys.executable, "-m", "evaclip.cli", "train", os.path.join(REPO, "launch/experiments/demo_cpu.toml"),
+            f"run.output_dir={tmp}", "run.name=ev", f"run.steps={steps}", f'data.shards="{a["shards"]}"',
+            'data.recipe=""', "data.workers=1", f"data.micro_batch_size={mb}", f"optim.name={a.get('optim', 'adamw')}",
+            "optim.lr=1e-3", "schedule.warmup_steps=2", "engine.grad_clip=0", "log.every_steps=1",
+            "log.progress=false", "log.tensorboard=false", "log.plot=false", 'eval.suite=""',
+            "checkpoint.every_steps=100000", f"model.vision.patch_dropout={a['patch_dropout']}"]
+    r = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=900)
+    path = os.path.join(tmp, "ev", "metrics.jsonl")
+    if r.returncode != 0 or not os.path.exists(path):
+        raise RuntimeError((r.stderr or r.stdout)[-2000:])
+    recs = [json.loads(x) for x in open(path) if "train/samples_per_s" in x]
+    return [mb / rec["train/samples_per_s"] for rec in recs]
+
+
+def child(a):
+    with tempfile.TemporaryDirectory() as tmp:
+        times = (_open_clip_runner if a["impl"] == "open_clip" else _evaclip_runner)(a, tmp)
+    t = times[WARMUP:]
+    med = statistics.median(t)
+    return {"step_s": {"median": med, "min": min(t), "max": max(t), "n": len(t)}, "samples_per_s": a["batch"] / med}
+
+
+def run(shards: str, steps: int = 30, batch: int = 64):
+    from bench.common import run_child
+
+    rows = []
+    for drop in (0.0, 0.5):
+        res = {impl: run_child("train_step", {"impl": impl, "shards": shards, "steps": steps, "batch": batch,
+                                              "patch_dropout": drop})
+               for impl in ("evaclip", "open_clip")}
+        row = {"patch_dropout": drop, **res}
+        if all("error" not in v for v in res.values()):
+            row["speed_ratio"] = res["open_clip"]["step_s"]["median"] / res["evaclip"]["step_s"]["median"]
+        rows.append(row)
+    return rows
+
+
+if __name__ == "__main__":
+    print(json.dumps(child(json.loads(sys.argv[1]))))
