@@ -22,7 +22,7 @@ def child(args):
     import torch
     import torch.nn.functional as F
 
-    from bench.common import peak_rss_mb, rss_mb, timeit
+    from bench.common import peak_rss_mb, reset_peak_rss, rss_mb, timeit
     from evaclip.losses import clip_loss_local, clip_loss_naive, clip_loss_tiled
 
     torch.manual_seed(0)
@@ -33,6 +33,7 @@ def child(args):
     txt = F.normalize(torch.randn(g, DIM), dim=-1).requires_grad_()
     scale = torch.tensor([14.0], requires_grad=True)
     base = rss_mb()
+    reset = reset_peak_rss()
 
     def step():
         img.grad = txt.grad = scale.grad = None
@@ -46,7 +47,7 @@ def child(args):
 
     t = timeit(step, reps=args.get("reps", 5), warmup=1)
     peak = peak_rss_mb()
-    return {"time": t, "peak_rss_mb": peak, "inputs_mb": base, "above_inputs_mb": peak - base}
+    return {"time": t, "peak_rss_mb": peak, "inputs_mb": base, "above_inputs_mb": peak - base, "peak_reset": reset}
 
 
 def run(reps: int = 5, sizes=(16384, 65536, 131072), world: int = 128, mem_limit_gb: float = 12.0):

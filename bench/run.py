@@ -44,7 +44,7 @@ def prepare(cache: str, quick: bool):
     if not os.path.exists(os.path.join(export, "open_clip_config.json")):
         torch.manual_seed(0)
         v = get_variant("EVA02-Ti-8-64")
-        export_open_clip(create_model_from_name(v.name).state_dict(), v, export)
+        export_open_clip(create_model_from_name(v.name).state_dict(), {"model": v.name}, export)
     return {"train_shards": os.path.join(small, "train", "{00000..00003}.tar"), "jpeg256": big,
             "zeroshot": os.path.join(small, "zeroshot", "synth_shapes"), "export": export}
 

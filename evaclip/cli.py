@@ -77,21 +77,22 @@ def _load_for_eval(args):
     """(encode_image, encode_text, tokenizer, image_size, mean, std, name, pretrained) for --checkpoint or --model."""
     import torch
 
-    from evaclip.data.transforms import Tokenizer
 
     device = torch.device(args.device)
     if args.checkpoint:
         from evaclip.checkpoint import load_weights
-        from evaclip.models import build_image_tower, build_text_tower, get_variant
-        from evaclip.models.clip import CLIP
+        from evaclip.data.transforms import make_tokenizer
+        from evaclip.models import build_from_meta, get_variant
 
         sd, meta = load_weights(args.checkpoint)
         v = get_variant(meta["model"])
-        model = CLIP(build_image_tower(v), build_text_tower(v, act=meta.get("text_act", "gelu")), v.embed_dim)
+        model = build_from_meta(meta)
         model.load_state_dict(sd)
         model.eval().to(device)
+        text = meta.get("text", {})
         return (lambda x: model.encode_image(x, normalize=False), lambda t: model.encode_text(t, normalize=False),
-                Tokenizer(v.context_length), v.image_size, v.mean, v.std, v.name, os.path.abspath(args.checkpoint))
+                make_tokenizer(v.context_length, text.get("kind", "clip"), text.get("hf_path", "")), v.image_size,
+                v.mean, v.std, v.name, os.path.abspath(args.checkpoint))
     if args.model and args.model.startswith("open_clip:"):
         import open_clip
 
@@ -199,14 +200,13 @@ def cmd_export(args) -> int:
     print(f"consolidating {ckpt} ...", flush=True)
     sd, meta = load_weights(ckpt)
     v = get_variant(meta["model"])
-    act = meta.get("text_act", "gelu")
-    written = export_open_clip(sd, v, args.out, dtype=args.dtype, text_act=act, tower=args.tower, source=ckpt)
+    written = export_open_clip(sd, meta, args.out, dtype=args.dtype, tower=args.tower, source=ckpt)
     for k, p in written.items():
         print(f"  {k}: {p}")
     if args.verify:
         if args.tower != "both" or args.dtype != "fp32":
             raise UserError("--verify compares fp32 embeddings of a full export: use --tower both --dtype fp32")
-        diffs = verify_export(args.out, sd, v, act)
+        diffs = verify_export(args.out, sd, meta)
         print("open_clip reload, max |embedding difference| vs the trained model: "
               + ", ".join(f"{k} {d:.2e}" for k, d in diffs.items()))
         if max(diffs.values()) > args.tolerance:

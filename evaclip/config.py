@@ -76,6 +76,8 @@ class ModelConfig:
     init_temperature: float = _f(0.07, "initial softmax temperature (logit_scale = ln(1/T))")
     max_logit_scale: float = _f(100.0, "cap on exp(logit_scale) (EVA-CLIP: 100)")
     init: str = _f("", "a whole CLIP checkpoint to start from (evaclip checkpoint or open_clip export)")
+    use_logit_bias: bool = _f(False, "learned logit bias (SigLIP; needed by loss.kind = 'siglip')")
+    init_logit_bias: float = _f(-10.0, "initial logit bias (SigLIP paper: -10)")
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
 
@@ -292,7 +294,7 @@ def parse_override(text: str) -> tuple:
 
 def _field_type(cls, path: List[str]):
     """Declared type of a dotted key, or None when the path is not a config field."""
-    for i, name in enumerate(path):
+    for name in path:
         if not dataclasses.is_dataclass(cls):
             return None
         hints = _hints(cls)
@@ -348,6 +350,10 @@ def resolve(cfg: ExperimentConfig, world_size: int = 1) -> Derived:
         raise ConfigError("engine.zero_stage needs engine.kind = 'deepspeed'")
     if cfg.engine.kind == "torch" and cfg.engine.precision == "fp16":
         raise ConfigError("engine.precision = 'fp16' needs engine.kind = 'deepspeed' (dynamic loss scaling)")
+    if cfg.loss.kind == "siglip" and not cfg.model.use_logit_bias:
+        raise ConfigError("loss.kind = 'siglip' needs model.use_logit_bias = true (SigLIP's learned bias)")
+    if cfg.model.text.kind == "hf" and not cfg.model.text.hf_path:
+        raise ConfigError("model.text.kind = 'hf' needs model.text.hf_path (a local folder with config.json)")
     if not cfg.data.recipe and not cfg.data.shards:
         raise ConfigError("data: set data.recipe (a data_recipes/*.toml file) or data.shards (a tar pattern)")
     if len(cfg.optim.betas) != 2 or len(cfg.optim.trust_clip) != 2 or len(cfg.data.crop_scale) != 2:

@@ -26,7 +26,7 @@ from evaclip.config import Derived, ExperimentConfig, save_run_config, to_dict
 from evaclip.engine import build_engine, pick_device
 from evaclip.losses import ContrastiveLoss
 from evaclip.metrics import MetricLogger, plot_run
-from evaclip.models import create_model
+from evaclip.models import create_model, model_meta
 from evaclip.models.convert import init_from_files
 from evaclip.models.registry import get_variant
 from evaclip.optim import build_optimizer
@@ -123,7 +123,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ data
     def _build_data(self):
         from evaclip.data.recipes import load_recipe, recipe_from_shards
-        from evaclip.data.transforms import Tokenizer, draft_side, train_transform
+        from evaclip.data.transforms import draft_side, make_tokenizer, train_transform
         from evaclip.data.wds import DataState, ImageTextStream, build_stream_spec, make_loader
 
         c = self.cfg.data
@@ -132,7 +132,8 @@ class Trainer:
                                  c.resampled, c.shuffle_buffer)
         v = self.variant
         stream = ImageTextStream(spec, c.micro_batch_size, train_transform(v.image_size, v.mean, v.std, c.crop_scale),
-                                 Tokenizer(v.context_length), min_side=draft_side(v.image_size, c.crop_scale[0]))
+                                 make_tokenizer(v.context_length, self.cfg.model.text.kind, self.cfg.model.text.hf_path),
+                                 min_side=draft_side(v.image_size, c.crop_scale[0]))
         stream.set_state(self.data_states)
         self.data_state = DataState(self.data_states)
         self.loader = make_loader(stream, c.workers, pin_memory=self.device.type == "cuda")
@@ -145,8 +146,8 @@ class Trainer:
         return batch
 
     # ------------------------------------------------------------------------------------------------ step
-    def _loss(self, img, txt, scale):
-        return self.loss_fn(img, txt, scale)
+    def _loss(self, img, txt, scale, bias=None):
+        return self.loss_fn(img, txt, scale, bias)
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         flag = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=self.device)
@@ -160,7 +161,7 @@ class Trainer:
         txts = [m["text"].to(dev, non_blocking=True) for m in micro]
         if len(micro) == 1:
             out = self.engine(imgs[0], txts[0])
-            loss = self._loss(out["image_features"], out["text_features"], out["logit_scale"])
+            loss = self._loss(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"))
             if not self._all_finite(loss):
                 return self._bad_step(loss)
             self.engine.backward(loss, boundary=True)
@@ -174,7 +175,8 @@ class Trainer:
             after = _get_rng(dev)
             img_all = [c["image_features"] for c in cached]
             txt_all = [c["text_features"] for c in cached]
-            loss = self._loss(torch.cat(img_all), torch.cat(txt_all), cached[-1]["logit_scale"])
+            loss = self._loss(torch.cat(img_all), torch.cat(txt_all), cached[-1]["logit_scale"],
+                              cached[-1].get("logit_bias"))
             if not self._all_finite(loss):
                 return self._bad_step(loss)
             for j, (img, txt) in enumerate(zip(imgs, txts)):
@@ -183,9 +185,11 @@ class Trainer:
                 i_cat = torch.cat(img_all[:j] + [out["image_features"]] + img_all[j + 1:])
                 t_cat = torch.cat(txt_all[:j] + [out["text_features"]] + txt_all[j + 1:])
                 last = j == len(micro) - 1
-                # the temperature's gradient must be counted once, not once per micro-batch
+                # the temperature's (and bias') gradient must be counted once, not once per micro-batch
                 scale = out["logit_scale"] if last else out["logit_scale"].detach()
-                self.engine.backward(self._loss(i_cat, t_cat, scale), boundary=last)
+                bias = out.get("logit_bias")
+                bias = bias if (bias is None or last) else bias.detach()
+                self.engine.backward(self._loss(i_cat, t_cat, scale, bias), boundary=last)
             _set_rng(after, dev)
             out = cached[-1]
         info = self.engine.step()
@@ -236,8 +240,8 @@ class Trainer:
         raise SystemExit(REQUEUE_EXIT_CODE)
 
     def save(self):
-        meta = {"samples_seen": self.samples_seen, "model": self.cfg.model.name, "world_size": edist.world_size(),
-                "skips": self.data_state.skip_counts(), "text_act": self.cfg.model.text.act}
+        meta = {"samples_seen": self.samples_seen, "world_size": edist.world_size(),
+                "skips": self.data_state.skip_counts(), **model_meta(self.cfg.model)}
         path = save_checkpoint(self.engine, self.run_dir, self.step, meta,
                                {"data": self.data_state.state_dict(), "rng": rng_state(),
                                 "order_hash": self.order_hash},
@@ -248,7 +252,7 @@ class Trainer:
     def evaluate(self) -> Dict[str, float]:
         if not self.eval_entries:
             return {}
-        from evaclip.data.transforms import Tokenizer
+        from evaclip.data.transforms import make_tokenizer
         from evaclip.evalsuite import run_suite, write_results
 
         out: Dict[str, float] = {}
@@ -266,7 +270,8 @@ class Trainer:
         if edist.is_main():
             v = self.variant
             results = run_suite(lambda x: model.encode_image(x.to(dtype), normalize=False),
-                                lambda t: model.encode_text(t, normalize=False), Tokenizer(v.context_length),
+                                lambda t: model.encode_text(t, normalize=False),
+                                make_tokenizer(v.context_length, self.cfg.model.text.kind, self.cfg.model.text.hf_path),
                                 self.eval_entries, self.cfg.eval.datasets_root, v.image_size, v.mean, v.std,
                                 self.device, self.cfg.eval.batch_size, model_name=v.name,
                                 pretrained=f"{self.run_dir}@step{self.step}", log=self.log)

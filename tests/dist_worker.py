@@ -39,10 +39,12 @@ def run_steps(trainer, rank: int, world: int, steps: int = STEPS):
         trainer.scheduler.set_step(step)
         if world == 1:
             parts = [batch_for(step, r) for r in range(2)]
-            b = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+            micro = [{k: torch.cat([p[k] for p in parts]) for k in parts[0]}]
         else:
-            b = batch_for(step, rank)
-        out = trainer.train_step([b])
+            b, n = batch_for(step, rank), trainer.cfg.engine.accum_steps
+            mb = MB // n  # the rank's samples split into accumulation micro-batches
+            micro = [{k: v[j * mb:(j + 1) * mb] for k, v in b.items()} for j in range(n)]
+        out = trainer.train_step(micro)
         losses.append(out.get("train/loss"))
     return losses
 

@@ -15,8 +15,7 @@ from PIL import Image
 from evaclip.data.recipes import Recipe, SourceSpec, load_recipe
 from evaclip.data.shards import ShardError, count_tar_samples, expand_pattern, iter_tar_samples
 from evaclip.data.transforms import Tokenizer
-from evaclip.data.wds import (DataState, ImageTextStream, MixedStream, ShardSequence, SourceStream, StreamSpec,
-                              build_stream_spec, make_loader)
+from evaclip.data.wds import (DataState, ImageTextStream, MixedStream, ShardSequence, SourceStream, build_stream_spec, make_loader)
 from tests.conftest import REPO, run_cli
 
 
@@ -173,8 +172,8 @@ def _readable_samples(path):
 def test_corrupt_data_is_skipped_and_counted_exactly(tmp_path):
     n_shards, per = 5, 40  # 200 samples; 2% corrupt JPEGs = 4
     corrupt = {(0, 3), (1, 17), (2, 5), (3, 39)}
-    pattern = write_shards(tmp_path / "bad", "c", n_shards, per, corrupt=corrupt, no_caption={(1, 2)},
-                           empty_caption={(2, 9)}, no_image={(3, 0)})
+    write_shards(tmp_path / "bad", "c", n_shards, per, corrupt=corrupt, no_caption={(1, 2)},
+                 empty_caption={(2, 9)}, no_image={(3, 0)})
     extra = tmp_path / "bad" / "00005.tar"  # the truncated shard
     write_shards(tmp_path / "t", "t", 1, per)
     os.replace(tmp_path / "t" / "00000.tar", extra)

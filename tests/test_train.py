@@ -119,3 +119,52 @@ def test_in_training_eval_and_unmasked_tuning(synth_dir, tmp_path):
     drop = {r["step"]: r["train/patch_dropout"] for r in recs if "train/patch_dropout" in r}
     assert drop == {1: 0.5, 2: 0.5, 3: 0.5, 4: 0.0}  # 8 samples = the last step of 8
     assert os.path.exists(os.path.join(summary["run_dir"], "eval", "step-00000002", "synth_shapes.json"))
+
+
+def test_siglip_training_and_export(synth_dir, tmp_path):
+    """The sigmoid loss trains with its learned bias, which the open_clip export carries."""
+    from evaclip.export.open_clip import export_open_clip, verify_export
+
+    tr = make_trainer(synth_dir, tmp_path, "sig", steps=3, extra=["loss.kind=siglip", "model.use_logit_bias=true"])
+    bias0 = tr.model.logit_bias.item()
+    summary = tr.train()
+    sd, meta = load_weights(summary["run_dir"])
+    assert meta["logit_bias"] and sd["logit_bias"].item() != bias0
+    out = str(tmp_path / "sig_export")
+    export_open_clip(sd, meta, out)
+    assert max(verify_export(out, sd, meta).values()) <= 1e-5
+    import open_clip
+
+    oc = open_clip.create_model(f"local-dir:{out}")
+    assert abs(oc.logit_bias.item() - sd["logit_bias"].item()) < 1e-6
+
+
+def test_hf_text_tower_trains_with_its_own_tokenizer(synth_dir, tmp_path):
+    """A local Hugging Face encoder as the text tower: its tokenizer feeds the data pipeline and the evaluator,
+    and the export loads in open_clip's HF text tower."""
+    transformers = pytest.importorskip("transformers")
+    hf = tmp_path / "hf_bert"
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(
+        {w for line in ["a red green blue yellow purple orange cyan pink circle square triangle cross in the "
+                        "top bottom left right centre of picture small large there is near at grey background "
+                        "sits coloured painted photo rendering image containing drawing holds"] for w in line.split()})
+    hf.mkdir()
+    (hf / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = transformers.BertTokenizerFast(vocab_file=str(hf / "vocab.txt"))
+    tok.save_pretrained(str(hf))
+    cfg = transformers.BertConfig(vocab_size=len(vocab), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=128, max_position_embeddings=64, pad_token_id=0)
+    transformers.BertModel(cfg).save_pretrained(str(hf))
+    zs = os.path.join(synth_dir, "zeroshot")
+    tr = make_trainer(synth_dir, tmp_path, "hf", steps=3, extra=[
+        "model.text.kind=hf", f"model.text.hf_path={hf}", "eval.suite=eval/suites/quick.toml",
+        f"eval.datasets_root={zs}"])
+    summary = tr.train()
+    assert "zeroshot/synth_shapes/acc1" in summary["zeroshot"]
+    sd, meta = load_weights(summary["run_dir"])
+    assert meta["text"]["kind"] == "hf"
+    from evaclip.export.open_clip import export_open_clip, verify_export
+
+    out = str(tmp_path / "hf_export")
+    export_open_clip(sd, meta, out)
+    assert max(verify_export(out, sd, meta).values()) <= 1e-5

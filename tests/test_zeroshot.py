@@ -66,7 +66,7 @@ def export_dir(tmp_path_factory):
     torch.manual_seed(3)
     v = get_variant("EVA02-Ti-8-64")
     out = str(tmp_path_factory.mktemp("oc"))
-    export_open_clip(create_model_from_name(v.name).state_dict(), v, out)
+    export_open_clip(create_model_from_name(v.name).state_dict(), {"model": v.name}, out)
     return out
 
 

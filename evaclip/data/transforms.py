@@ -62,3 +62,24 @@ class Tokenizer:
 
     def __call__(self, texts) -> torch.Tensor:
         return self._tok(texts, context_length=self.context_length)
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer from a local folder (the HF text tower's), padded/truncated to a fixed length."""
+
+    def __init__(self, path: str, context_length: int = 77):
+        from transformers import AutoTokenizer
+
+        self.context_length = context_length
+        self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+    def __call__(self, texts) -> torch.Tensor:
+        if isinstance(texts, str):
+            texts = [texts]
+        return self._tok(list(texts), max_length=self.context_length, padding="max_length", truncation=True,
+                         return_tensors="pt")["input_ids"]
+
+
+def make_tokenizer(context_length: int, text_kind: str = "clip", hf_path: str = ""):
+    """The tokenizer that matches the text tower: CLIP BPE, or the HF tower's own."""
+    return HFTokenizer(hf_path, context_length) if text_kind == "hf" else Tokenizer(context_length)

@@ -30,10 +30,13 @@ class ImageTower(nn.Module):
 
 class CLIP(nn.Module):
     def __init__(self, visual: ImageTower, text: nn.Module, embed_dim: int,
-                 init_logit_scale: float = math.log(1 / 0.07), max_logit_scale: float = math.log(100)):
+                 init_logit_scale: float = math.log(1 / 0.07), max_logit_scale: float = math.log(100),
+                 init_logit_bias: Optional[float] = None):
         super().__init__()
         self.visual, self.text, self.embed_dim = visual, text, embed_dim
         self.logit_scale = nn.Parameter(torch.full((1,), float(init_logit_scale)))
+        # SigLIP's learned bias; absent for the softmax CLIP loss
+        self.logit_bias = nn.Parameter(torch.full((1,), float(init_logit_bias))) if init_logit_bias is not None else None
         self.max_logit_scale = max_logit_scale
 
     # -- encoders ---------------------------------------------------------------------------------------
@@ -51,16 +54,19 @@ class CLIP(nn.Module):
         return self.logit_scale.clamp(max=self.max_logit_scale).exp()
 
     def forward(self, image, text) -> Dict[str, torch.Tensor]:
-        return {
+        out = {
             "image_features": self.encode_image(image),
             "text_features": self.encode_text(text),
             "logit_scale": self.temperature().squeeze(0),
         }
+        if self.logit_bias is not None:
+            out["logit_bias"] = self.logit_bias.squeeze(0)
+        return out
 
     # -- optimizer / engine metadata ------------------------------------------------------------------------
     def no_weight_decay(self) -> set:
         """Full names excluded from weight decay besides biases and norms (handled by ndim in optim.py)."""
-        names = {"logit_scale"}
+        names = {"logit_scale", "logit_bias"}
         names |= {f"visual.trunk.{n}" for n in self.visual.trunk.no_weight_decay()}
         names |= {f"text.{n}" for n in self.text.no_weight_decay()}
         return names

@@ -116,18 +116,20 @@ def text_from_clip(sd: Dict) -> Dict[str, torch.Tensor]:
 
 
 def open_clip_to_evaclip(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """open_clip CustomTextCLIP (EVA configs) -> evaclip CLIP: logit_scale [] -> [1], buffers dropped."""
+    """open_clip CustomTextCLIP (EVA configs) -> evaclip CLIP: logit_scale/bias [] -> [1], buffers dropped."""
     out = {k: v for k, v in unwrap_checkpoint(sd).items() if not k.endswith("attn_mask")}
-    if "logit_scale" in out and out["logit_scale"].ndim == 0:
-        out["logit_scale"] = out["logit_scale"].reshape(1)
+    for k in ("logit_scale", "logit_bias"):
+        if k in out and out[k].ndim == 0:
+            out[k] = out[k].reshape(1)
     return out
 
 
 def evaclip_to_open_clip(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """evaclip CLIP -> open_clip CustomTextCLIP state dict (logit_scale [1] -> [])."""
+    """evaclip CLIP -> open_clip CustomTextCLIP state dict (logit_scale/bias [1] -> [])."""
     out = dict(sd)
-    if "logit_scale" in out:
-        out["logit_scale"] = out["logit_scale"].reshape(())
+    for k in ("logit_scale", "logit_bias"):
+        if k in out:
+            out[k] = out[k].reshape(())
     return out
 
 

@@ -1,0 +1,39 @@
+"""The benchmark code runs (tiny sizes): `make bench` and the GPU MFU script must not rot on CPU-only CI."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_quick(tmp_path):
+    r = subprocess.run([sys.executable, "bench/run.py", "--quick", "--out", str(tmp_path),
+                        "--cache", str(tmp_path / "cache")], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (res_file,) = [f for f in os.listdir(tmp_path) if f.endswith("-quick.json")]
+    res = json.load(open(tmp_path / res_file))["results"]
+    assert {"train_step", "token_drop", "loss", "optimizer", "data", "eval"} <= set(res)
+    for row in res["train_step"]:
+        assert "speed_ratio" in row, row
+    assert all("error" not in r for r in res["loss"]) and all("error" not in r for r in res["data"])
+    assert res["token_drop"]["speedup"] > 1.0
+    md = open(tmp_path / res_file.replace(".json", ".md")).read()
+    assert "open_clip_train" in md and "clip_benchmark" in md
+
+
+def test_gpu_mfu_script_on_cpu(tmp_path):
+    out = tmp_path / "mfu.json"
+    r = subprocess.run([sys.executable, "bench/gpu_mfu.py", "--model", "EVA02-Ti-8-64", "--device", "cpu",
+                        "--steps", "2", "--batch", "4", "--compile", "0", "--dtype", "fp32", "--peak-tflops", "1",
+                        "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.load(open(out))["rows"]
+    assert [row["patch_dropout"] for row in rows] == [0.0, 0.5]
+    # token dropping halves the image tower's FLOPs, counted (not assumed) by torch's FlopCounterMode
+    assert rows[1]["train_flops_per_sample"] < rows[0]["train_flops_per_sample"]
+    assert all(0 < row["mfu"] for row in rows)
