@@ -134,7 +134,7 @@ def cmd_eval(args) -> int:
     cache = os.path.join(args.out, ".classifier_cache", _fingerprint(name, pretrained))
     results = run_suite(wrap(enc_i), wrap(enc_t), tok, entries, args.datasets_root, size, mean, std,
                         torch.device(args.device), args.batch_size, strict=args.strict, classifier_cache=cache,
-                        model_name=name, pretrained=pretrained,
+                        model_name=name, pretrained=pretrained, workers=args.workers,
                         progress_factory=lambda n: _progress(None, n, "img"))
     write_results(results, args.out)
     md = table(results)
@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--datasets-root", default="datasets", help="folder holding the datasets (default: datasets)")
     e.add_argument("--out", default="results", help="output folder (default: results)")
     e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--workers", type=int, default=0, help="(reserved) decode workers")
+    e.add_argument("--workers", type=int, default=2, help="threads decoding/transforming images (0: inline)")
     e.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     e.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     e.add_argument("--strict", action="store_true", help="fail (exit 2) when a dataset is missing")

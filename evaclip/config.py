@@ -157,7 +157,7 @@ class EvalConfig:
     datasets_root: str = _f("", "folder holding the suite's datasets")
     every_steps: int = _f(0, "evaluate every N steps (0: only at the end)")
     batch_size: int = _f(64, "eval batch size")
-    workers: int = _f(0, "eval dataloader workers")
+    workers: int = _f(2, "threads decoding/transforming eval images (0: inline)")
 
 
 @dataclass

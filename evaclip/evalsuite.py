@@ -116,7 +116,7 @@ def dataset_root(entry: DatasetEntry, datasets_root: str) -> str:
 def run_suite(encode_image: Callable, encode_text: Callable, tokenizer, entries: List[DatasetEntry],
               datasets_root: str, image_size: int, mean, std, device, batch_size: int = 64, strict: bool = False,
               classifier_cache: Optional[str] = None, model_name: str = "", pretrained: str = "",
-              progress_factory=None, log=print) -> List[Dict]:
+              progress_factory=None, log=print, workers: int = 0) -> List[Dict]:
     """Evaluate every dataset; one CLIP_benchmark-shaped result dict each (``status`` ok | missing)."""
     import torch
 
@@ -147,7 +147,8 @@ def run_suite(encode_image: Callable, encode_text: Callable, tokenizer, entries:
         t0 = time.time()
         metrics, clf = eval_one(encode_image, encode_text, tokenizer, evalset, transform, device, batch_size,
                                 templates=_eval_file(e.templates), classnames=_eval_file(e.classnames),
-                                classifier=classifier, progress=bar.update if bar is not None else None)
+                                classifier=classifier, progress=bar.update if bar is not None else None,
+                                workers=workers)
         if bar is not None:
             bar.close()
         if cache_file and clf is not None and classifier is None:

@@ -274,7 +274,8 @@ class Trainer:
                                 make_tokenizer(v.context_length, self.cfg.model.text.kind, self.cfg.model.text.hf_path),
                                 self.eval_entries, self.cfg.eval.datasets_root, v.image_size, v.mean, v.std,
                                 self.device, self.cfg.eval.batch_size, model_name=v.name,
-                                pretrained=f"{self.run_dir}@step{self.step}", log=self.log)
+                                pretrained=f"{self.run_dir}@step{self.step}", log=self.log,
+                                workers=self.cfg.eval.workers)
             write_results(results, os.path.join(self.run_dir, "eval", f"step-{self.step:08d}"))
             for r in results:
                 for k, val in r["metrics"].items():

@@ -194,16 +194,29 @@ def _prefetch(gen: Iterator, depth: int = 2) -> Iterator:
         yield item
 
 
-def _batches(it: Iterator, transform, batch_size: int):
-    imgs, targets = [], []
-    for img, target in it:
-        imgs.append(transform(img))
-        targets.append(target)
-        if len(imgs) == batch_size:
-            yield torch.stack(imgs), targets
-            imgs, targets = [], []
-    if imgs:
-        yield torch.stack(imgs), targets
+def _batches(it: Iterator, transform, batch_size: int, workers: int = 0):
+    """Transformed image batches; with ``workers`` > 0 the transforms run in a thread pool (in order)."""
+    pool = None
+    if workers > 0:
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(workers)
+    chunk = []
+    for item in it:
+        chunk.append(item)
+        if len(chunk) == batch_size:
+            yield _make_batch(chunk, transform, pool)
+            chunk = []
+    if chunk:
+        yield _make_batch(chunk, transform, pool)
+    if pool is not None:
+        pool.shutdown()
+
+
+def _make_batch(chunk, transform, pool):
+    images = [img for img, _ in chunk]
+    tensors = list(pool.map(transform, images)) if pool is not None else [transform(i) for i in images]
+    return torch.stack(tensors), [t for _, t in chunk]
 
 
 # ---------------------------------------------------------------------------------------------------- evaluate
@@ -211,7 +224,7 @@ def _batches(it: Iterator, transform, batch_size: int):
 def evaluate(encode_image: Callable, encode_text: Callable, tokenizer, evalset: EvalSet, transform,
              device: torch.device, batch_size: int = 64, templates: Optional[List[str]] = None,
              classnames: Optional[List[str]] = None, classifier: Optional[torch.Tensor] = None,
-             progress=None) -> Tuple[Dict[str, float], Optional[torch.Tensor]]:
+             progress=None, workers: int = 0) -> Tuple[Dict[str, float], Optional[torch.Tensor]]:
     """Metrics for one dataset (and the classifier used, so callers can cache it)."""
     if evalset.task == CLASSIFICATION:
         names = classnames or evalset.classnames
@@ -221,7 +234,7 @@ def evaluate(encode_image: Callable, encode_text: Callable, tokenizer, evalset: 
         if classifier is None:
             classifier = build_classifier(encode_text, tokenizer, names, tpls, device)
         logits, targets = [], []
-        for images, labels in _prefetch(_batches(evalset.samples(), transform, batch_size)):
+        for images, labels in _prefetch(_batches(evalset.samples(), transform, batch_size, workers)):
             f = F.normalize(encode_image(images.to(device)).float(), dim=-1)
             logits.append((100.0 * f @ classifier).cpu())
             targets += labels
@@ -230,7 +243,7 @@ def evaluate(encode_image: Callable, encode_text: Callable, tokenizer, evalset: 
         return classification_metrics(torch.cat(logits), torch.tensor(targets)), classifier
     img_emb, txt_emb, owner = [], [], []
     n_img = 0
-    for images, caps in _prefetch(_batches(evalset.samples(), transform, batch_size)):
+    for images, caps in _prefetch(_batches(evalset.samples(), transform, batch_size, workers)):
         img_emb.append(F.normalize(encode_image(images.to(device)).float(), dim=-1).cpu())
         flat = [c for cs in caps for c in cs]
         owner += [n_img + i for i, cs in enumerate(caps) for _ in cs]

@@ -260,3 +260,16 @@ def test_verify_and_preview(tmp_path):
     r = run_cli(["data", "preview", pattern, "-n", "5", "--out", str(png)])
     assert r.returncode == 0 and png.exists() and r.stdout.count("k000") == 5
     assert Image.open(png).size[0] > 0
+
+
+def test_fsspec_and_pipe_urls(tmp_path):
+    """Shards from an fsspec URL (memory://, as s3:// or gs:// would be) and from a pipe: command."""
+    import fsspec
+
+    pattern = write_shards(tmp_path / "d", "u", 1, 5)
+    local = expand_pattern(pattern)[0]
+    with fsspec.open("memory://evaclip-test/00000.tar", "wb") as f:
+        f.write(open(local, "rb").read())
+    keys = [s["__key__"] for s in iter_tar_samples("memory://evaclip-test/00000.tar")]
+    assert keys == [s["__key__"] for s in iter_tar_samples(local)] and len(keys) == 5
+    assert len(list(iter_tar_samples(f"pipe:cat {local}"))) == 5

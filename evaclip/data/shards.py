@@ -40,13 +40,23 @@ def is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:")
 
 
+_GOPEN_SCHEMES = ("pipe:", "http://", "https://", "file://")
+
+
 def open_stream(url: str):
-    """Binary stream for a local path, ``pipe:cmd`` or any URL webdataset's gopen understands (s3, http ...)."""
+    """Binary stream for a local path, ``pipe:cmd``, http(s) (webdataset's gopen), or any other URL scheme
+    fsspec knows (``s3://``, ``gs://``, ``hf://`` ... with the matching fsspec backend installed)."""
     if is_local(url):
         return open(url, "rb")
-    from webdataset.gopen import gopen
+    if url.startswith(_GOPEN_SCHEMES):
+        from webdataset.gopen import gopen
 
-    return gopen(url, "rb")
+        return gopen(url, "rb")
+    try:
+        import fsspec
+    except ImportError:
+        raise ShardError(f"cannot open {url}: install fsspec (and its backend) for this URL scheme") from None
+    return fsspec.open(url, "rb").open()
 
 
 def iter_tar_samples(url: str) -> Iterator[Dict[str, bytes]]:
