@@ -61,7 +61,7 @@ def run_all(sections, quick: bool, cache: str):
         res["train_step"] = [dict(r, batch=batch) for r in
                              train_step.run(paths["train_shards"], steps=10 if quick else 30, batch=batch)]
     if "token_drop" in sections:
-        res["token_drop"] = micro.token_drop(reps, batch=4 if quick else 32)
+        res["token_drop"] = micro.token_drop(reps, batch=4 if quick else 16, depth=2 if quick else 12)
     if "loss" in sections:
         res["loss"] = loss_memory.run(reps, sizes=(1024, 2048) if quick else (16384, 65536, 131072),
                                       world=8 if quick else 128)

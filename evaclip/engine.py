@@ -71,7 +71,7 @@ class TorchEngine:
         if not skipped:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"grad_norm": float(norm), "skipped": skipped}
+        return {"grad_norm": float(norm), "skipped": skipped, "overflow": False}
 
     def zero_grad(self):
         self.optimizer.zero_grad(set_to_none=True)
@@ -225,8 +225,9 @@ class DeepSpeedEngine:
         self.ds.step()
         norm = self.ds.get_global_grad_norm()
         norm = float(norm) if norm is not None else float("nan")
-        skipped = bool(getattr(self.ds_optimizer, "overflow", False))
-        return {"grad_norm": norm, "skipped": skipped}
+        # fp16: DeepSpeed skips the update and lowers the loss scale on overflow (normal while it calibrates)
+        overflow = bool(getattr(self.ds_optimizer, "overflow", False))
+        return {"grad_norm": norm, "skipped": False, "overflow": overflow}
 
     def zero_grad(self):
         self.ds.zero_grad()

@@ -95,7 +95,7 @@ class Trainer:
                                      cfg.schedule.min_lr_ratio, cfg.schedule.cooldown_steps)
         torch.manual_seed(cfg.run.seed * 1000 + edist.rank())  # per-rank dropout / patch-drop stream
         # 8. data
-        self.step, self.samples_seen, self.bad_steps = 0, 0, 0
+        self.step, self.samples_seen, self.bad_steps, self.overflows = 0, 0, 0, 0
         self.order_hash = 0  # running CRC of the sample keys consumed: the data order, comparable across runs
         self.data_states: Optional[Dict] = None
         # 9. checkpoint: resume before building the data iterator (it starts at the saved position)
@@ -196,6 +196,13 @@ class Trainer:
         if info["skipped"]:
             return self._bad_step(loss, info)
         self.bad_steps = 0
+        if info.get("overflow"):  # fp16 loss-scale calibration: counted, stops only if it never recovers
+            self.overflows += 1
+            if self.overflows >= 100:
+                raise TrainingStopped(f"fp16 loss scaling overflowed on {self.overflows} consecutive steps at step "
+                                      f"{self.step}; use engine.precision = 'bf16' or lower the lr")
+            return {"train/overflow_skip": 1.0}
+        self.overflows = 0
         # each rank's local loss covers its rows; the global loss is their mean
         mean_loss = edist.all_reduce_sum(loss.detach().clone().reshape(1)) / edist.world_size()
         return {"train/loss": mean_loss.item(), "train/logit_scale": float(out["logit_scale"].detach()),
@@ -348,9 +355,12 @@ class Trainer:
         return {f"lr/{k}": v for k, v in peak.items()}
 
     def _check_skips(self):
-        skips = sum(self.data_state.skip_counts().values())
-        seen = self.data_state.samples() + skips
+        # summed over ranks, so every rank takes the same decision (one rank stopping alone would hang the rest)
+        local = sum(self.data_state.skip_counts().values())
+        tot = edist.all_reduce_sum(torch.tensor([float(local), float(self.data_state.samples() + local)],
+                                                device=self.device))
+        skips, seen = int(tot[0].item()), int(tot[1].item())
         if seen >= 1000 and skips / seen > self.cfg.data.max_skip_fraction:
-            raise TrainingStopped(f"{skips} of {seen} samples were unusable ({self.data_state.skip_counts()}), "
+            raise TrainingStopped(f"{skips} of {seen} samples were unusable (this rank: {self.data_state.skip_counts()}), "
                                   f"above data.max_skip_fraction = {self.cfg.data.max_skip_fraction}; check the shards "
                                   "(`evaclip data verify`)")

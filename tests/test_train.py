@@ -168,3 +168,13 @@ def test_hf_text_tower_trains_with_its_own_tokenizer(synth_dir, tmp_path):
     out = str(tmp_path / "hf_export")
     export_open_clip(sd, meta, out)
     assert max(verify_export(out, sd, meta).values()) <= 1e-5
+
+
+def test_too_much_corrupt_data_stops_with_a_clear_error(synth_dir, tmp_path):
+    tr = make_trainer(synth_dir, tmp_path, "skip", extra=["data.max_skip_fraction=0.1"])
+    tr.data_state.workers = {0: {"worker": 0, "num_workers": 1, "batches": 100, "stream": {},
+                                 "counts": {"decode_error": 150}, "per_source": {"s": 850}}}
+    with pytest.raises(TrainingStopped, match="150 of 1000 samples were unusable"):
+        tr._check_skips()
+    tr.data_state.workers[0]["counts"] = {"decode_error": 50}
+    tr._check_skips()  # 5%: fine
