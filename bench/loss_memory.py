@@ -31,18 +31,22 @@ def child(args):
     b = g // world
     img = F.normalize(torch.randn(g, DIM), dim=-1).requires_grad_()
     txt = F.normalize(torch.randn(g, DIM), dim=-1).requires_grad_()
+    # A rank's own rows are separate leaves, as after a real all-gather-with-grad: slicing the gathered
+    # leaf instead would make autograd add a second [G, D] gradient for the slice's backward.
+    img_loc = img[:b].detach().clone().requires_grad_()
+    txt_loc = txt[:b].detach().clone().requires_grad_()
     scale = torch.tensor([14.0], requires_grad=True)
     base = rss_mb()
     reset = reset_peak_rss()
 
     def step():
-        img.grad = txt.grad = scale.grad = None
+        img.grad = txt.grad = img_loc.grad = txt_loc.grad = scale.grad = None
         if impl == "naive":
             loss = clip_loss_naive(img, txt, scale)
         elif impl == "local":
-            loss = clip_loss_local(img[:b], txt[:b], img, txt, scale, 0)
+            loss = clip_loss_local(img_loc, txt_loc, img, txt, scale, 0)
         else:
-            loss = clip_loss_tiled(img[:b], txt[:b], img, txt, scale, 0, tile=args.get("tile", 4096))
+            loss = clip_loss_tiled(img_loc, txt_loc, img, txt, scale, 0, tile=args.get("tile", 4096))
         loss.backward()
 
     t = timeit(step, reps=args.get("reps", 5), warmup=1)

@@ -86,7 +86,10 @@ class _TiledCE(torch.autograd.Function):
         da -= s * bpos
         db[off:off + n] -= s * a32
         ds -= (a32 * bpos).sum()
-        return (g * da).to(a.dtype), (g * db).to(b.dtype), (g * ds).reshape(ctx.s_shape).to(ctx.s_dtype), None, None
+        # in place: db is [G, D]; ``g * db`` would hold a second copy of it at the backward's peak
+        da.mul_(g)
+        db.mul_(g)
+        return da.to(a.dtype), db.to(b.dtype), (g * ds).reshape(ctx.s_shape).to(ctx.s_dtype), None, None
 
 
 def clip_loss_tiled(img_loc, txt_loc, img_all, txt_all, scale, offset: int, tile: int = 4096) -> torch.Tensor:
