@@ -18,9 +18,9 @@ class UserError(Exception):
 
 
 def _progress(total: Optional[int], desc: str, unit: str = "it"):
-    from tqdm import tqdm
+    from evaclip.metrics import progress_bar
 
-    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stdout, leave=False)
+    return progress_bar(total, desc, unit, leave=False)
 
 
 # ---------------------------------------------------------------------------------------------------- train

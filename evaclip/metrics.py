@@ -4,8 +4,19 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from typing import Dict, List, Optional
+
+
+def progress_bar(total: Optional[int] = None, desc: str = "", unit: str = "it", **kw):
+    """A tqdm bar on stdout. Redirected to a file (a Slurm log), it refreshes every 30 s instead of every
+    update, so a week-long run's log holds progress lines, not megabytes of carriage returns."""
+    from tqdm import tqdm
+
+    interactive = sys.stdout.isatty()
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stdout,
+                mininterval=0.1 if interactive else 30.0, **kw)
 
 
 class MetricLogger:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 import zlib
 from typing import Dict, List, Optional
@@ -25,7 +24,7 @@ from evaclip.checkpoint import load_checkpoint, resolve_resume, rng_state, save_
 from evaclip.config import Derived, ExperimentConfig, save_run_config, to_dict
 from evaclip.engine import build_engine, pick_device
 from evaclip.losses import ContrastiveLoss
-from evaclip.metrics import MetricLogger, plot_run
+from evaclip.metrics import MetricLogger, plot_run, progress_bar
 from evaclip.models import create_model, model_meta
 from evaclip.models.convert import init_from_files
 from evaclip.models.registry import get_variant
@@ -297,10 +296,7 @@ class Trainer:
         self.engine.train(True)
         bar = None
         if edist.is_main() and cfg.log.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=d.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
-                       file=sys.stdout)
+            bar = progress_bar(d.steps, "train", "step", initial=self.step)
         t_last, n_last = time.time(), self.samples_seen
         last_eval: Dict[str, float] = {}
         while self.step < d.steps:
@@ -324,7 +320,7 @@ class Trainer:
                 self._check_skips()
                 self.logger.log(self.step, metrics)
                 if bar and "train/loss" in metrics:
-                    bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", samples_s=f"{sps:.0f}")
+                    bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", samples_s=f"{sps:.0f}", refresh=False)
             if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < d.steps:
                 last_eval = self.evaluate()
                 self.logger.log(self.step, last_eval)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections import Counter
 from typing import Dict, List, Tuple
 
@@ -156,17 +155,17 @@ def preview(source: str, root: str = "", n: int = 16, out: str = "preview.png") 
 
 
 def run(args) -> int:
-    from tqdm import tqdm
+    from evaclip.metrics import progress_bar
 
     if args.data_cmd == "stats":
-        bar = tqdm(desc="shards", unit="shard", file=sys.stdout, leave=False)
+        bar = progress_bar(None, "shards", "shard", leave=False)
         res = stats(args.source, args.root, args.out, bar.update)
         bar.close()
         print(f"{res['shards']} shards, samples per source: {res['samples']}, unreadable shards: {res['unreadable']}"
               f"\nmanifest: {res['manifest']}")
         return 0
     if args.data_cmd == "verify":
-        bar = tqdm(desc="verify", unit="shard", file=sys.stdout, leave=False)
+        bar = progress_bar(None, "verify", "shard", leave=False)
         rep = verify(args.source, args.root, bar.update)
         bar.close()
         for s in rep["shards"]:
