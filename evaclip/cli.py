@@ -77,7 +77,6 @@ def _load_for_eval(args):
     """(encode_image, encode_text, tokenizer, image_size, mean, std, name, pretrained) for --checkpoint or --model."""
     import torch
 
-
     device = torch.device(args.device)
     if args.checkpoint:
         from evaclip.checkpoint import load_weights

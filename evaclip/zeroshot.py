@@ -201,16 +201,18 @@ def _batches(it: Iterator, transform, batch_size: int, workers: int = 0):
         from concurrent.futures import ThreadPoolExecutor
 
         pool = ThreadPoolExecutor(workers)
-    chunk = []
-    for item in it:
-        chunk.append(item)
-        if len(chunk) == batch_size:
+    try:
+        chunk = []
+        for item in it:
+            chunk.append(item)
+            if len(chunk) == batch_size:
+                yield _make_batch(chunk, transform, pool)
+                chunk = []
+        if chunk:
             yield _make_batch(chunk, transform, pool)
-            chunk = []
-    if chunk:
-        yield _make_batch(chunk, transform, pool)
-    if pool is not None:
-        pool.shutdown()
+    finally:  # also when the consumer stops early
+        if pool is not None:
+            pool.shutdown()
 
 
 def _make_batch(chunk, transform, pool):

@@ -77,6 +77,7 @@ class ShardSequence:
         self.urls, self.spec, self.source, self.worker = urls, spec, source, worker
         self.global_worker = spec.rank * num_workers + worker
         self.total_workers = spec.world_size * num_workers
+        self._perm_epoch, self._perm_cache = -1, None  # epoch mode: this epoch's shard permutation
         if spec.resampled and spec.epochs:
             raise ValueError("a finite number of epochs needs epoch mode (resampled = false)")
         if not spec.resampled and len(urls) < self.total_workers:
@@ -100,7 +101,7 @@ class ShardSequence:
         return out
 
     def _perm(self, epoch: int):
-        if getattr(self, "_perm_epoch", None) != epoch:  # one permutation of all shards per epoch, cached
+        if self._perm_epoch != epoch:  # one permutation of all shards per epoch, cached
             self._perm_epoch = epoch
             self._perm_cache = np.random.default_rng(_seed(self.spec.seed, "epoch", self.source, epoch)).permutation(
                 len(self.urls))

@@ -157,13 +157,15 @@ class HFTextEncoder(nn.Module):
         config = transformers.AutoConfig.from_pretrained(model_path, local_files_only=True)
         # we pool the hidden states ourselves: drop BERT-style pooler layers (they would get no gradient),
         # as open_clip's HF tower does
+        def load(**kw):
+            if pretrained:
+                return transformers.AutoModel.from_pretrained(model_path, local_files_only=True, **kw)
+            return transformers.AutoModel.from_config(config, **kw)
+
         try:
-            self.transformer = (transformers.AutoModel.from_pretrained(model_path, local_files_only=True,
-                                                                       add_pooling_layer=False)
-                                if pretrained else transformers.AutoModel.from_config(config, add_pooling_layer=False))
+            self.transformer = load(add_pooling_layer=False)
         except TypeError:  # a model class without that option
-            self.transformer = (transformers.AutoModel.from_pretrained(model_path, local_files_only=True)
-                                if pretrained else transformers.AutoModel.from_config(config))
+            self.transformer = load()
         self.pooler, self.output_dim, self.context_length = pooler, output_dim, context_length
         self.pad_id = pad_id if pad_id is not None else (config.pad_token_id or 0)
         width = config.hidden_size
