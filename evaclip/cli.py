@@ -60,6 +60,7 @@ def cmd_train(args) -> int:
         summary = trainer.train()
     except TrainingStopped as e:
         raise UserError(str(e)) from None
+    edist.shutdown()
     if edist.is_main():
         zs = summary["zeroshot"]
         acc = {k: v for k, v in zs.items() if k.endswith("/acc1")}

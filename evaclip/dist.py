@@ -56,6 +56,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def shutdown() -> None:
+    """Leave the job cleanly: wait for every rank, then destroy the process groups. Exiting with a live
+    gloo group can abort the process in its background threads ("terminate called without an active
+    exception"), turning a finished run into a non-zero exit code."""
+    if is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 class _AllGatherWithGrad(torch.autograd.Function):
     """All-gather along dim 0 whose backward returns this rank's slice of the summed gradients.
 

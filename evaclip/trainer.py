@@ -242,7 +242,7 @@ class Trainer:
             with open(os.path.join(self.run_dir, REQUEUE_FILE), "w") as f:
                 f.write(f"step {self.step}: saved after a stop request; resume with the same command\n")
             self.log(f"saved at step {self.step} after a stop request; exiting with code {REQUEUE_EXIT_CODE}")
-        edist.barrier()
+        edist.shutdown()
         raise SystemExit(REQUEUE_EXIT_CODE)
 
     def save(self):

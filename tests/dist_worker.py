@@ -67,7 +67,7 @@ def main_train(out: str, shard: str, overrides):
         if edist.is_main():
             torch.save({"weights": {k: v.detach().float().clone() for k, v in model.state_dict().items()},
                         "losses": losses, "zeroshot": zeroshot}, out)
-    edist.barrier()
+    edist.shutdown()
 
 
 def main_loss(out: str):
@@ -89,6 +89,7 @@ def main_loss(out: str):
         torch.distributed.all_reduce(val)
         res[impl] = {"loss": (val / world).item(), "gi": gi, "gt": gt, "gs": gs / world}
     torch.save({"rank": rank, "img": img.detach(), "txt": txt.detach(), "res": res}, out.replace(".pt", f".{rank}.pt"))
+    edist.shutdown()
 
 
 if __name__ == "__main__":
