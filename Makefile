@@ -33,8 +33,8 @@ $(VENV)/.installed: requirements/lock.txt requirements/constraints.txt pyproject
 demo: setup
 	$(BIN)/evaclip data synth --out $(DEMO_DATA)
 	rm -rf $(DEMO_RUN)
-	$(BIN)/evaclip train launch/experiments/demo_cpu.toml run.output_dir=runs run.name=demo_cpu data.root=$(DEMO_DATA)
-	$(BIN)/evaclip eval --checkpoint $(DEMO_RUN) --suite eval/suites/quick.toml \
+	$(BIN)/evaclip train demo_cpu run.output_dir=runs run.name=demo_cpu data.root=$(DEMO_DATA)
+	$(BIN)/evaclip eval --checkpoint $(DEMO_RUN) --suite quick \
 		--datasets-root $(DEMO_DATA)/zeroshot --out $(DEMO_RUN)/zeroshot --require-acc1 0.09375
 	$(BIN)/evaclip export $(DEMO_RUN) --out $(DEMO_RUN)/open_clip_export --verify
 	@echo ""

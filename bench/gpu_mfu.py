@@ -53,12 +53,13 @@ def bench_setting(name, batch, steps, device, patch_dropout, compile_, dtype, wa
     import evaclip  # noqa: F401
     from evaclip.config import OptimConfig
     from evaclip.losses import ContrastiveLoss
-    from evaclip.models import create_model_from_name, get_variant
+    from evaclip.config import ModelConfig, VisionConfig
+    from evaclip.models import create_model, get_variant
     from evaclip.optim import Lamb, param_groups
 
     v = get_variant(name)
     torch.manual_seed(0)
-    model = create_model_from_name(name, patch_dropout=patch_dropout).to(device).train()
+    model = create_model(ModelConfig(name=name, vision=VisionConfig(patch_dropout=patch_dropout))).to(device).train()
     loss_fn = ContrastiveLoss("clip", "local")
     opt = Lamb(param_groups(model, OptimConfig()), lr=1e-4)
     images = torch.randn(batch, 3, v.image_size, v.image_size, device=device)
@@ -66,7 +67,7 @@ def bench_setting(name, batch, steps, device, patch_dropout, compile_, dtype, wa
     amp = dict(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
     with torch.autocast(**amp):
         flops = count_flops(model, loss_fn, images, texts)
-    fwd = create_model_from_name(name).to(device).eval()
+    fwd = create_model(name).to(device).eval()
     with torch.no_grad(), torch.autocast(**amp):
         from torch.utils.flop_counter import FlopCounterMode
 

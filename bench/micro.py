@@ -10,11 +10,11 @@ def optimizer_step(reps: int = 5, model: str = "EVA02-B-16"):
     """One optimizer step over a real model's parameter set (fp32, random gradients): our LAMB (foreach,
     per-tensor trust ratios) against torch.optim.AdamW (foreach) on the same parameter groups."""
     from evaclip.config import OptimConfig
-    from evaclip.models import create_model_from_name
+    from evaclip.models import create_model
     from evaclip.optim import Lamb, param_groups
 
     torch.manual_seed(0)
-    m = create_model_from_name(model)
+    m = create_model(model)
     for p in m.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     rows = {}

@@ -34,7 +34,8 @@ def prepare(cache: str, quick: bool):
     from bench.data_pipeline import make_shards
     from evaclip.data import synth
     from evaclip.export.open_clip import export_open_clip
-    from evaclip.models import create_model_from_name, get_variant
+    from evaclip.config import ModelConfig
+    from evaclip.models import create_model, get_variant, model_record
 
     small = os.path.join(cache, "synth64")
     if not os.path.exists(os.path.join(small, "recipe.toml")):
@@ -44,7 +45,7 @@ def prepare(cache: str, quick: bool):
     if not os.path.exists(os.path.join(export, "open_clip_config.json")):
         torch.manual_seed(0)
         v = get_variant("EVA02-Ti-8-64")
-        export_open_clip(create_model_from_name(v.name).state_dict(), {"model": v.name}, export)
+        export_open_clip(create_model(v.name).state_dict(), model_record(ModelConfig(name=v.name)), export)
     return {"train_shards": os.path.join(small, "train", "{00000..00003}.tar"), "jpeg256": big,
             "zeroshot": os.path.join(small, "zeroshot", "synth_shapes"), "export": export}
 

@@ -21,13 +21,15 @@ WARMUP = 5
 
 def _open_clip_runner(a, tmp):
     """open_clip_train.main with our tiny model config registered and the webdataset EOF fix applied."""
+    from evaclip.config import ModelConfig
     from evaclip.export.open_clip import open_clip_config
-    from evaclip.models import get_variant
+    from evaclip.models import get_variant, model_record
 
     cfg_dir = os.path.join(tmp, "configs")
     os.makedirs(cfg_dir, exist_ok=True)
     with open(os.path.join(cfg_dir, "EVA02-Ti-8-64.json"), "w") as f:
-        json.dump(open_clip_config(get_variant("EVA02-Ti-8-64"))["model_cfg"], f)
+        text = model_record(ModelConfig(name="EVA02-Ti-8-64"))["config"]["text"]
+        json.dump(open_clip_config(get_variant("EVA02-Ti-8-64"), text)["model_cfg"], f)
     code = f"""
 import sys, open_clip
 sys.path.insert(0, {REPO!r})

@@ -1,6 +1,6 @@
 """Run-directory checkpoints: atomic step directories, a ``latest`` pointer, pruning, resume.
 
-    <run_dir>/checkpoints/step-00001000/   engine state (DeepSpeed files or engine_state.pt),
+    <run_dir>/checkpoints/step-00001000/   engine state (the engine's own files, see engine.py),
                                            rank00000.pt ... (per-rank data position + RNG states),
                                            meta.json (step, samples seen, ...) -- written last
     <run_dir>/checkpoints/latest           text: the tag of the newest complete checkpoint
@@ -140,24 +140,10 @@ def find_checkpoint(path: str) -> str:
 
 
 def load_weights(path: str) -> Tuple[Dict[str, torch.Tensor], Dict]:
-    """Full fp32 model weights and meta of a checkpoint (or a run dir's latest), whatever engine wrote it.
+    """Full fp32 model weights and meta of a checkpoint (or a run dir's latest), whatever engine wrote it."""
+    from evaclip.engine import read_weights
 
-    DeepSpeed ZeRO-1/2/3 checkpoints are consolidated with DeepSpeed's own ``zero_to_fp32`` utilities (fp32
-    master weights, not the bf16/fp16 copies).
-    """
     ckpt = find_checkpoint(path)
     with open(os.path.join(ckpt, META)) as f:
         meta = json.load(f)
-    plain = os.path.join(ckpt, "engine_state.pt")
-    if os.path.exists(plain):
-        sd = torch.load(plain, map_location="cpu", weights_only=False)["model"]
-        return {k: v.float() for k, v in sd.items()}, meta
-    parent, tag = os.path.split(ckpt.rstrip("/"))
-    if any(f.endswith("optim_states.pt") and "zero_pp_rank" in f for f in os.listdir(ckpt)):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        sd = get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag)
-    else:  # DeepSpeed without ZeRO: the module weights are in the model-states file
-        states = torch.load(os.path.join(ckpt, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
-        sd = states["module"]
-    return {k: v.float() for k, v in sd.items() if not k.endswith("attn_mask")}, meta
+    return read_weights(ckpt), meta

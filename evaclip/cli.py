@@ -32,7 +32,7 @@ def cmd_train(args) -> int:
         print("\n".join(describe()))
         return 0
     if not args.experiment:
-        raise UserError("evaclip train needs an experiment file (e.g. launch/experiments/demo_cpu.toml)")
+        raise UserError("evaclip train needs an experiment: a built-in name (e.g. demo_cpu) or a TOML file")
     cfg = load_config(args.experiment, args.overrides)
     world = args.world_size or edist.env_world()[2]
     if args.print_run_dir:
@@ -75,26 +75,29 @@ def cmd_train(args) -> int:
 
 # ---------------------------------------------------------------------------------------------------- eval
 def _load_for_eval(args):
-    """(encode_image, encode_text, tokenizer, image_size, mean, std, name, pretrained) for --checkpoint or --model."""
+    """(encode_image, encode_text, tokenizer, image_size, mean, std, interpolation, name, pretrained) for
+    --checkpoint or --model."""
     import torch
 
     device = torch.device(args.device)
     if args.checkpoint:
         from evaclip.checkpoint import load_weights
         from evaclip.data.transforms import make_tokenizer
-        from evaclip.models import build_from_meta, get_variant
+        from evaclip.models import model_from_record, record_variant
 
         sd, meta = load_weights(args.checkpoint)
-        v = get_variant(meta["model"])
-        model = build_from_meta(meta)
+        v = record_variant(meta.get("model"))
+        model = model_from_record(meta["model"])
         model.load_state_dict(sd)
         model.eval().to(device)
-        text = meta.get("text", {})
+        text = meta["model"]["config"]["text"]
         return (lambda x: model.encode_image(x, normalize=False), lambda t: model.encode_text(t, normalize=False),
-                make_tokenizer(v.context_length, text.get("kind", "clip"), text.get("hf_path", "")), v.image_size,
-                v.mean, v.std, v.name, os.path.abspath(args.checkpoint))
+                make_tokenizer(v.context_length, text["kind"], text["hf_path"]), v.image_size,
+                v.mean, v.std, v.interpolation, v.name, os.path.abspath(args.checkpoint))
     if args.model and args.model.startswith("open_clip:"):
         import open_clip
+
+        from evaclip.models.registry import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
         name = args.model[len("open_clip:"):]
         if args.pretrained and os.path.isdir(args.pretrained):
@@ -106,21 +109,23 @@ def _load_for_eval(args):
         model.eval().to(device)
         cfg = model.visual.preprocess_cfg if hasattr(model.visual, "preprocess_cfg") else {}
         size = model.visual.image_size[0] if isinstance(model.visual.image_size, (tuple, list)) else model.visual.image_size
-        mean = cfg.get("mean", (0.48145466, 0.4578275, 0.40821073))
-        std = cfg.get("std", (0.26862954, 0.26130258, 0.27577711))
-        return (model.encode_image, model.encode_text, tok, size, mean, std, name, args.pretrained or "")
+        mean = cfg.get("mean", OPENAI_CLIP_MEAN)
+        std = cfg.get("std", OPENAI_CLIP_STD)
+        return (model.encode_image, model.encode_text, tok, size, mean, std, cfg.get("interpolation", "bicubic"),
+                name, args.pretrained or "")
     raise UserError("evaclip eval needs --checkpoint <run dir|checkpoint> or --model open_clip:<name>")
 
 
 def cmd_eval(args) -> int:
-    from evaclip.evalsuite import load_suite, run_suite, table, write_results
+    from evaclip.evalsuite import compare, load_suite, run_suite, write_results
 
     if args.compare:
-        return _compare(args.compare)
+        print(compare(args.compare))
+        return 0
     if not args.suite:
-        raise UserError("evaclip eval needs --suite (e.g. eval/suites/quick.toml)")
+        raise UserError("evaclip eval needs --suite (a built-in name such as quick or eva27, or a suite file)")
     entries = load_suite(args.suite)
-    enc_i, enc_t, tok, size, mean, std, name, pretrained = _load_for_eval(args)
+    enc_i, enc_t, tok, size, mean, std, interpolation, name, pretrained = _load_for_eval(args)
     import torch
 
     amp = args.precision == "bf16"
@@ -134,14 +139,9 @@ def cmd_eval(args) -> int:
     cache = os.path.join(args.out, ".classifier_cache", _fingerprint(name, pretrained))
     results = run_suite(wrap(enc_i), wrap(enc_t), tok, entries, args.datasets_root, size, mean, std,
                         torch.device(args.device), args.batch_size, strict=args.strict, classifier_cache=cache,
-                        model_name=name, pretrained=pretrained, workers=args.workers,
+                        model_name=name, pretrained=pretrained, workers=args.workers, interpolation=interpolation,
                         progress_factory=lambda n: _progress(None, n, "img"))
-    write_results(results, args.out)
-    md = table(results)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(md + "\n")
-    _write_csv(results, os.path.join(args.out, "results.csv"))
-    print(md)
+    print(write_results(results, args.out))
     missing = [r["dataset"] for r in results if r["status"] == "missing"]
     print(f"results: {args.out} ({len(results) - len(missing)} evaluated, {len(missing)} missing"
           + (f": {', '.join(missing)}" if missing else "") + ")")
@@ -163,50 +163,23 @@ def _fingerprint(name: str, pretrained: str) -> str:
     return hashlib.sha1(f"{name}|{os.path.abspath(pretrained) if pretrained else ''}|{stamp}".encode()).hexdigest()[:16]
 
 
-def _write_csv(results, path):
-    import csv
-
-    keys = sorted({k for r in results for k in r["metrics"]})
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["dataset", "task", "status"] + keys)
-        for r in results:
-            w.writerow([r["dataset"], r["task"], r["status"]] + [r["metrics"].get(k, "") for k in keys])
-
-
-def _compare(files: List[str]) -> int:
-    from evaclip.evalsuite import headline
-
-    rows = {}
-    for i, path in enumerate(files):
-        with open(path) as f:
-            data = json.load(f)
-        for r in data if isinstance(data, list) else [data]:
-            rows.setdefault(r["dataset"], [None] * len(files))[i] = headline(r)
-    head = "| dataset | " + " | ".join(os.path.basename(f) for f in files) + " |"
-    print(head + "\n|---|" + "---|" * len(files))
-    for ds, vals in rows.items():
-        print(f"| {ds} | " + " | ".join("-" if v is None else f"{100 * v:.2f}" for v in vals) + " |")
-    return 0
-
-
 # ---------------------------------------------------------------------------------------------------- export
 def cmd_export(args) -> int:
     from evaclip.checkpoint import find_checkpoint, load_weights
     from evaclip.export.open_clip import export_open_clip, verify_export
-    from evaclip.models import get_variant
+    from evaclip.models import record_variant
 
     ckpt = find_checkpoint(args.source)
     print(f"consolidating {ckpt} ...", flush=True)
     sd, meta = load_weights(ckpt)
-    v = get_variant(meta["model"])
-    written = export_open_clip(sd, meta, args.out, dtype=args.dtype, tower=args.tower, source=ckpt)
+    v = record_variant(meta.get("model"))
+    written = export_open_clip(sd, meta["model"], args.out, dtype=args.dtype, tower=args.tower, source=ckpt)
     for k, p in written.items():
         print(f"  {k}: {p}")
     if args.verify:
         if args.tower != "both" or args.dtype != "fp32":
             raise UserError("--verify compares fp32 embeddings of a full export: use --tower both --dtype fp32")
-        diffs = verify_export(args.out, sd, meta)
+        diffs = verify_export(args.out, sd, meta["model"])
         print("open_clip reload, max |embedding difference| vs the trained model: "
               + ", ".join(f"{k} {d:.2e}" for k, d in diffs.items()))
         if max(diffs.values()) > args.tolerance:
@@ -236,14 +209,22 @@ def cmd_data(args) -> int:
 
 # ---------------------------------------------------------------------------------------------------- models
 def cmd_models(args) -> int:
-    from evaclip.models import VARIANTS, create_model_from_name
+    import glob
 
-    print(f"{'model':<18} {'timm image tower':<36} {'params':>10}  published")
-    for name, v in VARIANTS.items():
-        m = create_model_from_name(name, device="meta")
+    from evaclip.models import create_model, get_variant, list_models
+
+    paths = []
+    for p in args.files:
+        paths += sorted(glob.glob(os.path.join(p, "*.toml"))) if os.path.isdir(p) else [p]
+    print(f"{'model':<20} {'image':>8} {'patch':>5} {'width':>5} {'depth':>5} {'params':>10}  published  file")
+    for name in paths or list_models():
+        v = get_variant(name)
+        m = create_model(v.name, v, device="meta")
         n = sum(p.numel() for p in m.parameters())
         pub = f"{v.published_params / 1e6:,.0f}M" if v.published_params else "-"
-        print(f"{name:<18} {v.timm_name:<36} {n / 1e6:>9,.1f}M  {pub}")
+        vis = v.vision
+        print(f"{v.name:<20} {v.image_size:>8} {vis['patch_size']:>5} {vis['embed_dim']:>5} {vis['depth']:>5} "
+              f"{n / 1e6:>9,.1f}M  {pub:>9}  {name if paths else 'built-in'}")
         del m
     return 0
 
@@ -255,23 +236,29 @@ def build_parser() -> argparse.ArgumentParser:
 
         Typical flow:
           evaclip data synth --out data/synth                       # a small local dataset
-          evaclip train launch/experiments/demo_cpu.toml            # train (overrides: optim.lr=3e-4 ...)
-          evaclip eval --checkpoint runs/demo_cpu --suite eval/suites/quick.toml --datasets-root data/synth/zeroshot
+          evaclip train demo_cpu data.root=data/synth               # train (overrides: optim.lr=3e-4 ...)
+          evaclip eval --checkpoint runs/demo_cpu --suite quick --datasets-root data/synth/zeroshot
           evaclip export runs/demo_cpu --out exports/demo --verify  # open_clip folder (+ timm image tower)
         """))
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
 
     t = sub.add_parser("train", formatter_class=_F, help="train from an experiment file",
                        description=textwrap.dedent("""\
-        Train from a TOML experiment file (launch/experiments/*.toml), with dotted overrides:
+        Train from an experiment (a built-in name such as demo_cpu or eva02_clip_b16, or a TOML file), with
+        dotted overrides:
 
-          evaclip train launch/experiments/demo_cpu.toml optim.visual.lr=3e-4 model.vision.patch_dropout=0.5
+          evaclip train demo_cpu data.root=data/synth optim.visual.lr=3e-4 model.vision.patch_dropout=0.5
+          evaclip train my_experiment.toml --dry-run
+
+        Relative paths inside an experiment file resolve against that file's folder; relative paths in
+        overrides against the current directory; bare names (demo_cpu, merged2b, quick, EVA02-B-16) are the
+        built-in experiments, recipes, suites and models shipped with evaclip.
 
         Single process runs directly; several processes under torchrun or Slurm (launch/torchrun.sh,
         launch/slurm/train.sbatch) with engine.kind=deepspeed. A run resumes from its latest checkpoint
         (checkpoint.resume=auto). --help-config lists every key with its type, default and meaning.
         """))
-    t.add_argument("experiment", nargs="?", help="experiment TOML file")
+    t.add_argument("experiment", nargs="?", help="a built-in experiment name (demo_cpu, ...) or a TOML file")
     t.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides (any position)")
     t.add_argument("--dry-run", action="store_true", help="print the resolved config, derived values and the "
                    "DeepSpeed config, then exit")
@@ -282,10 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", formatter_class=_F, help="zero-shot evaluation suite",
                        description=textwrap.dedent("""\
-        Zero-shot classification / retrieval over a suite of datasets (eval/suites/*.toml), writing one JSON
+        Zero-shot classification / retrieval over a suite of datasets (a built-in suite name: quick, eva27,
+        retrieval; or a suite TOML file), writing one JSON
         per dataset (CLIP_benchmark's shape) plus results.md / results.csv:
 
-          evaclip eval --checkpoint runs/demo_cpu --suite eval/suites/quick.toml --datasets-root data/synth/zeroshot
+          evaclip eval --checkpoint runs/demo_cpu --suite quick --datasets-root data/synth/zeroshot
           evaclip eval --model open_clip:EVA02-B-16 --pretrained exports/demo --suite ...
           evaclip eval --compare results/a/imagenet1k.json results/b/imagenet1k.json
 
@@ -295,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", help="run dir or checkpoint dir of an evaclip run")
     e.add_argument("--model", help="open_clip:<name> to evaluate an open_clip model with the same code")
     e.add_argument("--pretrained", help="with --model: a weights file, an open_clip export folder, or a tag")
-    e.add_argument("--suite", help="suite TOML (eval/suites/*.toml)")
+    e.add_argument("--suite", help="a built-in suite name (quick, eva27, retrieval) or a suite TOML file")
     e.add_argument("--datasets-root", default="datasets", help="folder holding the datasets (default: datasets)")
     e.add_argument("--out", default="results", help="output folder (default: results)")
     e.add_argument("--batch-size", type=int, default=64)
@@ -340,7 +328,20 @@ def build_parser() -> argparse.ArgumentParser:
     tools.add_parsers(dsub)
     d.set_defaults(fn=cmd_data)
 
-    m = sub.add_parser("models", help="list model variants with parameter counts")
+    m = sub.add_parser("models", formatter_class=_F, help="list model architectures with parameter counts",
+                       description=textwrap.dedent("""\
+        List the built-in model architectures (launch/models/*.toml inside the package) with their parameter
+        counts, or your own model files / folders of them:
+
+          evaclip models
+          evaclip models my_models/            # every *.toml in the folder
+          evaclip models my_models/tiny.toml
+
+        A model file is the architecture: image-tower kwargs as timm's Eva takes them ([vision]), the CLIP
+        text tower ([text]), the embedding width, mean/std and interpolation ([preprocess]). Train one with
+        model.name = "path/to/file.toml" (or model.model_dir = "folder" and model.name = "<file name>").
+        """))
+    m.add_argument("files", nargs="*", metavar="FILE_OR_DIR", help="model TOML files or folders of them")
     m.set_defaults(fn=cmd_models)
     return p
 

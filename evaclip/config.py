@@ -18,16 +18,20 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from evaclip.files import ConfigError, deep_merge, find, from_dict, read_toml, resolve_paths
 
-class ConfigError(ValueError):
-    """A bad experiment file or override; the message is one line that names the key."""
+__all__ = ["ConfigError", "ExperimentConfig", "Derived", "load_config", "resolve", "save_run_config",
+           "load_run_config", "describe", "to_dict", "dumps_toml", "parse_override"]
 
 
-def _f(default, help: str, choices=None):
-    """A documented field (``evaclip train --help-config`` prints the help)."""
+def _f(default, help: str, choices=None, path: Optional[str] = None, keywords: tuple = ()):
+    """A documented field (``evaclip train --help-config`` prints the help). ``path``: the field holds a path
+    (or, for an asset kind, a built-in name) resolved by the rule in ``evaclip.files``."""
     md = {"help": help}
     if choices:
         md["choices"] = tuple(choices)
+    if path:
+        md["path"], md["keywords"] = path, tuple(keywords)
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=md)
     return field(default=default, metadata=md)
@@ -50,7 +54,7 @@ class VisionConfig:
     attn_impl: str = _f("sdpa", "attention kernel", ["sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_math",
                                                       "sdpa_cudnn", "flash_attn", "math"])
     grad_checkpointing: bool = _f(False, "activation checkpointing per block")
-    init: str = _f("", "EVA / EVA-02 MIM checkpoint to start from (original EVA or timm layout)")
+    init: str = _f("", "EVA / EVA-02 MIM checkpoint to start from (original EVA or timm layout)", path="file")
     lock: bool = _f(False, "freeze the image tower")
     unlocked_layers: int = _f(0, "with lock: leave the last N layer groups trainable")
 
@@ -63,8 +67,8 @@ class TextConfig:
     attn_impl: str = _f("sdpa", "attention kernel (causal)", ["sdpa", "sdpa_flash", "sdpa_efficient",
                                                              "sdpa_math", "sdpa_cudnn", "flash_attn", "math"])
     grad_checkpointing: bool = _f(False, "activation checkpointing per block")
-    init: str = _f("", "text weights to start from: an OpenAI CLIP or open_clip checkpoint")
-    hf_path: str = _f("", "kind=hf: local folder with config.json (+ weights); no downloads")
+    init: str = _f("", "text weights to start from: an OpenAI CLIP or open_clip checkpoint", path="file")
+    hf_path: str = _f("", "kind=hf: local folder with config.json (+ weights); no downloads", path="file")
     hf_pooler: str = _f("mean", "kind=hf: cls | mean | eos", ["cls", "mean", "eos"])
     lock: bool = _f(False, "freeze the text tower")
     unlocked_layers: int = _f(0, "with lock: leave the last N layer groups trainable")
@@ -72,10 +76,13 @@ class TextConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = _f("EVA02-Ti-8-64", "model variant (evaclip models: `evaclip models`)")
+    name: str = _f("EVA02-Ti-8-64", "model architecture: a built-in name (`evaclip models`), a model TOML file, or "
+                  "a file name in model.model_dir", path="model")
+    model_dir: str = _f("", "a folder of your own model TOML files; model.name may name one of them", path="file")
     init_temperature: float = _f(0.07, "initial softmax temperature (logit_scale = ln(1/T))")
     max_logit_scale: float = _f(100.0, "cap on exp(logit_scale) (EVA-CLIP: 100)")
-    init: str = _f("", "a whole CLIP checkpoint to start from (evaclip checkpoint or open_clip export)")
+    init: str = _f("", "a whole CLIP checkpoint to start from (evaclip checkpoint or open_clip export)",
+                  path="file")
     use_logit_bias: bool = _f(False, "learned logit bias (SigLIP; needed by loss.kind = 'siglip')")
     init_logit_bias: float = _f(-10.0, "initial logit bias (SigLIP paper: -10)")
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -84,9 +91,12 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    recipe: str = _f("", "data recipe TOML (data_recipes/*.toml): sources, shard patterns, weights")
-    root: str = _f("", "substituted for {root} in the recipe's shard patterns")
-    shards: str = _f("", "instead of a recipe: one brace pattern of tar shards (local, pipe:, or URL)")
+    recipe: str = _f("", "data recipe: a built-in name (merged2b, laion2b, ...) or a recipe TOML file",
+                    path="recipe")
+    root: str = _f("", "substituted for {root} in the recipe's shard patterns (and in eval.datasets_root)",
+                  path="file")
+    shards: str = _f("", "instead of a recipe: one brace pattern of tar shards (local, pipe:, or URL)",
+                    path="file")
     micro_batch_size: int = _f(32, "samples per rank per micro-step")
     workers: int = _f(2, "dataloader worker processes per rank")
     shuffle_buffer: int = _f(1000, "sample shuffle buffer per worker")
@@ -139,7 +149,8 @@ class EngineConfig:
     zero_stage: int = _f(0, "DeepSpeed ZeRO stage 0-3", [0, 1, 2, 3])
     grad_clip: float = _f(0.0, "global grad-norm clip (0 = off; EVA-CLIP: 5.0)")
     accum_steps: int = _f(1, "micro-steps per optimizer step (feature-cached, exact for contrastive loss)")
-    deepspeed_overlay: str = _f("", "JSON merged over the generated DeepSpeed config (launch/deepspeed/*.json)")
+    deepspeed_overlay: str = _f("", "JSON merged over the generated DeepSpeed config: a built-in name (zero1, "
+                                "zero2, zero3, offload) or a .json file", path="overlay")
     max_bad_steps: int = _f(10, "consecutive non-finite steps before the run stops")
     compile: bool = _f(False, "torch.compile the towers")
 
@@ -148,14 +159,16 @@ class EngineConfig:
 class CheckpointConfig:
     every_steps: int = _f(1000, "save every N optimizer steps (and at the end)")
     keep_last: int = _f(3, "checkpoints kept (older ones deleted)")
-    resume: str = _f("auto", "auto (latest complete checkpoint in the run dir) | none | <checkpoint dir>")
+    resume: str = _f("auto", "auto (latest complete checkpoint in the run dir) | none | <checkpoint dir>",
+                    path="file", keywords=("auto", "none"))
 
 
 @dataclass
 class EvalConfig:
-    suite: str = _f("", "zero-shot suite TOML (eval/suites/*.toml) run during training and at the end")
-    datasets_root: str = _f("", "folder holding the suite's datasets")
+    suite: str = _f("", "zero-shot suite run during training and at the end: a built-in name (quick, eva27, "
+                   "retrieval) or a suite TOML file", path="suite")
     every_steps: int = _f(0, "evaluate every N steps (0: only at the end)")
+    datasets_root: str = _f("", "folder holding the suite's datasets ({root} stands for data.root)", path="file")
     batch_size: int = _f(64, "eval batch size")
     workers: int = _f(2, "threads decoding/transforming eval images (0: inline)")
 
@@ -203,77 +216,18 @@ def _hints(cls) -> Dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _check_value(key: str, value: Any, tp: Any, f: Optional[dataclasses.Field]) -> Any:
-    """Validate (and lightly coerce: int -> float) one value against its declared type and choices."""
-    origin = typing.get_origin(tp)
-    if origin is typing.Union:  # Optional[X]
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return None if value is None else _check_value(key, value, args[0], f)
-    if origin in (list, List):
-        (inner,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list of {inner.__name__}, got {value!r}")
-        if dataclasses.is_dataclass(inner):  # arrays of tables ([[source]] in recipes)
-            return [_from_dict(inner, v, f"{key}[{i}].") for i, v in enumerate(value)]
-        return [_check_value(f"{key}[{i}]", v, inner, None) for i, v in enumerate(value)]
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        value = float(value)
-    elif tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    elif tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    elif tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-    choices = f.metadata.get("choices") if f is not None else None
-    if choices and value not in choices:
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
-    return value
-
-
-def _from_dict(cls, data: Dict[str, Any], prefix: str = ""):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a table, got {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = _hints(cls)
-    kwargs = {}
-    for k, v in data.items():
-        if k not in fields:
-            raise ConfigError(f"unknown key '{prefix}{k}'; valid keys in [{prefix.rstrip('.') or 'top level'}]: "
-                              f"{', '.join(fields)}")
-        tp = hints[k]
-        if dataclasses.is_dataclass(tp):
-            kwargs[k] = _from_dict(tp, v, f"{prefix}{k}.")
-        else:
-            kwargs[k] = _check_value(f"{prefix}{k}", v, tp, fields[k])
-    return cls(**kwargs)
-
-
-def _deep_merge(base: Dict, over: Dict) -> Dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _read_toml(path: str, _seen=()) -> Dict[str, Any]:
-    if not os.path.exists(path):
-        raise ConfigError(f"experiment file not found: {path}")
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+def _read_experiment(path: str, _seen=()) -> Dict[str, Any]:
+    """Raw experiment data with its paths resolved against its own folder, ``base`` chain merged."""
+    data = read_toml(path)
     base = data.pop("base", None)
+    data = resolve_paths(ExperimentConfig, data, os.path.dirname(os.path.abspath(path)))
     if base is not None:
-        base_path = os.path.normpath(os.path.join(os.path.dirname(path), base))
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: base: expected a string, got {base!r}")
+        base_path = find("experiment", base, os.path.dirname(os.path.abspath(path)))
         if base_path in _seen:
             raise ConfigError(f"{path}: circular 'base' chain through {base_path}")
-        data = _deep_merge(_read_toml(base_path, _seen + (base_path,)), data)
+        data = deep_merge(_read_experiment(base_path, _seen + (base_path,)), data)
     return data
 
 
@@ -314,15 +268,20 @@ def _set_path(data: Dict, path: List[str], value: Any) -> None:
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> ExperimentConfig:
-    """Load an experiment file (or the defaults) and apply CLI overrides, strictly."""
-    data = _read_toml(path) if path else {}
+    """Load an experiment (a built-in name or a file; or the defaults) and apply CLI overrides, strictly.
+    Relative paths in a file resolve against its folder, those in overrides against the current directory."""
+    if path:
+        path = find("experiment", path)
+    data = _read_experiment(path) if path else {}
     for o in overrides or []:
         keys, value = parse_override(o)
         if _field_type(ExperimentConfig, keys) is str and not isinstance(value, str):
             value = o.split("=", 1)[1].strip()  # run.name=nan, model.name=1e3: strings stay strings
-        _set_path(data, keys, value)
+        one: Dict[str, Any] = {}
+        _set_path(one, keys, value)
+        data = deep_merge(data, resolve_paths(ExperimentConfig, one, os.getcwd()))
     try:
-        return _from_dict(ExperimentConfig, data)
+        return from_dict(ExperimentConfig, data)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
 
@@ -337,13 +296,18 @@ def resolve(cfg: ExperimentConfig, world_size: int = 1) -> Derived:
     from evaclip.models.registry import get_variant
 
     try:
-        variant = get_variant(cfg.model.name)
-    except ValueError as e:
+        variant = get_variant(cfg.model.name, cfg.model.model_dir)
+    except ConfigError as e:
         raise ConfigError(f"model.name: {e}") from None
     for key, v in [("data.micro_batch_size", cfg.data.micro_batch_size), ("engine.accum_steps", cfg.engine.accum_steps),
-                   ("checkpoint.keep_last", cfg.checkpoint.keep_last), ("log.every_steps", cfg.log.every_steps)]:
+                   ("checkpoint.keep_last", cfg.checkpoint.keep_last), ("log.every_steps", cfg.log.every_steps),
+                   ("checkpoint.every_steps", cfg.checkpoint.every_steps)]:
         if v < 1:
             raise ConfigError(f"{key} must be >= 1, got {v}")
+    for key, v in [("data.workers", cfg.data.workers), ("eval.workers", cfg.eval.workers),
+                   ("eval.every_steps", cfg.eval.every_steps)]:
+        if v < 0:
+            raise ConfigError(f"{key} must be >= 0, got {v}")
     if not 0.0 <= cfg.model.vision.patch_dropout < 1.0:
         raise ConfigError(f"model.vision.patch_dropout must be in [0, 1), got {cfg.model.vision.patch_dropout}")
     if cfg.engine.kind == "torch" and cfg.engine.zero_stage:
@@ -355,7 +319,26 @@ def resolve(cfg: ExperimentConfig, world_size: int = 1) -> Derived:
     if cfg.model.text.kind == "hf" and not cfg.model.text.hf_path:
         raise ConfigError("model.text.kind = 'hf' needs model.text.hf_path (a local folder with config.json)")
     if not cfg.data.recipe and not cfg.data.shards:
-        raise ConfigError("data: set data.recipe (a data_recipes/*.toml file) or data.shards (a tar pattern)")
+        raise ConfigError("data: set data.recipe (a built-in name or a recipe file) or data.shards (a tar pattern)")
+    if cfg.data.recipe:
+        from evaclip.data.recipes import load_recipe
+
+        try:
+            recipe = load_recipe(cfg.data.recipe)
+        except ConfigError as e:
+            raise ConfigError(f"data.recipe: {e}") from None
+        if not cfg.data.root and any("{root}" in s.shards for s in recipe.source):
+            raise ConfigError(f"data.root is not set but recipe {recipe.name!r} names its shards under {{root}}: "
+                              "set data.root=<folder holding the shards>")
+    if "{root}" in cfg.eval.datasets_root and not cfg.data.root:
+        raise ConfigError("eval.datasets_root uses {root} but data.root is not set")
+    if cfg.eval.suite:
+        from evaclip.evalsuite import load_suite
+
+        try:
+            load_suite(cfg.eval.suite)
+        except ConfigError as e:
+            raise ConfigError(f"eval.suite: {e}") from None
     if len(cfg.optim.betas) != 2 or len(cfg.optim.trust_clip) != 2 or len(cfg.data.crop_scale) != 2:
         raise ConfigError("optim.betas, optim.trust_clip and data.crop_scale take two numbers each")
     if cfg.engine.deepspeed_overlay:
@@ -388,12 +371,14 @@ _OVERLAY_FORBIDDEN = ("train_batch_size", "train_micro_batch_size_per_gpu", "gra
                       "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")
 
 
-def _check_overlay(path: str) -> None:
+def _check_overlay(value: str) -> None:
     """Overlays tune DeepSpeed; what the experiment decides (stage, precision, batch, clip) stays there."""
     import json
 
-    if not os.path.exists(path):
-        raise ConfigError(f"engine.deepspeed_overlay: file not found: {path}")
+    try:
+        path = find("overlay", value)
+    except ConfigError as e:
+        raise ConfigError(f"engine.deepspeed_overlay: {e}") from None
     try:
         with open(path) as f:
             ov = json.load(f)
@@ -451,7 +436,7 @@ def load_run_config(run_dir: str) -> tuple:
     with open(path, "rb") as f:
         data = tomllib.load(f)
     derived = data.pop("derived", {})
-    return _from_dict(ExperimentConfig, data), derived
+    return from_dict(ExperimentConfig, data), derived
 
 
 def describe(cls=ExperimentConfig, prefix: str = "") -> List[str]:

@@ -5,7 +5,9 @@ Both engines expose the same small interface to the trainer:
     out = engine(image, text)        forward (DeepSpeed: through its wrapper, ZeRO-3 hooks included)
     engine.backward(loss, boundary)  accumulate gradients of ``loss`` (no division by accumulation steps:
                                      feature-cached accumulation already makes each micro-loss the big one)
-    info = engine.step()             clip, optimizer step at the accumulation boundary -> {grad_norm, skipped}
+    info = engine.step()             clip, optimizer step at the accumulation boundary -> {grad_norm, skipped,
+                                     overflow}: ``skipped`` = non-finite gradients, no update (both engines, every
+                                     precision); ``overflow`` = an fp16 loss-scale calibration skip
     engine.save(dir) / load(dir)     engine state (weights, optimizer, loss scaler) into/from a directory
     with engine.full_weights():      the unwrapped model with full parameters (ZeRO-3 gathers them)
     engine.input_dtype               dtype images must have (bf16/fp16 models under DeepSpeed)
@@ -13,6 +15,8 @@ Both engines expose the same small interface to the trainer:
 ``TorchEngine`` is plain PyTorch for single-process runs (CPU or one GPU); ``DeepSpeedEngine`` runs under
 torchrun / Slurm with ZeRO 0-3, bf16 / fp16 (dynamic loss scaling), gradient clipping. The DeepSpeed config
 is generated from the resolved config (``deepspeed_config``) and written into the run directory.
+``read_weights(dir)`` reads full fp32 weights back from either engine's checkpoint directory: the file
+layouts of both engines are known here only.
 """
 from __future__ import annotations
 
@@ -24,7 +28,10 @@ from typing import Dict, Optional
 import torch
 
 from evaclip import dist as edist
+from evaclip.files import deep_merge, find
 from evaclip.optim import FlatLayout, Lamb, flat_layout
+
+TORCH_STATE = "engine_state.pt"  # TorchEngine's checkpoint file
 
 
 def pick_device(run_device: str) -> torch.device:
@@ -79,10 +86,10 @@ class TorchEngine:
     def save(self, path: str) -> None:
         os.makedirs(path, exist_ok=True)
         torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()},
-                   os.path.join(path, "engine_state.pt"))
+                   os.path.join(path, TORCH_STATE))
 
     def load(self, path: str, load_optimizer: bool = True) -> None:
-        st = torch.load(os.path.join(path, "engine_state.pt"), map_location=self.device, weights_only=False)
+        st = torch.load(os.path.join(path, TORCH_STATE), map_location=self.device, weights_only=False)
         self.model.load_state_dict(st["model"])
         if load_optimizer:
             self.optimizer.load_state_dict(st["optimizer"])
@@ -114,16 +121,9 @@ def deepspeed_config(engine_cfg, micro_batch_size: int, world_size: int) -> Dict
     if engine_cfg.zero_stage in (1, 2):
         cfg["zero_optimization"].update({"round_robin_gradients": False})  # LAMB layouts assume group order
     if engine_cfg.deepspeed_overlay:
-        with open(engine_cfg.deepspeed_overlay) as f:
-            cfg = _deep_merge(cfg, json.load(f))
+        with open(find("overlay", engine_cfg.deepspeed_overlay)) as f:
+            cfg = deep_merge(cfg, json.load(f))
     return cfg
-
-
-def _deep_merge(a: Dict, b: Dict) -> Dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 class DeepSpeedEngine:
@@ -146,6 +146,39 @@ class DeepSpeedEngine:
         self.shards_params = engine_cfg.zero_stage == 3
         if isinstance(optimizer, Lamb):
             self._install_lamb_layouts()
+        self._nonfinite = False
+        self._guard_client_step()
+
+    def _guard_client_step(self) -> None:
+        """Skip the update when the gradients are not finite, for every precision and ZeRO stage.
+
+        DeepSpeed checks this only for fp16 (and bf16 ZeRO-1/2), and its gradient norm does not show NaN
+        (measured: a NaN partition gives a finite norm under fp32 ZeRO-2). So ``step`` decides from the
+        gradients themselves before DeepSpeed's step (``_grads_nonfinite``, agreed by all ranks), and every
+        DeepSpeed path ends in the client optimizer's ``step``, which then does nothing; DeepSpeed still
+        clears its buffers and copies the (unchanged) master weights back as after any step."""
+        opt, real_step = self.client_optimizer, self.client_optimizer.step
+
+        def step(closure=None):
+            if self._nonfinite:
+                return None
+            return real_step(closure) if closure is not None else real_step()
+
+        opt.step = step
+
+    def _grads_nonfinite(self) -> bool:
+        """Any non-finite gradient on any rank, wherever this DeepSpeed optimizer keeps them."""
+        opt, kind = self.ds_optimizer, type(self.ds_optimizer).__name__
+        if kind in ("DeepSpeedZeroOptimizer", "DeepSpeedZeroOptimizer_Stage3"):
+            return bool(opt.has_overflow(partition_gradients=getattr(opt, "partition_gradients", True)))
+        if kind == "BF16_Optimizer":
+            grads = list(opt.fp32_groups_gradient_flat_partition)
+        else:  # no ZeRO wrapper (or fp16's, which checks itself): the module's averaged gradients
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        bad = torch.tensor([float(any(not bool(torch.isfinite(g).all()) for g in grads))], device=self.device)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(bad)
+        return bad.item() > 0
 
     # LAMB needs to know which tensor each stretch of the flat partitions it is handed belongs to
     def _install_lamb_layouts(self) -> None:
@@ -222,12 +255,20 @@ class DeepSpeedEngine:
             self.ds.step()  # DeepSpeed counts micro-steps in step(); it only updates at the boundary
 
     def step(self) -> Dict:
-        self.ds.step()
+        fp16 = self.cfg.precision == "fp16"
+        self._nonfinite = False if fp16 else self._grads_nonfinite()  # fp16: DeepSpeed's loss scaler decides
+        try:
+            self.ds.step()
+        except AssertionError:  # DeepSpeed's bf16 optimizer asserts a positive norm: NaN gradients fail it
+            if not self._nonfinite:
+                raise
+            self.ds.zero_grad()
         norm = self.ds.get_global_grad_norm()
         norm = float(norm) if norm is not None else float("nan")
         # fp16: DeepSpeed skips the update and lowers the loss scale on overflow (normal while it calibrates)
-        overflow = bool(getattr(self.ds_optimizer, "overflow", False))
-        return {"grad_norm": norm, "skipped": False, "overflow": overflow}
+        overflow = fp16 and bool(getattr(self.ds_optimizer, "overflow", False))
+        return {"grad_norm": float("nan") if self._nonfinite else norm, "skipped": self._nonfinite,
+                "overflow": overflow}
 
     def zero_grad(self):
         self.ds.zero_grad()
@@ -266,3 +307,24 @@ def build_engine(model, optimizer, engine_cfg, device: torch.device, micro_batch
         with open(os.path.join(run_dir, "ds_config.json"), "w") as f:
             json.dump(ds_cfg, f, indent=2)
     return DeepSpeedEngine(model, optimizer, engine_cfg, device, ds_cfg)
+
+
+def read_weights(ckpt_dir: str) -> Dict[str, torch.Tensor]:
+    """Full fp32 model weights from a checkpoint directory written by either engine.
+
+    DeepSpeed ZeRO-1/2/3 checkpoints are consolidated with DeepSpeed's own ``zero_to_fp32`` utilities (fp32
+    master weights, not the bf16/fp16 copies)."""
+    plain = os.path.join(ckpt_dir, TORCH_STATE)
+    if os.path.exists(plain):
+        sd = torch.load(plain, map_location="cpu", weights_only=False)["model"]
+        return {k: v.float() for k, v in sd.items()}
+    parent, tag = os.path.split(ckpt_dir.rstrip("/"))
+    if any(f.endswith("optim_states.pt") and "zero_pp_rank" in f for f in os.listdir(ckpt_dir)):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag)
+    else:  # DeepSpeed without ZeRO: the module weights are in the model-states file
+        states = torch.load(os.path.join(ckpt_dir, "mp_rank_00_model_states.pt"), map_location="cpu",
+                            weights_only=False)
+        sd = states["module"]
+    return {k: v.float() for k, v in sd.items() if not k.endswith("attn_mask")}

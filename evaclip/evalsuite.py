@@ -16,13 +16,12 @@ from __future__ import annotations
 import json
 import os
 import time
-import tomllib
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional
 
-from evaclip.config import ConfigError, _from_dict
+from evaclip.files import ConfigError, asset_file, find, load_typed, resolve_value
 
-REPO_EVAL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "eval")
+_PATH = {"path": "file"}  # relative to the registry file (evaclip.files)
 
 
 @dataclass
@@ -33,8 +32,9 @@ class DatasetEntry:
     layout: str = "wds"
     split: str = "test"
     transform: str = "center_crop"
-    classnames: str = ""  # file under eval/ (e.g. classnames/imagenet1k.txt); default: the dataset's own
-    templates: str = ""  # file under eval/ (e.g. templates/imagenet1k.txt); default: the dataset's own
+    # class names / templates files (relative to the registry file); default: the dataset's own
+    classnames: str = field(default="", metadata=_PATH)
+    templates: str = field(default="", metadata=_PATH)
     clip_benchmark: str = ""  # clip_benchmark's dataset name, for reference and comparisons
     notes: str = ""
 
@@ -52,19 +52,10 @@ class Suite:
     overrides: Dict = field(default_factory=dict)
 
 
-def _load_toml(path: str) -> Dict:
-    if not os.path.exists(path):
-        raise ConfigError(f"file not found: {path}")
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: invalid TOML: {e}") from None
-
-
 def load_registry(path: Optional[str] = None) -> Dict[str, DatasetEntry]:
-    path = path or os.path.join(REPO_EVAL_DIR, "datasets.toml")
-    reg = _from_dict(Registry, _load_toml(path))
+    """The dataset registry (default: the packaged ``eval/datasets.toml``)."""
+    path = path or asset_file("eval/datasets.toml")
+    reg = load_typed(Registry, path)
     out = {}
     for d in reg.dataset:
         if d.name in out:
@@ -77,13 +68,12 @@ def load_registry(path: Optional[str] = None) -> Dict[str, DatasetEntry]:
     return out
 
 
-def load_suite(path: str, registry: Optional[Dict[str, DatasetEntry]] = None) -> List[DatasetEntry]:
-    """The suite's datasets, resolved against the registry (unknown names are an error)."""
+def load_suite(name_or_path: str, registry: Optional[Dict[str, DatasetEntry]] = None) -> List[DatasetEntry]:
+    """The suite's datasets (a built-in name like ``quick`` or a suite file), resolved against the registry
+    (unknown names are an error)."""
     registry = registry if registry is not None else load_registry()
-    try:
-        suite = _from_dict(Suite, _load_toml(path))
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+    path = find("suite", name_or_path)
+    suite = load_typed(Suite, path)
     entries = []
     for name in suite.datasets:
         if name not in registry:
@@ -91,7 +81,9 @@ def load_suite(path: str, registry: Optional[Dict[str, DatasetEntry]] = None) ->
         e = registry[name]
         over = suite.overrides.get(name, {})
         try:
-            e = replace(e, **over)
+            # the suite's own file paths resolve against the suite file (evaclip.files' one rule)
+            e = replace(e, **{k: resolve_value(v, "file", os.path.dirname(path)) if k in ("classnames", "templates")
+                              else v for k, v in over.items()})
         except TypeError as err:
             raise ConfigError(f"{path}: overrides.{name}: {err}") from None
         entries.append(e)
@@ -101,10 +93,9 @@ def load_suite(path: str, registry: Optional[Dict[str, DatasetEntry]] = None) ->
     return entries
 
 
-def _eval_file(rel: str) -> Optional[List[str]]:
-    if not rel:
+def _eval_file(path: str) -> Optional[List[str]]:
+    if not path:
         return None
-    path = rel if os.path.isabs(rel) else os.path.join(REPO_EVAL_DIR, rel)
     with open(path) as f:
         return [line.rstrip("\n") for line in f if line.strip()]
 
@@ -116,7 +107,7 @@ def dataset_root(entry: DatasetEntry, datasets_root: str) -> str:
 def run_suite(encode_image: Callable, encode_text: Callable, tokenizer, entries: List[DatasetEntry],
               datasets_root: str, image_size: int, mean, std, device, batch_size: int = 64, strict: bool = False,
               classifier_cache: Optional[str] = None, model_name: str = "", pretrained: str = "",
-              progress_factory=None, log=print, workers: int = 0) -> List[Dict]:
+              progress_factory=None, log=print, workers: int = 0, interpolation: str = "bicubic") -> List[Dict]:
     """Evaluate every dataset; one CLIP_benchmark-shaped result dict each (``status`` ok | missing)."""
     import torch
 
@@ -136,7 +127,7 @@ def run_suite(encode_image: Callable, encode_text: Callable, tokenizer, entries:
             log(f"  {e.name}: missing ({root})")
             results.append(dict(base, metrics={}, status="missing", path=root))
             continue
-        transform = eval_transform(image_size, mean, std, e.transform)
+        transform = eval_transform(image_size, mean, std, e.transform, interpolation)
         cache_file = None
         classifier = None
         if classifier_cache and e.task == "zeroshot_classification":
@@ -158,16 +149,39 @@ def run_suite(encode_image: Callable, encode_text: Callable, tokenizer, entries:
     return results
 
 
-def write_results(results: List[Dict], out_dir: str) -> List[str]:
-    """One JSON per dataset in CLIP_benchmark's shape."""
+def write_results(results: List[Dict], out_dir: str) -> str:
+    """One JSON per dataset in CLIP_benchmark's shape, plus ``results.md`` (the table) and ``results.csv``.
+    Returns the table."""
+    import csv
+
     os.makedirs(out_dir, exist_ok=True)
-    paths = []
     for r in results:
-        path = os.path.join(out_dir, f"{r['dataset']}.json")
-        with open(path, "w") as f:
+        with open(os.path.join(out_dir, f"{r['dataset']}.json"), "w") as f:
             json.dump(r, f, indent=2)
-        paths.append(path)
-    return paths
+    md = table(results)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(md + "\n")
+    keys = sorted({k for r in results for k in r["metrics"]})
+    with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["dataset", "task", "status"] + keys)
+        for r in results:
+            w.writerow([r["dataset"], r["task"], r["status"]] + [r["metrics"].get(k, "") for k in keys])
+    return md
+
+
+def compare(files: List[str]) -> str:
+    """A side-by-side markdown table of the headline metric of result JSON files (one column per file)."""
+    rows: Dict[str, List[Optional[float]]] = {}
+    for i, path in enumerate(files):
+        with open(path) as f:
+            data = json.load(f)
+        for r in data if isinstance(data, list) else [data]:
+            rows.setdefault(r["dataset"], [None] * len(files))[i] = headline(r)
+    lines = ["| dataset | " + " | ".join(os.path.basename(f) for f in files) + " |", "|---|" + "---|" * len(files)]
+    for ds, vals in rows.items():
+        lines.append(f"| {ds} | " + " | ".join("-" if v is None else f"{100 * v:.2f}" for v in vals) + " |")
+    return "\n".join(lines)
 
 
 def headline(r: Dict) -> Optional[float]:

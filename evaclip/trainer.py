@@ -25,9 +25,8 @@ from evaclip.config import Derived, ExperimentConfig, save_run_config, to_dict
 from evaclip.engine import build_engine, pick_device
 from evaclip.losses import ContrastiveLoss
 from evaclip.metrics import MetricLogger, plot_run, progress_bar
-from evaclip.models import create_model, model_meta
+from evaclip.models import create_model, get_variant, model_record
 from evaclip.models.convert import init_from_files
-from evaclip.models.registry import get_variant
 from evaclip.optim import build_optimizer
 from evaclip.schedule import LrScheduler, patch_dropout_at
 
@@ -71,8 +70,8 @@ class Trainer:
         # 2. seed (same model init on every rank; data and dropout streams differ per rank below)
         torch.manual_seed(cfg.run.seed)
         # 3. model
-        self.variant = get_variant(cfg.model.name)
-        model = create_model(cfg.model)
+        self.variant = get_variant(cfg.model.name, cfg.model.model_dir)
+        model = create_model(cfg.model, self.variant)
         report = init_from_files(model, cfg.model)
         if report:
             self.log(report)
@@ -130,7 +129,8 @@ class Trainer:
         spec = build_stream_spec(recipe, c.root, self.cfg.run.seed, edist.rank(), edist.world_size(),
                                  c.resampled, c.shuffle_buffer)
         v = self.variant
-        stream = ImageTextStream(spec, c.micro_batch_size, train_transform(v.image_size, v.mean, v.std, c.crop_scale),
+        transform = train_transform(v.image_size, v.mean, v.std, c.crop_scale, v.interpolation)
+        stream = ImageTextStream(spec, c.micro_batch_size, transform,
                                  make_tokenizer(v.context_length, self.cfg.model.text.kind, self.cfg.model.text.hf_path),
                                  min_side=draft_side(v.image_size, c.crop_scale[0]))
         stream.set_state(self.data_states)
@@ -247,7 +247,7 @@ class Trainer:
 
     def save(self):
         meta = {"samples_seen": self.samples_seen, "world_size": edist.world_size(),
-                "skips": self.data_state.skip_counts(), **model_meta(self.cfg.model)}
+                "skips": self.data_state.skip_counts(), "model": model_record(self.cfg.model, self.variant)}
         path = save_checkpoint(self.engine, self.run_dir, self.step, meta,
                                {"data": self.data_state.state_dict(), "rng": rng_state(),
                                 "order_hash": self.order_hash},
@@ -269,7 +269,7 @@ class Trainer:
             with self.engine.full_weights() as m:
                 sd = {k: v.detach().to("cpu", copy=True) for k, v in m.state_dict().items()} if edist.is_main() else None
             if edist.is_main():
-                model = create_model(self.cfg.model)
+                model = create_model(self.cfg.model, self.variant, load_hf_weights=False)
                 model.load_state_dict(sd)
                 model.to(self.device).eval()
                 dtype = torch.float32
@@ -278,10 +278,11 @@ class Trainer:
             results = run_suite(lambda x: model.encode_image(x.to(dtype), normalize=False),
                                 lambda t: model.encode_text(t, normalize=False),
                                 make_tokenizer(v.context_length, self.cfg.model.text.kind, self.cfg.model.text.hf_path),
-                                self.eval_entries, self.cfg.eval.datasets_root, v.image_size, v.mean, v.std,
+                                self.eval_entries, self.cfg.eval.datasets_root.replace("{root}", self.cfg.data.root),
+                                v.image_size, v.mean, v.std,
                                 self.device, self.cfg.eval.batch_size, model_name=v.name,
                                 pretrained=f"{self.run_dir}@step{self.step}", log=self.log,
-                                workers=self.cfg.eval.workers)
+                                workers=self.cfg.eval.workers, interpolation=v.interpolation)
             write_results(results, os.path.join(self.run_dir, "eval", f"step-{self.step:08d}"))
             for r in results:
                 for k, val in r["metrics"].items():

@@ -51,3 +51,10 @@ def run_cli(args, cwd=REPO, env=None, timeout=600):
     e = dict(os.environ, **(env or {}))
     return subprocess.run([sys.executable, "-m", "evaclip.cli", *args], cwd=cwd, env=e, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def mcfg(name: str = "EVA02-Ti-8-64", patch_dropout: float = 0.0, attn_impl: str = "sdpa"):
+    """A ``[model]`` config section for ``create_model`` with the two knobs tests vary."""
+    from evaclip.config import ModelConfig, VisionConfig
+
+    return ModelConfig(name=name, vision=VisionConfig(patch_dropout=patch_dropout, attn_impl=attn_impl))

@@ -3,9 +3,12 @@
     python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py train  OUT.pt shard.tar [overrides]
     python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py loss   OUT.pt
 
+    python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py nanstep OUT.pt shard.tar
+
 ``train``: the real Trainer.train_step for 10 steps on fixed per-(step, rank) batches; rank 0 saves the full
 weights (and, with checkpoint.*, a checkpoint). ``loss``: naive / local / tiled loss value and feature
-gradients over the gathered global batch. The reference runs in the test process.
+gradients over the gathered global batch. The reference runs in the test process. ``nanstep``: a NaN
+gradient under DeepSpeed is reported as a skipped step (engine contract), per ZeRO stage and precision.
 """
 import os
 import sys
@@ -92,10 +95,56 @@ def main_loss(out: str):
     edist.shutdown()
 
 
+class _NanGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+def main_nanstep(out: str, shard: str):
+    """One NaN gradient (finite loss) under DeepSpeed: the engine must report the step skipped and leave the
+    weights as they were, for each (ZeRO stage, precision); then training goes on."""
+    from evaclip.config import load_config, resolve
+    from evaclip.trainer import Trainer
+
+    res = {}
+    for stage, prec in [(0, "fp32"), (2, "fp32"), (2, "bf16")]:
+        cfg = load_config(None, train_overrides(shard, os.path.join(os.path.dirname(out), f"z{stage}{prec}"), [
+            "engine.kind=deepspeed", f"engine.zero_stage={stage}", f"engine.precision={prec}"]))
+        tr = Trainer(cfg, resolve(cfg, edist.env_world()[2]), log=lambda *a, **k: None)
+        tr.engine.train(True)
+        b = batch_for(0, edist.rank())
+        ok1 = "train/loss" in tr.train_step([b])
+
+        def weights(tr=tr):
+            return {k: v.detach().float().clone() for k, v in tr.model.state_dict().items()}
+
+        before = weights()
+        # identity forward, NaN backward: the loss stays finite, the patch-embedding gradients are NaN
+        hook = tr.model.visual.trunk.patch_embed.register_forward_hook(lambda m, i, out: _NanGrad.apply(out))
+        skipped = tr.train_step([batch_for(1, edist.rank())])
+        hook.remove()
+        counted, after = tr.bad_steps, weights()
+        ok2 = "train/loss" in tr.train_step([batch_for(2, edist.rank())])
+        res[f"{stage}/{prec}"] = {"first": ok1, "skipped": skipped, "counted": counted,
+                                  "unchanged": all(torch.equal(before[k], after[k]) for k in before),
+                                  "finite_after": all(torch.isfinite(v).all().item() for v in weights().values()),
+                                  "next": ok2}
+    if edist.is_main():
+        torch.save(res, out)
+    edist.shutdown()
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
     if mode == "train":
         main_train(out, sys.argv[3], sys.argv[4:])
+    elif mode == "nanstep":
+        main_nanstep(out, sys.argv[3])
     elif mode == "loss":
         main_loss(out)
     else:

@@ -9,49 +9,64 @@ from evaclip.config import (ConfigError, ExperimentConfig, describe, dumps_toml,
                             parse_override, resolve, save_run_config, to_dict)
 from tests.conftest import REPO, run_cli
 
-EXPERIMENTS = sorted(glob.glob(os.path.join(REPO, "launch", "experiments", "*.toml")))
-RECIPES = sorted(glob.glob(os.path.join(REPO, "data_recipes", "*.toml")))
-SUITES = sorted(glob.glob(os.path.join(REPO, "eval", "suites", "*.toml")))
+from evaclip.files import builtin_names, find
+
+EXPERIMENTS = builtin_names("experiment")
 
 
-@pytest.mark.parametrize("path", EXPERIMENTS, ids=os.path.basename)
-def test_every_experiment_loads_and_resolves(path):
-    cfg = load_config(path)
+def load_demo(overrides=()):
+    """The demo experiment by its built-in name, with the data.root it needs."""
+    return load_config("demo_cpu", ["data.root=/tmp/synth", *overrides])
+
+RECIPES = builtin_names("recipe")
+SUITES = builtin_names("suite")
+
+
+def test_package_ships_every_repo_asset():
+    """The packaged assets are the repository's top-level files (what `pip install .` carries)."""
+    for kind, folder in [("experiment", "launch/experiments"), ("recipe", "data_recipes"), ("suite", "eval/suites"),
+                         ("model", "launch/models")]:
+        repo = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(REPO, folder, "*.toml")))
+        assert repo and builtin_names(kind) == repo, kind
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_loads_and_resolves(name):
+    cfg = load_config(name, ["data.root=/datasets"])
     d = resolve(cfg, world_size=8)
     assert d.global_batch == cfg.data.micro_batch_size * 8 * cfg.engine.accum_steps
     assert d.steps > 0 and d.train_samples == d.steps * d.global_batch
 
 
-@pytest.mark.parametrize("path", EXPERIMENTS, ids=os.path.basename)
-def test_experiment_references_shipped_files(path):
-    """Recipes, suites and DeepSpeed overlays an experiment names ship with the repo."""
-    cfg = load_config(path)
-    for ref in (cfg.data.recipe, cfg.eval.suite, cfg.engine.deepspeed_overlay):
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_references_shipped_files(name):
+    """Recipes, suites and DeepSpeed overlays an experiment names are built-in assets of the package."""
+    cfg = load_config(name)
+    for kind, ref in (("recipe", cfg.data.recipe), ("suite", cfg.eval.suite), ("overlay", cfg.engine.deepspeed_overlay)):
         if ref:
-            assert os.path.exists(os.path.join(REPO, ref)), ref
+            assert find(kind, ref).startswith(os.path.dirname(find("recipe", "synthetic")).rsplit("data_recipes")[0])
 
 
 def test_registry_prompt_files_exist():
-    from evaclip.evalsuite import REPO_EVAL_DIR, load_registry
+    from evaclip.evalsuite import load_registry
 
     for d in load_registry().values():
-        for rel in (d.classnames, d.templates):
-            if rel:
-                assert os.path.exists(os.path.join(REPO_EVAL_DIR, rel)), (d.name, rel)
+        for path in (d.classnames, d.templates):
+            if path:
+                assert os.path.isabs(path) and os.path.exists(path), (d.name, path)
         if d.templates:
-            assert all("{c}" in t for t in open(os.path.join(REPO_EVAL_DIR, d.templates)) if t.strip()), d.name
+            assert all("{c}" in t for t in open(d.templates) if t.strip()), d.name
 
 
 def test_overlay_may_not_set_what_the_experiment_decides(tmp_path):
     p = tmp_path / "o.json"
     p.write_text('{"zero_optimization": {"stage": 3}, "gradient_clipping": 1.0}')
-    cfg = load_config(os.path.join(REPO, "launch/experiments/demo_cpu.toml"),
-                      ["engine.kind=deepspeed", f"engine.deepspeed_overlay={p}"])
+    cfg = load_demo(["engine.kind=deepspeed", f"engine.deepspeed_overlay={p}"])
     with pytest.raises(ConfigError, match="gradient_clipping, zero_optimization.stage"):
         resolve(cfg, 2)
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)
+@pytest.mark.parametrize("path", RECIPES)
 def test_every_recipe_loads(path):
     from evaclip.data.recipes import load_recipe
 
@@ -60,7 +75,7 @@ def test_every_recipe_loads(path):
     assert abs(sum(w) - 1) < 1e-9 and all(x > 0 for x in w)
 
 
-@pytest.mark.parametrize("path", SUITES, ids=os.path.basename)
+@pytest.mark.parametrize("path", SUITES)
 def test_every_suite_names_known_datasets(path):
     from evaclip.evalsuite import load_registry, load_suite
 
@@ -70,13 +85,11 @@ def test_every_suite_names_known_datasets(path):
 
 
 def test_experiments_exist():
-    names = {os.path.basename(p) for p in EXPERIMENTS}
-    assert "demo_cpu.toml" in names
+    assert "demo_cpu" in EXPERIMENTS
 
 
 def test_overrides_are_typed():
-    cfg = load_config(os.path.join(REPO, "launch/experiments/demo_cpu.toml"),
-                      ["optim.lr=3e-4", "model.vision.patch_dropout=0.5", "model.name=EVA02-B-16",
+    cfg = load_demo(["optim.lr=3e-4", "model.vision.patch_dropout=0.5", "model.name=EVA02-B-16",
                        "optim.betas=[0.9, 0.99]", "engine.grad_clip=1", "log.progress=false"])
     assert cfg.optim.lr == 3e-4 and cfg.model.vision.patch_dropout == 0.5
     assert cfg.model.name == "EVA02-B-16" and cfg.optim.betas == [0.9, 0.99]
@@ -95,7 +108,7 @@ def test_overrides_are_typed():
 ])
 def test_strict_errors_name_the_key(override, needle):
     with pytest.raises(ConfigError) as e:
-        load_config(os.path.join(REPO, "launch/experiments/demo_cpu.toml"), [override])
+        load_demo([override])
     assert needle in str(e.value)
 
 
@@ -132,7 +145,7 @@ def test_derived_values():
 
 
 def test_resolved_config_round_trips(tmp_path):
-    cfg = load_config(os.path.join(REPO, "launch/experiments/demo_cpu.toml"))
+    cfg = load_demo()
     d = resolve(cfg, 2)
     save_run_config(str(tmp_path), cfg, d, {"git_sha": "abc"})
     back, derived = load_run_config(str(tmp_path))
@@ -166,7 +179,7 @@ def test_describe_documents_every_key():
 
 
 def test_cli_bad_override_is_one_clear_line():
-    r = run_cli(["train", "launch/experiments/demo_cpu.toml", "optim.lrr=1", "--dry-run"])
+    r = run_cli(["train", "demo_cpu", "data.root=/tmp/synth", "optim.lrr=1", "--dry-run"])
     assert r.returncode == 2
     lines = [x for x in r.stderr.strip().splitlines() if x.strip()]
     assert len(lines) == 1, r.stderr
@@ -183,7 +196,7 @@ def test_cli_bad_experiment_file(tmp_path):
 
 
 def test_cli_dry_run_prints_derived():
-    r = run_cli(["train", "launch/experiments/demo_cpu.toml", "--dry-run", "--world-size", "4",
+    r = run_cli(["train", "demo_cpu", "data.root=/tmp/synth", "--dry-run", "--world-size", "4",
                  "engine.kind=deepspeed", "engine.zero_stage=1"])
     assert r.returncode == 0, r.stderr
     assert "global_batch = 256" in r.stdout and '"stage": 1' in r.stdout and '"gradient_clipping"' in r.stdout

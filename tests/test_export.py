@@ -9,8 +9,8 @@ import torch
 import open_clip
 from evaclip.checkpoint import load_weights
 from evaclip.export.open_clip import export_open_clip, verify_export
-from evaclip.models import create_model_from_name, get_variant
-from tests.conftest import run_cli
+from evaclip.models import create_model, get_variant, model_record
+from tests.conftest import mcfg, run_cli
 from tests.test_train import make_trainer
 
 
@@ -24,9 +24,9 @@ def trained_run(synth_dir, tmp_path_factory):
 def test_export_loads_in_open_clip_and_timm(tmp_path, name):
     torch.manual_seed(0)
     v = get_variant(name)
-    sd = create_model_from_name(name).state_dict()
-    export_open_clip(sd, {"model": name}, str(tmp_path))
-    diffs = verify_export(str(tmp_path), sd, {"model": name})
+    sd = create_model(name).state_dict()
+    export_open_clip(sd, model_record(mcfg(name)), str(tmp_path))
+    diffs = verify_export(str(tmp_path), sd, model_record(mcfg(name)))
     assert set(diffs) == {"image", "text", "timm_image"} and max(diffs.values()) <= 1e-5, diffs
     cfg = json.load(open(tmp_path / "open_clip_config.json"))
     assert cfg["model_cfg"]["vision_cfg"]["timm_model_name"] == v.timm_name
@@ -56,12 +56,12 @@ def test_export_dtype_and_towers(trained_run, tmp_path):
     from safetensors.torch import load_file
 
     sd, meta = load_weights(trained_run)
-    export_open_clip(sd, meta, str(tmp_path / "bf16"), dtype="bf16")
+    export_open_clip(sd, meta["model"], str(tmp_path / "bf16"), dtype="bf16")
     oc = load_file(str(tmp_path / "bf16" / "open_clip_model.safetensors"))
     assert all(t.dtype == torch.bfloat16 for t in oc.values()) and oc["logit_scale"].shape == ()
-    export_open_clip(sd, meta, str(tmp_path / "img"), tower="image")
+    export_open_clip(sd, meta["model"], str(tmp_path / "img"), tower="image")
     files = set(os.listdir(tmp_path / "img"))
-    assert "timm_image_tower.safetensors" in files and "open_clip_model.safetensors" not in files
-    export_open_clip(sd, meta, str(tmp_path / "txt"), tower="text")
+    assert "timm_image_tower" in files and "open_clip_model.safetensors" not in files
+    export_open_clip(sd, meta["model"], str(tmp_path / "txt"), tower="text")
     txt = load_file(str(tmp_path / "txt" / "text_tower.safetensors"))
     assert txt and all(k.startswith("text.") for k in txt)

@@ -46,10 +46,11 @@ def test_train_sbatch_renders_the_torchrun_command(tmp_path):
     tail = cmd[cmd.index("-m"):]
     assert tail[:4] == ["-m", "evaclip.cli", "train", "launch/experiments/eva02_clip_b16.toml"]
     assert "engine.kind=deepspeed" in tail and "run.name=b16_test" in tail and "optim.lr=3e-4" in tail
-    # 4 nodes x 8 GPUs: the config resolves to the recipe's global batch
-    d = subprocess.run([sys.executable, "-m", "evaclip.cli", "train", "launch/experiments/eva02_clip_b16.toml",
-                        "--dry-run", "--world-size", "32"], cwd=REPO, capture_output=True, text=True)
-    assert "global batch 65536" in d.stdout
+    # the global batch is micro x ranks: 2048 x 32 ranks here; the recipe's 131,072 on its 64 GPUs
+    for world, batch in [(32, 65536), (64, 131072)]:
+        d = subprocess.run([sys.executable, "-m", "evaclip.cli", "train", "eva02_clip_b16", "--dry-run",
+                            "--world-size", str(world)], cwd=REPO, capture_output=True, text=True)
+        assert f"global batch {batch}" in d.stdout, d.stderr
 
 
 def test_eval_sbatch_renders(tmp_path):

@@ -3,16 +3,19 @@ converters. All weights are random and made here."""
 import pytest
 import torch
 
+from tests.conftest import mcfg
+
 import open_clip
 import timm
-from evaclip.models import VARIANTS, build_image_tower, create_model_from_name, get_variant
+from evaclip.models import create_model, get_variant
+from evaclip.models.registry import builtin_variants
 from evaclip.models.attention import attention
 from evaclip.models.convert import (eva_to_timm, evaclip_to_open_clip, image_tower_from_checkpoint, load_into,
                                     open_clip_to_evaclip, text_from_clip, timm_to_eva)
 from evaclip.models.eva_vit import Eva
 
-TINY = [n for n, v in VARIANTS.items() if v.register_in_timm]
-NAMED = [n for n, v in VARIANTS.items() if not v.register_in_timm]
+TINY = [n for n, v in builtin_variants().items() if v.register_in_timm]
+NAMED = [n for n, v in builtin_variants().items() if not v.register_in_timm]
 
 
 def _timm_tower(v):
@@ -23,7 +26,7 @@ def _timm_tower(v):
 def test_image_tower_equals_timm(name):
     torch.manual_seed(0)
     v = get_variant(name)
-    ours = create_model_from_name(name).visual.trunk.eval()
+    ours = create_model(name).visual.trunk.eval()
     ref = _timm_tower(v)
     assert set(ours.state_dict()) == set(ref.state_dict())
     ref.load_state_dict(ours.state_dict(), strict=True)
@@ -45,7 +48,7 @@ def test_text_tower_equals_open_clip(name):
     torch.manual_seed(0)
     v = get_variant(name)
     ref = open_clip.create_model(name).text.eval() if name == "EVA02-B-16" else _open_clip_text(v)
-    ours = create_model_from_name(name).text.eval()
+    ours = create_model(name).text.eval()
     ours.load_state_dict({k: x for k, x in ref.state_dict().items() if k != "attn_mask"}, strict=True)
     tok = open_clip.get_tokenizer("EVA02-B-16")(["a photo of a cat", "two red squares on grey, top left"],
                                                  context_length=v.context_length)
@@ -56,7 +59,7 @@ def test_text_tower_equals_open_clip(name):
 def test_open_clip_model_state_dict_round_trip():
     torch.manual_seed(0)
     oc = open_clip.create_model("EVA02-B-16").eval()
-    ours = create_model_from_name("EVA02-B-16").eval()
+    ours = create_model("EVA02-B-16").eval()
     ours.load_state_dict(open_clip_to_evaclip(oc.state_dict()), strict=True)
     back = evaclip_to_open_clip(ours.state_dict())
     oc_sd = {k: v for k, v in oc.state_dict().items() if not k.endswith("attn_mask")}
@@ -71,7 +74,7 @@ def test_open_clip_model_state_dict_round_trip():
 @pytest.mark.parametrize("name", NAMED)
 def test_param_count_matches_published(name):
     v = get_variant(name)
-    m = create_model_from_name(name, device="meta")
+    m = create_model(name, device="meta")
     n = sum(p.numel() for p in m.parameters())
     assert abs(n - v.published_params) / v.published_params <= 0.01, f"{name}: {n / 1e6:.1f}M"
 
@@ -80,7 +83,7 @@ def test_param_count_matches_published(name):
 def test_every_parameter_gets_a_gradient(name):
     torch.manual_seed(0)
     v = get_variant(name)
-    m = create_model_from_name(name, patch_dropout=0.5).train()
+    m = create_model(mcfg(name, patch_dropout=0.5)).train()
     out = m(torch.randn(3, 3, v.image_size, v.image_size), torch.randint(1, 49000, (3, v.context_length)))
     loss = out["image_features"].sum() + out["text_features"].sum() + out["logit_scale"]
     loss.backward()
@@ -91,7 +94,7 @@ def test_every_parameter_gets_a_gradient(name):
 def test_token_dropping_counts_and_eval():
     torch.manual_seed(0)
     v = get_variant("EVA02-Ti-8-64")
-    tower = build_image_tower(v, patch_dropout=0.5).trunk
+    tower = create_model(mcfg(v.name, patch_dropout=0.5)).visual.trunk
     seen = []
     tower.blocks[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
     n = tower.patch_embed.num_patches  # 64
@@ -112,7 +115,7 @@ def test_token_dropping_keeps_rope_positions():
     running the unmasked tower on a copy whose other tokens cannot be attended to."""
     torch.manual_seed(0)
     v = get_variant("EVA02-Ti-8-64")
-    tower = build_image_tower(v, patch_dropout=0.5).trunk.train()
+    tower = create_model(mcfg(v.name, patch_dropout=0.5)).visual.trunk.train()
     x = torch.randn(1, 3, 64, 64)
     torch.manual_seed(5)
     keep = torch.argsort(torch.rand(1, 64), dim=-1)[:, :32]
@@ -167,7 +170,7 @@ def test_gpu_attention_kernels_match_math(impl, causal):
 
 def test_attn_impl_switch_keeps_outputs():
     torch.manual_seed(0)
-    m = create_model_from_name("EVA02-Ti-8-64").eval()
+    m = create_model("EVA02-Ti-8-64").eval()
     x, tok = torch.randn(2, 3, 64, 64), torch.randint(1, 49000, (2, 32))
     with torch.no_grad():
         a = m.encode_image(x), m.encode_text(tok)
@@ -183,12 +186,12 @@ def test_flash_attn_unavailable_is_a_clear_error():
     if torch.cuda.is_available():
         pytest.skip("GPU present")
     with pytest.raises(ValueError, match="flash-attn"):
-        create_model_from_name("EVA02-Ti-8-64", attn_impl="flash_attn")
+        create_model(mcfg("EVA02-Ti-8-64", attn_impl="flash_attn"))
 
 
 def test_grad_checkpointing_same_gradients():
     torch.manual_seed(0)
-    m = create_model_from_name("EVA02-Ti-8-64").train()
+    m = create_model("EVA02-Ti-8-64").train()
     x, tok = torch.randn(2, 3, 64, 64), torch.randint(1, 49000, (2, 32))
     grads = []
     for ckpt in (False, True):
@@ -215,11 +218,11 @@ def _eva_original(tower_sd):
 def test_eva_original_and_timm_layouts_load_identically(name):
     torch.manual_seed(0)
     v = get_variant(name)
-    src = build_image_tower(v).trunk.eval()
+    src = create_model(v.name).visual.trunk.eval()
     x = torch.randn(2, 3, v.image_size, v.image_size)
     outs = []
     for ckpt in (_eva_original(src.state_dict()), src.state_dict()):
-        dst = build_image_tower(v).trunk.eval()
+        dst = create_model(v.name).visual.trunk.eval()
         rep = load_into(dst, image_tower_from_checkpoint(ckpt, dst), "test")
         assert not rep.missing and not rep.unexpected, str(rep)
         with torch.no_grad():
@@ -231,7 +234,7 @@ def test_eva_original_and_timm_layouts_load_identically(name):
 
 def test_eva_original_key_names_and_round_trip():
     v = get_variant("EVA02-Ti-8-64")
-    sd = build_image_tower(v).trunk.state_dict()
+    sd = create_model(v.name).visual.trunk.state_dict()
     orig = timm_to_eva(sd)
     assert "blocks.0.mlp.w1.weight" in orig and "blocks.0.mlp.ffn_ln.weight" in orig
     assert "blocks.0.attn.inner_attn_ln.weight" in orig and "blocks.0.attn.q_bias" in orig
@@ -243,7 +246,7 @@ def test_patch_embed_and_pos_embed_are_resized():
     """EVA02-CLIP-B/16 starts from the /14 MIM model: 14x14 kernels -> 16x16, pos-embed grid resampled."""
     v = get_variant("EVA02-Ti-8-64")
     src = Eva(**dict(v.vision, patch_size=4, img_size=64, ref_feat_shape=(16, 16)), num_classes=v.embed_dim)
-    dst = build_image_tower(v).trunk
+    dst = create_model(v.name).visual.trunk
     sd = image_tower_from_checkpoint(timm_to_eva(src.state_dict()), dst)
     assert sd["patch_embed.proj.weight"].shape == dst.patch_embed.proj.weight.shape
     assert sd["pos_embed"].shape == dst.pos_embed.shape
@@ -253,7 +256,7 @@ def test_patch_embed_and_pos_embed_are_resized():
 
 def test_load_reports_mismatch_and_missing():
     v = get_variant("EVA02-Ti-8-64")
-    dst = build_image_tower(v).trunk
+    dst = create_model(v.name).visual.trunk
     sd = dict(dst.state_dict())
     sd["blocks.0.norm1.weight"] = torch.zeros(7)
     with pytest.raises(ValueError, match="blocks.0.norm1.weight"):
@@ -270,7 +273,7 @@ def test_load_reports_mismatch_and_missing():
 
 def test_text_from_openai_and_open_clip_layouts():
     torch.manual_seed(0)
-    m = create_model_from_name("EVA02-Ti-8-64")
+    m = create_model("EVA02-Ti-8-64")
     flat = {k[5:]: v for k, v in m.state_dict().items() if k.startswith("text.")}
     openai = dict(flat, **{"visual.proj": torch.zeros(1), "logit_scale": torch.zeros(())})
     prefixed = {"text." + k: v for k, v in flat.items()}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from evaclip.config import OptimConfig, TowerOptimConfig
-from evaclip.models import create_model_from_name
+from evaclip.models import create_model
 from evaclip.optim import Lamb, flat_layout, param_groups
 from evaclip.schedule import lr_factor, patch_dropout_at
 
@@ -54,12 +54,15 @@ def test_lamb_equals_paper_reference():
     assert max((a.double() - b).abs().max().item() for a, b in zip(ps, ref)) <= 1e-6
 
 
-@pytest.mark.parametrize("world,pad", [(1, 0), (2, 3), (3, 1), (4, 2)])
-def test_lamb_flat_partitions_equal_reference(world, pad):
-    """ZeRO hands each rank a slice of the padded concatenation; per-tensor norms are reassembled from
-    per-stretch partial sums (summed over ranks here, all-reduced under DeepSpeed)."""
+def _run_partitioned_lamb(world, pad, reduce: bool, monkeypatch):
+    """``world`` simulated ranks, one thread each, every rank running its own real ``Lamb.step`` on its slice
+    of the padded concatenation; the layouts' all-reduce sums the ranks' partial sums (``reduce``) or is
+    absent (each rank's trust ratios from its partition alone: what an off-the-shelf LAMB computes)."""
+    import threading
+
+    import torch.distributed as dist
+
     params, grads = _problem(1)
-    ref = reference_lamb(params, grads, **HP)
     numels = [p.numel() for p in params]
     offsets, pos = [], 0
     for n in numels:
@@ -77,32 +80,60 @@ def test_lamb_flat_partitions_equal_reference(world, pad):
     flat = flatten(params)
     parts = [flat[r * part:(r + 1) * part].clone().requires_grad_() for r in range(world)]
     opts = [Lamb([parts[r]], **HP) for r in range(world)]
-    layouts = [flat_layout(numels, offsets, r * part, part) for r in range(world)]
+    group = object() if reduce else None
     for r in range(world):
-        opts[r].register_flat(parts[r], layouts[r])
-    # emulate the all-reduce: patch the reduction to add every rank's partial sums
-    import evaclip.optim as O
+        opts[r].register_flat(parts[r], flat_layout(numels, offsets, r * part, part, group))
+    barrier, slots, me = threading.Barrier(world), {}, threading.local()
 
+    def all_reduce(t, group=None):  # a sum over the rank threads, like gloo's
+        slots[me.rank] = t
+        barrier.wait()
+        summed = sum(x.clone() for x in slots.values())
+        barrier.wait()
+        t.copy_(summed)
+        barrier.wait()
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
     for g in grads:
         gflat = flatten(g)
         for r in range(world):
             parts[r].grad = gflat[r * part:(r + 1) * part].clone()
-        # compute each rank's Adam direction, then the shared trust ratios from all partitions
-        us = [opts[r]._adam_direction(opts[r].param_groups[0], [parts[r]], [parts[r].grad])[0] for r in range(world)]
-        whole_p = torch.cat([p.detach() for p in parts])
-        whole_u = torch.cat(us)
-        ratio = O.Lamb._flat_ratio(whole_p, whole_u, flat_layout(numels, offsets, 0, total), *HP["trust_clip"])
-        for r in range(world):
-            with torch.no_grad():
-                parts[r].add_(us[r] * ratio[r * part:(r + 1) * part], alpha=-HP["lr"])
+        errors = []
+
+        def rank_step(r, errors=errors):
+            me.rank = r
+            try:
+                opts[r].step()
+            except Exception as e:  # surfaced below: a failing thread must fail the test
+                errors.append(e)
+                barrier.abort()
+
+        threads = [threading.Thread(target=rank_step, args=(r,)) for r in range(world)]
+        [t.start() for t in threads]
+        [t.join(timeout=60) for t in threads]
+        assert not errors and not any(t.is_alive() for t in threads), errors
     out = torch.cat([p.detach() for p in parts])
     got = [out[o:o + n].view_as(p) for o, n, p in zip(offsets, numels, params)]
-    assert max((a - b).abs().max().item() for a, b in zip(got, ref)) <= 1e-6
-    # padding stays zero
     mask = torch.ones(total, dtype=torch.bool)
     for o, n in zip(offsets, numels):
         mask[o:o + n] = False
-    assert out[mask].abs().sum().item() == 0.0
+    return got, reference_lamb(params, grads, **HP), out[mask]
+
+
+@pytest.mark.parametrize("world,pad", [(1, 0), (2, 3), (3, 1), (4, 2)])
+def test_lamb_flat_partitions_equal_reference(world, pad, monkeypatch):
+    """Each rank's real LAMB step on its slice of ZeRO's padded flat buffer, per-tensor norms reassembled
+    from per-stretch partial sums through the all-reduce, equals the float64 per-tensor reference."""
+    got, ref, padding = _run_partitioned_lamb(world, pad, True, monkeypatch)
+    assert max((a - b).abs().max().item() for a, b in zip(got, ref)) <= 1e-6
+    assert padding.abs().sum().item() == 0.0  # padding stays zero
+
+
+def test_lamb_without_the_norm_all_reduce_diverges(monkeypatch):
+    """Negative control: trust ratios from each partition alone differ from the reference."""
+    got, ref, _ = _run_partitioned_lamb(3, 1, False, monkeypatch)
+    assert max((a - b).abs().max().item() for a, b in zip(got, ref)) > 1e-4
 
 
 def test_flat_layout_segments():
@@ -111,7 +142,7 @@ def test_flat_layout_segments():
 
 
 def test_layer_decay_and_per_tower_lr():
-    model = create_model_from_name("EVA02-Ti-8-64")
+    model = create_model("EVA02-Ti-8-64")
     cfg = OptimConfig(lr=1e-3, weight_decay=0.05,
                       visual=TowerOptimConfig(lr=4e-4, weight_decay=0.05, layer_decay=0.85),
                       text=TowerOptimConfig(lr=4e-5, weight_decay=0.02, layer_decay=0.75))
@@ -141,7 +172,7 @@ def test_layer_decay_and_per_tower_lr():
 
 
 def test_locked_tower_params_are_left_out():
-    model = create_model_from_name("EVA02-Ti-8-64")
+    model = create_model("EVA02-Ti-8-64")
     model.lock_tower("visual", unlocked_layers=1)
     names = {n for g in param_groups(model, OptimConfig()) for n in g["param_names"]}
     assert "visual.trunk.head.weight" in names and "visual.trunk.norm.weight" in names

@@ -129,10 +129,10 @@ def test_siglip_training_and_export(synth_dir, tmp_path):
     bias0 = tr.model.logit_bias.item()
     summary = tr.train()
     sd, meta = load_weights(summary["run_dir"])
-    assert meta["logit_bias"] and sd["logit_bias"].item() != bias0
+    assert meta["model"]["config"]["use_logit_bias"] and sd["logit_bias"].item() != bias0
     out = str(tmp_path / "sig_export")
-    export_open_clip(sd, meta, out)
-    assert max(verify_export(out, sd, meta).values()) <= 1e-5
+    export_open_clip(sd, meta["model"], out)
+    assert max(verify_export(out, sd, meta["model"]).values()) <= 1e-5
     import open_clip
 
     oc = open_clip.create_model(f"local-dir:{out}")
@@ -162,12 +162,12 @@ def test_hf_text_tower_trains_with_its_own_tokenizer(synth_dir, tmp_path):
     summary = tr.train()
     assert "zeroshot/synth_shapes/acc1" in summary["zeroshot"]
     sd, meta = load_weights(summary["run_dir"])
-    assert meta["text"]["kind"] == "hf"
+    assert meta["model"]["config"]["text"]["kind"] == "hf"
     from evaclip.export.open_clip import export_open_clip, verify_export
 
     out = str(tmp_path / "hf_export")
-    export_open_clip(sd, meta, out)
-    assert max(verify_export(out, sd, meta).values()) <= 1e-5
+    export_open_clip(sd, meta["model"], out)
+    assert max(verify_export(out, sd, meta["model"]).values()) <= 1e-5
 
 
 def test_too_much_corrupt_data_stops_with_a_clear_error(synth_dir, tmp_path):

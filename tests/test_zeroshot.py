@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from evaclip.export.open_clip import export_open_clip
-from evaclip.models import create_model_from_name, get_variant
+from evaclip.models import create_model, get_variant, model_record
 from evaclip.zeroshot import build_classifier, classification_metrics, retrieval_metrics
-from tests.conftest import run_cli
+from tests.conftest import mcfg, run_cli
 
 
 def test_classification_metrics_by_hand():
@@ -66,7 +66,7 @@ def export_dir(tmp_path_factory):
     torch.manual_seed(3)
     v = get_variant("EVA02-Ti-8-64")
     out = str(tmp_path_factory.mktemp("oc"))
-    export_open_clip(create_model_from_name(v.name).state_dict(), {"model": v.name}, out)
+    export_open_clip(create_model(v.name).state_dict(), model_record(mcfg(v.name)), out)
     return out
 
 

@@ -9,21 +9,21 @@
 """
 from __future__ import annotations
 
-import os
-import tomllib
 from dataclasses import dataclass, field
 from typing import List
 
-from evaclip.config import ConfigError, _from_dict
+from evaclip.files import ConfigError, find, load_typed
+
+_PATH = {"path": "file"}  # relative to the recipe file (evaclip.files); {root} patterns and URLs as they are
 
 
 @dataclass
 class SourceSpec:
     name: str = ""
-    shards: str = ""  # brace pattern; {root} is replaced by data.root
+    shards: str = field(default="", metadata=_PATH)  # brace pattern; {root} is replaced by data.root
     samples: int = 0  # total samples (from img2dataset stats or `evaclip data stats`)
     weight: float = -1.0  # sampling weight; -1 everywhere: proportional to samples
-    manifest: str = ""  # optional parquet manifest written by `evaclip data stats`
+    manifest: str = field(default="", metadata=_PATH)  # optional parquet manifest written by `evaclip data stats`
     licence: str = ""
     img2dataset: str = ""  # the command that produces the shards
     notes: str = ""
@@ -50,18 +50,10 @@ class Recipe:
         return [w / total for w in ws]
 
 
-def load_recipe(path: str) -> Recipe:
-    if not os.path.exists(path):
-        raise ConfigError(f"data recipe not found: {path}")
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: invalid TOML: {e}") from None
-    try:
-        recipe = _from_dict(Recipe, data)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+def load_recipe(name_or_path: str) -> Recipe:
+    """A recipe by built-in name (``merged2b``) or path (relative paths: the current directory)."""
+    path = find("recipe", name_or_path)
+    recipe = load_typed(Recipe, path)
     if not recipe.source:
         raise ConfigError(f"{path}: a recipe needs at least one [[source]]")
     for i, s in enumerate(recipe.source):

@@ -14,7 +14,8 @@ def add_parsers(dsub) -> None:
                         ("verify", "scan shards, decode every sample, report corrupt ones"),
                         ("preview", "print a few samples and write a contact sheet PNG")]:
         p = dsub.add_parser(name, help=help_)
-        p.add_argument("source", help="a brace pattern of tar shards, or a recipe TOML (data_recipes/*.toml)")
+        p.add_argument("source", help="a brace pattern of tar shards, a recipe TOML file, or a built-in recipe name "
+                       "(merged2b, laion2b, ...)")
         p.add_argument("--root", default="", help="value of {root} in the pattern / recipe")
         if name == "stats":
             p.add_argument("--out", default="", help="manifest path (default: manifest.parquet next to the shards)")
@@ -27,8 +28,10 @@ def add_parsers(dsub) -> None:
 
 
 def _sources(source: str, root: str) -> List[Tuple[str, List[str]]]:
-    """[(source name, urls)] from a recipe file or a single pattern."""
-    if source.endswith(".toml"):
+    """[(source name, urls)] from a recipe (file or built-in name) or a single pattern."""
+    from evaclip.files import is_name
+
+    if source.endswith(".toml") or (is_name(source) and "{" not in source and ".tar" not in source):
         from evaclip.data.recipes import load_recipe
 
         return [(s.name, expand_pattern(s.shards, root)) for s in load_recipe(source).source]

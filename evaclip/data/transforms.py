@@ -20,27 +20,38 @@ def decode_image(data: bytes, min_side: int = 0) -> Image.Image:
     return img.convert("RGB")
 
 
+def _mode(interpolation: str):
+    from torchvision import transforms as T
+
+    modes = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR,
+             "nearest": T.InterpolationMode.NEAREST}
+    if interpolation not in modes:
+        raise ValueError(f"interpolation must be one of {', '.join(modes)}, got {interpolation!r}")
+    return modes[interpolation]
+
+
 def train_transform(image_size: int, mean: Sequence[float], std: Sequence[float],
-                    crop_scale: Tuple[float, float] = (0.9, 1.0)):
-    """RandomResizedCrop (bicubic) -> tensor -> normalise, as EVA-CLIP trains."""
+                    crop_scale: Tuple[float, float] = (0.9, 1.0), interpolation: str = "bicubic"):
+    """RandomResizedCrop -> tensor -> normalise, as EVA-CLIP trains (the model file's interpolation)."""
     from torchvision import transforms as T
 
     return T.Compose([
-        T.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=_mode(interpolation)),
         T.ToTensor(),
         T.Normalize(mean, std),
     ])
 
 
-def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float], mode: str = "center_crop"):
+def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float], mode: str = "center_crop",
+                   interpolation: str = "bicubic"):
     """Resize the shorter side + centre crop (``center_crop``) or resize both sides (``squash``)."""
     from torchvision import transforms as T
 
-    bicubic = T.InterpolationMode.BICUBIC
+    interp = _mode(interpolation)
     if mode == "squash":
-        resize = [T.Resize((image_size, image_size), interpolation=bicubic)]
+        resize = [T.Resize((image_size, image_size), interpolation=interp)]
     elif mode == "center_crop":
-        resize = [T.Resize(image_size, interpolation=bicubic), T.CenterCrop(image_size)]
+        resize = [T.Resize(image_size, interpolation=interp), T.CenterCrop(image_size)]
     else:
         raise ValueError(f"eval transform mode must be center_crop or squash, got {mode!r}")
     return T.Compose(resize + [T.ToTensor(), T.Normalize(mean, std)])

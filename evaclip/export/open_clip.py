@@ -1,18 +1,21 @@
 """Export to open_clip's folder format, loadable with ``open_clip.create_model_and_transforms('local-dir:DIR')``.
 
-    DIR/open_clip_config.json        {"model_cfg": {...}, "preprocess_cfg": {...}}
+    DIR/open_clip_config.json        {"model_cfg": {...}, "preprocess_cfg": {...}, "evaclip": {"model": <record>}}
     DIR/open_clip_model.safetensors  the CustomTextCLIP state dict (``visual.trunk.*``, ``text.*``, ``logit_scale``)
-    DIR/timm_image_tower.safetensors the image tower alone, a timm state dict:
-                                     ``timm.create_model(<timm name>, pretrained=True,
-                                     pretrained_cfg_overlay=dict(file=...), num_classes=<embed dim>, global_pool='token')``
+    DIR/timm_image_tower/            the image tower alone as a timm folder (config.json + model.safetensors):
+                                     ``timm.create_model('local-dir:DIR/timm_image_tower', pretrained=True)``
     DIR/text_tower.safetensors       with ``tower='text'``: open_clip's ``text.*`` keys alone
     DIR/README.md                    what the folder is and how to load it
 
 ``tower='both'`` (default) writes the open_clip model and the timm tower; ``'image'`` only the timm tower;
-``'text'`` only the text tower.
+``'text'`` only the text tower. ``evaclip.model`` in the config is the model record (``models.model_record``):
+the architecture and knobs, so the exact evaclip model is rebuilt from the export alone.
 
-The image tower is built by open_clip through timm by name (``vision_cfg.timm_model_name``); for evaclip's
-own small variants that name is registered with timm when timm is imported in an evaclip environment.
+open_clip builds the image tower through timm (``vision_cfg.timm_model_name``): by its timm name when the
+architecture has one (evaclip's own ``evaclip_*`` names are registered with timm when evaclip is imported,
+which the venv's import hook does in every process), else, for a user-defined architecture, from the
+export's own ``timm_image_tower`` folder by absolute path (``local-dir:``), which needs no registration;
+moving such an export means exporting it again.
 """
 from __future__ import annotations
 
@@ -22,20 +25,37 @@ from typing import Dict, Optional
 
 import torch
 
+from evaclip.models import record_variant
 from evaclip.models.convert import evaclip_to_open_clip
-from evaclip.models.registry import Variant, get_variant
+from evaclip.models.registry import Variant, timm_pretrained_cfg
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TIMM_DIR = "timm_image_tower"
 
 
 _HF_POOLERS = {"mean": "mean_pooler"}  # open_clip's cls_pooler prefers BERT's pooler_output: not our "cls"
 
 
-def open_clip_config(variant: Variant, text: Optional[Dict] = None, logit_bias: bool = False) -> Dict:
-    """open_clip_config.json for a variant; ``text`` is the checkpoint meta's text-tower description."""
-    text = text or {"kind": "clip", "act": "gelu"}
-    if text.get("kind", "clip") == "hf":
-        pooler = text.get("hf_pooler", "mean")
+def timm_tower_config(variant: Variant) -> Dict:
+    """timm's ``config.json`` for the image tower: the architecture and every Eva kwarg (timm ``local-dir:``)."""
+    import inspect
+
+    from evaclip.models.eva_vit import Eva
+
+    params = inspect.signature(Eva.__init__).parameters
+    args = {k: p.default for k, p in params.items() if k not in ("self", "patch_drop_rate", "attn_impl")}
+    args.update(variant.vision, num_classes=variant.embed_dim, global_pool="token")
+    # any timm Eva entrypoint builds it once every kwarg is given; the variant's own when it has one
+    arch = variant.timm_name or "eva02_base_patch16_clip_224"
+    return {"architecture": arch, "num_classes": variant.embed_dim, "model_args": args,
+            "pretrained_cfg": dict(timm_pretrained_cfg(variant), architecture=arch)}
+
+
+def open_clip_config(variant: Variant, text: Dict, logit_bias: bool = False,
+                     timm_model_name: Optional[str] = None) -> Dict:
+    """open_clip_config.json's model and preprocess parts; ``text``: the record's ``[model.text]`` section."""
+    if text["kind"] == "hf":
+        pooler = text["hf_pooler"]
         if pooler not in _HF_POOLERS:
             raise ValueError(f"open_clip's HF text tower has no equivalent of the '{pooler}' pooler; "
                              f"export needs model.text.hf_pooler = 'mean'")
@@ -47,34 +67,37 @@ def open_clip_config(variant: Variant, text: Optional[Dict] = None, logit_bias: 
         text_cfg = dict(variant.text)
     model_cfg = {
         "embed_dim": variant.embed_dim,
-        "vision_cfg": {"image_size": variant.image_size, "timm_model_name": variant.timm_name,
+        "vision_cfg": {"image_size": variant.image_size, "timm_model_name": timm_model_name or variant.timm_name,
                        "timm_model_pretrained": False, "timm_pool": "token", "timm_proj": None},
         "text_cfg": text_cfg,
         "custom_text": True,
     }
-    if text.get("act") == "quick_gelu" and text.get("kind", "clip") == "clip":
+    if text["act"] == "quick_gelu" and text["kind"] == "clip":
         model_cfg["quick_gelu"] = True
     if logit_bias:
         model_cfg["init_logit_bias"] = 0.0  # creates the parameter; the exported value is loaded over it
     preprocess = {"size": variant.image_size, "mean": list(variant.mean), "std": list(variant.std),
                   "interpolation": variant.interpolation, "resize_mode": "shortest"}
-    return {"model_cfg": model_cfg, "preprocess_cfg": preprocess, "evaclip": {"model": variant.name}}
+    return {"model_cfg": model_cfg, "preprocess_cfg": preprocess}
 
 
-def export_open_clip(state_dict: Dict[str, torch.Tensor], meta: Dict, out_dir: str, dtype: str = "fp32",
+def export_open_clip(state_dict: Dict[str, torch.Tensor], record: Dict, out_dir: str, dtype: str = "fp32",
                      tower: str = "both", source: Optional[str] = None) -> Dict[str, str]:
-    """Write the open_clip folder (and the timm image tower). ``meta``: the checkpoint's model description
-    (``models.model_meta``; at least {"model": <variant name>}). ``tower``: both | image | text."""
+    """Write the open_clip folder (and the timm image tower). ``record``: the checkpoint's model record
+    (``models.model_record``). ``tower``: both | image | text."""
+    import copy
+
     from safetensors.torch import save_file
 
     if tower not in ("both", "image", "text"):
         raise ValueError(f"--tower must be both, image or text, got {tower!r}")
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    variant = get_variant(meta["model"])
-    text = dict(meta.get("text") or {})
+    variant = record_variant(record)
+    record = copy.deepcopy(record)
+    text = record["config"]["text"]
     os.makedirs(out_dir, exist_ok=True)
-    if text.get("kind") == "hf":
+    if text["kind"] == "hf":
         # self-contained: the HF encoder's config.json and tokenizer files go into the export folder, which
         # open_clip then names as the HF model (architecture only: weights come from open_clip_model.safetensors)
         import transformers
@@ -82,7 +105,9 @@ def export_open_clip(state_dict: Dict[str, torch.Tensor], meta: Dict, out_dir: s
         transformers.AutoConfig.from_pretrained(text["hf_path"], local_files_only=True).save_pretrained(out_dir)
         transformers.AutoTokenizer.from_pretrained(text["hf_path"], local_files_only=True).save_pretrained(out_dir)
         text["hf_path"] = os.path.abspath(out_dir)
-    cfg = open_clip_config(variant, text, bool(meta.get("logit_bias")))
+    timm_dir = os.path.join(out_dir, TIMM_DIR)
+    cfg = open_clip_config(variant, text, record["config"]["use_logit_bias"],
+                           None if variant.timm_name else f"local-dir:{os.path.abspath(timm_dir)}")
     sd = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in evaclip_to_open_clip(state_dict).items()}
     written = {}
     if tower == "both":  # a complete CustomTextCLIP: open_clip loads it strictly
@@ -93,21 +118,20 @@ def export_open_clip(state_dict: Dict[str, torch.Tensor], meta: Dict, out_dir: s
         path = os.path.join(out_dir, "text_tower.safetensors")
         save_file({k: v for k, v in sd.items() if k.startswith("text.")}, path, metadata={"format": "pt"})
         written["text_tower"] = path
-    if source:
-        cfg["evaclip"]["source"] = source
-    cfg["evaclip"]["tower"] = tower
+    if tower in ("both", "image"):
+        os.makedirs(timm_dir, exist_ok=True)
+        trunk = {k[len("visual.trunk."):]: v for k, v in sd.items() if k.startswith("visual.trunk.")}
+        save_file(trunk, os.path.join(timm_dir, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(timm_dir, "config.json"), "w") as f:
+            json.dump(timm_tower_config(variant), f, indent=2)
+        written["timm_image_tower"] = timm_dir
+    cfg["evaclip"] = {"model": record, "tower": tower, "dtype": dtype, "source": source or ""}
     path = os.path.join(out_dir, "open_clip_config.json")
     with open(path, "w") as f:
         json.dump(cfg, f, indent=2)
     written["config"] = path
-    if tower in ("both", "image"):
-        trunk = {k[len("visual.trunk."):]: v for k, v in sd.items() if k.startswith("visual.trunk.")}
-        path = os.path.join(out_dir, "timm_image_tower.safetensors")
-        save_file(trunk, path, metadata={"format": "pt", "timm_model": variant.timm_name})
-        written["timm_image_tower"] = path
     with open(os.path.join(out_dir, "README.md"), "w") as f:
-        f.write(_README.format(name=variant.name, timm=variant.timm_name, dim=variant.embed_dim, dtype=dtype,
-                               tower=tower, src=source or "-"))
+        f.write(_README.format(name=variant.name, dtype=dtype, tower=tower, src=source or "-"))
     return written
 
 
@@ -122,29 +146,29 @@ model, _, preprocess = open_clip.create_model_and_transforms("local-dir:<this fo
 tokenizer = open_clip.get_tokenizer("local-dir:<this folder>")
 ```
 
-The image tower alone is a timm model ({timm}):
+The image tower alone is a timm model (architecture and weights in `timm_image_tower/`):
 
 ```python
 import timm
-tower = timm.create_model("{timm}", pretrained=True, num_classes={dim}, global_pool="token",
-                          pretrained_cfg_overlay=dict(file="<this folder>/timm_image_tower.safetensors"))
+tower = timm.create_model("local-dir:<this folder>/timm_image_tower", pretrained=True)
 ```
-(`evaclip_*` timm names are registered when timm is imported in an environment with evaclip installed.)
+(evaclip's own `evaclip_*` timm names are registered when evaclip is imported; its venv does that in every
+process.)
 """
 
 
 @torch.no_grad()
-def verify_export(export_dir: str, state_dict: Dict[str, torch.Tensor], meta: Dict, n: int = 4,
+def verify_export(export_dir: str, state_dict: Dict[str, torch.Tensor], record: Dict, n: int = 4,
                   seed: int = 0) -> Dict[str, float]:
     """Load the export with open_clip (and the tower with timm) and compare embeddings with ``state_dict``
     loaded into an evaclip model (fp32). Returns the max abs differences."""
     import open_clip
     import timm
 
-    from evaclip.models import build_from_meta
+    from evaclip.models import model_from_record
 
-    variant = get_variant(meta["model"])
-    ours = build_from_meta(meta)
+    variant = record_variant(record)
+    ours = model_from_record(record)
     ours.load_state_dict({k: v.float() for k, v in state_dict.items()})
     ours.eval()
     oc, _, _ = open_clip.create_model_and_transforms(f"local-dir:{export_dir}")
@@ -157,9 +181,8 @@ def verify_export(export_dir: str, state_dict: Dict[str, torch.Tensor], meta: Di
         "image": (ours.encode_image(images, normalize=False) - oc.encode_image(images).float()).abs().max().item(),
         "text": (ours.encode_text(texts, normalize=False) - oc.encode_text(texts).float()).abs().max().item(),
     }
-    tower_file = os.path.join(export_dir, "timm_image_tower.safetensors")
-    if os.path.exists(tower_file):
-        t = timm.create_model(variant.timm_name, pretrained=True, num_classes=variant.embed_dim, global_pool="token",
-                              pretrained_cfg_overlay=dict(file=tower_file)).eval()
+    timm_dir = os.path.join(export_dir, TIMM_DIR)
+    if os.path.isdir(timm_dir):
+        t = timm.create_model(f"local-dir:{os.path.abspath(timm_dir)}", pretrained=True).eval()
         diffs["timm_image"] = (ours.encode_image(images, normalize=False) - t(images).float()).abs().max().item()
     return diffs

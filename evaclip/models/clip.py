@@ -48,16 +48,17 @@ class CLIP(nn.Module):
         f = self.text(text)
         return F.normalize(f, dim=-1) if normalize else f
 
-    def temperature(self) -> torch.Tensor:
-        """exp(logit_scale), capped at 100 (EVA-CLIP / open_clip clamp ln 100; clamping in the forward keeps it
-        correct under ZeRO, where an in-place clamp of the model copy would be undone by the master weights)."""
+    def logit_scale_exp(self) -> torch.Tensor:
+        """exp(logit_scale), what open_clip's forward returns as ``logit_scale``, capped at exp(max_logit_scale)
+        (EVA-CLIP / open_clip clamp at ln 100). Clamping in the forward keeps it correct under ZeRO, where an
+        in-place clamp of the model copy would be undone by the master weights."""
         return self.logit_scale.clamp(max=self.max_logit_scale).exp()
 
     def forward(self, image, text) -> Dict[str, torch.Tensor]:
         out = {
             "image_features": self.encode_image(image),
             "text_features": self.encode_text(text),
-            "logit_scale": self.temperature().squeeze(0),
+            "logit_scale": self.logit_scale_exp().squeeze(0),
         }
         if self.logit_bias is not None:
             out["logit_bias"] = self.logit_bias.squeeze(0)

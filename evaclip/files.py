@@ -1,0 +1,204 @@
+"""Reading evaclip's declarative files: TOML into typed dataclasses, built-in assets by name, one path rule.
+
+Every kind of file (experiments, model files, data recipes, eval suites, the dataset registry) is read by
+``load_typed(cls, path)``: strict (an unknown key, a wrong type or a bad value is a ``ConfigError`` whose
+one-line message names the file and the dotted key), with the same path rule everywhere:
+
+* a **bare name** (no ``/``, no file suffix) names a built-in asset shipped inside the package:
+  ``demo_cpu`` is ``launch/experiments/demo_cpu.toml``, ``EVA02-B-16`` is ``launch/models/EVA02-B-16.toml``,
+  ``merged2b`` is ``data_recipes/merged2b.toml``, ``quick`` is ``eval/suites/quick.toml``, ``zero2`` is
+  ``launch/deepspeed/zero2.json``;
+* a **relative path written in a file** resolves against the folder of that file (``base``, recipes, suites,
+  model files, inits, dataset roots, shard patterns, overlays, class-name files);
+* a **relative path given on the command line** resolves against the current directory;
+* values with a scheme (``pipe:``, ``s3://``, ``https://``) and values that start with a ``{root}``-style
+  placeholder are left as they are; outputs (``run.output_dir``, ``--out``) are relative to the current
+  directory.
+
+A dataclass field opts into the rule with ``metadata={"path": KIND}``: ``KIND`` is an asset kind of
+``ASSETS`` (names allowed) or ``"file"`` (always a path). ``metadata={"keywords": (...)}`` lists words that
+are neither (``checkpoint.resume = "auto"``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import re
+import tomllib
+import typing
+from typing import Any, Dict, List, Optional
+
+
+class ConfigError(ValueError):
+    """A bad experiment, recipe, suite or model file (or override); the message is one line naming the key."""
+
+
+# asset kind -> (folder inside the package's assets, file suffix)
+ASSETS = {
+    "experiment": ("launch/experiments", ".toml"),
+    "model": ("launch/models", ".toml"),
+    "recipe": ("data_recipes", ".toml"),
+    "suite": ("eval/suites", ".toml"),
+    "overlay": ("launch/deepspeed", ".json"),
+}
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # pipe:, s3://, https://, local-dir: (not C:\ drive letters)
+
+
+@functools.lru_cache(maxsize=None)
+def asset_root() -> str:
+    """The folder of packaged assets (``eval/``, ``data_recipes/``, ``launch/`` as they are in the repository)."""
+    from importlib.resources import files
+
+    root = str(files("evaclip").joinpath("assets"))
+    if not os.path.isdir(os.path.join(root, "eval")):
+        raise RuntimeError(f"evaclip's packaged assets are missing ({root}); reinstall the package")
+    return root
+
+
+def asset_file(rel: str) -> str:
+    """A packaged file by its repository-relative path, e.g. ``eval/datasets.toml``."""
+    return os.path.join(asset_root(), rel)
+
+
+def builtin_names(kind: str) -> List[str]:
+    folder, suffix = ASSETS[kind]
+    d = asset_file(folder)
+    return sorted(f[:-len(suffix)] for f in os.listdir(d) if f.endswith(suffix))
+
+
+def is_name(value: str) -> bool:
+    """A bare asset name: no path separator, no file suffix, not a dot-path."""
+    return bool(value) and "/" not in value and os.sep not in value and not value.startswith(".") and \
+        os.path.splitext(value)[1].lower() not in (".toml", ".json")
+
+
+def _left_alone(value: str) -> bool:
+    return not value or os.path.isabs(value) or bool(_SCHEME.match(value)) or value.startswith("{")
+
+
+def resolve_value(value: str, kind: str, base_dir: str) -> str:
+    """One value under the path rule: names stay names, relative paths join ``base_dir``."""
+    if _left_alone(value) or (kind in ASSETS and is_name(value)):
+        return value
+    return os.path.normpath(os.path.join(base_dir, os.path.expanduser(value)))
+
+
+def find(kind: str, value: str, base_dir: Optional[str] = None, extra_dirs: tuple = ()) -> str:
+    """The existing file a name or path stands for (``extra_dirs``: user folders searched before the built-ins)."""
+    folder, suffix = ASSETS[kind]
+    if is_name(value):
+        for d in tuple(extra_dirs) + (asset_file(folder),):
+            if d and os.path.exists(os.path.join(d, value + suffix)):
+                return os.path.join(d, value + suffix)
+        raise ConfigError(f"no built-in {kind} named {value!r}; built-in: {', '.join(builtin_names(kind))} "
+                          f"(or give a path to a {suffix} file)")
+    path = resolve_value(value, kind, base_dir or os.getcwd())
+    if not os.path.exists(path):
+        raise ConfigError(f"{kind} file not found: {path} (relative paths in a file resolve against that file's "
+                          "folder, on the command line against the current directory)")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------- TOML
+def read_toml(path: str) -> Dict[str, Any]:
+    if not os.path.exists(path):
+        raise ConfigError(f"file not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+
+
+def deep_merge(base: Dict, over: Dict) -> Dict:
+    """``over`` on top of ``base``, tables merged key by key."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def resolve_paths(cls, data: Dict[str, Any], base_dir: str) -> Dict[str, Any]:
+    """A copy of raw ``data`` for dataclass ``cls`` with its path fields resolved against ``base_dir``."""
+    if not isinstance(data, dict) or not dataclasses.is_dataclass(cls):
+        return data
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    out = dict(data)
+    for k, v in data.items():
+        if k not in fields:
+            continue  # from_dict reports it
+        tp, kind = hints[k], fields[k].metadata.get("path")
+        if dataclasses.is_dataclass(tp):
+            out[k] = resolve_paths(tp, v, base_dir)
+        elif typing.get_origin(tp) in (list, List) and dataclasses.is_dataclass(typing.get_args(tp)[0]) \
+                and isinstance(v, list):
+            out[k] = [resolve_paths(typing.get_args(tp)[0], x, base_dir) for x in v]
+        elif kind and isinstance(v, str) and v not in fields[k].metadata.get("keywords", ()):
+            out[k] = resolve_value(v, kind, base_dir)
+    return out
+
+
+def _check_value(key: str, value: Any, tp: Any, f: Optional[dataclasses.Field]) -> Any:
+    """Validate (and lightly coerce: int -> float) one value against its declared type and choices."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _check_value(key, value, args[0], f)
+    if origin in (list, List):
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list of {inner.__name__}, got {value!r}")
+        if dataclasses.is_dataclass(inner):  # arrays of tables ([[source]] in recipes)
+            return [from_dict(inner, v, f"{key}[{i}].") for i, v in enumerate(value)]
+        return [_check_value(f"{key}[{i}]", v, inner, None) for i, v in enumerate(value)]
+    if origin in (dict, Dict) or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {value!r}")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        value = float(value)
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    elif tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+    choices = f.metadata.get("choices") if f is not None else None
+    if choices and value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+    return value
+
+
+def from_dict(cls, data: Dict[str, Any], prefix: str = ""):
+    """Build dataclass ``cls`` from a raw dict, strictly (unknown keys, types and choices checked)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a table, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for k, v in data.items():
+        if k not in fields:
+            raise ConfigError(f"unknown key '{prefix}{k}'; valid keys in [{prefix.rstrip('.') or 'top level'}]: "
+                              f"{', '.join(fields)}")
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            kwargs[k] = from_dict(tp, v, f"{prefix}{k}.")
+        else:
+            kwargs[k] = _check_value(f"{prefix}{k}", v, tp, fields[k])
+    return cls(**kwargs)
+
+
+def load_typed(cls, path: str, data: Optional[Dict[str, Any]] = None):
+    """A typed file: read (unless ``data`` is given), resolve its paths against its folder, build ``cls``.
+    Errors are prefixed with the file's path."""
+    data = read_toml(path) if data is None else data
+    try:
+        return from_dict(cls, resolve_paths(cls, data, os.path.dirname(os.path.abspath(path))))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
