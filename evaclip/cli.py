@@ -8,13 +8,9 @@ import sys
 import textwrap
 from typing import List, Optional
 
-from evaclip.config import ConfigError
+from evaclip.errors import UserError
 
 _F = argparse.RawDescriptionHelpFormatter
-
-
-class UserError(Exception):
-    """An error the user can fix; printed as one line without a traceback."""
 
 
 def _progress(total: Optional[int], desc: str, unit: str = "it"):
@@ -53,13 +49,10 @@ def cmd_train(args) -> int:
         print(f"\nworld size {world}, global batch {derived.global_batch}, {derived.steps} steps, "
               f"{derived.train_samples:,} samples; run dir {derived.run_dir}")
         return 0
-    from evaclip.trainer import Trainer, TrainingStopped
+    from evaclip.trainer import Trainer
 
     trainer = Trainer(cfg, derived)
-    try:
-        summary = trainer.train()
-    except TrainingStopped as e:
-        raise UserError(str(e)) from None
+    summary = trainer.train()
     edist.shutdown()
     if edist.is_main():
         zs = summary["zeroshot"]
@@ -85,7 +78,9 @@ def _load_for_eval(args):
         from evaclip.data.transforms import make_tokenizer
         from evaclip.models import model_from_record, record_variant
 
-        sd, meta = load_weights(args.checkpoint)
+        from evaclip.checkpoint import checkpoint_identity
+
+        sd, meta = load_weights(args.checkpoint, args.trust_pickle)
         v = record_variant(meta.get("model"))
         model = model_from_record(meta["model"])
         model.load_state_dict(sd)
@@ -93,13 +88,20 @@ def _load_for_eval(args):
         text = meta["model"]["config"]["text"]
         return (lambda x: model.encode_image(x, normalize=False), lambda t: model.encode_text(t, normalize=False),
                 make_tokenizer(v.context_length, text["kind"], text["hf_path"]), v.image_size,
-                v.mean, v.std, v.interpolation, v.name, os.path.abspath(args.checkpoint))
+                v.mean, v.std, v.interpolation, v.name, os.path.abspath(args.checkpoint),
+                {"checkpoint": meta["checkpoint"], "step": meta["step"]}, checkpoint_identity(meta["checkpoint"]))
     if args.model and args.model.startswith("open_clip:"):
         import open_clip
 
         from evaclip.models.registry import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
         name = args.model[len("open_clip:"):]
+        looks_like_path = args.pretrained and (os.sep in args.pretrained or
+                                               args.pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")))
+        if looks_like_path and not os.path.exists(args.pretrained):
+            raise UserError(f"--pretrained {args.pretrained}: no such file or folder")
+        if name not in open_clip.list_models() and not (args.pretrained and os.path.isdir(args.pretrained)):
+            raise UserError(f"--model open_clip:{name}: open_clip has no such model (open_clip.list_models())")
         if args.pretrained and os.path.isdir(args.pretrained):
             model, _, pre = open_clip.create_model_and_transforms(f"local-dir:{args.pretrained}")
             tok = open_clip.get_tokenizer(f"local-dir:{args.pretrained}")
@@ -112,7 +114,7 @@ def _load_for_eval(args):
         mean = cfg.get("mean", OPENAI_CLIP_MEAN)
         std = cfg.get("std", OPENAI_CLIP_STD)
         return (model.encode_image, model.encode_text, tok, size, mean, std, cfg.get("interpolation", "bicubic"),
-                name, args.pretrained or "")
+                name, args.pretrained or "", {}, _fingerprint(name, args.pretrained or ""))
     raise UserError("evaclip eval needs --checkpoint <run dir|checkpoint> or --model open_clip:<name>")
 
 
@@ -125,7 +127,7 @@ def cmd_eval(args) -> int:
     if not args.suite:
         raise UserError("evaclip eval needs --suite (a built-in name such as quick or eva27, or a suite file)")
     entries = load_suite(args.suite)
-    enc_i, enc_t, tok, size, mean, std, interpolation, name, pretrained = _load_for_eval(args)
+    enc_i, enc_t, tok, size, mean, std, interpolation, name, pretrained, extra, identity = _load_for_eval(args)
     import torch
 
     amp = args.precision == "bf16"
@@ -136,15 +138,18 @@ def cmd_eval(args) -> int:
                 return fn(x)
         return run
 
-    cache = os.path.join(args.out, ".classifier_cache", _fingerprint(name, pretrained))
+    # the text classifier depends on the weights: keyed by the checkpoint's identity (step + manifest checksum)
+    cache = os.path.join(args.out, ".classifier_cache", identity)
     results = run_suite(wrap(enc_i), wrap(enc_t), tok, entries, args.datasets_root, size, mean, std,
                         torch.device(args.device), args.batch_size, strict=args.strict, classifier_cache=cache,
                         model_name=name, pretrained=pretrained, workers=args.workers, interpolation=interpolation,
-                        progress_factory=lambda n: _progress(None, n, "img"))
+                        progress_factory=lambda n: _progress(None, n, "img"), out_dir=args.out, extra=extra)
     print(write_results(results, args.out))
     missing = [r["dataset"] for r in results if r["status"] == "missing"]
-    print(f"results: {args.out} ({len(results) - len(missing)} evaluated, {len(missing)} missing"
-          + (f": {', '.join(missing)}" if missing else "") + ")")
+    failed = [r["dataset"] for r in results if r["status"] == "error"]
+    print(f"results: {args.out} ({len(results) - len(missing) - len(failed)} evaluated, {len(missing)} missing"
+          + (f": {', '.join(missing)}" if missing else "") + f", {len(failed)} failed"
+          + (f": {', '.join(failed)}" if failed else "") + ")")
     if args.require_acc1 is not None:
         low = [f"{r['dataset']} {100 * r['metrics']['acc1']:.2f}%" for r in results
                if "acc1" in r["metrics"] and r["metrics"]["acc1"] < args.require_acc1]
@@ -169,11 +174,14 @@ def cmd_export(args) -> int:
     from evaclip.export.open_clip import export_open_clip, verify_export
     from evaclip.models import record_variant
 
+    if os.path.isdir(args.out) and os.listdir(args.out) and not args.force:
+        raise UserError(f"--out {args.out} is not empty; choose a new folder or pass --force to replace it whole")
     ckpt = find_checkpoint(args.source)
     print(f"consolidating {ckpt} ...", flush=True)
-    sd, meta = load_weights(ckpt)
+    sd, meta = load_weights(ckpt, args.trust_pickle)
     v = record_variant(meta.get("model"))
-    written = export_open_clip(sd, meta["model"], args.out, dtype=args.dtype, tower=args.tower, source=ckpt)
+    written = export_open_clip(sd, meta["model"], args.out, dtype=args.dtype, tower=args.tower, source=ckpt,
+                               replace=args.force)
     for k, p in written.items():
         print(f"  {k}: {p}")
     if args.verify:
@@ -240,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
           evaclip eval --checkpoint runs/demo_cpu --suite quick --datasets-root data/synth/zeroshot
           evaclip export runs/demo_cpu --out exports/demo --verify  # open_clip folder (+ timm image tower)
         """))
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
 
     t = sub.add_parser("train", formatter_class=_F, help="train from an experiment file",
@@ -292,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     e.add_argument("--strict", action="store_true", help="fail (exit 2) when a dataset is missing")
     e.add_argument("--compare", nargs="+", metavar="JSON", help="print a side-by-side table of result files")
+    e.add_argument("--trust-pickle", action="store_true",
+                   help="load checkpoint files that hold pickled objects (they can run code: only files you trust)")
     e.add_argument("--require-acc1", type=float, default=None, metavar="FRAC",
                    help="exit 2 if a classification set's top-1 is below FRAC (e.g. 0.094 = 3x chance of 32 classes)")
     e.set_defaults(fn=cmd_eval)
@@ -310,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     x.add_argument("--verify", action="store_true", help="reload with open_clip and timm, compare embeddings")
     x.add_argument("--tolerance", type=float, default=1e-5, help="--verify: max abs difference allowed")
+    x.add_argument("--force", action="store_true", help="replace a non-empty --out folder (whole)")
+    x.add_argument("--trust-pickle", action="store_true",
+                   help="load checkpoint files that hold pickled objects (they can run code: only files you trust)")
     x.set_defaults(fn=cmd_export)
 
     d = sub.add_parser("data", formatter_class=_F, help="make, inspect and check datasets",
@@ -348,7 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the line, not only before the command
+    args, extra = parser.parse_known_args([a for a in argv if a != "--debug"])
+    args.debug = debug
     if extra:  # `train x.toml a=1 --dry-run b=2`: overrides may come after options
         bad = [a for a in extra if a.startswith("-") or "=" not in a or args.cmd != "train"]
         if bad:
@@ -359,10 +376,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         return args.fn(args) or 0
-    except (ConfigError, UserError, FileNotFoundError) as e:
-        print(f"evaclip {args.cmd}: error: {e}", file=sys.stderr)
+    except (UserError, FileNotFoundError) as e:  # one line; --debug for the traceback
+        if args.debug:
+            raise
+        print(f"evaclip {args.cmd}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if args.debug:
+            raise
         print("interrupted", file=sys.stderr)
         return 130
 

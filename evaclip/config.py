@@ -85,6 +85,8 @@ class ModelConfig:
                   path="file")
     use_logit_bias: bool = _f(False, "learned logit bias (SigLIP; needed by loss.kind = 'siglip')")
     init_logit_bias: float = _f(-10.0, "initial logit bias (SigLIP paper: -10)")
+    trust_pickle: bool = _f(False, "let model.init / model.*.init load .pt/.bin files that hold pickled objects "
+                            "(they can run code when loaded: only files you trust); default: tensors only")
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
 
@@ -102,7 +104,10 @@ class DataConfig:
     shuffle_buffer: int = _f(1000, "sample shuffle buffer per worker")
     resampled: bool = _f(True, "draw shards with replacement (infinite stream; restart-safe position)")
     crop_scale: List[float] = _f([0.9, 1.0], "RandomResizedCrop scale range for training")
-    max_skip_fraction: float = _f(0.1, "stop with an error when more than this fraction of samples is corrupt")
+    max_skip_fraction: float = _f(0.1, "stop with an error when more than this fraction of samples is unusable "
+                                  "(checked every step; an unreadable shard counts as the samples it should hold)")
+    batch_timeout_s: float = _f(600.0, "a DataLoader worker that yields no batch for this many seconds stops the "
+                                "run with a message naming it, its shards and its skip counts (0: no bound)")
 
 
 @dataclass
@@ -159,8 +164,12 @@ class EngineConfig:
 class CheckpointConfig:
     every_steps: int = _f(1000, "save every N optimizer steps (and at the end)")
     keep_last: int = _f(3, "checkpoints kept (older ones deleted)")
-    resume: str = _f("auto", "auto (latest complete checkpoint in the run dir) | none | <checkpoint dir>",
-                    path="file", keywords=("auto", "none"))
+    resume: str = _f("auto", "auto (newest valid checkpoint in the run dir; damaged ones are skipped) | none | "
+                     "<checkpoint dir>", path="file", keywords=("auto", "none"))
+    allow_changes: List[str] = _f([], "settings a resume may change (e.g. [\"data.root\"]); others must match "
+                                  "the checkpoint's")
+    trust_pickle: bool = _f(False, "let resume load checkpoint files that hold pickled objects (they can run "
+                            "code: only checkpoints you trust)")
 
 
 @dataclass
@@ -308,6 +317,8 @@ def resolve(cfg: ExperimentConfig, world_size: int = 1) -> Derived:
                    ("eval.every_steps", cfg.eval.every_steps)]:
         if v < 0:
             raise ConfigError(f"{key} must be >= 0, got {v}")
+    if cfg.data.batch_timeout_s < 0:
+        raise ConfigError(f"data.batch_timeout_s must be >= 0, got {cfg.data.batch_timeout_s}")
     if not 0.0 <= cfg.model.vision.patch_dropout < 1.0:
         raise ConfigError(f"model.vision.patch_dropout must be in [0, 1), got {cfg.model.vision.patch_dropout}")
     if cfg.engine.kind == "torch" and cfg.engine.zero_stage:
@@ -330,7 +341,7 @@ def resolve(cfg: ExperimentConfig, world_size: int = 1) -> Derived:
         if not cfg.data.root and any("{root}" in s.shards for s in recipe.source):
             raise ConfigError(f"data.root is not set but recipe {recipe.name!r} names its shards under {{root}}: "
                               "set data.root=<folder holding the shards>")
-    if "{root}" in cfg.eval.datasets_root and not cfg.data.root:
+    if cfg.eval.suite and "{root}" in cfg.eval.datasets_root and not cfg.data.root:
         raise ConfigError("eval.datasets_root uses {root} but data.root is not set")
     if cfg.eval.suite:
         from evaclip.evalsuite import load_suite

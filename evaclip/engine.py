@@ -30,8 +30,10 @@ import torch
 from evaclip import dist as edist
 from evaclip.files import deep_merge, find
 from evaclip.optim import FlatLayout, Lamb, flat_layout
+from evaclip.safe_load import deepspeed_loads, load_torch
 
 TORCH_STATE = "engine_state.pt"  # TorchEngine's checkpoint file
+_OPT_IN = "checkpoint.trust_pickle=true (or --trust-pickle)"
 
 
 def pick_device(run_device: str) -> torch.device:
@@ -88,8 +90,8 @@ class TorchEngine:
         torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()},
                    os.path.join(path, TORCH_STATE))
 
-    def load(self, path: str, load_optimizer: bool = True) -> None:
-        st = torch.load(os.path.join(path, TORCH_STATE), map_location=self.device, weights_only=False)
+    def load(self, path: str, load_optimizer: bool = True, trust_pickle: bool = False) -> None:
+        st = load_torch(os.path.join(path, TORCH_STATE), "checkpoint", trust_pickle, _OPT_IN, self.device)
         self.model.load_state_dict(st["model"])
         if load_optimizer:
             self.optimizer.load_state_dict(st["optimizer"])
@@ -277,11 +279,12 @@ class DeepSpeedEngine:
         parent, tag = os.path.split(path.rstrip("/"))
         self.ds.save_checkpoint(parent, tag=tag, save_latest=False)
 
-    def load(self, path: str, load_optimizer: bool = True) -> None:
+    def load(self, path: str, load_optimizer: bool = True, trust_pickle: bool = False) -> None:
         parent, tag = os.path.split(path.rstrip("/"))
-        load_path, _ = self.ds.load_checkpoint(parent, tag=tag, load_optimizer_states=load_optimizer,
-                                               load_lr_scheduler_states=False,
-                                               load_module_only=not load_optimizer)
+        with deepspeed_loads(path, "checkpoint", trust_pickle):
+            load_path, _ = self.ds.load_checkpoint(parent, tag=tag, load_optimizer_states=load_optimizer,
+                                                   load_lr_scheduler_states=False,
+                                                   load_module_only=not load_optimizer)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")
 
@@ -309,22 +312,21 @@ def build_engine(model, optimizer, engine_cfg, device: torch.device, micro_batch
     return DeepSpeedEngine(model, optimizer, engine_cfg, device, ds_cfg)
 
 
-def read_weights(ckpt_dir: str) -> Dict[str, torch.Tensor]:
+def read_weights(ckpt_dir: str, trust_pickle: bool = False) -> Dict[str, torch.Tensor]:
     """Full fp32 model weights from a checkpoint directory written by either engine.
 
     DeepSpeed ZeRO-1/2/3 checkpoints are consolidated with DeepSpeed's own ``zero_to_fp32`` utilities (fp32
-    master weights, not the bf16/fp16 copies)."""
+    master weights, not the bf16/fp16 copies); every file is loaded weights-only (``safe_load``)."""
     plain = os.path.join(ckpt_dir, TORCH_STATE)
     if os.path.exists(plain):
-        sd = torch.load(plain, map_location="cpu", weights_only=False)["model"]
+        sd = load_torch(plain, "checkpoint", trust_pickle, _OPT_IN)["model"]
         return {k: v.float() for k, v in sd.items()}
     parent, tag = os.path.split(ckpt_dir.rstrip("/"))
-    if any(f.endswith("optim_states.pt") and "zero_pp_rank" in f for f in os.listdir(ckpt_dir)):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    with deepspeed_loads(ckpt_dir, "checkpoint", trust_pickle):
+        if any(f.endswith("optim_states.pt") and "zero_pp_rank" in f for f in os.listdir(ckpt_dir)):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        sd = get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag)
-    else:  # DeepSpeed without ZeRO: the module weights are in the model-states file
-        states = torch.load(os.path.join(ckpt_dir, "mp_rank_00_model_states.pt"), map_location="cpu",
-                            weights_only=False)
-        sd = states["module"]
+            sd = get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag)
+        else:  # DeepSpeed without ZeRO: the module weights are in the model-states file
+            sd = torch.load(os.path.join(ckpt_dir, "mp_rank_00_model_states.pt"), map_location="cpu")["module"]
     return {k: v.float() for k, v in sd.items() if not k.endswith("attn_mask")}

@@ -107,8 +107,14 @@ def dataset_root(entry: DatasetEntry, datasets_root: str) -> str:
 def run_suite(encode_image: Callable, encode_text: Callable, tokenizer, entries: List[DatasetEntry],
               datasets_root: str, image_size: int, mean, std, device, batch_size: int = 64, strict: bool = False,
               classifier_cache: Optional[str] = None, model_name: str = "", pretrained: str = "",
-              progress_factory=None, log=print, workers: int = 0, interpolation: str = "bicubic") -> List[Dict]:
-    """Evaluate every dataset; one CLIP_benchmark-shaped result dict each (``status`` ok | missing)."""
+              progress_factory=None, log=print, workers: int = 0, interpolation: str = "bicubic",
+              out_dir: Optional[str] = None, extra: Optional[Dict] = None) -> List[Dict]:
+    """Evaluate every dataset; one CLIP_benchmark-shaped result dict each (``status`` ok | missing | error).
+
+    A dataset that fails (unreadable shards, class names that do not cover the labels ...) is reported as
+    ``error`` with its message and the suite goes on (``strict``: stop); undecodable images are skipped and
+    counted (``skipped``). With ``out_dir`` each result is written as soon as its dataset is done, so a
+    crash later loses nothing. ``extra`` (e.g. the checkpoint and step) is recorded in every result."""
     import torch
 
     from evaclip.data.transforms import eval_transform
@@ -118,14 +124,15 @@ def run_suite(encode_image: Callable, encode_text: Callable, tokenizer, entries:
     results = []
     for e in entries:
         root = dataset_root(e, datasets_root)
-        base = {"dataset": e.name, "model": model_name, "pretrained": pretrained, "task": e.task, "language": "en"}
+        base = {"dataset": e.name, "model": model_name, "pretrained": pretrained, "task": e.task, "language": "en",
+                **(extra or {})}
         try:
             evalset = open_dataset(e.layout, root, e.split)
         except (FileNotFoundError, NotADirectoryError) as err:
             if strict:
                 raise FileNotFoundError(f"dataset {e.name}: {err}") from None
             log(f"  {e.name}: missing ({root})")
-            results.append(dict(base, metrics={}, status="missing", path=root))
+            results.append(_done(dict(base, metrics={}, status="missing", path=root), out_dir))
             continue
         transform = eval_transform(image_size, mean, std, e.transform, interpolation)
         cache_file = None
@@ -133,20 +140,43 @@ def run_suite(encode_image: Callable, encode_text: Callable, tokenizer, entries:
         if classifier_cache and e.task == "zeroshot_classification":
             cache_file = os.path.join(classifier_cache, f"{e.name}.pt")
             if os.path.exists(cache_file):
-                classifier = torch.load(cache_file, map_location=device)
+                classifier = torch.load(cache_file, map_location=device, weights_only=True)
         bar = progress_factory(e.name) if progress_factory else None
         t0 = time.time()
-        metrics, clf = eval_one(encode_image, encode_text, tokenizer, evalset, transform, device, batch_size,
-                                templates=_eval_file(e.templates), classnames=_eval_file(e.classnames),
-                                classifier=classifier, progress=bar.update if bar is not None else None,
-                                workers=workers)
-        if bar is not None:
-            bar.close()
+        try:
+            metrics, clf = eval_one(encode_image, encode_text, tokenizer, evalset, transform, device, batch_size,
+                                    templates=_eval_file(e.templates), classnames=_eval_file(e.classnames),
+                                    classifier=classifier, progress=bar.update if bar is not None else None,
+                                    workers=workers)
+        except Exception as err:  # noqa: BLE001 - one bad dataset must not cost the others their results
+            if strict:
+                raise
+            msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+            log(f"  {e.name}: error: {msg}")
+            results.append(_done(dict(base, metrics={}, status="error", error=msg), out_dir))
+            continue
+        finally:
+            if bar is not None:
+                bar.close()
         if cache_file and clf is not None and classifier is None:
             os.makedirs(classifier_cache, exist_ok=True)
             torch.save(clf.cpu(), cache_file)
-        results.append(dict(base, metrics=metrics, status="ok", seconds=round(time.time() - t0, 2)))
+        skipped = dict(evalset.skipped) if evalset.skipped else {}
+        if skipped:
+            log(f"  {e.name}: skipped {sum(skipped.values())} unreadable samples {skipped}")
+        results.append(_done(dict(base, metrics=metrics, status="ok", skipped=skipped,
+                                  seconds=round(time.time() - t0, 2)), out_dir))
     return results
+
+
+def _done(result: Dict, out_dir: Optional[str]) -> Dict:
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        tmp = os.path.join(out_dir, f".{result['dataset']}.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(tmp, os.path.join(out_dir, f"{result['dataset']}.json"))
+    return result
 
 
 def write_results(results: List[Dict], out_dir: str) -> str:
@@ -154,10 +184,8 @@ def write_results(results: List[Dict], out_dir: str) -> str:
     Returns the table."""
     import csv
 
-    os.makedirs(out_dir, exist_ok=True)
     for r in results:
-        with open(os.path.join(out_dir, f"{r['dataset']}.json"), "w") as f:
-            json.dump(r, f, indent=2)
+        _done(r, out_dir)
     md = table(results)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(md + "\n")
@@ -202,7 +230,7 @@ def table(results: List[Dict]) -> str:
         v = headline(r)
         metric = "acc1" if r["task"] == "zeroshot_classification" else "mean R@5"
         lines.append(f"| {r['dataset']} | {r['task'].replace('zeroshot_', '')} | {metric} | "
-                     f"{'missing' if v is None else f'{100 * v:.2f}'} |")
+                     f"{r['status'] if v is None else f'{100 * v:.2f}'} |")
         if v is not None:
             vals.append(v)
     if vals:

@@ -30,8 +30,7 @@ import typing
 from typing import Any, Dict, List, Optional
 
 
-class ConfigError(ValueError):
-    """A bad experiment, recipe, suite or model file (or override); the message is one line naming the key."""
+from evaclip.errors import ConfigError  # re-exported: the error every loader raises
 
 
 # asset kind -> (folder inside the package's assets, file suffix)

@@ -20,9 +20,11 @@ from typing import Dict, List, Optional
 import torch
 
 from evaclip import dist as edist
-from evaclip.checkpoint import load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
+from evaclip.checkpoint import (load_checkpoint, read_meta, resume_candidates, rng_state, save_checkpoint,
+                                set_rng_state)
 from evaclip.config import Derived, ExperimentConfig, save_run_config, to_dict
 from evaclip.engine import build_engine, pick_device
+from evaclip.errors import CheckpointError, TrainingStopped
 from evaclip.losses import ContrastiveLoss
 from evaclip.metrics import MetricLogger, plot_run, progress_bar
 from evaclip.models import create_model, get_variant, model_record
@@ -33,6 +35,18 @@ from evaclip.schedule import LrScheduler, patch_dropout_at
 REQUEUE_EXIT_CODE = 85  # the trainer exits with this code after a preemption save
 STOP_FILE = "STOP"  # created in the run dir (e.g. by the sbatch script's pre-timeout trap): save and exit
 REQUEUE_FILE = "REQUEUE"  # written by the trainer on such an exit; the sbatch script then requeues the job
+
+
+def _original_error(e: Exception, bound: float) -> str:
+    """The first line of a DataLoader worker's error (the loader wraps it in traceback text)."""
+    msg = str(e)
+    if "DataLoader timed out" in msg:
+        return (f"no batch within {2 * bound + 30:g} s (the loader's bound, data.batch_timeout_s = {bound:g}): a "
+                "worker is blocked reading a shard")
+    if "Original Traceback" in msg:
+        last = [line for line in msg.strip().splitlines() if line.strip()][-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return msg.splitlines()[0] if msg else type(e).__name__
 
 
 def git_sha() -> str:
@@ -54,8 +68,30 @@ def _set_rng(state, device: torch.device) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
-class TrainingStopped(RuntimeError):
-    """Raised when the run cannot continue (e.g. too many non-finite steps)."""
+# the settings a resume must keep (else the data order, batch or model would silently change)
+RESUME_KEYS = ("model.name", "model.model_dir", "model.text.kind", "model.use_logit_bias", "data.recipe",
+               "data.root", "data.shards", "data.micro_batch_size", "data.workers", "data.shuffle_buffer",
+               "data.resampled", "data.crop_scale", "engine.accum_steps", "engine.zero_stage", "run.seed",
+               "world_size")
+
+
+def resume_settings(cfg: ExperimentConfig, world_size: int) -> Dict:
+    """The values of ``RESUME_KEYS`` for this run (recorded in every checkpoint's meta)."""
+    flat = {"world_size": world_size}
+    for key in RESUME_KEYS[:-1]:
+        node = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        flat[key] = list(node) if isinstance(node, (list, tuple)) else node
+    return flat
+
+
+def _check_resume_settings(saved: Dict, now: Dict, allowed, ckpt: str) -> None:
+    changed = [f"{k} ({saved[k]} -> {now[k]})" for k in now if k in saved and saved[k] != now[k] and k not in allowed]
+    if changed:
+        keys = ", ".join(f'"{c.split(" ")[0]}"' for c in changed)
+        raise CheckpointError(f"{ckpt} was written with other settings: {', '.join(changed)}; set them back, start a "
+                              f"new run (run.name=...), or allow it with checkpoint.allow_changes=[{keys}]")
 
 
 class Trainer:
@@ -72,7 +108,7 @@ class Trainer:
         # 3. model
         self.variant = get_variant(cfg.model.name, cfg.model.model_dir)
         model = create_model(cfg.model, self.variant)
-        report = init_from_files(model, cfg.model)
+        report = init_from_files(model, cfg.model)  # refuses pickles and inits that load nothing
         if report:
             self.log(report)
         if cfg.model.vision.lock:
@@ -82,6 +118,16 @@ class Trainer:
         # 4. loss, 5. optimizer, 6. engine, 7. schedule
         self.loss_fn = ContrastiveLoss(cfg.loss.kind, cfg.loss.impl, cfg.loss.tile_size)
         optimizer = build_optimizer(model, cfg.optim)
+        # a resume must keep the settings its checkpoint was written with: checked before anything is written
+        resume = resume_candidates(cfg.checkpoint.resume, self.run_dir)
+        self.settings = resume_settings(cfg, edist.world_size())
+        for c in resume:  # the newest checkpoint whose meta can be read (damaged ones are reported at load)
+            try:
+                saved = read_meta(c).get("settings", {})
+            except (OSError, ValueError):
+                continue
+            _check_resume_settings(saved, self.settings, cfg.checkpoint.allow_changes, c)
+            break
         if edist.is_main():
             save_run_config(self.run_dir, cfg, derived, {"git_sha": git_sha(), "world_size": edist.world_size()})
         self.engine = build_engine(model, optimizer, cfg.engine, self.device, cfg.data.micro_batch_size, self.run_dir)
@@ -97,9 +143,8 @@ class Trainer:
         self.order_hash = 0  # running CRC of the sample keys consumed: the data order, comparable across runs
         self.data_states: Optional[Dict] = None
         # 9. checkpoint: resume before building the data iterator (it starts at the saved position)
-        ckpt = resolve_resume(cfg.checkpoint.resume, self.run_dir)
-        if ckpt:
-            meta, rank_state = load_checkpoint(self.engine, ckpt)
+        if resume:
+            ckpt, meta, rank_state = load_checkpoint(self.engine, resume, cfg.checkpoint.trust_pickle, self.log)
             self.step, self.samples_seen = meta["step"], meta["samples_seen"]
             self.data_states = rank_state["data"]
             self.order_hash = rank_state.get("order_hash", 0)
@@ -127,7 +172,7 @@ class Trainer:
         c = self.cfg.data
         recipe = load_recipe(c.recipe) if c.recipe else recipe_from_shards(c.shards)
         spec = build_stream_spec(recipe, c.root, self.cfg.run.seed, edist.rank(), edist.world_size(),
-                                 c.resampled, c.shuffle_buffer)
+                                 c.resampled, c.shuffle_buffer, batch_timeout_s=c.batch_timeout_s)
         v = self.variant
         transform = train_transform(v.image_size, v.mean, v.std, c.crop_scale, v.interpolation)
         stream = ImageTextStream(spec, c.micro_batch_size, transform,
@@ -139,7 +184,12 @@ class Trainer:
         self.data_iter = iter(self.loader)
 
     def _next_batch(self):
-        batch = next(self.data_iter)
+        try:
+            batch = next(self.data_iter)
+        except TrainingStopped:
+            raise
+        except Exception as e:  # noqa: BLE001 - a worker's error arrives wrapped in the loader's traceback text
+            raise TrainingStopped(f"data (rank {edist.rank()}): {_original_error(e, self.cfg.data.batch_timeout_s)}") from None
         self.data_state.update(batch.pop("__state__"))
         self.order_hash = zlib.crc32(",".join(batch["key"]).encode(), self.order_hash)
         return batch
@@ -219,11 +269,21 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ loop
     def _install_signal_handlers(self):
-        def handler(signum, frame):
-            self._stop_signal = signum
-            self.log(f"received signal {signum}: finishing this step, saving, exiting for requeue")
+        """SIGTERM / SIGINT / SIGUSR1: finish the step, checkpoint, exit 85 (requeue); a second one exits at once.
+        The DataLoader workers ignore SIGTERM / SIGINT (``wds.worker_init``), so a signal to the whole process
+        group (``timeout``, Slurm, Ctrl-C) reaches the main process with its workers still alive."""
+        import sys
 
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        def handler(signum, frame):
+            if self._stop_signal is not None:
+                print(f"second signal ({signal.Signals(signum).name}): exiting now without a checkpoint",
+                      file=sys.stderr, flush=True)
+                os._exit(128 + signum)
+            self._stop_signal = signum
+            self.log(f"received {signal.Signals(signum).name}: finishing this step, saving, exiting for requeue "
+                     "(send it again to exit at once)")
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             signal.signal(sig, handler)
 
     def _should_stop(self) -> bool:
@@ -235,6 +295,7 @@ class Trainer:
         return flag.item() > 0
 
     def _exit_for_requeue(self):
+        self.close_data()
         if edist.is_main():
             stop = os.path.join(self.run_dir, STOP_FILE)
             if os.path.exists(stop):
@@ -247,7 +308,8 @@ class Trainer:
 
     def save(self):
         meta = {"samples_seen": self.samples_seen, "world_size": edist.world_size(),
-                "skips": self.data_state.skip_counts(), "model": model_record(self.cfg.model, self.variant)}
+                "skips": self.data_state.skip_counts(), "model": model_record(self.cfg.model, self.variant),
+                "settings": self.settings}
         path = save_checkpoint(self.engine, self.run_dir, self.step, meta,
                                {"data": self.data_state.state_dict(), "rng": rng_state(),
                                 "order_hash": self.order_hash},
@@ -291,7 +353,19 @@ class Trainer:
         self.engine.train(True)
         return out
 
+    def close_data(self) -> None:
+        """Shut the DataLoader workers down now. They ignore SIGTERM (so a process-group signal reaches the main
+        process first): left to interpreter exit, multiprocessing would SIGTERM and then wait for them forever."""
+        self.data_iter = None  # the iterator's finaliser stops and joins its workers
+        self.loader = None
+
     def train(self) -> Dict:
+        try:
+            return self._train()
+        finally:
+            self.close_data()
+
+    def _train(self) -> Dict:
         cfg, d = self.cfg, self.derived
         self._install_signal_handlers()
         self.engine.train(True)
@@ -306,6 +380,7 @@ class Trainer:
             lr_factor = self.scheduler.set_step(self.step)
             micro = [self._next_batch() for _ in range(cfg.engine.accum_steps)]
             metrics = self.train_step(micro)
+            self._check_skips()  # every step: a run on mostly missing data must stop early, not at a log step
             self.step += 1
             self.samples_seen += d.global_batch
             if bar:
@@ -318,7 +393,6 @@ class Trainer:
                 metrics.update({"train/samples_per_s": sps, "train/patch_dropout": rate,
                                 "train/samples_seen": self.samples_seen, "data/order_hash": self.order_hash})
                 metrics.update({f"data/skipped/{k}": v for k, v in self.data_state.skip_counts().items()})
-                self._check_skips()
                 self.logger.log(self.step, metrics)
                 if bar and "train/loss" in metrics:
                     bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", samples_s=f"{sps:.0f}", refresh=False)
@@ -353,7 +427,7 @@ class Trainer:
 
     def _check_skips(self):
         # summed over ranks, so every rank takes the same decision (one rank stopping alone would hang the rest)
-        local = sum(self.data_state.skip_counts().values())
+        local = self.data_state.lost_samples()  # unreadable shards count by the samples they should hold
         tot = edist.all_reduce_sum(torch.tensor([float(local), float(self.data_state.samples() + local)],
                                                 device=self.device))
         skips, seen = int(tot[0].item()), int(tot[1].item())

@@ -14,9 +14,9 @@ Datasets are read in CLIP_benchmark's webdataset layout unchanged (``<root>/<spl
 from __future__ import annotations
 
 import csv
-import io
 import os
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -85,6 +85,7 @@ class EvalSet:
     classnames: Optional[List[str]] = None
     templates: Optional[List[str]] = None
     size: Optional[int] = None
+    skipped: Counter = field(default_factory=Counter)  # samples whose image could not be decoded, by reason
 
 
 def _read_lines(path: str) -> List[str]:
@@ -93,7 +94,20 @@ def _read_lines(path: str) -> List[str]:
 
 
 def _decode(data: bytes) -> Image.Image:
-    return Image.open(io.BytesIO(data)).convert("RGB")
+    from evaclip.data.transforms import decode_image
+
+    return decode_image(data)
+
+
+def _decoded(items: Iterator[Tuple[Callable, object]], skipped: Counter) -> Iterator[Tuple[Image.Image, object]]:
+    """(image, target) for (loader, target) pairs; an image that does not decode is skipped and counted."""
+    for load, target in items:
+        try:
+            img = load()
+        except Exception:  # noqa: BLE001 - PIL raises many types for corrupt data
+            skipped["decode_error"] += 1
+            continue
+        yield img, target
 
 
 def open_wds_benchmark(root: str, split: str = "test") -> EvalSet:
@@ -107,23 +121,29 @@ def open_wds_benchmark(root: str, split: str = "test") -> EvalSet:
     kind = open(kind_file).read().strip() if os.path.exists(kind_file) else "classification"
     task = RETRIEVAL if kind == "retrieval" else CLASSIFICATION
 
-    def samples():
+    def raw():
         for k in range(nshards):
             for s in iter_tar_samples(os.path.join(split_dir, f"{k}.tar")):
                 ext = next((e for e in ("webp", "png", "jpg", "jpeg") if e in s), None)
                 if ext is None:
+                    es.skipped["missing_image"] += 1
                     continue
                 if task == CLASSIFICATION:
-                    yield _decode(s[ext]), int(s["cls"].decode().strip())
+                    target = int(s["cls"].decode().strip())
                 else:
-                    yield _decode(s[ext]), [c for c in s["txt"].decode().split("\n") if c.strip()]
+                    target = [c for c in s["txt"].decode().split("\n") if c.strip()]
+                yield (lambda data=s[ext]: _decode(data)), target
+
+    def samples():
+        return _decoded(raw(), es.skipped)
 
     classnames = templates = None
     if task == CLASSIFICATION:
         classnames = _read_lines(os.path.join(root, "classnames.txt"))
         tpl = os.path.join(root, "zeroshot_classification_templates.txt")
         templates = _read_lines(tpl) if os.path.exists(tpl) else None
-    return EvalSet(task, samples, classnames, templates)
+    es = EvalSet(task, samples, classnames, templates)
+    return es
 
 
 def open_imagefolder(root: str, split: str = "test") -> EvalSet:
@@ -136,11 +156,11 @@ def open_imagefolder(root: str, split: str = "test") -> EvalSet:
              for f in sorted(os.listdir(os.path.join(split_dir, c))) if f.rsplit(".", 1)[-1].lower() in IMAGE_EXTS]
 
     def samples():
-        for path, label in files:
-            yield Image.open(path).convert("RGB"), label
+        return _decoded((((lambda p=path: _decode(open(p, "rb").read())), label) for path, label in files), es.skipped)
 
     tpl = os.path.join(root, "zeroshot_classification_templates.txt")
-    return EvalSet(CLASSIFICATION, samples, classnames, _read_lines(tpl) if os.path.exists(tpl) else None, len(files))
+    es = EvalSet(CLASSIFICATION, samples, classnames, _read_lines(tpl) if os.path.exists(tpl) else None, len(files))
+    return es
 
 
 def open_csv_retrieval(root: str, split: str = "test") -> EvalSet:
@@ -152,10 +172,11 @@ def open_csv_retrieval(root: str, split: str = "test") -> EvalSet:
             captions.setdefault(row["path"], []).append(row["caption"])
 
     def samples():
-        for p, caps in captions.items():
-            yield Image.open(p if os.path.isabs(p) else os.path.join(root, p)).convert("RGB"), caps
+        return _decoded((((lambda q=(p if os.path.isabs(p) else os.path.join(root, p)): _decode(open(q, "rb").read())),
+                          caps) for p, caps in captions.items()), es.skipped)
 
-    return EvalSet(RETRIEVAL, samples, size=len(captions))
+    es = EvalSet(RETRIEVAL, samples, size=len(captions))
+    return es
 
 
 LAYOUTS = {"wds": open_wds_benchmark, "imagefolder": open_imagefolder, "csv": open_csv_retrieval}
@@ -242,6 +263,12 @@ def evaluate(encode_image: Callable, encode_text: Callable, tokenizer, evalset: 
             targets += labels
             if progress:
                 progress(len(labels))
+        if not targets:
+            raise ValueError("no readable image in the dataset")
+        top = max(targets)
+        if top >= len(names) or min(targets) < 0:
+            raise ValueError(f"{len(names)} class names but the labels go up to {top}: the class-names file does "
+                             "not match the dataset")
         return classification_metrics(torch.cat(logits), torch.tensor(targets)), classifier
     img_emb, txt_emb, owner = [], [], []
     n_img = 0
@@ -253,4 +280,6 @@ def evaluate(encode_image: Callable, encode_text: Callable, tokenizer, evalset: 
         n_img += len(caps)
         if progress:
             progress(len(caps))
+    if not img_emb:
+        raise ValueError("no readable image in the dataset")
     return retrieval_metrics(torch.cat(img_emb), torch.cat(txt_emb), torch.tensor(owner)), None

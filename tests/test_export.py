@@ -63,5 +63,5 @@ def test_export_dtype_and_towers(trained_run, tmp_path):
     files = set(os.listdir(tmp_path / "img"))
     assert "timm_image_tower" in files and "open_clip_model.safetensors" not in files
     export_open_clip(sd, meta["model"], str(tmp_path / "txt"), tower="text")
-    txt = load_file(str(tmp_path / "txt" / "text_tower.safetensors"))
+    txt = load_file(str(tmp_path / "txt" / "text_tower" / "text.safetensors"))
     assert txt and all(k.startswith("text.") for k in txt)

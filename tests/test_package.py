@@ -74,7 +74,7 @@ def test_wheel_install_works_from_an_empty_folder(tmp_path):
     evaclip = str(venv / "bin" / "evaclip")
     loc = _run([str(venv / "bin" / "python"), "-c", "import evaclip; print(evaclip.__file__)"], work, env).stdout
     assert str(venv) in loc and REPO not in loc  # the installed copy, not the checkout
-    _run([evaclip, "data", "synth", "--out", "d", "--shards", "4", "--per-shard", "200"], work, env)
+    _run([evaclip, "data", "synth", "--out", "d"], work, env)
     _run([evaclip, "train", "demo_cpu", "run.steps=20", "data.root=d", "data.workers=1", "log.progress=false"],
          work, env)
     r = _run([evaclip, "eval", "--checkpoint", "runs/demo_cpu", "--suite", "quick", "--datasets-root", "d/zeroshot",

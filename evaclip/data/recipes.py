@@ -14,6 +14,7 @@ from typing import List
 
 from evaclip.files import ConfigError, find, load_typed
 
+UNSET = -1.0  # SourceSpec.weight when the recipe does not set it
 _PATH = {"path": "file"}  # relative to the recipe file (evaclip.files); {root} patterns and URLs as they are
 
 
@@ -22,7 +23,7 @@ class SourceSpec:
     name: str = ""
     shards: str = field(default="", metadata=_PATH)  # brace pattern; {root} is replaced by data.root
     samples: int = 0  # total samples (from img2dataset stats or `evaclip data stats`)
-    weight: float = -1.0  # sampling weight; -1 everywhere: proportional to samples
+    weight: float = -1.0  # sampling weight (> 0); omitted everywhere: proportional to samples
     manifest: str = field(default="", metadata=_PATH)  # optional parquet manifest written by `evaclip data stats`
     licence: str = ""
     img2dataset: str = ""  # the command that produces the shards
@@ -39,10 +40,13 @@ class Recipe:
     def weights(self) -> List[float]:
         """Normalised per-source sampling weights: explicit ones, else proportional to sample counts."""
         ws = [s.weight for s in self.source]
-        if all(w < 0 for w in ws):
+        bad = [s.name for s in self.source if s.weight != UNSET and s.weight <= 0]
+        if bad:
+            raise ConfigError(f"recipe {self.name}: weight must be > 0 (or omitted) on source(s) {', '.join(bad)}")
+        if all(w == UNSET for w in ws):
             counts = [s.samples for s in self.source]
             ws = [float(c) for c in counts] if all(c > 0 for c in counts) else [1.0] * len(ws)
-        elif any(w < 0 for w in ws):
+        elif any(w == UNSET for w in ws):
             raise ConfigError(f"recipe {self.name}: set weight on every source or on none")
         total = sum(ws)
         if total <= 0:

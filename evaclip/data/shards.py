@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import tarfile
 from typing import Dict, Iterator, List
 
@@ -21,17 +22,21 @@ class ShardError(Exception):
 
 def expand_pattern(pattern: str, root: str = "") -> List[str]:
     """``{root}/laion/{00000..00009}.tar`` -> urls. ``::`` separates several patterns; ``{root}`` is substituted
-    first (so it is not brace-expanded)."""
+    first (so it is not brace-expanded); inside a ``pipe:`` command it is shell-quoted."""
     import braceexpand
 
-    if "{root}" in pattern:
-        if not root:
-            raise ValueError(f"shard pattern {pattern!r} uses {{root}} but no data root is set (data.root)")
-        pattern = pattern.replace("{root}", root.rstrip("/"))
+    if "{root}" in pattern and not root:
+        raise ValueError(f"shard pattern {pattern!r} uses {{root}} but no data root is set (data.root)")
     urls: List[str] = []
     for part in pattern.split("::"):
-        part = os.path.expandvars(os.path.expanduser(part.strip()))
-        if part:
+        part = part.strip()
+        if part.startswith("pipe:"):
+            # a shell command (by design, as in webdataset): the root is pasted in quoted, never as shell code
+            marker = "\0ROOT\0"
+            cmds = braceexpand.braceexpand(part.replace("{root}", marker))
+            urls.extend(c.replace(marker, shlex.quote(root.rstrip("/"))) for c in cmds)
+        elif part:
+            part = os.path.expandvars(os.path.expanduser(part.replace("{root}", root.rstrip("/"))))
             urls.extend(braceexpand.braceexpand(part))
     return urls
 

@@ -17,7 +17,23 @@ def decode_image(data: bytes, min_side: int = 0) -> Image.Image:
     img = Image.open(io.BytesIO(data))
     if min_side and img.format == "JPEG":
         img.draft("RGB", (min_side, min_side))
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        img = _to_8bit(img)  # PIL's own convert clips 16-bit / float values: an all-white image
     return img.convert("RGB")
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit / 32-bit integer or float greyscale -> 8-bit 'L' by the range its mode can hold."""
+    import numpy as np
+
+    arr = np.asarray(img).astype(np.float64)
+    if img.mode.startswith("I;16"):
+        arr = arr / 257.0
+    elif img.mode == "F":
+        arr = arr * 255.0 if arr.size and arr.max() <= 1.0 else arr
+    elif arr.size and arr.max() > 255:  # 'I': 16-bit data stored in 32 bits, or wider
+        arr = arr / (257.0 if arr.max() <= 65535 else arr.max() / 255.0)
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
 
 
 def _mode(interpolation: str):

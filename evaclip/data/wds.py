@@ -6,14 +6,18 @@ Per DataLoader worker (one stream per rank x worker, all deterministic in (seed,
   2. shard sequence  resampled: shards drawn with replacement by a seeded RNG, so every rank/worker gets
                      data however few shards there are; epoch mode: a seeded permutation per epoch, split
                      by (rank, worker). Shards are grouped in blocks of ``block_shards``.
-  3. tar -> samples  ``iter_tar_samples``: members grouped by key; an unreadable/truncated shard is counted
-                     and skipped (the samples read before the damage are kept)
+  3. tar -> samples  ``iter_tar_samples``: members grouped by key; an unreadable shard is counted (and, for
+                     the skip fraction, by the samples it should have held), a truncated one too (the samples
+                     read before the damage are kept)
   4. shuffle buffer  per block, seeded by the block index, drained at the block's end
   5. mix sources     each sample's source drawn with the recipe's true weights (e.g. 80/20 by samples)
   6. decode          PIL (JPEG draft mode); a missing image/caption, empty caption or undecodable image is
                      skipped and counted per reason
   7. transform       RandomResizedCrop + normalise; the augmentation RNG is re-seeded per batch
   8. tokenize, batch ``micro_batch_size`` samples -> {image, text, key, source, __state__}
+
+Bounded: a worker that assembles no batch within ``batch_timeout_s`` (every sample skipped, shards that
+never end) stops with a message naming the worker, the shards it is reading and its skip counts.
 
 Restart safety: each batch carries its worker's position (per source: block and offset in the block;
 the mixer's sample count; batches emitted) and skip counters. The trainer keeps the position of the last
@@ -26,6 +30,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import random
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional
@@ -35,10 +40,14 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from evaclip.data.recipes import Recipe
+from evaclip.errors import TrainingStopped
 from evaclip.data.shards import ShardError, expand_pattern, is_local, iter_tar_samples
 from evaclip.data.transforms import IMAGE_EXTS, decode_image
 
-SKIP_REASONS = ("decode_error", "missing_image", "missing_caption", "empty_caption", "unreadable_shard")
+SKIP_REASONS = ("decode_error", "missing_image", "missing_caption", "empty_caption", "unreadable_shard",
+                "truncated_shard")
+# counts that are not skip events: the samples unreadable shards should have held (for the skip fraction)
+LOST_IN_SHARDS = "unreadable_shard_samples"
 _MIX_CHUNK = 1024
 
 
@@ -68,6 +77,8 @@ class StreamSpec:
     shuffle_buffer: int = 1000
     block_shards: int = 4
     epochs: int = 0  # epoch mode only: stop after this many passes (0: infinite, what training uses)
+    expected_per_shard: Optional[List[float]] = None  # per source, from the recipe's sample counts (0: unknown)
+    batch_timeout_s: float = 0.0  # a worker that yields no batch for this long stops the run (0: no bound)
 
 
 class ShardSequence:
@@ -119,6 +130,7 @@ class SourceStream:
         self._replay_until = (block, offset)
         self.successes, self.consecutive_failures = 0, 0
         self.failed_urls: set = set()
+        self.current_url, self.read_from_good = "", 0
 
     def _replaying(self, block: int, emitted: int) -> bool:
         return (block, emitted) < self._replay_until
@@ -126,18 +138,37 @@ class SourceStream:
     def _raw_block(self, b: int, urls: List[str], emitted_ref: List[int]) -> Iterator[Dict]:
         for url in urls:
             got = 0
+            self.current_url = url
             try:
                 for sample in iter_tar_samples(url):
                     got += 1
                     yield sample
             except ShardError as e:
+                if got:  # truncated: what was read before the damage was used; one partial sample lost
+                    if not self._replaying(b, emitted_ref[0]):
+                        self.counts["truncated_shard"] += 1
+                    self._on_success(got)
+                    continue
                 if not self._replaying(b, emitted_ref[0]):
                     self.counts["unreadable_shard"] += 1
+                    self.counts[LOST_IN_SHARDS] += self._expected_samples()
                 self._on_failure(url, e)
                 continue
             if got:
-                self.successes += 1
-                self.consecutive_failures = 0
+                self._on_success(got)
+
+    def _on_success(self, got: int) -> None:
+        self.successes += 1
+        self.read_from_good += got
+        self.consecutive_failures = 0
+
+    def _expected_samples(self) -> int:
+        """Samples an unreadable shard should have held: the recipe's count per shard, else the mean so far."""
+        spec = self.seq.spec
+        known = (spec.expected_per_shard or [0] * len(spec.urls))[self.seq.source]
+        if known > 0:
+            return max(1, round(known))
+        return max(1, round(self.read_from_good / self.successes)) if self.successes else 1
 
     def _on_failure(self, url: str, err: Exception) -> None:
         self.consecutive_failures += 1
@@ -268,7 +299,10 @@ class ImageTextStream(IterableDataset):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(_seed(spec.seed, "aug", spec.rank, worker, batches))
                 images, texts, keys, sources = [], [], [], []
+                started = time.monotonic()
                 while len(images) < self.micro_batch_size:
+                    if spec.batch_timeout_s and time.monotonic() - started > spec.batch_timeout_s:
+                        raise TrainingStopped(self._stalled(worker, streams, counts, len(images)))
                     try:
                         src, raw = next(it)
                     except StopIteration:
@@ -296,6 +330,15 @@ class ImageTextStream(IterableDataset):
             }
 
 
+    def _stalled(self, worker: int, streams, counts: Counter, have: int) -> str:
+        spec = self.spec
+        shards = ", ".join(f"{spec.names[i]}: {st.current_url or '-'}" for i, st in enumerate(streams))
+        skips = {k: v for k, v in counts.items() if v and k != LOST_IN_SHARDS}
+        return (f"no batch from rank {spec.rank} worker {worker} within {spec.batch_timeout_s:g} s "
+                f"({have} of {self.micro_batch_size} usable samples; skipped so far: {skips or 'none'}); reading "
+                f"{shards}. Check the shards (`evaclip data verify`) or raise data.batch_timeout_s")
+
+
 class DataState:
     """Main-process record of the position of the last batch consumed from each worker of this rank."""
 
@@ -314,6 +357,14 @@ class DataState:
             total.update(st["counts"])
         return {k: total.get(k, 0) for k in SKIP_REASONS}
 
+    def lost_samples(self) -> int:
+        """Samples the skip fraction counts as lost: skipped ones, unreadable shards by their expected size."""
+        total: Counter = Counter()
+        for st in self.workers.values():
+            total.update(st["counts"])
+        return sum(v for k, v in total.items() if k in SKIP_REASONS and k != "unreadable_shard") + \
+            total.get(LOST_IN_SHARDS, 0)
+
     def samples(self) -> int:
         return sum(sum(st["per_source"].values()) for st in self.workers.values())
 
@@ -325,7 +376,7 @@ class DataState:
 
 
 def build_stream_spec(recipe: Recipe, root: str, seed: int, rank: int, world_size: int, resampled: bool,
-                      shuffle_buffer: int, block_shards: int = 4) -> StreamSpec:
+                      shuffle_buffer: int, block_shards: int = 4, batch_timeout_s: float = 0.0) -> StreamSpec:
     """Expand and check the recipe's sources in the main process (clear errors before workers start)."""
     urls = []
     for s in recipe.source:
@@ -342,14 +393,38 @@ def build_stream_spec(recipe: Recipe, root: str, seed: int, rank: int, world_siz
         urls.append(u)
     return StreamSpec(urls=urls, names=[s.name for s in recipe.source], weights=recipe.weights(), seed=seed,
                       rank=rank, world_size=world_size, resampled=resampled, shuffle_buffer=shuffle_buffer,
-                      block_shards=block_shards)
+                      block_shards=block_shards, batch_timeout_s=batch_timeout_s,
+                      expected_per_shard=[s.samples / len(u) if s.samples > 0 else 0.0
+                                          for s, u in zip(recipe.source, urls)])
+
+
+def worker_init(_worker_id: int) -> None:
+    """DataLoader workers leave signals to the main process and die with it.
+
+    SIGTERM / SIGINT sent to the whole process group (``timeout``, Slurm, Ctrl-C) must not kill the workers
+    before the main process has checkpointed; and a worker must not outlive a main process killed with -9
+    (Linux: the parent-death signal)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def make_loader(stream: ImageTextStream, workers: int, pin_memory: bool = False) -> DataLoader:
     """A DataLoader over whole batches; workers are polled round-robin, so the batch order is deterministic.
 
     It gets its own generator: creating an iterator draws a base seed, which must not consume the global
-    RNG (that would shift patch-dropout masks after a resume)."""
+    RNG (that would shift patch-dropout masks after a resume). With a batch time bound, the loader's own
+    timeout backs up the workers' (a read that blocks in I/O cannot check the time itself)."""
     gen = torch.Generator().manual_seed(_seed(stream.spec.seed, "loader", stream.spec.rank))
+    bound = stream.spec.batch_timeout_s
     return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory, generator=gen,
-                      persistent_workers=False, prefetch_factor=2 if workers > 0 else None)
+                      persistent_workers=False, prefetch_factor=2 if workers > 0 else None,
+                      worker_init_fn=worker_init if workers > 0 else None,
+                      timeout=(2 * bound + 30) if workers > 0 and bound else 0)

@@ -4,7 +4,8 @@
     DIR/open_clip_model.safetensors  the CustomTextCLIP state dict (``visual.trunk.*``, ``text.*``, ``logit_scale``)
     DIR/timm_image_tower/            the image tower alone as a timm folder (config.json + model.safetensors):
                                      ``timm.create_model('local-dir:DIR/timm_image_tower', pretrained=True)``
-    DIR/text_tower.safetensors       with ``tower='text'``: open_clip's ``text.*`` keys alone
+    DIR/text_tower/text.safetensors  with ``tower='text'``: open_clip's ``text.*`` keys alone (in a subfolder:
+                                     open_clip's ``local-dir:`` would load any top-level .safetensors strictly)
     DIR/README.md                    what the folder is and how to load it
 
 ``tower='both'`` (default) writes the open_clip model and the timm tower; ``'image'`` only the timm tower;
@@ -82,21 +83,40 @@ def open_clip_config(variant: Variant, text: Dict, logit_bias: bool = False,
 
 
 def export_open_clip(state_dict: Dict[str, torch.Tensor], record: Dict, out_dir: str, dtype: str = "fp32",
-                     tower: str = "both", source: Optional[str] = None) -> Dict[str, str]:
+                     tower: str = "both", source: Optional[str] = None, replace: bool = False) -> Dict[str, str]:
     """Write the open_clip folder (and the timm image tower). ``record``: the checkpoint's model record
-    (``models.model_record``). ``tower``: both | image | text."""
-    import copy
+    (``models.model_record``). ``tower``: both | image | text.
 
-    from safetensors.torch import save_file
+    The folder is written under a temporary name and renamed into place, so it never mixes two exports;
+    a non-empty ``out_dir`` is refused unless ``replace`` (then it is replaced whole)."""
+    import copy
+    import shutil
+
+    from evaclip.errors import UserError
 
     if tower not in ("both", "image", "text"):
         raise ValueError(f"--tower must be both, image or text, got {tower!r}")
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    final = os.path.abspath(out_dir)
+    if os.path.isdir(final) and os.listdir(final) and not replace:
+        raise UserError(f"{out_dir} is not empty; export into a new folder or replace it whole (--force)")
+    tmp = final.rstrip("/") + ".tmp-export"
+    shutil.rmtree(tmp, ignore_errors=True)
+    written = _write_export(state_dict, copy.deepcopy(record), tmp, final, dtype, tower, source)
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return {k: v.replace(tmp, final) for k, v in written.items()}
+
+
+def _write_export(state_dict, record, out_dir: str, final: str, dtype: str, tower: str, source) -> Dict[str, str]:
+    """The export's files into ``out_dir``; paths written into configs name ``final``, where it will live."""
+    from safetensors.torch import save_file
+
     variant = record_variant(record)
-    record = copy.deepcopy(record)
     text = record["config"]["text"]
-    os.makedirs(out_dir, exist_ok=True)
+    os.makedirs(out_dir)
     if text["kind"] == "hf":
         # self-contained: the HF encoder's config.json and tokenizer files go into the export folder, which
         # open_clip then names as the HF model (architecture only: weights come from open_clip_model.safetensors)
@@ -104,10 +124,10 @@ def export_open_clip(state_dict: Dict[str, torch.Tensor], record: Dict, out_dir:
 
         transformers.AutoConfig.from_pretrained(text["hf_path"], local_files_only=True).save_pretrained(out_dir)
         transformers.AutoTokenizer.from_pretrained(text["hf_path"], local_files_only=True).save_pretrained(out_dir)
-        text["hf_path"] = os.path.abspath(out_dir)
+        text["hf_path"] = final
     timm_dir = os.path.join(out_dir, TIMM_DIR)
     cfg = open_clip_config(variant, text, record["config"]["use_logit_bias"],
-                           None if variant.timm_name else f"local-dir:{os.path.abspath(timm_dir)}")
+                           None if variant.timm_name else f"local-dir:{os.path.join(final, TIMM_DIR)}")
     sd = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in evaclip_to_open_clip(state_dict).items()}
     written = {}
     if tower == "both":  # a complete CustomTextCLIP: open_clip loads it strictly
@@ -115,15 +135,16 @@ def export_open_clip(state_dict: Dict[str, torch.Tensor], record: Dict, out_dir:
         save_file(sd, path, metadata={"format": "pt", "evaclip_model": variant.name})
         written["open_clip_model"] = path
     if tower == "text":  # open_clip's text-tower keys (``text.*``) alone
-        path = os.path.join(out_dir, "text_tower.safetensors")
+        os.makedirs(os.path.join(out_dir, "text_tower"))
+        path = os.path.join(out_dir, "text_tower", "text.safetensors")
         save_file({k: v for k, v in sd.items() if k.startswith("text.")}, path, metadata={"format": "pt"})
         written["text_tower"] = path
+    os.makedirs(timm_dir, exist_ok=True)  # the architecture always (open_clip builds a user tower from it)
+    with open(os.path.join(timm_dir, "config.json"), "w") as f:
+        json.dump(timm_tower_config(variant), f, indent=2)
     if tower in ("both", "image"):
-        os.makedirs(timm_dir, exist_ok=True)
         trunk = {k[len("visual.trunk."):]: v for k, v in sd.items() if k.startswith("visual.trunk.")}
         save_file(trunk, os.path.join(timm_dir, "model.safetensors"), metadata={"format": "pt"})
-        with open(os.path.join(timm_dir, "config.json"), "w") as f:
-            json.dump(timm_tower_config(variant), f, indent=2)
         written["timm_image_tower"] = timm_dir
     cfg["evaclip"] = {"model": record, "tower": tower, "dtype": dtype, "source": source or ""}
     path = os.path.join(out_dir, "open_clip_config.json")
@@ -131,22 +152,29 @@ def export_open_clip(state_dict: Dict[str, torch.Tensor], record: Dict, out_dir:
         json.dump(cfg, f, indent=2)
     written["config"] = path
     with open(os.path.join(out_dir, "README.md"), "w") as f:
-        f.write(_README.format(name=variant.name, dtype=dtype, tower=tower, src=source or "-"))
+        f.write(_README[tower].format(name=variant.name, dtype=dtype, tower=tower, src=source or "-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    for dirpath, _, names in os.walk(out_dir):  # safetensors writes 0600: exports are for sharing
+        for n in names:
+            os.chmod(os.path.join(dirpath, n), 0o666 & ~umask)
     return written
 
 
-_README = """# {name} exported by evaclip
+_HEAD = """# {name} exported by evaclip
 
 - source: {src}
 - towers: {tower}; dtype: {dtype}
-
+"""
+_LOAD_BOTH = """
 ```python
 import open_clip
 model, _, preprocess = open_clip.create_model_and_transforms("local-dir:<this folder>")
 tokenizer = open_clip.get_tokenizer("local-dir:<this folder>")
 ```
-
-The image tower alone is a timm model (architecture and weights in `timm_image_tower/`):
+"""
+_LOAD_IMAGE = """
+The image tower as a timm model (architecture and weights in `timm_image_tower/`):
 
 ```python
 import timm
@@ -155,6 +183,20 @@ tower = timm.create_model("local-dir:<this folder>/timm_image_tower", pretrained
 (evaclip's own `evaclip_*` timm names are registered when evaclip is imported; its venv does that in every
 process.)
 """
+_LOAD_TEXT = """
+The text tower alone: `text_tower/text.safetensors` holds open_clip's `text.*` weights. Build the open_clip model
+from this folder's config (its image tower stays randomly initialised) and load them:
+
+```python
+import open_clip
+from safetensors.torch import load_file
+model = open_clip.create_model("local-dir:<this folder>")
+missing, unexpected = model.load_state_dict(load_file("<this folder>/text_tower/text.safetensors"), strict=False)
+tokenizer = open_clip.get_tokenizer("local-dir:<this folder>")
+text_features = model.encode_text(tokenizer(["a photo of a dog"]))
+```
+"""
+_README = {"both": _HEAD + _LOAD_BOTH + _LOAD_IMAGE, "image": _HEAD + _LOAD_IMAGE, "text": _HEAD + _LOAD_TEXT}
 
 
 @torch.no_grad()

@@ -166,32 +166,44 @@ def load_into(module: torch.nn.Module, sd: Dict[str, torch.Tensor], what: str, s
     return LoadReport(what, missing, unexpected, len(sd) - len(unexpected))
 
 
-def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    """A state dict from .safetensors, .pt/.pth/.bin, or an open_clip export / evaclip checkpoint folder."""
+def read_state_dict(path: str, what: str = "weights", trust_pickle: bool = False) -> Dict[str, torch.Tensor]:
+    """A state dict from .safetensors, .pt/.pth/.bin (weights-only: a file holding pickled objects is refused
+    unless ``trust_pickle``), OpenAI's TorchScript archives, or an open_clip export folder."""
     import os
 
+    from evaclip.safe_load import load_torch
+
     if os.path.isdir(path):
-        for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.safetensors"):
+        for name in ("open_clip_model.safetensors", "model.safetensors", "open_clip_pytorch_model.bin",
+                     "pytorch_model.bin"):
             if os.path.exists(os.path.join(path, name)):
-                return read_state_dict(os.path.join(path, name))
-        raise FileNotFoundError(f"{path}: no open_clip_model.safetensors / model.safetensors inside")
+                return read_state_dict(os.path.join(path, name), what, trust_pickle)
+        raise FileNotFoundError(f"{what}: {path} holds no open_clip_model.safetensors / model.safetensors / *.bin")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what}: {path} does not exist")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
         return load_file(path)
-    return unwrap_checkpoint(torch.load(path, map_location="cpu", weights_only=False))
+    return unwrap_checkpoint(load_torch(path, what, trust_pickle))
 
 
 def init_from_files(model, cfg) -> Optional[str]:
     """Apply ``model.init`` / ``model.vision.init`` / ``model.text.init`` (a ModelConfig); returns a report."""
-    reports = []
+    from evaclip.errors import ConfigError
+
+    reports, trust = [], cfg.trust_pickle
     if cfg.init:
-        sd = open_clip_to_evaclip(read_state_dict(cfg.init))
+        sd = open_clip_to_evaclip(read_state_dict(cfg.init, "model.init", trust))
         reports.append(load_into(model, sd, f"model.init {cfg.init}", ignore_missing=("text.attn_mask",)))
     if cfg.vision.init:
-        sd = image_tower_from_checkpoint(read_state_dict(cfg.vision.init), model.visual.trunk)
+        sd = image_tower_from_checkpoint(read_state_dict(cfg.vision.init, "model.vision.init", trust), model.visual.trunk)
         reports.append(load_into(model.visual.trunk, sd, f"model.vision.init {cfg.vision.init}"))
     if cfg.text.init:
-        sd = text_from_clip(read_state_dict(cfg.text.init))
+        sd = text_from_clip(read_state_dict(cfg.text.init, "model.text.init", trust))
         reports.append(load_into(model.text, sd, f"model.text.init {cfg.text.init}"))
+    for r in reports:
+        if r.loaded == 0:  # a wrong file would otherwise train from scratch without a word
+            raise ConfigError(f"{r.what}: loaded no tensor (missing {len(r.missing)}, unexpected {len(r.unexpected)}: "
+                              f"{', '.join(r.unexpected[:4])}); is it the right checkpoint for this model?")
     return "\n".join(map(str, reports)) if reports else None
