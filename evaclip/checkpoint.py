@@ -145,13 +145,13 @@ def save_checkpoint(engine, run_dir: str, step: int, meta: Dict, rank_state: Dic
         if edist.is_main():
             os.makedirs(root, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
-        edist.barrier()
+        edist.barrier(f"checkpoint step {step} (start)")
         engine.save(tmp)
         torch.save(rank_state, os.path.join(tmp, f"rank{edist.rank():05d}.pt"))
-        edist.barrier()
+        edist.barrier(f"checkpoint step {step} (every rank's files written)")
         if edist.is_main():
             _atomic_write(os.path.join(tmp, META), json.dumps(dict(meta, step=step, tag=tag), indent=2))
-        edist.barrier()
+        edist.barrier(f"checkpoint step {step} (meta written)")
         write_manifest(tmp)  # last: its presence marks the checkpoint complete
         if edist.is_main():
             if os.path.exists(final):
@@ -168,7 +168,7 @@ def save_checkpoint(engine, run_dir: str, step: int, meta: Dict, rank_state: Dic
             f"disk full while saving checkpoint step {step} to {root} ({free / 2**30:.1f} GiB free): a save needs room "
             f"for one checkpoint more than checkpoint.keep_last = {keep_last} keeps; free space and rerun the same "
             "command (it resumes from the last complete checkpoint)") from None
-    edist.barrier()
+    edist.barrier(f"checkpoint step {step} (renamed into place)")
     return final
 
 

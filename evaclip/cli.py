@@ -61,6 +61,9 @@ def cmd_train(args) -> int:
               f"{sum(summary['skips'].values())} {summary['skips']}")
         for k, v in acc.items():
             print(f"  {k}: {100 * v:.2f}%")
+        for ev in summary.get("rollbacks", []):
+            print(f"  rollback: loss spike from step {ev['spike_step']} (detected at {ev['detected_step']}), back to "
+                  f"step {ev['rolled_back_to']}, {ev['skip_samples']:,} samples skipped")
         print(f"run dir: {summary['run_dir']}\ncheckpoint: {summary['checkpoint']}"
               + (f"\nplots: {summary['plot']}" if summary.get("plot") else ""))
     return 0

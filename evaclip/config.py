@@ -46,6 +46,9 @@ class RunConfig:
     train_samples: int = _f(0, "samples to train on; steps = ceil(train_samples / global batch) (or set steps)")
     steps: int = _f(0, "optimizer steps to train (overrides train_samples when > 0)")
     device: str = _f("auto", "auto | cpu | cuda", ["auto", "cpu", "cuda"])
+    collective_timeout_s: float = _f(1800.0, "bound on the barriers after rank-local work (evaluation on rank 0, "
+                                     "checkpoints, the end of the run): a rank that does not arrive stops the "
+                                     "others with a message naming it")
 
 
 @dataclass
@@ -161,6 +164,21 @@ class EngineConfig:
 
 
 @dataclass
+class SpikeConfig:
+    enabled: bool = _f(False, "self-healing: on a loss spike restore the newest checkpoint from before it and skip "
+                       "the data window that caused it (PaLM / OPT did this by hand)")
+    window: int = _f(100, "steps in the robust loss statistic (median and MAD of the last N losses)")
+    k_mad: float = _f(8.0, "a spike is a loss above median + k_mad x MAD ...")
+    patience: int = _f(3, "... for this many consecutive steps")
+    max_nonfinite: int = _f(3, "non-finite steps in a row that also count as a spike (below engine.max_bad_steps)")
+    skip_samples: int = _f(0, "samples to skip from the spike's first step on (0: those of the steps seen while "
+                           "it was being confirmed)")
+    lr_scale: float = _f(1.0, "lr multiplier after a rollback ...")
+    lr_scale_steps: int = _f(0, "... for this many steps from the spike's first step")
+    max_rollbacks: int = _f(3, "stop the run with a message after this many rollbacks")
+
+
+@dataclass
 class CheckpointConfig:
     every_steps: int = _f(1000, "save every N optimizer steps (and at the end)")
     keep_last: int = _f(3, "checkpoints kept (older ones deleted)")
@@ -201,6 +219,7 @@ class ExperimentConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -317,6 +336,13 @@ def resolve(cfg: ExperimentConfig, world_size: int = 1) -> Derived:
                    ("eval.every_steps", cfg.eval.every_steps)]:
         if v < 0:
             raise ConfigError(f"{key} must be >= 0, got {v}")
+    if cfg.spike.enabled:
+        sp = cfg.spike
+        if sp.window < 5 or sp.patience < 1 or sp.max_rollbacks < 1 or sp.k_mad <= 0 or sp.skip_samples < 0:
+            raise ConfigError("spike: window >= 5, patience >= 1, max_rollbacks >= 1, k_mad > 0, skip_samples >= 0")
+        if sp.max_nonfinite >= cfg.engine.max_bad_steps:
+            raise ConfigError(f"spike.max_nonfinite ({sp.max_nonfinite}) must be below engine.max_bad_steps "
+                              f"({cfg.engine.max_bad_steps}), or the run stops before it can roll back")
     if cfg.data.batch_timeout_s < 0:
         raise ConfigError(f"data.batch_timeout_s must be >= 0, got {cfg.data.batch_timeout_s}")
     if not 0.0 <= cfg.model.vision.patch_dropout < 1.0:

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import os
+import re
 from datetime import timedelta
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
@@ -34,10 +35,18 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def init_distributed(device: torch.device, timeout_min: int = 180) -> None:
+_MONITOR = None  # a gloo group for monitored barriers (NCCL has none); the default group under gloo
+_COLLECTIVE_TIMEOUT_S = 1800.0
+
+
+def init_distributed(device: torch.device, timeout_min: int = 180, collective_timeout_s: float = 1800.0) -> None:
     """Initialise the default process group when launched with several processes (nccl on GPU, gloo on CPU).
 
-    The long timeout lets the other ranks wait at a barrier while rank 0 runs a zero-shot suite."""
+    ``collective_timeout_s`` bounds the barriers after rank-local work (eval, checkpoints, the end of the
+    run): a rank that does not arrive makes the others stop with a message naming it, instead of waiting
+    for the process group's three-hour default."""
+    global _MONITOR, _COLLECTIVE_TIMEOUT_S
+    _COLLECTIVE_TIMEOUT_S = float(collective_timeout_s)
     r, local, w = env_world()
     if w == 1 or is_initialized():
         return
@@ -49,19 +58,35 @@ def init_distributed(device: torch.device, timeout_min: int = 180) -> None:
     os.environ.setdefault("LOCAL_RANK", str(local))
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_min))
+    _MONITOR = dist.new_group(backend="gloo") if backend != "gloo" else None
 
 
-def barrier() -> None:
-    if is_initialized():
-        dist.barrier()
+_RANKS_RE = re.compile(r"[Rr]anks? ([\d, ]+) failed to pass monitoredBarrier")
+
+
+def barrier(what: str = "a barrier", timeout_s: Optional[float] = None) -> None:
+    """Wait for every rank, at most ``timeout_s`` (default: ``collective_timeout_s``); a rank that does not
+    arrive stops this one with ``TrainingStopped`` naming ``what`` was awaited and the missing rank(s)."""
+    if not is_initialized():
+        return
+    t = float(timeout_s or _COLLECTIVE_TIMEOUT_S)
+    try:
+        dist.monitored_barrier(group=_MONITOR, timeout=timedelta(seconds=t), wait_all_ranks=True)
+    except RuntimeError as e:
+        from evaclip.errors import TrainingStopped
+
+        m = _RANKS_RE.search(str(e))
+        who = f"rank {m.group(1).strip()}" if m else ("rank 0" if rank() != 0 else "a rank")
+        raise TrainingStopped(f"{what}: {who} did not arrive within {t:g} s (this is rank {rank()}; "
+                              "run.collective_timeout_s bounds the wait); see that rank's log") from None
 
 
 def shutdown() -> None:
-    """Leave the job cleanly: wait for every rank, then destroy the process groups. Exiting with a live
-    gloo group can abort the process in its background threads ("terminate called without an active
+    """Leave the job cleanly: wait for every rank (bounded), then destroy the process groups. Exiting with a
+    live gloo group can abort the process in its background threads ("terminate called without an active
     exception"), turning a finished run into a non-zero exit code."""
     if is_initialized():
-        dist.barrier()
+        barrier("the end of the run")
         dist.destroy_process_group()
 
 

@@ -87,7 +87,11 @@ def plot_run(run_dir: str, out: Optional[str] = None) -> Optional[str]:
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
     ax = axes[0][0]
     ax.plot(*series("train/loss"), lw=1)
-    ax.set_title("training loss")
+    for r in recs:  # loss-spike rollbacks: where the spike began and where the run went back to
+        if "rollback/spike_step" in r:
+            ax.axvspan(r["rollback/to_step"], r["step"], color="tab:red", alpha=0.15)
+            ax.axvline(r["rollback/spike_step"], color="tab:red", lw=1, ls="--")
+    ax.set_title("training loss (red: rolled-back spikes)")
     ax.set_xlabel("step")
     ax = axes[0][1]
     for k in sorted({k for r in recs for k in r if k.startswith("lr/")}):

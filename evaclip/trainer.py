@@ -10,6 +10,7 @@ masks match) and back-propagated through the loss over the full cached batch.
 """
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -20,8 +21,8 @@ from typing import Dict, List, Optional
 import torch
 
 from evaclip import dist as edist
-from evaclip.checkpoint import (load_checkpoint, read_meta, resume_candidates, rng_state, save_checkpoint,
-                                set_rng_state)
+from evaclip.checkpoint import (candidates, load_checkpoint, read_meta, resume_candidates, rng_state,
+                                save_checkpoint, set_rng_state)
 from evaclip.config import Derived, ExperimentConfig, save_run_config, to_dict
 from evaclip.engine import build_engine, pick_device
 from evaclip.errors import CheckpointError, TrainingStopped
@@ -31,10 +32,18 @@ from evaclip.models import create_model, get_variant, model_record
 from evaclip.models.convert import init_from_files
 from evaclip.optim import build_optimizer
 from evaclip.schedule import LrScheduler, patch_dropout_at
+from evaclip.spike import SpikeDetector
 
 REQUEUE_EXIT_CODE = 85  # the trainer exits with this code after a preemption save
 STOP_FILE = "STOP"  # created in the run dir (e.g. by the sbatch script's pre-timeout trap): save and exit
 REQUEUE_FILE = "REQUEUE"  # written by the trainer on such an exit; the sbatch script then requeues the job
+
+
+def _meta_step(path: str) -> Optional[int]:
+    try:
+        return read_meta(path)["step"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def _original_error(e: Exception, bound: float) -> str:
@@ -100,7 +109,7 @@ class Trainer:
         self.run_dir = derived.run_dir
         # 1. distributed
         self.device = pick_device(cfg.run.device)
-        edist.init_distributed(self.device)
+        edist.init_distributed(self.device, collective_timeout_s=cfg.run.collective_timeout_s)
         if edist.world_size() != derived.world_size:
             raise RuntimeError(f"resolved for {derived.world_size} processes but running with {edist.world_size()}")
         # 2. seed (same model init on every rank; data and dropout streams differ per rank below)
@@ -140,6 +149,12 @@ class Trainer:
         torch.manual_seed(cfg.run.seed * 1000 + edist.rank())  # per-rank dropout / patch-drop stream
         # 8. data
         self.step, self.samples_seen, self.bad_steps, self.overflows = 0, 0, 0, 0
+        # self-healing (evaclip.spike): detector, rollbacks so far, data windows to skip, lr scaled for a while
+        self.spike = SpikeDetector(cfg.spike.window, cfg.spike.k_mad, cfg.spike.patience) if cfg.spike.enabled else None
+        self.rollbacks: List[Dict] = []
+        self.skip_windows: Dict[int, int] = {}  # step -> samples to skip when the run gets there
+        self.lr_window = [0, 0, 1.0]  # [from step, until step, lr multiplier]
+        self._rollback_from: Optional[int] = None
         self.order_hash = 0  # running CRC of the sample keys consumed: the data order, comparable across runs
         self.data_states: Optional[Dict] = None
         # 9. checkpoint: resume before building the data iterator (it starts at the saved position)
@@ -149,6 +164,7 @@ class Trainer:
             self.data_states = rank_state["data"]
             self.order_hash = rank_state.get("order_hash", 0)
             set_rng_state(rank_state["rng"])
+            self._restore_healing(meta)
             self.log(f"resumed from {ckpt} at step {self.step} ({self.samples_seen} samples)")
         self._build_data()
         # 10. evaluator, 11. logger
@@ -260,6 +276,8 @@ class Trainer:
     def _bad_step(self, loss, info=None) -> Dict:
         self.engine.zero_grad()
         self.bad_steps += 1
+        if self.spike is not None and self.bad_steps >= self.cfg.spike.max_nonfinite:
+            self._rollback_from = self.step - self.bad_steps + 1  # the first of the non-finite steps
         self.log(f"step {self.step}: non-finite {'loss' if info is None else 'gradients'} "
                  f"({float(loss):.4g}); step skipped ({self.bad_steps} in a row)")
         if self.bad_steps >= self.cfg.engine.max_bad_steps:
@@ -309,7 +327,8 @@ class Trainer:
     def save(self):
         meta = {"samples_seen": self.samples_seen, "world_size": edist.world_size(),
                 "skips": self.data_state.skip_counts(), "model": model_record(self.cfg.model, self.variant),
-                "settings": self.settings}
+                "settings": self.settings, "rollbacks": self.rollbacks,
+                "skip_windows": {str(k): v for k, v in self.skip_windows.items()}, "lr_window": self.lr_window}
         path = save_checkpoint(self.engine, self.run_dir, self.step, meta,
                                {"data": self.data_state.state_dict(), "rng": rng_state(),
                                 "order_hash": self.order_hash},
@@ -349,7 +368,7 @@ class Trainer:
             for r in results:
                 for k, val in r["metrics"].items():
                     out[f"zeroshot/{r['dataset']}/{k}"] = val
-        edist.barrier()
+        edist.barrier(f"the evaluation at step {self.step} (rank 0 evaluates)")
         self.engine.train(True)
         return out
 
@@ -378,9 +397,23 @@ class Trainer:
             rate = patch_dropout_at(self.step, cfg.model.vision.patch_dropout, d.unmasked_from_step)
             self.model.set_patch_dropout(rate)
             lr_factor = self.scheduler.set_step(self.step)
+            if self.lr_window[0] <= self.step < self.lr_window[1]:
+                for g in self.engine.optimizer.param_groups:
+                    g["lr"] *= self.lr_window[2]
+            if self.step in self.skip_windows:
+                self._skip_data(self.step)
             micro = [self._next_batch() for _ in range(cfg.engine.accum_steps)]
             metrics = self.train_step(micro)
             self._check_skips()  # every step: a run on mostly missing data must stop early, not at a log step
+            if self.spike is not None and "train/loss" in metrics:
+                first = self.spike.observe(self.step, metrics["train/loss"])
+                self._rollback_from = first if first is not None else self._rollback_from
+            if self._rollback_from is not None:
+                self._rollback(self._rollback_from)
+                if bar:
+                    bar.n = self.step
+                    bar.refresh()
+                continue
             self.step += 1
             self.samples_seen += d.global_batch
             if bar:
@@ -416,7 +449,54 @@ class Trainer:
         plot = plot_run(self.run_dir) if edist.is_main() and cfg.log.plot else None
         self.logger.close()
         return {"run_dir": self.run_dir, "checkpoint": final, "steps": self.step, "samples": self.samples_seen,
-                "zeroshot": last_eval, "plot": plot, "skips": self.data_state.skip_counts()}
+                "zeroshot": last_eval, "plot": plot, "skips": self.data_state.skip_counts(),
+                "rollbacks": self.rollbacks}
+
+    # ------------------------------------------------------------------------------------------------ healing
+    def _rollback(self, first: int) -> None:
+        """Back to the newest valid checkpoint from before step ``first``; skip the data from there on."""
+        c, detected = self.cfg.spike, self.step
+        self._rollback_from = None
+        if len(self.rollbacks) >= c.max_rollbacks:
+            raise TrainingStopped(f"loss spike at step {first} after {len(self.rollbacks)} rollbacks "
+                                  f"(spike.max_rollbacks = {c.max_rollbacks}); stopping: look at the data and the lr")
+        before = [p for p in candidates(self.run_dir) if _meta_step(p) is not None and _meta_step(p) <= first]
+        if not before:
+            raise TrainingStopped(f"loss spike at step {first} but no checkpoint from before it to roll back to "
+                                  "(lower checkpoint.every_steps)")
+        ckpt, meta, rank_state = load_checkpoint(self.engine, before, self.cfg.checkpoint.trust_pickle, self.log)
+        self.step, self.samples_seen = meta["step"], meta["samples_seen"]
+        self.data_states, self.order_hash = rank_state["data"], rank_state.get("order_hash", 0)
+        set_rng_state(rank_state["rng"])  # the healing state (rollbacks, windows) stays: it covers every step
+        skip = c.skip_samples or (detected + 1 - first) * self.derived.global_batch
+        self.skip_windows[first] = self.skip_windows.get(first, 0) + skip
+        if c.lr_scale != 1.0 and c.lr_scale_steps > 0:
+            self.lr_window = [first, first + c.lr_scale_steps, c.lr_scale]
+        self.spike.forget_from(self.step)
+        self.bad_steps = 0
+        self.close_data()
+        self._build_data()
+        event = {"spike_step": first, "detected_step": detected, "rolled_back_to": self.step,
+                 "checkpoint": ckpt, "skip_samples": skip}
+        self.rollbacks.append(event)
+        self.logger.log(detected, {"rollback/spike_step": first, "rollback/to_step": self.step,
+                                   "rollback/skip_samples": skip, "rollback/count": len(self.rollbacks)})
+        self.log(f"loss spike from step {first} (detected at {detected}): rolled back to {ckpt}; the {skip} samples "
+                 f"from step {first} on will be skipped ({len(self.rollbacks)} of {c.max_rollbacks} rollbacks)")
+
+    def _skip_data(self, step: int) -> None:
+        """Consume, without training on them, the samples a rollback marked for skipping at ``step``."""
+        n = self.skip_windows[step]  # kept: a later rollback to before this step must skip it again
+        per_rank = self.cfg.data.micro_batch_size * edist.world_size()
+        for _ in range(math.ceil(n / per_rank)):
+            batch = next(self.data_iter)
+            self.data_state.update(batch.pop("__state__"))  # the position moves on; the order hash does not
+        self.log(f"step {step}: skipped {n} samples (the window of a loss spike)")
+
+    def _restore_healing(self, meta: Dict) -> None:
+        self.rollbacks = list(meta.get("rollbacks", self.rollbacks))
+        self.skip_windows = {int(k): v for k, v in meta.get("skip_windows", {}).items()}
+        self.lr_window = list(meta.get("lr_window", self.lr_window))
 
     def _lr_metrics(self, factor: float) -> Dict[str, float]:
         peak: Dict[str, float] = {}

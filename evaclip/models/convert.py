@@ -188,22 +188,45 @@ def read_state_dict(path: str, what: str = "weights", trust_pickle: bool = False
     return unwrap_checkpoint(load_torch(path, what, trust_pickle))
 
 
-def init_from_files(model, cfg) -> Optional[str]:
-    """Apply ``model.init`` / ``model.vision.init`` / ``model.text.init`` (a ModelConfig); returns a report."""
+def whole_model_from_checkpoint(sd: Dict, model) -> Dict[str, torch.Tensor]:
+    """A whole CLIP checkpoint (evaclip / open_clip) -> evaclip keys for ``model``, the image tower resized as
+    ``image_tower_from_checkpoint`` does (e.g. an L/14 at 224 px initialising an L/14 at 336 px)."""
+    sd = open_clip_to_evaclip(sd)
+    trunk = {k: v for k, v in sd.items() if k.startswith("visual.trunk.")}
+    if trunk:
+        rest = {k: v for k, v in sd.items() if not k.startswith("visual.trunk.")}
+        sd = dict(rest, **{f"visual.trunk.{k}": v for k, v in
+                           adapt_image_tower(strip_prefix(trunk, "visual.trunk."), model.visual.trunk).items()})
+    return sd
+
+
+def apply_inits(model, cfg, weights: Dict[str, Dict]) -> Optional[str]:
+    """Load the init state dicts (``weights``: {"model" | "vision" | "text": state dict}) into ``model`` with
+    the conversions and resizing of each kind; an init that loads no tensor is an error. Returns a report.
+    Separate from the file reading so every shipped experiment's init logic is tested on meta tensors."""
     from evaclip.errors import ConfigError
 
-    reports, trust = [], cfg.trust_pickle
-    if cfg.init:
-        sd = open_clip_to_evaclip(read_state_dict(cfg.init, "model.init", trust))
-        reports.append(load_into(model, sd, f"model.init {cfg.init}", ignore_missing=("text.attn_mask",)))
-    if cfg.vision.init:
-        sd = image_tower_from_checkpoint(read_state_dict(cfg.vision.init, "model.vision.init", trust), model.visual.trunk)
+    reports = []
+    if "model" in weights:
+        reports.append(load_into(model, whole_model_from_checkpoint(weights["model"], model), f"model.init {cfg.init}",
+                                 ignore_missing=("text.attn_mask",)))
+    if "vision" in weights:
+        sd = image_tower_from_checkpoint(weights["vision"], model.visual.trunk)
         reports.append(load_into(model.visual.trunk, sd, f"model.vision.init {cfg.vision.init}"))
-    if cfg.text.init:
-        sd = text_from_clip(read_state_dict(cfg.text.init, "model.text.init", trust))
-        reports.append(load_into(model.text, sd, f"model.text.init {cfg.text.init}"))
+    if "text" in weights:
+        reports.append(load_into(model.text, text_from_clip(weights["text"]), f"model.text.init {cfg.text.init}"))
     for r in reports:
         if r.loaded == 0:  # a wrong file would otherwise train from scratch without a word
             raise ConfigError(f"{r.what}: loaded no tensor (missing {len(r.missing)}, unexpected {len(r.unexpected)}: "
                               f"{', '.join(r.unexpected[:4])}); is it the right checkpoint for this model?")
     return "\n".join(map(str, reports)) if reports else None
+
+
+def init_from_files(model, cfg) -> Optional[str]:
+    """Apply ``model.init`` / ``model.vision.init`` / ``model.text.init`` (a ModelConfig); returns a report."""
+    weights, trust = {}, cfg.trust_pickle
+    for kind, path, what in (("model", cfg.init, "model.init"), ("vision", cfg.vision.init, "model.vision.init"),
+                             ("text", cfg.text.init, "model.text.init")):
+        if path:
+            weights[kind] = read_state_dict(path, what, trust)
+    return apply_inits(model, cfg, weights)
