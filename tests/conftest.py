@@ -58,3 +58,15 @@ def mcfg(name: str = "EVA02-Ti-8-64", patch_dropout: float = 0.0, attn_impl: str
     from evaclip.config import ModelConfig, VisionConfig
 
     return ModelConfig(name=name, vision=VisionConfig(patch_dropout=patch_dropout, attn_impl=attn_impl))
+
+
+def wait_for(pred, timeout=120.0, every=0.1) -> bool:
+    """Poll ``pred`` until it is true (True) or ``timeout`` seconds pass (False)."""
+    import time
+
+    t = time.time()
+    while time.time() - t < timeout:
+        if pred():
+            return True
+        time.sleep(every)
+    return False

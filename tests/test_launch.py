@@ -5,12 +5,11 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from evaclip.checkpoint import latest_checkpoint
-from tests.conftest import REPO, tiny_overrides
+from tests.conftest import REPO, tiny_overrides, wait_for
 from tests.test_train import make_trainer
 
 
@@ -63,15 +62,6 @@ def test_eval_sbatch_renders(tmp_path):
     assert cmd[cmd.index("--datasets-root") + 1] == "/data/cb" and "--device" in cmd
 
 
-def _wait_for(pred, timeout=120):
-    t = time.time()
-    while time.time() - t < timeout:
-        if pred():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def _steps_logged(run):
     p = os.path.join(run, "metrics.jsonl")
     return sum(1 for line in open(p) if "train/loss" in line) if os.path.exists(p) else 0
@@ -83,7 +73,7 @@ def test_preemption_saves_and_exits_for_requeue(synth_dir, tmp_path, how):
     args = [sys.executable, "-m", "evaclip.cli", "train", os.path.join(REPO, "launch/experiments/demo_cpu.toml"),
             *tiny_overrides(synth_dir, str(tmp_path), "pre", steps=500)]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert _wait_for(lambda: _steps_logged(str(run)) >= 2), "training did not start"
+    assert wait_for(lambda: _steps_logged(str(run)) >= 2), "training did not start"
     if how == "STOP file":
         (run / "STOP").write_text("")
     else:

@@ -21,7 +21,7 @@ from evaclip.checkpoint import latest_checkpoint, load_weights
 from evaclip.config import load_config, resolve
 from evaclip.errors import CheckpointError, ConfigError, TrainingStopped, UnsafeFileError
 from evaclip.trainer import Trainer
-from tests.conftest import REPO, run_cli, tiny_overrides
+from tests.conftest import REPO, run_cli, tiny_overrides, wait_for
 from tests.test_data import write_shards
 
 
@@ -165,7 +165,7 @@ def test_2_a_second_signal_exits_at_once_while_data_stalls(synth_dir, tmp_path):
     pattern = _captionless_recipe(tmp_path)
     proc = _popen_train(synth_dir, tmp_path, "stall", ['data.recipe=""', f"data.shards={pattern}", "data.workers=1",
                                                        "data.batch_timeout_s=600"])
-    assert _wait(lambda: len(_children(proc.pid)) >= 1, 120)
+    assert wait_for(lambda: len(_children(proc.pid)) >= 1, 120)
     time.sleep(2)
     proc.send_signal(signal.SIGTERM)
     time.sleep(1)
@@ -176,20 +176,11 @@ def test_2_a_second_signal_exits_at_once_while_data_stalls(synth_dir, tmp_path):
 
 def test_2_kill_9_leaves_no_orphaned_worker(synth_dir, tmp_path):
     proc = _popen_train(synth_dir, tmp_path, "orphan", ["data.workers=2"])
-    assert _wait(lambda: len(_children(proc.pid)) >= 2, 120)
+    assert wait_for(lambda: len(_children(proc.pid)) >= 2, 120)
     workers = _children(proc.pid)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert _wait(lambda: not any(_alive(w) for w in workers), 20), [w for w in workers if _alive(w)]
-
-
-def _wait(pred, timeout):
-    t = time.time()
-    while time.time() - t < timeout:
-        if pred():
-            return True
-        time.sleep(0.2)
-    return False
+    assert wait_for(lambda: not any(_alive(w) for w in workers), 20), [w for w in workers if _alive(w)]
 
 
 # ------------------------------------------------------------------------------------------------ 3 corruption
@@ -249,7 +240,7 @@ def test_3_a_checkpoint_without_a_valid_manifest_is_not_complete(small_run, tmp_
 def test_4_a_signal_to_the_process_group_checkpoints_and_exits_85(synth_dir, tmp_path, sig):
     run = tmp_path / "pg"
     proc = _popen_train(synth_dir, tmp_path, "pg", ["data.workers=2"])
-    assert _wait(lambda: (run / "metrics.jsonl").exists() and open(run / "metrics.jsonl").read().count("train/loss") >= 2,
+    assert wait_for(lambda: (run / "metrics.jsonl").exists() and open(run / "metrics.jsonl").read().count("train/loss") >= 2,
                  180), "training did not start"
     os.killpg(proc.pid, sig)  # what timeout, Slurm and Ctrl-C do: the workers get it too
     out, err = proc.communicate(timeout=120)
