@@ -161,6 +161,7 @@ def _alive(pid):
         return False
 
 
+@pytest.mark.slow
 def test_2_a_second_signal_exits_at_once_while_data_stalls(synth_dir, tmp_path):
     pattern = _captionless_recipe(tmp_path)
     proc = _popen_train(synth_dir, tmp_path, "stall", ['data.recipe=""', f"data.shards={pattern}", "data.workers=1",
@@ -174,6 +175,7 @@ def test_2_a_second_signal_exits_at_once_while_data_stalls(synth_dir, tmp_path):
     assert proc.returncode != 0 and "second signal" in err, err[-2000:]
 
 
+@pytest.mark.slow
 def test_2_kill_9_leaves_no_orphaned_worker(synth_dir, tmp_path):
     proc = _popen_train(synth_dir, tmp_path, "orphan", ["data.workers=2"])
     assert wait_for(lambda: len(_children(proc.pid)) >= 2, 120)
@@ -236,6 +238,7 @@ def test_3_a_checkpoint_without_a_valid_manifest_is_not_complete(small_run, tmp_
 
 
 # ------------------------------------------------------------------------------------------------ 4 signals
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_4_a_signal_to_the_process_group_checkpoints_and_exits_85(synth_dir, tmp_path, sig):
     run = tmp_path / "pg"
@@ -468,6 +471,7 @@ def test_12_a_truncated_shard_is_counted_as_truncated_not_unreadable(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ 13 one line
+@pytest.mark.slow
 def test_13_user_mistakes_are_one_line(small_run, synth_dir, tmp_path):
     garbage = tmp_path / "g"
     garbage.mkdir()

@@ -83,6 +83,7 @@ def test_whole_model_init_into_a_larger_resolution_trains(synth_dir, tmp_path):
 
 
 @pytest.mark.dist
+@pytest.mark.slow
 def test_a_rank_that_never_arrives_stops_the_others_with_a_message(tmp_path):
     """2 gloo ranks: rank 1 never reaches the checkpoint barrier; rank 0 stops within the configured timeout,
     naming what it waited for and the missing rank."""
