@@ -174,11 +174,10 @@ def _fingerprint(name: str, pretrained: str) -> str:
 # ---------------------------------------------------------------------------------------------------- export
 def cmd_export(args) -> int:
     from evaclip.checkpoint import find_checkpoint, load_weights
-    from evaclip.export.open_clip import export_open_clip, verify_export
+    from evaclip.export.open_clip import check_target, export_open_clip, verify_export
     from evaclip.models import record_variant
 
-    if os.path.isdir(args.out) and os.listdir(args.out) and not args.force:
-        raise UserError(f"--out {args.out} is not empty; choose a new folder or pass --force to replace it whole")
+    check_target(args.out, args.force)  # before a consolidation that can take minutes
     ckpt = find_checkpoint(args.source)
     print(f"consolidating {ckpt} ...", flush=True)
     sd, meta = load_weights(ckpt, args.trust_pickle)

@@ -82,6 +82,15 @@ def open_clip_config(variant: Variant, text: Dict, logit_bias: bool = False,
     return {"model_cfg": model_cfg, "preprocess_cfg": preprocess}
 
 
+def check_target(out_dir: str, replace: bool) -> None:
+    """An export never mixes with what a folder holds: a non-empty target needs ``replace`` (it is then replaced
+    whole). Callers check before a long consolidation; ``export_open_clip`` checks again."""
+    from evaclip.errors import UserError
+
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not replace:
+        raise UserError(f"--out {out_dir} is not empty; export into a new folder or replace it whole (--force)")
+
+
 def export_open_clip(state_dict: Dict[str, torch.Tensor], record: Dict, out_dir: str, dtype: str = "fp32",
                      tower: str = "both", source: Optional[str] = None, replace: bool = False) -> Dict[str, str]:
     """Write the open_clip folder (and the timm image tower). ``record``: the checkpoint's model record
@@ -92,15 +101,12 @@ def export_open_clip(state_dict: Dict[str, torch.Tensor], record: Dict, out_dir:
     import copy
     import shutil
 
-    from evaclip.errors import UserError
-
     if tower not in ("both", "image", "text"):
         raise ValueError(f"--tower must be both, image or text, got {tower!r}")
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     final = os.path.abspath(out_dir)
-    if os.path.isdir(final) and os.listdir(final) and not replace:
-        raise UserError(f"{out_dir} is not empty; export into a new folder or replace it whole (--force)")
+    check_target(out_dir, replace)
     tmp = final.rstrip("/") + ".tmp-export"
     shutil.rmtree(tmp, ignore_errors=True)
     written = _write_export(state_dict, copy.deepcopy(record), tmp, final, dtype, tower, source)
