@@ -460,7 +460,7 @@ class Trainer:
         if len(self.rollbacks) >= c.max_rollbacks:
             raise TrainingStopped(f"loss spike at step {first} after {len(self.rollbacks)} rollbacks "
                                   f"(spike.max_rollbacks = {c.max_rollbacks}); stopping: look at the data and the lr")
-        before = [p for p in candidates(self.run_dir) if _meta_step(p) is not None and _meta_step(p) <= first]
+        before = [p for p, s in ((p, _meta_step(p)) for p in candidates(self.run_dir)) if s is not None and s <= first]
         if not before:
             raise TrainingStopped(f"loss spike at step {first} but no checkpoint from before it to roll back to "
                                   "(lower checkpoint.every_steps)")
