@@ -279,7 +279,7 @@ class Trainer:
         if self.spike is not None and self.bad_steps >= self.cfg.spike.max_nonfinite:
             self._rollback_from = self.step - self.bad_steps + 1  # the first of the non-finite steps
         self.log(f"step {self.step}: non-finite {'loss' if info is None else 'gradients'} "
-                 f"({float(loss):.4g}); step skipped ({self.bad_steps} in a row)")
+                 f"({float(loss.detach()):.4g}); step skipped ({self.bad_steps} in a row)")
         if self.bad_steps >= self.cfg.engine.max_bad_steps:
             raise TrainingStopped(f"{self.bad_steps} consecutive non-finite steps at step {self.step}; stopping. "
                                   "Lower the lr, raise engine.grad_clip, or use bf16/fp32 instead of fp16.")
@@ -301,8 +301,14 @@ class Trainer:
             self.log(f"received {signal.Signals(signum).name}: finishing this step, saving, exiting for requeue "
                      "(send it again to exit at once)")
 
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-            signal.signal(sig, handler)
+        self._old_handlers = {sig: signal.signal(sig, handler)
+                              for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+
+    def _restore_signal_handlers(self):
+        """Give the caller (a notebook, a test process, a wrapper script) its own handlers back."""
+        for sig, old in (getattr(self, "_old_handlers", None) or {}).items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+        self._old_handlers = None
 
     def _should_stop(self) -> bool:
         """A signal on any rank (SIGTERM / SIGUSR1) or a STOP file in the run dir: agreed by all ranks."""
@@ -375,7 +381,10 @@ class Trainer:
     def close_data(self) -> None:
         """Shut the DataLoader workers down now. They ignore SIGTERM (so a process-group signal reaches the main
         process first): left to interpreter exit, multiprocessing would SIGTERM and then wait for them forever."""
-        self.data_iter = None  # the iterator's finaliser stops and joins its workers
+        from evaclip.data.wds import stop_workers
+
+        stop_workers(getattr(self, "data_iter", None))
+        self.data_iter = None
         self.loader = None
 
     def train(self) -> Dict:
@@ -383,6 +392,7 @@ class Trainer:
             return self._train()
         finally:
             self.close_data()
+            self._restore_signal_handlers()
 
     def _train(self) -> Dict:
         cfg, d = self.cfg, self.derived

@@ -185,6 +185,34 @@ def test_2_kill_9_leaves_no_orphaned_worker(synth_dir, tmp_path):
     assert wait_for(lambda: not any(_alive(w) for w in workers), 20), [w for w in workers if _alive(w)]
 
 
+_EXIT_WITH_LIVE_WORKERS = """
+import torch
+from torch.utils.data import IterableDataset
+from evaclip.data.wds import BatchLoader, worker_init
+
+class Count(IterableDataset):
+    def __iter__(self):
+        i = 0
+        while True:
+            yield torch.tensor([i])
+            i += 1
+
+it = iter(BatchLoader(Count(), batch_size=None, num_workers=2, worker_init_fn=worker_init))
+next(it)
+class Holder: pass
+h = Holder(); h.cycle = h; h.it = it  # only the garbage collector could free it: it is alive at exit
+del it
+print("exiting", flush=True)
+"""
+
+
+def test_2_exit_with_a_live_loader_iterator_does_not_hang():
+    """Workers ignore SIGTERM; an iterator still alive at interpreter exit must not make exit wait for them."""
+    proc = subprocess.run([sys.executable, "-c", _EXIT_WITH_LIVE_WORKERS], capture_output=True, text=True,
+                          timeout=90, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0 and "exiting" in proc.stdout, proc.stderr[-2000:]
+
+
 # ------------------------------------------------------------------------------------------------ 3 corruption
 def _flip_bytes(path, at=0.5, n=64):
     data = bytearray(open(path, "rb").read())

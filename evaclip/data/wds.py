@@ -27,10 +27,12 @@ the uninterrupted run would have seen. Neither EVA-CLIP nor open_clip can do thi
 """
 from __future__ import annotations
 
+import atexit
 import copy
 import hashlib
 import random
 import time
+import weakref
 from collections import Counter
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional
@@ -416,6 +418,47 @@ def worker_init(_worker_id: int) -> None:
         pass
 
 
+class BatchLoader(DataLoader):
+    """A DataLoader whose worker-backed iterators are tracked, so their workers can be stopped explicitly.
+
+    Our workers ignore SIGTERM (``worker_init``). An iterator still referenced when the interpreter exits
+    (held by a reference cycle or a traceback) would otherwise hang the exit for ever: torch's own
+    shutdown is a no-op at exit, and multiprocessing then SIGTERMs its daemon children and joins them."""
+
+    def __iter__(self):
+        it = super().__iter__()
+        if self.num_workers > 0:
+            _LIVE_ITERATORS.add(it)
+        return it
+
+
+_LIVE_ITERATORS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def stop_workers(it) -> None:
+    """Stop a loader iterator's workers now: the normal shutdown (workers leave their loop), then SIGKILL for
+    any that did not (one blocked in I/O ignores the SIGTERM that torch would send)."""
+    if it is None:
+        return
+    _LIVE_ITERATORS.discard(it)
+    shutdown = getattr(it, "_shutdown_workers", None)  # what the iterator's own finaliser calls
+    if shutdown is not None:
+        shutdown()
+    for w in getattr(it, "_workers", None) or []:
+        if w.is_alive():
+            w.kill()
+            w.join(timeout=10)
+
+
+@atexit.register  # registered after torch's exit hook, so it runs before it (atexit runs last-in first-out)
+def _stop_all_workers() -> None:
+    for it in list(_LIVE_ITERATORS):
+        try:
+            stop_workers(it)
+        except Exception:  # noqa: BLE001 - best effort at exit; never block the interpreter's shutdown
+            pass
+
+
 def make_loader(stream: ImageTextStream, workers: int, pin_memory: bool = False) -> DataLoader:
     """A DataLoader over whole batches; workers are polled round-robin, so the batch order is deterministic.
 
@@ -424,7 +467,7 @@ def make_loader(stream: ImageTextStream, workers: int, pin_memory: bool = False)
     timeout backs up the workers' (a read that blocks in I/O cannot check the time itself)."""
     gen = torch.Generator().manual_seed(_seed(stream.spec.seed, "loader", stream.spec.rank))
     bound = stream.spec.batch_timeout_s
-    return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory, generator=gen,
+    return BatchLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory, generator=gen,
                       persistent_workers=False, prefetch_factor=2 if workers > 0 else None,
                       worker_init_fn=worker_init if workers > 0 else None,
                       timeout=(2 * bound + 30) if workers > 0 and bound else 0)
