@@ -117,8 +117,10 @@ class DataConfig:
 class LossConfig:
     kind: str = _f("clip", "clip (softmax InfoNCE) | siglip (sigmoid)", ["clip", "siglip"])
     impl: str = _f("local", "naive (full G x G logits) | local (gather with grad, local rows) | tiled "
-                   "(never materialises logits; for 100k+ batches)", ["naive", "local", "tiled"])
-    tile_size: int = _f(4096, "impl=tiled: columns per tile")
+                   "(never materialises logits; for 100k+ batches) | ring (nothing gathered: feature blocks "
+                   "pass around the ranks; memory independent of the global batch, for 1M+ batches)",
+                   ["naive", "local", "tiled", "ring"])
+    tile_size: int = _f(4096, "impl=tiled|ring: rows and columns per tile")
 
 
 @dataclass

@@ -135,3 +135,31 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if is_initialized():
         dist.all_reduce(t)
     return t
+
+
+class Ring:
+    """Neighbour exchange around the ranks: send tensors to rank + 1, receive same-shaped ones from rank - 1.
+
+    ``start`` posts the sends and receives (batched, so NCCL pairs them and two ranks never deadlock on each
+    other's send) and returns at once, so the caller can compute while the blocks travel; ``finish`` waits
+    (bounded by the process group's timeout) and returns the received tensors. One process: world 1, no
+    messages. The ring losses take any object with this interface (the benchmark passes a simulated ring)."""
+
+    def __init__(self):
+        self.rank, self.world = (rank(), world_size()) if is_initialized() else (0, 1)
+
+    def start(self, tensors: List[torch.Tensor]):
+        if self.world == 1:  # the ring of one: what is sent comes straight back
+            return [], list(tensors), None
+        nxt, prev = (self.rank + 1) % self.world, (self.rank - 1) % self.world
+        sent = [t.contiguous() for t in tensors]  # held until finish: a send reads its buffer asynchronously
+        bufs = [torch.empty_like(t) for t in sent]
+        ops = ([dist.P2POp(dist.isend, t, nxt, tag=i) for i, t in enumerate(sent)]
+               + [dist.P2POp(dist.irecv, b, prev, tag=i) for i, b in enumerate(bufs)])
+        return dist.batch_isend_irecv(ops), bufs, sent
+
+    def finish(self, pending) -> List[torch.Tensor]:
+        works, bufs, _sent = pending
+        for w in works:
+            w.wait()
+        return bufs

@@ -6,8 +6,8 @@
     python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py nanstep OUT.pt shard.tar
 
 ``train``: the real Trainer.train_step for 10 steps on fixed per-(step, rank) batches; rank 0 saves the full
-weights (and, with checkpoint.*, a checkpoint). ``loss``: naive / local / tiled loss value and feature
-gradients over the gathered global batch. The reference runs in the test process. ``nanstep``: a NaN
+weights (and, with checkpoint.*, a checkpoint). ``loss``: the CLIP and SigLIP loss (every impl) and their
+feature / temperature / bias gradients, per rank. The reference runs in the test process. ``nanstep``: a NaN
 gradient under DeepSpeed is reported as a skipped step (engine contract), per ZeRO stage and precision.
 """
 import os
@@ -35,18 +35,20 @@ def train_overrides(shard: str, run_dir: str, extra=()):
 
 
 def run_steps(trainer, rank: int, world: int, steps: int = STEPS):
-    """The reference (world=1) sees each step's rank batches concatenated in rank order."""
+    """The reference (world=1) sees each step's rank batches concatenated in rank order; with accumulation
+    a rank's batch is split into ``engine.accum_steps`` micro-batches."""
     trainer.engine.train(True)
     losses = []
     for step in range(steps):
         trainer.scheduler.set_step(step)
+        n = trainer.cfg.engine.accum_steps
         if world == 1:
             parts = [batch_for(step, r) for r in range(2)]
-            micro = [{k: torch.cat([p[k] for p in parts]) for k in parts[0]}]
+            b = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         else:
-            b, n = batch_for(step, rank), trainer.cfg.engine.accum_steps
-            mb = MB // n  # the rank's samples split into accumulation micro-batches
-            micro = [{k: v[j * mb:(j + 1) * mb] for k, v in b.items()} for j in range(n)]
+            b = batch_for(step, rank)
+        mb = b["image"].shape[0] // n  # the samples split into accumulation micro-batches
+        micro = [{k: v[j * mb:(j + 1) * mb] for k, v in b.items()} for j in range(n)]
         out = trainer.train_step(micro)
         losses.append(out.get("train/loss"))
     return losses
@@ -73,25 +75,47 @@ def main_train(out: str, shard: str, overrides):
     edist.shutdown()
 
 
+LOSS_CASES = [("clip", "naive", "float32", 3), ("clip", "local", "float32", 3), ("clip", "tiled", "float32", 3),
+              ("clip", "ring", "float32", 3), ("clip", "ring", "float64", 1), ("clip", "ring", "float64", 5),
+              ("clip", "ring", "float64", 64), ("siglip", "local", "float32", 3),
+              ("siglip", "tiled", "float32", 3), ("siglip", "ring", "float32", 3),
+              ("siglip", "ring", "float64", 1), ("siglip", "ring", "float64", 64)]
+LOSS_ROWS, LOSS_DIM = 7, 16  # 7 rows per rank: tiles of 3 and 5 do not divide it
+
+
+def loss_inputs(rank: int, dtype):
+    g = torch.Generator().manual_seed(rank)
+    img = torch.nn.functional.normalize(torch.randn(LOSS_ROWS, LOSS_DIM, generator=g, dtype=torch.float64), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(LOSS_ROWS, LOSS_DIM, generator=g, dtype=torch.float64), dim=-1)
+    return img.to(dtype), txt.to(dtype)
+
+
 def main_loss(out: str):
+    """Every (kind, impl, dtype, tile) case: this rank's loss and gradients, reduced as the engine would."""
     from evaclip.losses import ContrastiveLoss
 
     torch.distributed.init_process_group("gloo")
     rank, world = edist.rank(), edist.world_size()
-    g = torch.Generator().manual_seed(rank)
-    img = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=-1).requires_grad_()
-    txt = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=-1).requires_grad_()
-    scale = torch.tensor([12.0], requires_grad=True)
     res = {}
-    for impl in ("naive", "local", "tiled"):
-        loss = ContrastiveLoss("clip", impl, tile_size=3)(img, txt, scale)
-        gi, gt, gs = torch.autograd.grad(loss, [img, txt, scale])
-        # the engine averages parameter gradients over ranks; do the same for the temperature's
-        torch.distributed.all_reduce(gs)
+    for kind, impl, dt, tile in LOSS_CASES:
+        dtype = getattr(torch, dt)
+        img, txt = (x.requires_grad_() for x in loss_inputs(rank, dtype))
+        scale = torch.tensor([12.0], dtype=dtype, requires_grad=True)
+        bias = torch.tensor([-4.0], dtype=dtype, requires_grad=True)
+        loss = ContrastiveLoss(kind, impl, tile_size=tile)(img, txt, scale, bias if kind == "siglip" else None)
+        params = [scale, bias] if kind == "siglip" else [scale]
+        grads = torch.autograd.grad(loss, [img, txt, *params])
+        # the engine averages parameter gradients over ranks; do the same for the temperature's (and bias')
+        reduced = []
+        for p in grads[2:]:
+            p = p.clone()
+            torch.distributed.all_reduce(p)
+            reduced.append(p / world)
         val = loss.detach().clone()
         torch.distributed.all_reduce(val)
-        res[impl] = {"loss": (val / world).item(), "gi": gi, "gt": gt, "gs": gs / world}
-    torch.save({"rank": rank, "img": img.detach(), "txt": txt.detach(), "res": res}, out.replace(".pt", f".{rank}.pt"))
+        res[(kind, impl, dt, tile)] = {"loss": (val / world).item(), "gi": grads[0], "gt": grads[1],
+                                       "params": reduced}
+    torch.save({"rank": rank, "res": res}, out.replace(".pt", f".{rank}.pt"))
     edist.shutdown()
 
 

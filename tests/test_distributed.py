@@ -29,8 +29,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(args, timeout=600, env=None):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+def torchrun(args, timeout=600, env=None, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
            str(free_port()), *args]
     e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=e)
@@ -64,25 +64,41 @@ def _max_diff(a, b):
     return max((a[k].float() - b[k].float()).abs().max().item() for k in b)
 
 
-def test_losses_over_gloo_match_single_process(tmp_path):
-    out = str(tmp_path / "loss.pt")
-    torchrun(["tests/dist_worker.py", "loss", out])
-    from evaclip.losses import clip_loss_naive
+@pytest.mark.parametrize("world", [2, 4])
+def test_losses_over_gloo_match_the_gathered_reference(world, tmp_path):
+    """Every impl of CLIP and SigLIP on W gloo ranks (7 rows each; tiles 1, 3, 5, 64) against the reference
+    over the gathered batch: value, feature gradients, temperature and bias gradients (fp32 to 1e-6, float64
+    to 1e-12). ring gathers nothing: its blocks and column gradients travel point-to-point."""
+    from evaclip.losses import clip_loss_naive, siglip_loss
+    from tests.dist_worker import LOSS_CASES, LOSS_ROWS, loss_inputs
 
-    ranks = [torch.load(out.replace(".pt", f".{r}.pt")) for r in range(2)]
-    img = torch.cat([r["img"] for r in ranks]).requires_grad_()
-    txt = torch.cat([r["txt"] for r in ranks]).requires_grad_()
-    scale = torch.tensor([12.0], requires_grad=True)
-    ref = clip_loss_naive(img, txt, scale)
-    gi, gt, gs = torch.autograd.grad(ref, [img, txt, scale])
-    for impl in ("naive", "local", "tiled"):
-        assert abs(ranks[0]["res"][impl]["loss"] - ref.item()) <= 1e-6, impl
+    out = str(tmp_path / "loss.pt")
+    torchrun(["tests/dist_worker.py", "loss", out], nproc=world)
+    ranks = [torch.load(out.replace(".pt", f".{r}.pt")) for r in range(world)]
+    for kind, impl, dt, tile in LOSS_CASES:
+        dtype, tol = getattr(torch, dt), (1e-6 if dt == "float32" else 1e-12)
+        parts = [loss_inputs(r, dtype) for r in range(world)]
+        img = torch.cat([p[0] for p in parts]).requires_grad_()
+        txt = torch.cat([p[1] for p in parts]).requires_grad_()
+        scale = torch.tensor([12.0], dtype=dtype, requires_grad=True)
+        bias = torch.tensor([-4.0], dtype=dtype, requires_grad=True)
+        if kind == "clip":
+            ref, params = clip_loss_naive(img, txt, scale), [scale]
+        else:  # the global objective: the mean over ranks of each rank's rows' loss
+            b = LOSS_ROWS
+            ref = sum(siglip_loss(img[r * b:(r + 1) * b], txt, scale, bias, r * b) for r in range(world)) / world
+            params = [scale, bias]
+        grads = torch.autograd.grad(ref, [img, txt, *params])
+        case = (kind, impl, dt, tile)
+        assert abs(ranks[0]["res"][case]["loss"] - ref.item()) <= tol, case
         for r, rk in enumerate(ranks):
-            res = rk["res"][impl]
+            res = rk["res"][case]
+            sl = slice(r * LOSS_ROWS, (r + 1) * LOSS_ROWS)
             # the engine averages gradients over ranks: each rank's feature gradient is W x its share
-            assert (res["gi"] / 2 - gi[r * 8:(r + 1) * 8]).abs().max() <= 1e-6, impl
-            assert (res["gt"] / 2 - gt[r * 8:(r + 1) * 8]).abs().max() <= 1e-6, impl
-            assert (res["gs"] - gs).abs().max() <= 1e-6, impl
+            assert (res["gi"] / world - grads[0][sl]).abs().max() <= tol, case
+            assert (res["gt"] / world - grads[1][sl]).abs().max() <= tol, case
+            for got, want in zip(res["params"], grads[2:]):
+                assert (got - want).abs().max() <= tol, case
 
 
 @pytest.mark.parametrize("zero", [1, 2, 3])
@@ -110,6 +126,32 @@ def test_zero2_feature_cached_accumulation(shard, reference, tmp_path):
               "optim.name=lamb", "engine.accum_steps=2", "data.micro_batch_size=2", *EXACT])
     got = torch.load(out)
     assert _max_diff(got["weights"], reference["lamb"]["weights"]) <= 1e-6
+
+
+@pytest.mark.parametrize("engine", ["zero0", "zero2-accum"])
+def test_ring_loss_training_equals_the_local_loss(engine, shard, reference, tmp_path):
+    """10 steps with loss.impl=ring (tiles of 3: uneven) on 2 DeepSpeed ranks == 1 process with the local loss;
+    the ZeRO-2 run also uses feature-cached accumulation (2 micro-batches of 2 per rank)."""
+    out = str(tmp_path / "ring.pt")
+    extra = (["engine.zero_stage=2", "engine.accum_steps=2", "data.micro_batch_size=2"]
+             if engine == "zero2-accum" else ["engine.zero_stage=0"])
+    torchrun(["tests/dist_worker.py", "train", out, shard, "engine.kind=deepspeed", "optim.name=lamb",
+              "loss.impl=ring", "loss.tile_size=3", *EXACT, *extra])
+    assert _max_diff(torch.load(out)["weights"], reference["lamb"]["weights"]) <= 1e-6
+
+
+def test_ring_loss_training_on_the_plain_engine_equals_the_local_loss(shard, reference, tmp_path):
+    """One process, plain engine, 2 accumulated micro-batches of 4, loss.impl=ring == the local-loss reference."""
+    from evaclip.config import load_config, resolve
+    from evaclip.trainer import Trainer
+    from tests.dist_worker import run_steps, train_overrides
+
+    cfg = load_config(None, train_overrides(shard, str(tmp_path), [
+        "data.micro_batch_size=4", "engine.accum_steps=2", "optim.name=lamb", "loss.impl=ring", "loss.tile_size=3",
+        *EXACT]))
+    tr = Trainer(cfg, resolve(cfg, 1), log=lambda *a, **k: None)
+    run_steps(tr, 0, 1)
+    assert _max_diff({k: v.detach() for k, v in tr.model.state_dict().items()}, reference["lamb"]["weights"]) <= 1e-6
 
 
 def test_off_the_shelf_lamb_diverges_under_zero(shard, reference, tmp_path):
