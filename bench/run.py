@@ -64,8 +64,8 @@ def run_all(sections, quick: bool, cache: str):
     if "token_drop" in sections:
         res["token_drop"] = micro.token_drop(reps, batch=4 if quick else 16, depth=2 if quick else 12)
     if "loss" in sections:
-        res["loss"] = loss_memory.run(reps, sizes=(1024, 2048) if quick else (16384, 65536, 131072),
-                                      world=8 if quick else 128)
+        res["loss"] = (loss_memory.run(reps, sizes=(1024, 2048), world=8, large=((2048, 64, 0), (8192, 64, 2)),
+                                       real=(512, 4)) if quick else loss_memory.run(reps))
     if "optimizer" in sections:
         res["optimizer"] = micro.optimizer_step(reps, model="EVA02-Ti-8-64" if quick else "EVA02-B-16")
     if "data" in sections:
@@ -109,19 +109,46 @@ def markdown(res, meta) -> str:
                 "| drop 0.0 | drop 0.5 | speed-up |", "|---|---|---|",
                 f"| {fmt_ms(t['drop_0.0'])} | {fmt_ms(t['drop_0.5'])} | {_ratio(t['speedup'])} (target >= 1.8x) |", ""]
     if "loss" in res:
-        out += ["## Contrastive loss: naive vs local vs tiled", "",
-                "Forward + backward on one process; features [G, 768] fp32; a rank holds G / world rows "
-                f"(world {next((r['world'] for r in res['loss'] if 'world' in r), '-')}). "
-                "Memory: peak RSS above the gathered features; it includes their gradients "
-                "(2 x G x 768 fp32, which the all-gather backward needs whatever the loss: "
-                "0.09 / 0.38 / 0.75 GiB at 16k / 64k / 131k).", "",
-                "| global batch | impl | time | peak above inputs | peak total |", "|---|---|---|---|---|"]
-        for r in res["loss"]:
+        rows = res["loss"]["rows"]
+        world = next((r["world"] for r in rows if "world" in r), "-")
+        out += ["## Contrastive loss: naive vs local vs tiled vs ring", "",
+                f"Forward + backward of one rank of a {world}-rank job (a rank holds G / {world} rows); fp32. "
+                "naive / local / tiled: the inputs are the gathered features [G, D], and the peak above them "
+                "includes their gradients (2 x G x D fp32, which the all-gather backward needs whatever the loss). "
+                "ring: the inputs are the rank's own rows [b, D]; the other ranks' blocks come from a simulated ring "
+                "(generated locally in ring order, into fresh receive buffers). A ring marked 'hops k' ran its first "
+                "k hops only: its memory does not grow with the hops, and its step time is the measured time per "
+                "hop x the full ring's hops.", "",
+                "| global batch | D | impl | time per step | peak above inputs | peak total |", "|---|---|---|---|---|---|"]
+        for r in rows:
             if "skipped" in r or "error" in r:
-                out.append(f"| {r['global_batch']:,} | {r['impl']} | not run: {r.get('skipped', r.get('error', ''))[:90]} | | |")
-            else:
-                out.append(f"| {r['global_batch']:,} | {r['impl']} | {fmt_ms(r['time'])} | "
-                           f"{r['above_inputs_mb'] / 1024:.2f} GiB | {r['peak_rss_mb'] / 1024:.2f} GiB |")
+                out.append(f"| {r['global_batch']:,} | {r['dim']} | {r['impl']} | not run: "
+                           f"{r.get('skipped', r.get('error', ''))[:90]} | | |")
+                continue
+            t = fmt_ms(r["time"])
+            if r.get("hops"):
+                t = f"{r['full_ring_s']:.1f} s (from {r['hops']} hops: {t})"
+            out.append(f"| {r['global_batch']:,} | {r['dim']} | {r['impl']} | {t} | "
+                       f"{r['above_inputs_mb'] / 1024:.2f} GiB | {r['peak_rss_mb'] / 1024:.2f} GiB |")
+        by = {(r["global_batch"], r["dim"], r["impl"]): r for r in rows if "time" in r}
+        ratios = []
+        for g, d in sorted({(k[0], k[1]) for k in by}):
+            if (g, d, "tiled") in by and (g, d, "ring") in by:
+                ring = by[(g, d, "ring")]
+                ring_s = ring["full_ring_s"] if ring.get("hops") else ring["time"]["median"]
+                ratios.append(f"- ring / tiled time at {g:,} x {d}: "
+                              f"{ring_s / by[(g, d, 'tiled')]['time']['median']:.2f}x (target <= 1.3x at 131,072)")
+        out += [""] + ratios if ratios else []
+        rr = res["loss"].get("real_ring")
+        if rr and "error" not in rr:
+            real, sim = rr["real"], rr["simulated"]
+            mem = [x["above_inputs_mb"] for x in real["ranks"]]
+            out += ["", f"Real ring check: {real['world']} gloo ranks (torchrun, 1 thread each), G = "
+                        f"{real['global_batch']:,}, D = {real['dim']}, b = {real['local_batch']}: peak above inputs "
+                        f"per rank {min(mem):.0f}-{max(mem):.0f} MiB; the simulated ring at the same b and G: "
+                        f"{sim.get('above_inputs_mb', float('nan')):.0f} MiB."]
+        elif rr:
+            out += ["", f"Real ring check failed: {rr['error'][:300]}"]
         out.append("")
     if "optimizer" in res:
         o = res["optimizer"]
@@ -164,13 +191,15 @@ def main(argv=None):
             "torch": torch.__version__, "threads": torch.get_num_threads(), "quick": a.quick}
     res = run_all(a.only, a.quick, a.cache)
     os.makedirs(a.out, exist_ok=True)
-    stem = meta["date"] + ("-quick" if a.quick else "")
+    partial = sorted(set(SECTIONS) - set(a.only))
+    # a run of some sections only gets its own file and leaves LATEST.md (the whole suite) alone
+    stem = meta["date"] + ("-quick" if a.quick else "") + ("-" + "-".join(a.only) if partial else "")
     with open(os.path.join(a.out, stem + ".json"), "w") as f:
         json.dump({"meta": meta, "results": res}, f, indent=2)
     md = markdown(res, meta)
     with open(os.path.join(a.out, stem + ".md"), "w") as f:
         f.write(md)
-    if not a.quick:
+    if not a.quick and not partial:
         shutil.copy(os.path.join(a.out, stem + ".md"), os.path.join(a.out, "LATEST.md"))
     print(md)
     print(f"results: {os.path.join(a.out, stem + '.json')}")

@@ -20,10 +20,12 @@ def test_bench_quick(tmp_path):
     assert {"train_step", "token_drop", "loss", "optimizer", "data", "eval"} <= set(res)
     for row in res["train_step"]:
         assert "speed_ratio" in row, row
-    assert all("error" not in r for r in res["loss"]) and all("error" not in r for r in res["data"])
+    assert all("error" not in r for r in res["loss"]["rows"]) and all("error" not in r for r in res["data"])
+    assert {r["impl"] for r in res["loss"]["rows"] if "time" in r} == {"naive", "local", "tiled", "ring"}
+    assert "error" not in res["loss"]["real_ring"] and len(res["loss"]["real_ring"]["real"]["ranks"]) == 4
     assert res["token_drop"]["speedup"] > 1.0
     md = open(tmp_path / res_file.replace(".json", ".md")).read()
-    assert "open_clip_train" in md and "clip_benchmark" in md
+    assert "open_clip_train" in md and "clip_benchmark" in md and "Real ring check" in md
 
 
 def test_gpu_mfu_script_on_cpu(tmp_path):
