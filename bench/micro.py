@@ -1,5 +1,7 @@
-"""Micro-benchmarks: optimizer step (LAMB vs torch AdamW), image-tower token dropping, eval throughput."""
+"""Micro-benchmarks: optimizer step (LAMB vs torch AdamW), image-tower token dropping, eval and scoring throughput."""
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -90,3 +92,53 @@ def eval_throughput(dataset_root: str, export_dir: str, reps: int = 5):
             "clip_benchmark_images_per_s": n_images / t_cb["median"], "evaclip": t_ours, "clip_benchmark": t_cb,
             "ratio": t_cb["median"] / t_ours["median"]}
 
+
+
+def score_throughput(shards: str, export_dir: str, reps: int = 5, batch: int = 64):
+    """Pairs/s of CLIP-scoring shards with the tiny model, one thread: ``evaclip data score`` (its whole path:
+    tar reading, decode, preprocessing, both encoders, cosine, parquet tables) against open_clip's own loop on
+    the same files (webdataset decode -> its preprocess and tokenizer -> encode_image / encode_text -> cosine)."""
+    import shutil
+    import tempfile
+
+    import open_clip
+    import torch.nn.functional as F
+    import webdataset as wds
+
+    from evaclip.data.curate import score
+    from evaclip.encoders import load_encoders
+
+    torch.set_num_threads(1)
+    enc = load_encoders(model="open_clip:tiny", pretrained=export_dir)
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{export_dir}")
+    model.eval()
+    tok = open_clip.get_tokenizer(f"local-dir:{export_dir}")
+    tmp = tempfile.mkdtemp()
+    counts = {}
+
+    def ours():
+        out = os.path.join(tmp, "scores")
+        shutil.rmtree(out, ignore_errors=True)
+        counts["ours"] = score(shards, "", enc, out, batch_size=batch, workers=0)["samples"]
+
+    def theirs():
+        ds = (wds.WebDataset(shards, shardshuffle=False).decode("pil").to_tuple("jpg", "txt")
+              .map_tuple(preprocess, lambda t: t).batched(batch, partial=True))
+        n = 0
+        with torch.no_grad():
+            for images, texts in ds:
+                fi = F.normalize(model.encode_image(images), dim=-1)
+                ft = F.normalize(model.encode_text(tok(list(texts))), dim=-1)
+                (fi * ft).sum(-1).tolist()
+                n += len(texts)
+        counts["theirs"] = n
+
+    try:
+        t_ours, t_oc = timeit(ours, reps, 1), timeit(theirs, reps, 1)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        torch.set_num_threads(os.cpu_count() or 1)
+    n = counts["ours"]
+    assert n == counts["theirs"], counts
+    return {"pairs": n, "evaclip_pairs_per_s": n / t_ours["median"], "open_clip_pairs_per_s": n / t_oc["median"],
+            "evaclip": t_ours, "open_clip": t_oc, "ratio": t_oc["median"] / t_ours["median"]}

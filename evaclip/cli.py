@@ -70,57 +70,6 @@ def cmd_train(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- eval
-def _load_for_eval(args):
-    """(encode_image, encode_text, tokenizer, image_size, mean, std, interpolation, name, pretrained) for
-    --checkpoint or --model."""
-    import torch
-
-    device = torch.device(args.device)
-    if args.checkpoint:
-        from evaclip.checkpoint import load_weights
-        from evaclip.data.transforms import make_tokenizer
-        from evaclip.models import model_from_record, record_variant
-
-        from evaclip.checkpoint import checkpoint_identity
-
-        sd, meta = load_weights(args.checkpoint, args.trust_pickle)
-        v = record_variant(meta.get("model"))
-        model = model_from_record(meta["model"])
-        model.load_state_dict(sd)
-        model.eval().to(device)
-        text = meta["model"]["config"]["text"]
-        return (lambda x: model.encode_image(x, normalize=False), lambda t: model.encode_text(t, normalize=False),
-                make_tokenizer(v.context_length, text["kind"], text["hf_path"]), v.image_size,
-                v.mean, v.std, v.interpolation, v.name, os.path.abspath(args.checkpoint),
-                {"checkpoint": meta["checkpoint"], "step": meta["step"]}, checkpoint_identity(meta["checkpoint"]))
-    if args.model and args.model.startswith("open_clip:"):
-        import open_clip
-
-        from evaclip.models.registry import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-
-        name = args.model[len("open_clip:"):]
-        looks_like_path = args.pretrained and (os.sep in args.pretrained or
-                                               args.pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")))
-        if looks_like_path and not os.path.exists(args.pretrained):
-            raise UserError(f"--pretrained {args.pretrained}: no such file or folder")
-        if name not in open_clip.list_models() and not (args.pretrained and os.path.isdir(args.pretrained)):
-            raise UserError(f"--model open_clip:{name}: open_clip has no such model (open_clip.list_models())")
-        if args.pretrained and os.path.isdir(args.pretrained):
-            model, _, pre = open_clip.create_model_and_transforms(f"local-dir:{args.pretrained}")
-            tok = open_clip.get_tokenizer(f"local-dir:{args.pretrained}")
-        else:
-            model, _, pre = open_clip.create_model_and_transforms(name, pretrained=args.pretrained or None)
-            tok = open_clip.get_tokenizer(name)
-        model.eval().to(device)
-        cfg = model.visual.preprocess_cfg if hasattr(model.visual, "preprocess_cfg") else {}
-        size = model.visual.image_size[0] if isinstance(model.visual.image_size, (tuple, list)) else model.visual.image_size
-        mean = cfg.get("mean", OPENAI_CLIP_MEAN)
-        std = cfg.get("std", OPENAI_CLIP_STD)
-        return (model.encode_image, model.encode_text, tok, size, mean, std, cfg.get("interpolation", "bicubic"),
-                name, args.pretrained or "", {}, _fingerprint(name, args.pretrained or ""))
-    raise UserError("evaclip eval needs --checkpoint <run dir|checkpoint> or --model open_clip:<name>")
-
-
 def cmd_eval(args) -> int:
     from evaclip.evalsuite import compare, load_suite, run_suite, write_results
 
@@ -130,8 +79,20 @@ def cmd_eval(args) -> int:
     if not args.suite:
         raise UserError("evaclip eval needs --suite (a built-in name such as quick or eva27, or a suite file)")
     entries = load_suite(args.suite)
-    enc_i, enc_t, tok, size, mean, std, interpolation, name, pretrained, extra, identity = _load_for_eval(args)
+    import time
+
     import torch
+
+    from evaclip import dist as edist
+    from evaclip.encoders import load_encoders
+
+    # under torchrun every rank evaluates a share of each dataset; rank 0 writes and prints the results
+    rank, local, world = edist.env_world()
+    device = f"cuda:{local}" if args.device == "cuda" and world > 1 else args.device
+    if world > 1:
+        edist.init_distributed(torch.device(device), timeout_min=30)
+    t0 = time.time()
+    enc = load_encoders(args.checkpoint, args.model or "", args.pretrained or "", device, args.trust_pickle)
 
     amp = args.precision == "bf16"
 
@@ -142,12 +103,22 @@ def cmd_eval(args) -> int:
         return run
 
     # the text classifier depends on the weights: keyed by the checkpoint's identity (step + manifest checksum)
-    cache = os.path.join(args.out, ".classifier_cache", identity)
-    results = run_suite(wrap(enc_i), wrap(enc_t), tok, entries, args.datasets_root, size, mean, std,
-                        torch.device(args.device), args.batch_size, strict=args.strict, classifier_cache=cache,
-                        model_name=name, pretrained=pretrained, workers=args.workers, interpolation=interpolation,
-                        progress_factory=lambda n: _progress(None, n, "img"), out_dir=args.out, extra=extra)
+    cache = os.path.join(args.out, ".classifier_cache", enc.identity)
+    results = run_suite(wrap(enc.encode_image), wrap(enc.encode_text), enc.tokenizer, entries, args.datasets_root,
+                        enc.image_size, enc.mean, enc.std, torch.device(device), args.batch_size,
+                        strict=args.strict, classifier_cache=cache, model_name=enc.name, pretrained=enc.pretrained,
+                        workers=args.workers, interpolation=enc.interpolation,
+                        progress_factory=(lambda n: _progress(None, n, "img")) if rank == 0 else None,
+                        out_dir=args.out, extra=enc.extra, shard=(rank, world),
+                        gather=edist.all_gather_objects if world > 1 else None,
+                        log=print if rank == 0 else (lambda *a, **k: None))
+    seconds = time.time() - t0
+    if world > 1:
+        edist.shutdown()
+        if rank != 0:
+            return 0
     print(write_results(results, args.out))
+    print(f"evaluated in {seconds:.1f} s on {world} process{'es' if world > 1 else ''}")
     missing = [r["dataset"] for r in results if r["status"] == "missing"]
     failed = [r["dataset"] for r in results if r["status"] == "error"]
     print(f"results: {args.out} ({len(results) - len(missing) - len(failed)} evaluated, {len(missing)} missing"
@@ -160,15 +131,6 @@ def cmd_eval(args) -> int:
             raise UserError(f"top-1 below the required {100 * args.require_acc1:.2f}%: {', '.join(low)}")
         print(f"top-1 >= {100 * args.require_acc1:.2f}% on every classification set: ok")
     return 0
-
-
-def _fingerprint(name: str, pretrained: str) -> str:
-    import hashlib
-
-    stamp = ""
-    if pretrained and os.path.exists(pretrained):
-        stamp = str(os.path.getmtime(pretrained))
-    return hashlib.sha1(f"{name}|{os.path.abspath(pretrained) if pretrained else ''}|{stamp}".encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------------- export
@@ -212,6 +174,10 @@ def cmd_data(args) -> int:
               f"zero-shot classification set: {out['zeroshot']}\nzero-shot retrieval set: {out['retrieval']}\n"
               f"recipe: {out['recipe']}")
         return 0
+    if args.data_cmd in ("score", "filter"):
+        from evaclip.data import curate
+
+        return curate.run(args)
     from evaclip.data import tools
 
     return tools.run(args)
@@ -287,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
           evaclip eval --checkpoint runs/demo_cpu --suite quick --datasets-root data/synth/zeroshot
           evaclip eval --model open_clip:EVA02-B-16 --pretrained exports/demo --suite ...
           evaclip eval --compare results/a/imagenet1k.json results/b/imagenet1k.json
+          torchrun --nproc-per-node 8 -m evaclip.cli eval --checkpoint runs/x --suite eva27 --device cuda ...
+              (every rank evaluates a share of each dataset; the metrics equal one process's)
 
         Datasets are looked up as <datasets-root>/<path> (default path: wds_<name>, as clip_benchmark names
         its webdataset sets). Missing datasets are reported, not fatal, unless --strict.
@@ -329,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(fn=cmd_export)
 
     d = sub.add_parser("data", formatter_class=_F, help="make, inspect and check datasets",
-                       description="Dataset tools: synth (the embedded default dataset), stats, verify, preview.")
+                       description="Dataset tools: synth (the embedded default dataset), stats, verify, preview; curation: "
+                       "score (CLIP score per sample) and filter (keep by score / loss into new shards).")
     dsub = d.add_subparsers(dest="data_cmd", metavar="DATA_COMMAND")
     s = dsub.add_parser("synth", help="write the synthetic captioned-shapes dataset (train shards + zero-shot sets)")
     s.add_argument("--out", default="data/synth")
@@ -339,9 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eval-per-class", type=int, default=20)
     s.add_argument("--retrieval-images", type=int, default=200)
     s.add_argument("--seed", type=int, default=0)
-    from evaclip.data import tools
+    from evaclip.data import curate, tools
 
     tools.add_parsers(dsub)
+    curate.add_parsers(dsub)
     d.set_defaults(fn=cmd_data)
 
     m = sub.add_parser("models", formatter_class=_F, help="list model architectures with parameter counts",

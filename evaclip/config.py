@@ -209,6 +209,8 @@ class LogConfig:
     wandb: bool = _f(False, "log to Weights & Biases (if installed)")
     plot: bool = _f(True, "write plots.png (loss, lr, zero-shot) into the run dir")
     progress: bool = _f(True, "progress bar on rank 0")
+    sample_loss: bool = _f(False, "write each sample's contrastive loss (step, key, source, loss) to "
+                           "<run>/sample_loss/*.parquet, every rank, at each checkpoint; input for `evaclip data filter`")
 
 
 @dataclass

@@ -108,13 +108,17 @@ def run_suite(encode_image: Callable, encode_text: Callable, tokenizer, entries:
               datasets_root: str, image_size: int, mean, std, device, batch_size: int = 64, strict: bool = False,
               classifier_cache: Optional[str] = None, model_name: str = "", pretrained: str = "",
               progress_factory=None, log=print, workers: int = 0, interpolation: str = "bicubic",
-              out_dir: Optional[str] = None, extra: Optional[Dict] = None) -> List[Dict]:
+              out_dir: Optional[str] = None, extra: Optional[Dict] = None, shard=(0, 1), gather=None) -> List[Dict]:
     """Evaluate every dataset; one CLIP_benchmark-shaped result dict each (``status`` ok | missing | error).
 
     A dataset that fails (unreadable shards, class names that do not cover the labels ...) is reported as
     ``error`` with its message and the suite goes on (``strict``: stop); undecodable images are skipped and
     counted (``skipped``). With ``out_dir`` each result is written as soon as its dataset is done, so a
-    crash later loses nothing. ``extra`` (e.g. the checkpoint and step) is recorded in every result."""
+    crash later loses nothing. ``extra`` (e.g. the checkpoint and step) is recorded in every result.
+
+    Sharded over ranks (``shard`` = (rank, world), ``gather`` = an all-gather of objects; every rank calls
+    with the same arguments): each dataset is split across the ranks, every rank gets the same results, and
+    rank 0 alone writes files."""
     import torch
 
     from evaclip.data.transforms import eval_transform
@@ -122,6 +126,9 @@ def run_suite(encode_image: Callable, encode_text: Callable, tokenizer, entries:
     from evaclip.zeroshot import evaluate as eval_one
 
     results = []
+    writer = shard[0] == 0
+    out_dir = out_dir if writer else None
+    gather = gather or (lambda obj: [obj])
     for e in entries:
         root = dataset_root(e, datasets_root)
         base = {"dataset": e.name, "model": model_name, "pretrained": pretrained, "task": e.task, "language": "en",
@@ -139,7 +146,9 @@ def run_suite(encode_image: Callable, encode_text: Callable, tokenizer, entries:
         classifier = None
         if classifier_cache and e.task == "zeroshot_classification":
             cache_file = os.path.join(classifier_cache, f"{e.name}.pt")
-            if os.path.exists(cache_file):
+            # every rank must take the same path (building the classifier is itself sharded): use the cache
+            # only when all of them see it
+            if all(gather(os.path.exists(cache_file))):
                 classifier = torch.load(cache_file, map_location=device, weights_only=True)
         bar = progress_factory(e.name) if progress_factory else None
         t0 = time.time()
@@ -147,7 +156,7 @@ def run_suite(encode_image: Callable, encode_text: Callable, tokenizer, entries:
             metrics, clf = eval_one(encode_image, encode_text, tokenizer, evalset, transform, device, batch_size,
                                     templates=_eval_file(e.templates), classnames=_eval_file(e.classnames),
                                     classifier=classifier, progress=bar.update if bar is not None else None,
-                                    workers=workers)
+                                    workers=workers, shard=shard, gather=gather)
         except Exception as err:  # noqa: BLE001 - one bad dataset must not cost the others their results
             if strict:
                 raise
@@ -158,9 +167,10 @@ def run_suite(encode_image: Callable, encode_text: Callable, tokenizer, entries:
         finally:
             if bar is not None:
                 bar.close()
-        if cache_file and clf is not None and classifier is None:
+        if cache_file and clf is not None and classifier is None and writer:
             os.makedirs(classifier_cache, exist_ok=True)
-            torch.save(clf.cpu(), cache_file)
+            torch.save(clf.cpu(), cache_file + ".tmp")
+            os.replace(cache_file + ".tmp", cache_file)  # another rank or run never reads half a file
         skipped = dict(evalset.skipped) if evalset.skipped else {}
         if skipped:
             log(f"  {e.name}: skipped {sum(skipped.values())} unreadable samples {skipped}")

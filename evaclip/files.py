@@ -11,7 +11,7 @@ one-line message names the file and the dotted key), with the same path rule eve
 * a **relative path written in a file** resolves against the folder of that file (``base``, recipes, suites,
   model files, inits, dataset roots, shard patterns, overlays, class-name files);
 * a **relative path given on the command line** resolves against the current directory;
-* values with a scheme (``pipe:``, ``s3://``, ``https://``) and values that start with a ``{root}``-style
+* values with a scheme (``pipe:``, ``s3://``, ``https://``) and values that start with the ``{root}``
   placeholder are left as they are; outputs (``run.output_dir``, ``--out``) are relative to the current
   directory.
 
@@ -73,7 +73,7 @@ def is_name(value: str) -> bool:
 
 
 def _left_alone(value: str) -> bool:
-    return not value or os.path.isabs(value) or bool(_SCHEME.match(value)) or value.startswith("{")
+    return not value or os.path.isabs(value) or bool(_SCHEME.match(value)) or value.startswith("{root}")
 
 
 def resolve_value(value: str, kind: str, base_dir: str) -> str:

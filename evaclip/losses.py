@@ -29,18 +29,30 @@ import torch.nn.functional as F
 from evaclip.dist import Ring, all_gather_with_grad, rank
 
 
-def clip_loss_naive(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Reference CLIP loss on already-gathered features [G, D] (every rank computes the same value)."""
+def clip_loss_naive(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, rows: Optional[list] = None) -> torch.Tensor:
+    """Reference CLIP loss on already-gathered features [G, D] (every rank computes the same value).
+
+    ``rows``: a list that receives each sample's loss [G] (detached), here and in every loss below (the
+    samples are a rank's own rows there); their mean is the loss."""
     logits = scale * img @ txt.t()
     labels = torch.arange(img.shape[0], device=img.device)
+    if rows is not None:
+        with torch.no_grad():
+            diag = logits.diagonal()
+            rows.append((torch.logsumexp(logits, 1) + torch.logsumexp(logits, 0) - 2 * diag) / 2)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
 
-def clip_loss_local(img_loc, txt_loc, img_all, txt_all, scale, offset: int) -> torch.Tensor:
+def clip_loss_local(img_loc, txt_loc, img_all, txt_all, scale, offset: int, rows: Optional[list] = None) -> torch.Tensor:
     """This rank's rows [b, G] of both logit matrices; labels are the rank's offset diagonal."""
     labels = torch.arange(img_loc.shape[0], device=img_loc.device) + offset
-    return (F.cross_entropy(scale * img_loc @ txt_all.t(), labels)
-            + F.cross_entropy(scale * txt_loc @ img_all.t(), labels)) / 2
+    if rows is None:
+        return (F.cross_entropy(scale * img_loc @ txt_all.t(), labels)
+                + F.cross_entropy(scale * txt_loc @ img_all.t(), labels)) / 2
+    per = (F.cross_entropy(scale * img_loc @ txt_all.t(), labels, reduction="none")
+           + F.cross_entropy(scale * txt_loc @ img_all.t(), labels, reduction="none")) / 2
+    rows.append(per.detach())
+    return per.mean()
 
 
 # ---------------------------------------------------------------------------------------------- tile kernels
@@ -71,18 +83,18 @@ def _ce_backward(a, b, s, lse, tile: int, da, db):
     return ds
 
 
-def _softplus_sum(a, b, s, bias, tile: int):
-    """sum_ij softplus(s a_i.b_j + bias) = sum_ij -log sigmoid(-(logit_ij)): every pair taken as a negative."""
-    out = torch.zeros((), device=a.device, dtype=a.dtype)
+def _softplus_rows(a, b, s, bias, tile: int):
+    """[n]: sum_j softplus(s a_i.b_j + bias) = sum_j -log sigmoid(-(logit_ij)): every pair as a negative."""
+    out = torch.zeros(a.shape[0], device=a.device, dtype=a.dtype)
     for r0 in range(0, a.shape[0], tile):
         ar = a[r0:r0 + tile]
         for c0 in range(0, b.shape[0], tile):
-            out += F.softplus(s * (ar @ b[c0:c0 + tile].t()) + bias).sum()
+            out[r0:r0 + tile] += F.softplus(s * (ar @ b[c0:c0 + tile].t()) + bias).sum(1)
     return out
 
 
 def _sigmoid_backward(a, b, s, bias, tile: int, da, db):
-    """Gradients of ``_softplus_sum`` (q_ij = sigmoid(logit_ij)) added into da, db; returns (d/ds, d/dbias)."""
+    """Gradients of ``_softplus_rows`` (q_ij = sigmoid(logit_ij)) added into da, db; returns (d/ds, d/dbias)."""
     ds = torch.zeros((), device=a.device, dtype=a.dtype)
     dbias = torch.zeros((), device=a.device, dtype=a.dtype)
     for r0 in range(0, a.shape[0], tile):
@@ -117,7 +129,7 @@ class _TiledCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, a, b, s, offset: int, tile: int):
+    def forward(ctx, a, b, s, offset: int, tile: int, rows: Optional[list] = None):
         cdt = _compute_dtype(a)
         a32, b32, s32 = a.to(cdt), b.to(cdt), s.to(cdt)
         n = a.shape[0]
@@ -126,7 +138,10 @@ class _TiledCE(torch.autograd.Function):
         pos = (a32 * b32[offset:offset + n]).sum(1)  # [b]
         ctx.save_for_backward(a, b, s, lse)
         ctx.offset, ctx.tile = offset, tile
-        return (lse - s32 * pos).sum()
+        per = lse - s32 * pos  # each row's loss, from the saved log-sum-exp: no extra pass
+        if rows is not None:
+            rows.append(per.detach().clone())
+        return per.sum()
 
     @staticmethod
     def backward(ctx, g):
@@ -142,13 +157,18 @@ class _TiledCE(torch.autograd.Function):
         # in place: db is [G, D]; ``g * db`` would hold a second copy of it at the backward's peak
         da.mul_(g)
         db.mul_(g)
-        return da.to(a.dtype), db.to(b.dtype), _as_param_grad(g * ds, s), None, None
+        return da.to(a.dtype), db.to(b.dtype), _as_param_grad(g * ds, s), None, None, None
 
 
-def clip_loss_tiled(img_loc, txt_loc, img_all, txt_all, scale, offset: int, tile: int = 4096) -> torch.Tensor:
+def clip_loss_tiled(img_loc, txt_loc, img_all, txt_all, scale, offset: int, tile: int = 4096,
+                    rows: Optional[list] = None) -> torch.Tensor:
     n = img_loc.shape[0]
-    return (_TiledCE.apply(img_loc, txt_all, scale, offset, tile)
-            + _TiledCE.apply(txt_loc, img_all, scale, offset, tile)) / (2 * n)
+    both = [] if rows is not None else None
+    loss = (_TiledCE.apply(img_loc, txt_all, scale, offset, tile, both)
+            + _TiledCE.apply(txt_loc, img_all, scale, offset, tile, both)) / (2 * n)
+    if rows is not None:
+        rows.append((both[0] + both[1]) / 2)
+    return loss
 
 
 class _TiledSigLIP(torch.autograd.Function):
@@ -158,15 +178,17 @@ class _TiledSigLIP(torch.autograd.Function):
     sum_ij softplus(l_ij) - sum_i l_i,pos(i): every pair as a negative, then one correction per positive."""
 
     @staticmethod
-    def forward(ctx, a, b, s, bias, offset: int, tile: int):
+    def forward(ctx, a, b, s, bias, offset: int, tile: int, rows: Optional[list] = None):
         cdt = _compute_dtype(a)
         a32, b32, s32, bias32 = a.to(cdt), b.to(cdt), s.to(cdt), bias.to(cdt)
         n = a.shape[0]
         pos = (a32 * b32[offset:offset + n]).sum(1)
-        total = _softplus_sum(a32, b32, s32, bias32, tile) - (s32 * pos + bias32).sum()
+        per = _softplus_rows(a32, b32, s32, bias32, tile) - (s32 * pos + bias32)
         ctx.save_for_backward(a, b, s, bias)
         ctx.offset, ctx.tile, ctx.cdt = offset, tile, cdt
-        return total / n
+        if rows is not None:
+            rows.append(per.detach().clone())
+        return per.sum() / n
 
     @staticmethod
     def backward(ctx, g):
@@ -184,11 +206,12 @@ class _TiledSigLIP(torch.autograd.Function):
         da.mul_(k)
         db.mul_(k)
         return (da.to(a.dtype), db.to(b.dtype), _as_param_grad(k * ds, s), _as_param_grad(k * dbias, bias),
-                None, None)
+                None, None, None)
 
 
-def siglip_loss_tiled(img_loc, txt_all, scale, bias, offset: int, tile: int = 4096) -> torch.Tensor:
-    return _TiledSigLIP.apply(img_loc, txt_all, scale, bias, offset, tile)
+def siglip_loss_tiled(img_loc, txt_all, scale, bias, offset: int, tile: int = 4096,
+                      rows: Optional[list] = None) -> torch.Tensor:
+    return _TiledSigLIP.apply(img_loc, txt_all, scale, bias, offset, tile, rows)
 
 
 # ---------------------------------------------------------------------------------------------- ring
@@ -229,7 +252,7 @@ class _RingCLIP(torch.autograd.Function):
     """This rank's CLIP loss (both directions, its b rows against all G columns) with blocks passed around."""
 
     @staticmethod
-    def forward(ctx, img, txt, s, tile: int, ring):
+    def forward(ctx, img, txt, s, tile: int, ring, rows: Optional[list] = None):
         cdt = _compute_dtype(img)
         s32 = s.to(cdt)
         n = img.shape[0]
@@ -246,7 +269,10 @@ class _RingCLIP(torch.autograd.Function):
         pos = (i32 * t32).sum(1)
         ctx.save_for_backward(img, txt, s, lse_i, lse_t)
         ctx.tile, ctx.ring = tile, ring
-        return (lse_i + lse_t - 2 * s32 * pos).sum() / (2 * n)
+        per = (lse_i + lse_t - 2 * s32 * pos) / 2
+        if rows is not None:
+            rows.append(per.detach().clone())
+        return per.sum() / n
 
     @staticmethod
     def backward(ctx, g):
@@ -271,27 +297,30 @@ class _RingCLIP(torch.autograd.Function):
         ds = ds - 2 * (i32 * t32).sum()
         gi = di.mul_(k).add_(cols[0])
         gt = dt.mul_(k).add_(cols[1])
-        return gi.to(img.dtype), gt.to(txt.dtype), _as_param_grad(k * ds, s), None, None
+        return gi.to(img.dtype), gt.to(txt.dtype), _as_param_grad(k * ds, s), None, None, None
 
 
 class _RingSigLIP(torch.autograd.Function):
     """This rank's SigLIP loss (its b image rows against all G texts); only the text blocks travel."""
 
     @staticmethod
-    def forward(ctx, img, txt, s, bias, tile: int, ring):
+    def forward(ctx, img, txt, s, bias, tile: int, ring, rows: Optional[list] = None):
         cdt = _compute_dtype(img)
         i32, t32, s32, bias32 = img.to(cdt), txt.to(cdt), s.to(cdt), bias.to(cdt)
         n = img.shape[0]
-        total = [torch.zeros((), dtype=cdt, device=img.device)]
+        per = torch.zeros(n, dtype=cdt, device=img.device)
 
         def compute(blocks):
-            total[0] = total[0] + _softplus_sum(i32, blocks[0].to(cdt), s32, bias32, tile)
+            per.add_(_softplus_rows(i32, blocks[0].to(cdt), s32, bias32, tile))
 
         _ring_forward(ring, [txt.contiguous()], compute)
         pos = (i32 * t32).sum(1)
         ctx.save_for_backward(img, txt, s, bias)
         ctx.tile, ctx.ring = tile, ring
-        return (total[0] - (s32 * pos + bias32).sum()) / n
+        per -= s32 * pos + bias32
+        if rows is not None:
+            rows.append(per.detach().clone())
+        return per.sum() / n
 
     @staticmethod
     def backward(ctx, g):
@@ -314,25 +343,29 @@ class _RingSigLIP(torch.autograd.Function):
         ds = sums[0] - (i32 * t32).sum()
         dbias = sums[1] - n
         return (di.mul_(k).to(img.dtype), gt.to(txt.dtype), _as_param_grad(k * ds, s),
-                _as_param_grad(k * dbias, bias), None, None)
+                _as_param_grad(k * dbias, bias), None, None, None)
 
 
-def clip_loss_ring(img_loc, txt_loc, scale, tile: int = 4096, ring=None) -> torch.Tensor:
+def clip_loss_ring(img_loc, txt_loc, scale, tile: int = 4096, ring=None, rows: Optional[list] = None) -> torch.Tensor:
     """This rank's CLIP loss with only its own rows in memory (``ring``: ``evaclip.dist.Ring()`` by default)."""
-    return _RingCLIP.apply(img_loc, txt_loc, scale, tile, ring if ring is not None else Ring())
+    return _RingCLIP.apply(img_loc, txt_loc, scale, tile, ring if ring is not None else Ring(), rows)
 
 
-def siglip_loss_ring(img_loc, txt_loc, scale, bias, tile: int = 4096, ring=None) -> torch.Tensor:
-    return _RingSigLIP.apply(img_loc, txt_loc, scale, bias, tile, ring if ring is not None else Ring())
+def siglip_loss_ring(img_loc, txt_loc, scale, bias, tile: int = 4096, ring=None,
+                     rows: Optional[list] = None) -> torch.Tensor:
+    return _RingSigLIP.apply(img_loc, txt_loc, scale, bias, tile, ring if ring is not None else Ring(), rows)
 
 
-def siglip_loss(img_loc, txt_all, scale, bias, offset: int) -> torch.Tensor:
+def siglip_loss(img_loc, txt_all, scale, bias, offset: int, rows: Optional[list] = None) -> torch.Tensor:
     """Sigmoid loss of this rank's rows [b, G]; normalised by the local batch size as in the SigLIP paper."""
     logits = scale * img_loc @ txt_all.t() + bias
     z = -torch.ones_like(logits)
     idx = torch.arange(img_loc.shape[0], device=logits.device)
     z[idx, idx + offset] = 1.0
-    return -F.logsigmoid(z * logits).sum() / img_loc.shape[0]
+    per = -F.logsigmoid(z * logits).sum(1)
+    if rows is not None:
+        rows.append(per.detach())
+    return per.sum() / img_loc.shape[0]
 
 
 IMPLS = ("naive", "local", "tiled", "ring")
@@ -349,24 +382,34 @@ class ContrastiveLoss(nn.Module):
             raise ValueError(f"loss impl must be one of {', '.join(IMPLS)}, got {impl!r}")
         self.kind, self.impl, self.tile_size = kind, impl, tile_size
 
-    def forward(self, image_features, text_features, logit_scale, logit_bias: Optional[torch.Tensor] = None):
+    def forward(self, image_features, text_features, logit_scale, logit_bias: Optional[torch.Tensor] = None,
+                rows: Optional[list] = None):
+        """This rank's loss; ``rows`` (a list) receives its samples' losses [b], whose mean is the loss."""
         if self.kind == "siglip" and logit_bias is None:
             raise ValueError("the SigLIP loss needs the model's logit_bias (model.use_logit_bias = true)")
         if self.impl == "ring":  # nothing gathered: the blocks travel inside the loss
             if self.kind == "siglip":
-                return siglip_loss_ring(image_features, text_features, logit_scale, logit_bias, self.tile_size)
-            return clip_loss_ring(image_features, text_features, logit_scale, self.tile_size)
+                return siglip_loss_ring(image_features, text_features, logit_scale, logit_bias, self.tile_size,
+                                        rows=rows)
+            return clip_loss_ring(image_features, text_features, logit_scale, self.tile_size, rows=rows)
         img_all = all_gather_with_grad(image_features)
         txt_all = all_gather_with_grad(text_features)
-        offset = rank() * image_features.shape[0]
+        b = image_features.shape[0]
+        offset = rank() * b
         if self.kind == "siglip":
             if self.impl == "tiled":
-                return siglip_loss_tiled(image_features, txt_all, logit_scale, logit_bias, offset, self.tile_size)
-            return siglip_loss(image_features, txt_all, logit_scale, logit_bias, offset)
+                return siglip_loss_tiled(image_features, txt_all, logit_scale, logit_bias, offset, self.tile_size,
+                                         rows)
+            return siglip_loss(image_features, txt_all, logit_scale, logit_bias, offset, rows)
         if self.impl == "naive":
             # every rank computes the full loss; the all-gather backward sums the W identical copies'
             # gradients and the engine averages over W ranks, which leaves exactly dL/dtheta
-            return clip_loss_naive(img_all, txt_all, logit_scale)
+            every = [] if rows is not None else None
+            loss = clip_loss_naive(img_all, txt_all, logit_scale, every)
+            if rows is not None:
+                rows.append(every[0][offset:offset + b])
+            return loss
         if self.impl == "local":
-            return clip_loss_local(image_features, text_features, img_all, txt_all, logit_scale, offset)
-        return clip_loss_tiled(image_features, text_features, img_all, txt_all, logit_scale, offset, self.tile_size)
+            return clip_loss_local(image_features, text_features, img_all, txt_all, logit_scale, offset, rows)
+        return clip_loss_tiled(image_features, text_features, img_all, txt_all, logit_scale, offset, self.tile_size,
+                               rows)

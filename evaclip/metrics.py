@@ -1,9 +1,11 @@
-"""Rank-0 run logging: metrics.jsonl (always), tensorboard and wandb (when asked and installed), plots.png."""
+"""Run logging: metrics.jsonl (always), tensorboard and wandb (when asked and installed), plots.png on rank 0;
+per-sample losses (``log.sample_loss``) on every rank."""
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import sys
 import time
 from typing import Dict, List, Optional
@@ -112,3 +114,67 @@ def plot_run(run_dir: str, out: Optional[str] = None) -> Optional[str]:
     fig.savefig(out, dpi=90)
     plt.close(fig)
     return out
+
+
+class SampleLossLog:
+    """Per-sample training losses (``log.sample_loss``): step, key, source, loss; a parquet file per rank and
+    checkpoint interval under <run>/sample_loss/.
+
+    Rows are buffered and written when a checkpoint is (``flush``), so the files always end at a checkpoint:
+    a resumed or rolled-back run first drops what lies beyond the step it restarts from (``truncate``) and
+    then writes those steps again, never twice."""
+
+    _NAME = re.compile(r"rank(\d+)_steps(\d+)-(\d+)\.parquet$")
+
+    def __init__(self, run_dir: str, rank: int, start_step: int):
+        self.dir, self.rank = os.path.join(run_dir, "sample_loss"), rank
+        os.makedirs(self.dir, exist_ok=True)
+        self.rows: Dict[str, list] = {"step": [], "key": [], "source": [], "loss": []}
+        self.truncate(start_step)
+
+    def add(self, step: int, keys, sources, losses) -> None:
+        losses = losses.detach().float().cpu().tolist()
+        if len(keys) != len(losses):
+            raise ValueError(f"sample loss log: {len(keys)} keys for {len(losses)} losses at step {step}")
+        self.rows["step"] += [step] * len(keys)
+        self.rows["key"] += list(keys)
+        self.rows["source"] += list(sources) if sources is not None else [""] * len(keys)
+        self.rows["loss"] += losses
+
+    def flush(self) -> Optional[str]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not self.rows["step"]:
+            return None
+        first, last = self.rows["step"][0], self.rows["step"][-1]
+        path = os.path.join(self.dir, f"rank{self.rank:04d}_steps{first:09d}-{last:09d}.parquet")
+        table = pa.table({"step": pa.array(self.rows["step"], pa.int64()), "key": pa.array(self.rows["key"], pa.string()),
+                          "source": pa.array(self.rows["source"], pa.string()),
+                          "loss": pa.array(self.rows["loss"], pa.float32())})
+        tmp = f"{path}.tmp"
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+        self.rows = {k: [] for k in self.rows}
+        return path
+
+    def truncate(self, step: int) -> None:
+        """Forget every row after ``step`` (buffered or on disk) of this rank."""
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        keep = [i for i, s in enumerate(self.rows["step"]) if s <= step]
+        self.rows = {k: [v[i] for i in keep] for k, v in self.rows.items()}
+        for name in os.listdir(self.dir):
+            m = self._NAME.match(name)
+            if not m or int(m.group(1)) != self.rank or int(m.group(3)) <= step:
+                continue
+            path = os.path.join(self.dir, name)
+            if int(m.group(2)) > step:
+                os.remove(path)
+                continue
+            table = pq.read_table(path)  # spans the restart step: keep its first part
+            table = table.filter(pc.less_equal(table.column("step"), step))
+            pq.write_table(table, f"{path}.tmp")
+            os.replace(f"{path}.tmp", os.path.join(self.dir, f"rank{self.rank:04d}_steps{int(m.group(2)):09d}-{step:09d}.parquet"))
+            os.remove(path)

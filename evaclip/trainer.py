@@ -27,7 +27,7 @@ from evaclip.config import Derived, ExperimentConfig, save_run_config, to_dict
 from evaclip.engine import build_engine, pick_device
 from evaclip.errors import CheckpointError, TrainingStopped
 from evaclip.losses import ContrastiveLoss
-from evaclip.metrics import MetricLogger, plot_run, progress_bar
+from evaclip.metrics import MetricLogger, SampleLossLog, plot_run, progress_bar
 from evaclip.models import create_model, get_variant, model_record
 from evaclip.models.convert import init_from_files
 from evaclip.optim import build_optimizer
@@ -167,6 +167,7 @@ class Trainer:
             self._restore_healing(meta)
             self.log(f"resumed from {ckpt} at step {self.step} ({self.samples_seen} samples)")
         self._build_data()
+        self.sample_log = SampleLossLog(self.run_dir, edist.rank(), self.step) if cfg.log.sample_loss else None
         # 10. evaluator, 11. logger
         self.eval_entries = None
         if cfg.eval.suite:
@@ -211,8 +212,8 @@ class Trainer:
         return batch
 
     # ------------------------------------------------------------------------------------------------ step
-    def _loss(self, img, txt, scale, bias=None):
-        return self.loss_fn(img, txt, scale, bias)
+    def _loss(self, img, txt, scale, bias=None, rows=None):
+        return self.loss_fn(img, txt, scale, bias, rows=rows)
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         flag = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=self.device)
@@ -224,9 +225,11 @@ class Trainer:
         dev = self.device
         imgs = [m["image"].to(dev, non_blocking=True) for m in micro]
         txts = [m["text"].to(dev, non_blocking=True) for m in micro]
+        rows = [] if self.sample_log is not None else None  # this rank's per-sample losses, from the loss itself
         if len(micro) == 1:
             out = self.engine(imgs[0], txts[0])
-            loss = self._loss(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"))
+            loss = self._loss(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"),
+                              rows)
             if not self._all_finite(loss):
                 return self._bad_step(loss)
             self.engine.backward(loss, boundary=True)
@@ -241,7 +244,7 @@ class Trainer:
             img_all = [c["image_features"] for c in cached]
             txt_all = [c["text_features"] for c in cached]
             loss = self._loss(torch.cat(img_all), torch.cat(txt_all), cached[-1]["logit_scale"],
-                              cached[-1].get("logit_bias"))
+                              cached[-1].get("logit_bias"), rows)
             if not self._all_finite(loss):
                 return self._bad_step(loss)
             for j, (img, txt) in enumerate(zip(imgs, txts)):
@@ -268,6 +271,9 @@ class Trainer:
                                       f"{self.step}; use engine.precision = 'bf16' or lower the lr")
             return {"train/overflow_skip": 1.0}
         self.overflows = 0
+        if rows is not None:
+            self.sample_log.add(self.step + 1, [k for m in micro for k in m["key"]],
+                                [s for m in micro for s in m["source"]], rows[0])
         # each rank's local loss covers its rows; the global loss is their mean
         mean_loss = edist.all_reduce_sum(loss.detach().clone().reshape(1)) / edist.world_size()
         return {"train/loss": mean_loss.item(), "train/logit_scale": float(out["logit_scale"].detach()),
@@ -339,10 +345,14 @@ class Trainer:
                                {"data": self.data_state.state_dict(), "rng": rng_state(),
                                 "order_hash": self.order_hash},
                                self.cfg.checkpoint.keep_last)
+        if self.sample_log is not None:
+            self.sample_log.flush()  # after the checkpoint: what is on disk never runs ahead of one
         self.log(f"checkpoint: {path}")
         return path
 
     def evaluate(self) -> Dict[str, float]:
+        """The zero-shot suite on every rank, each a share of every dataset (the metrics equal one process's);
+        under ZeRO-3 the gathered weights are copied out and rank 0 evaluates them alone."""
         if not self.eval_entries:
             return {}
         from evaclip.data.transforms import make_tokenizer
@@ -351,8 +361,10 @@ class Trainer:
         out: Dict[str, float] = {}
         self.engine.train(False)
         model, dtype = self.engine.model, self.engine.input_dtype
+        shard, gather = (edist.rank(), edist.world_size()), edist.all_gather_objects
         if self.engine.shards_params:
             # ZeRO-3: gather the weights (every rank), evaluate a plain copy on rank 0 without DeepSpeed's hooks
+            shard, gather = (0, 1), None
             with self.engine.full_weights() as m:
                 sd = {k: v.detach().to("cpu", copy=True) for k, v in m.state_dict().items()} if edist.is_main() else None
             if edist.is_main():
@@ -360,7 +372,7 @@ class Trainer:
                 model.load_state_dict(sd)
                 model.to(self.device).eval()
                 dtype = torch.float32
-        if edist.is_main():
+        if edist.is_main() or gather is not None:
             v = self.variant
             results = run_suite(lambda x: model.encode_image(x.to(dtype), normalize=False),
                                 lambda t: model.encode_text(t, normalize=False),
@@ -369,12 +381,14 @@ class Trainer:
                                 v.image_size, v.mean, v.std,
                                 self.device, self.cfg.eval.batch_size, model_name=v.name,
                                 pretrained=f"{self.run_dir}@step{self.step}", log=self.log,
-                                workers=self.cfg.eval.workers, interpolation=v.interpolation)
-            write_results(results, os.path.join(self.run_dir, "eval", f"step-{self.step:08d}"))
+                                workers=self.cfg.eval.workers, interpolation=v.interpolation,
+                                shard=shard, gather=gather)
+            if edist.is_main():
+                write_results(results, os.path.join(self.run_dir, "eval", f"step-{self.step:08d}"))
             for r in results:
                 for k, val in r["metrics"].items():
                     out[f"zeroshot/{r['dataset']}/{k}"] = val
-        edist.barrier(f"the evaluation at step {self.step} (rank 0 evaluates)")
+        edist.barrier(f"the evaluation at step {self.step}")
         self.engine.train(True)
         return out
 
@@ -478,6 +492,8 @@ class Trainer:
         self.step, self.samples_seen = meta["step"], meta["samples_seen"]
         self.data_states, self.order_hash = rank_state["data"], rank_state.get("order_hash", 0)
         set_rng_state(rank_state["rng"])  # the healing state (rollbacks, windows) stays: it covers every step
+        if self.sample_log is not None:
+            self.sample_log.truncate(self.step)
         skip = c.skip_samples or (detected + 1 - first) * self.derived.global_batch
         self.skip_windows[first] = self.skip_windows.get(first, 0) + skip
         if c.lr_scale != 1.0 and c.lr_scale_steps > 0:

@@ -64,15 +64,31 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_i
 
 
 # ---------------------------------------------------------------------------------------------------- encoders
+def _single(obj) -> list:
+    return [obj]
+
+
 @torch.no_grad()
 def build_classifier(encode_text: Callable, tokenizer, classnames: Sequence[str], templates: Sequence[str],
-                     device: torch.device, batch_size: int = 256) -> torch.Tensor:
-    """[D, C] prompt-ensemble classifier; all class x template prompts are encoded in large batches."""
-    texts = [t.format(c=name) for name in classnames for t in templates]
-    emb = torch.cat([F.normalize(encode_text(tokenizer(texts[i:i + batch_size]).to(device)).float(), dim=-1)
-                     for i in range(0, len(texts), batch_size)])
-    w = emb.reshape(len(classnames), len(templates), -1).mean(1)  # [C, D]
-    return F.normalize(w, dim=-1).t()
+                     device: torch.device, batch_size: int = 256, shard: Tuple[int, int] = (0, 1),
+                     gather: Callable = _single) -> torch.Tensor:
+    """[D, C] prompt-ensemble classifier; all class x template prompts are encoded in large batches.
+
+    Sharded (``shard`` = (rank, world), ``gather`` = an all-gather of objects): each rank encodes the classes
+    c with c % world == rank and every rank assembles the same whole classifier."""
+    rank, world = shard
+    mine = list(range(rank, len(classnames), world))
+    texts = [t.format(c=classnames[c]) for c in mine for t in templates]
+    emb = [F.normalize(encode_text(tokenizer(texts[i:i + batch_size]).to(device)).float(), dim=-1)
+           for i in range(0, len(texts), batch_size)]
+    w = torch.cat(emb).reshape(len(mine), len(templates), -1).mean(1) if emb else None  # [C_rank, D]
+    parts = gather((mine, None if w is None else w.cpu()))
+    dim = next(p[1].shape[1] for p in parts if p[1] is not None)
+    full = torch.empty(len(classnames), dim)
+    for idx, part in parts:
+        if idx:
+            full[idx] = part
+    return F.normalize(full.to(device), dim=-1).t()
 
 
 # ---------------------------------------------------------------------------------------------------- datasets
@@ -81,7 +97,9 @@ class EvalSet:
     """What a dataset on disk provides."""
 
     task: str
-    samples: Callable[[], Iterator[Tuple[Image.Image, object]]]  # (image, label int | list of captions)
+    # samples(shard=(rank, world)) -> (image, (index, label int | list of captions)) for the samples whose
+    # index in the dataset's order is rank mod world; the others are not decoded
+    samples: Callable[..., Iterator[Tuple[Image.Image, object]]]
     classnames: Optional[List[str]] = None
     templates: Optional[List[str]] = None
     size: Optional[int] = None
@@ -99,15 +117,20 @@ def _decode(data: bytes) -> Image.Image:
     return decode_image(data)
 
 
-def _decoded(items: Iterator[Tuple[Callable, object]], skipped: Counter) -> Iterator[Tuple[Image.Image, object]]:
-    """(image, target) for (loader, target) pairs; an image that does not decode is skipped and counted."""
-    for load, target in items:
+def _decoded(items: Iterator[Tuple[Callable, object]], skipped: Counter,
+             shard: Tuple[int, int] = (0, 1)) -> Iterator[Tuple[Image.Image, object]]:
+    """(image, (index, target)) for this shard's (loader, target) pairs; an image that does not decode is
+    skipped and counted."""
+    rank, world = shard
+    for i, (load, target) in enumerate(items):
+        if i % world != rank:
+            continue
         try:
             img = load()
         except Exception:  # noqa: BLE001 - PIL raises many types for corrupt data
             skipped["decode_error"] += 1
             continue
-        yield img, target
+        yield img, (i, target)
 
 
 def open_wds_benchmark(root: str, split: str = "test") -> EvalSet:
@@ -134,8 +157,8 @@ def open_wds_benchmark(root: str, split: str = "test") -> EvalSet:
                     target = [c for c in s["txt"].decode().split("\n") if c.strip()]
                 yield (lambda data=s[ext]: _decode(data)), target
 
-    def samples():
-        return _decoded(raw(), es.skipped)
+    def samples(shard=(0, 1)):
+        return _decoded(raw(), es.skipped, shard)
 
     classnames = templates = None
     if task == CLASSIFICATION:
@@ -155,8 +178,9 @@ def open_imagefolder(root: str, split: str = "test") -> EvalSet:
     files = [(os.path.join(split_dir, c, f), i) for i, c in enumerate(classes)
              for f in sorted(os.listdir(os.path.join(split_dir, c))) if f.rsplit(".", 1)[-1].lower() in IMAGE_EXTS]
 
-    def samples():
-        return _decoded((((lambda p=path: _decode(open(p, "rb").read())), label) for path, label in files), es.skipped)
+    def samples(shard=(0, 1)):
+        return _decoded((((lambda p=path: _decode(open(p, "rb").read())), label) for path, label in files), es.skipped,
+                        shard)
 
     tpl = os.path.join(root, "zeroshot_classification_templates.txt")
     es = EvalSet(CLASSIFICATION, samples, classnames, _read_lines(tpl) if os.path.exists(tpl) else None, len(files))
@@ -171,9 +195,9 @@ def open_csv_retrieval(root: str, split: str = "test") -> EvalSet:
         for row in csv.DictReader(f):
             captions.setdefault(row["path"], []).append(row["caption"])
 
-    def samples():
+    def samples(shard=(0, 1)):
         return _decoded((((lambda q=(p if os.path.isabs(p) else os.path.join(root, p)): _decode(open(q, "rb").read())),
-                          caps) for p, caps in captions.items()), es.skipped)
+                          caps) for p, caps in captions.items()), es.skipped, shard)
 
     es = EvalSet(RETRIEVAL, samples, size=len(captions))
     return es
@@ -247,39 +271,74 @@ def _make_batch(chunk, transform, pool):
 def evaluate(encode_image: Callable, encode_text: Callable, tokenizer, evalset: EvalSet, transform,
              device: torch.device, batch_size: int = 64, templates: Optional[List[str]] = None,
              classnames: Optional[List[str]] = None, classifier: Optional[torch.Tensor] = None,
-             progress=None, workers: int = 0) -> Tuple[Dict[str, float], Optional[torch.Tensor]]:
-    """Metrics for one dataset (and the classifier used, so callers can cache it)."""
+             progress=None, workers: int = 0, shard: Tuple[int, int] = (0, 1),
+             gather: Callable = _single) -> Tuple[Dict[str, float], Optional[torch.Tensor]]:
+    """Metrics for one dataset (and the classifier used, so callers can cache it).
+
+    Sharded (``shard`` = (rank, world), ``gather`` = an all-gather of objects, every rank calling): each rank
+    encodes its share of the images (and of the classes), the outputs are gathered and put back in the
+    dataset's order, and every rank computes the same metrics a single process would; ``evalset.skipped``
+    becomes the total over the ranks."""
+    batches = _prefetch(_batches(evalset.samples(shard), transform, batch_size, workers))
     if evalset.task == CLASSIFICATION:
         names = classnames or evalset.classnames
         tpls = templates or evalset.templates
         if not names or not tpls:
             raise ValueError("classification needs class names and templates")
         if classifier is None:
-            classifier = build_classifier(encode_text, tokenizer, names, tpls, device)
-        logits, targets = [], []
-        for images, labels in _prefetch(_batches(evalset.samples(), transform, batch_size, workers)):
+            classifier = build_classifier(encode_text, tokenizer, names, tpls, device, shard=shard, gather=gather)
+        logits, targets, index = [], [], []
+        for images, labels in batches:
             f = F.normalize(encode_image(images.to(device)).float(), dim=-1)
             logits.append((100.0 * f @ classifier).cpu())
-            targets += labels
+            index += [i for i, _ in labels]
+            targets += [t for _, t in labels]
             if progress:
                 progress(len(labels))
-        if not targets:
+        parts = gather((index, torch.cat(logits) if logits else torch.zeros(0, classifier.shape[1]), targets,
+                        dict(evalset.skipped)))
+        _total_skips(evalset, parts)
+        index = [i for p in parts for i in p[0]]
+        if not index:
             raise ValueError("no readable image in the dataset")
+        perm = torch.argsort(torch.tensor(index))  # back to the dataset's order
+        logits_all = torch.cat([p[1] for p in parts])[perm]
+        flat = [t for p in parts for t in p[2]]
+        targets = [flat[k] for k in perm.tolist()]
         top = max(targets)
         if top >= len(names) or min(targets) < 0:
             raise ValueError(f"{len(names)} class names but the labels go up to {top}: the class-names file does "
                              "not match the dataset")
-        return classification_metrics(torch.cat(logits), torch.tensor(targets)), classifier
-    img_emb, txt_emb, owner = [], [], []
-    n_img = 0
-    for images, caps in _prefetch(_batches(evalset.samples(), transform, batch_size, workers)):
+        return classification_metrics(logits_all, torch.tensor(targets)), classifier
+    img_emb, txt_emb, index, n_caps = [], [], [], []
+    for images, caps in batches:
         img_emb.append(F.normalize(encode_image(images.to(device)).float(), dim=-1).cpu())
-        flat = [c for cs in caps for c in cs]
-        owner += [n_img + i for i, cs in enumerate(caps) for _ in cs]
+        flat = [c for _, cs in caps for c in cs]
         txt_emb.append(F.normalize(encode_text(tokenizer(flat).to(device)).float(), dim=-1).cpu())
-        n_img += len(caps)
+        index += [i for i, _ in caps]
+        n_caps += [len(cs) for _, cs in caps]
         if progress:
             progress(len(caps))
-    if not img_emb:
+    parts = gather((index, n_caps, torch.cat(img_emb) if img_emb else None, torch.cat(txt_emb) if txt_emb else None,
+                    dict(evalset.skipped)))
+    _total_skips(evalset, parts)
+    # back to the dataset's order: images by index, each image's captions after it (ties break by index)
+    pieces = []
+    for idx, counts, im, tx, _ in parts:
+        starts = [0]
+        for c in counts:
+            starts.append(starts[-1] + c)
+        pieces += [(i, im[j], tx[starts[j]:starts[j + 1]]) for j, i in enumerate(idx)]
+    if not pieces:
         raise ValueError("no readable image in the dataset")
-    return retrieval_metrics(torch.cat(img_emb), torch.cat(txt_emb), torch.tensor(owner)), None
+    pieces.sort(key=lambda p: p[0])
+    owner = torch.tensor([k for k, (_, _, t) in enumerate(pieces) for _ in range(t.shape[0])])
+    return retrieval_metrics(torch.stack([p[1] for p in pieces]), torch.cat([p[2] for p in pieces]), owner), None
+
+
+def _total_skips(evalset: EvalSet, parts) -> None:
+    total: Counter = Counter()
+    for p in parts:
+        total.update(p[-1])
+    evalset.skipped.clear()
+    evalset.skipped.update(total)

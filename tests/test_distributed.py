@@ -130,12 +130,31 @@ def test_zero2_feature_cached_accumulation(shard, reference, tmp_path):
 
 def test_ring_loss_training_under_zero2_with_accumulation_equals_the_local_loss(shard, reference, tmp_path):
     """10 steps with loss.impl=ring (tiles of 3: uneven) on 2 DeepSpeed ZeRO-2 ranks, each accumulating 2
-    feature-cached micro-batches of 2 == 1 process with the local loss on the whole batch."""
+    feature-cached micro-batches of 2 == 1 process with the local loss on the whole batch. The run then
+    evaluates on both ranks (each a share of every dataset): the same metrics as one process on its weights."""
+    from evaclip.config import load_config
+    from evaclip.data.transforms import make_tokenizer
+    from evaclip.evalsuite import load_suite, run_suite
+    from evaclip.models import create_model, get_variant
+    from tests.dist_worker import train_overrides
+
     out = str(tmp_path / "ring.pt")
+    zs = os.path.join(os.path.dirname(os.path.dirname(shard)), "zeroshot")
     torchrun(["tests/dist_worker.py", "train", out, shard, "engine.kind=deepspeed", "engine.zero_stage=2",
               "engine.accum_steps=2", "data.micro_batch_size=2", "optim.name=lamb", "loss.impl=ring",
-              "loss.tile_size=3", *EXACT])
-    assert _max_diff(torch.load(out)["weights"], reference["lamb"]["weights"]) <= 1e-6
+              "loss.tile_size=3", "eval.suite=quick", f"eval.datasets_root={zs}", *EXACT])
+    got = torch.load(out)
+    assert _max_diff(got["weights"], reference["lamb"]["weights"]) <= 1e-6
+    mc = load_config(None, train_overrides(shard, str(tmp_path))).model  # the model the workers built
+    v = get_variant(mc.name, mc.model_dir)
+    model = create_model(mc, v)
+    model.load_state_dict(got["weights"])
+    model.eval()
+    one = run_suite(lambda x: model.encode_image(x, normalize=False), lambda t: model.encode_text(t, normalize=False),
+                    make_tokenizer(v.context_length), load_suite("quick"), zs, v.image_size, v.mean, v.std,
+                    torch.device("cpu"), 64, interpolation=v.interpolation)
+    want = {f"zeroshot/{r['dataset']}/{k}": x for r in one for k, x in r["metrics"].items()}
+    assert want and got["zeroshot"] == want
 
 
 def test_ring_loss_training_on_the_plain_engine_equals_the_local_loss(shard, reference, tmp_path):
@@ -150,6 +169,28 @@ def test_ring_loss_training_on_the_plain_engine_equals_the_local_loss(shard, ref
     tr = Trainer(cfg, resolve(cfg, 1), log=lambda *a, **k: None)
     run_steps(tr, 0, 1)
     assert _max_diff({k: v.detach() for k, v in tr.model.state_dict().items()}, reference["lamb"]["weights"]) <= 1e-6
+
+
+def test_two_rank_sharded_eval_equals_one_process(synth_dir, tmp_path):
+    """evaclip eval under torchrun (2 gloo ranks, each a share of every dataset) == one process, to the last
+    digit, for the classification and the retrieval set of the quick suite."""
+    from evaclip.config import load_config, resolve
+    from evaclip.trainer import Trainer
+    from tests.conftest import run_cli, tiny_overrides
+
+    cfg = load_config("demo_cpu", tiny_overrides(synth_dir, str(tmp_path), "ev", steps=2))
+    run = Trainer(cfg, resolve(cfg, 1), log=lambda *a, **k: None).train()["run_dir"]
+    common = ["eval", "--checkpoint", run, "--suite", "quick", "--datasets-root",
+              os.path.join(synth_dir, "zeroshot"), "--workers", "0", "--batch-size", "16"]
+    one = run_cli([*common, "--out", str(tmp_path / "one")], env={"OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun(["-m", "evaclip.cli", *common, "--out", str(tmp_path / "two")])
+    assert "on 2 processes" in two.stdout, two.stdout[-2000:]
+    for name in ("synth_shapes", "synth_retrieval"):
+        a = json.load(open(tmp_path / "one" / f"{name}.json"))
+        b = json.load(open(tmp_path / "two" / f"{name}.json"))
+        assert a["status"] == b["status"] == "ok" and a["metrics"] and a["metrics"] == b["metrics"], name
+    print(two.stdout.strip().splitlines()[-3:])
 
 
 def test_off_the_shelf_lamb_diverges_under_zero(shard, reference, tmp_path):

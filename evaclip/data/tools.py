@@ -27,7 +27,7 @@ def add_parsers(dsub) -> None:
             p.add_argument("--out", default="preview.png", help="contact sheet PNG")
 
 
-def _sources(source: str, root: str) -> List[Tuple[str, List[str]]]:
+def expand_sources(source: str, root: str) -> List[Tuple[str, List[str]]]:
     """[(source name, urls)] from a recipe (file or built-in name) or a single pattern."""
     from evaclip.files import is_name
 
@@ -56,7 +56,7 @@ def stats(source: str, root: str = "", out: str = "", progress=None) -> Dict:
     import pyarrow.parquet as pq
 
     rows = {"source": [], "shard": [], "samples": [], "bytes": [], "counted_from": []}
-    for name, urls in _sources(source, root):
+    for name, urls in expand_sources(source, root):
         for url in urls:
             n = _stats_json(url)
             how = "img2dataset_stats"
@@ -88,7 +88,7 @@ def verify(source: str, root: str = "", progress=None) -> Dict:
     from evaclip.data.wds import SkipSample, decode_sample
 
     report = {"shards": [], "totals": Counter()}
-    for name, urls in _sources(source, root):
+    for name, urls in expand_sources(source, root):
         for url in urls:
             c = Counter()
             err = None
@@ -120,7 +120,7 @@ def preview(source: str, root: str = "", n: int = 16, out: str = "preview.png") 
     from evaclip.data.transforms import IMAGE_EXTS
 
     samples = []
-    for _, urls in _sources(source, root):
+    for _, urls in expand_sources(source, root):
         for url in urls:
             try:
                 for raw in iter_tar_samples(url):

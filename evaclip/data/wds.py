@@ -40,6 +40,7 @@ from typing import Dict, Iterator, List, Optional
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
 from evaclip.data.recipes import Recipe
 from evaclip.errors import TrainingStopped
@@ -419,35 +420,59 @@ def worker_init(_worker_id: int) -> None:
 
 
 class BatchLoader(DataLoader):
-    """A DataLoader whose worker-backed iterators are tracked, so their workers can be stopped explicitly.
+    """A DataLoader whose workers are always stopped, whatever ends their iterator.
 
-    Our workers ignore SIGTERM (``worker_init``). An iterator still referenced when the interpreter exits
-    (held by a reference cycle or a traceback) would otherwise hang the exit for ever: torch's own
-    shutdown is a no-op at exit, and multiprocessing then SIGTERMs its daemon children and joins them."""
+    Our workers ignore SIGTERM (``worker_init``), and torch's own shutdown relies on SIGTERM as its fallback:
+    it asks each worker to leave (a None on its index queue), waits 5 s, then terminates the ones still
+    there. A worker that missed the request (busy past the wait, or the message lost when the queue was
+    closed) would poll for ever, and at interpreter exit multiprocessing would SIGTERM it and wait for it
+    for ever. So every iterator's shutdown ends with SIGKILL for any worker still alive, and an exit hook
+    stops whatever iterators are still referenced when the interpreter exits."""
 
-    def __iter__(self):
-        it = super().__iter__()
-        if self.num_workers > 0:
-            _LIVE_ITERATORS.add(it)
+    def _get_iterator(self):
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        self.check_worker_number_rationality()
+        it = _StoppingIterator(self)
+        _LIVE_ITERATORS.add(it)
         return it
+
+
+class _StoppingIterator(_MultiProcessingDataLoaderIter):
+    def _shutdown_workers(self):
+        try:
+            super()._shutdown_workers()
+        finally:
+            _kill_left_workers(self)
 
 
 _LIVE_ITERATORS: "weakref.WeakSet" = weakref.WeakSet()
 
 
+def _kill_left_workers(it) -> None:
+    """SIGKILL the workers of ``it`` that are still alive (after torch's shutdown, or instead of it at exit)."""
+    workers = [w for w in (getattr(it, "_workers", None) or []) if w.is_alive()]
+    if not workers:
+        return
+    if getattr(it, "_worker_pids_set", False):  # stop torch's SIGCHLD check from reporting them as failures
+        from torch.utils.data._utils.signal_handling import _remove_worker_pids
+
+        _remove_worker_pids(id(it))
+        it._worker_pids_set = False
+    for w in workers:
+        w.kill()
+        w.join(timeout=10)
+
+
 def stop_workers(it) -> None:
-    """Stop a loader iterator's workers now: the normal shutdown (workers leave their loop), then SIGKILL for
-    any that did not (one blocked in I/O ignores the SIGTERM that torch would send)."""
+    """Stop a loader iterator's workers now (close_data; the exit hook)."""
     if it is None:
         return
     _LIVE_ITERATORS.discard(it)
-    shutdown = getattr(it, "_shutdown_workers", None)  # what the iterator's own finaliser calls
+    shutdown = getattr(it, "_shutdown_workers", None)
     if shutdown is not None:
-        shutdown()
-    for w in getattr(it, "_workers", None) or []:
-        if w.is_alive():
-            w.kill()
-            w.join(timeout=10)
+        shutdown()  # a no-op once the interpreter is exiting ...
+    _kill_left_workers(it)  # ... so this is what stops them then
 
 
 @atexit.register  # registered after torch's exit hook, so it runs before it (atexit runs last-in first-out)

@@ -1,0 +1,83 @@
+"""A trained model as what evaluation and curation need: its two encoders, its tokenizer, its preprocessing.
+
+From an evaclip run / checkpoint, or from open_clip (a model name plus weights, or an export folder, e.g.
+one written by ``evaclip export``). ``evaclip eval`` and ``evaclip data score`` load models only here."""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Sequence
+
+from evaclip.errors import UserError
+
+
+@dataclass
+class Encoders:
+    encode_image: Callable  # images [n, 3, H, W] -> unnormalised embeddings [n, D]
+    encode_text: Callable  # tokens [n, L] -> unnormalised embeddings [n, D]
+    tokenizer: Callable
+    image_size: int
+    mean: Sequence[float]
+    std: Sequence[float]
+    interpolation: str
+    name: str  # architecture name
+    pretrained: str  # where the weights came from
+    identity: str  # changes whenever the weights do (caches and resumable outputs are keyed by it)
+    extra: Dict = field(default_factory=dict)  # step / checkpoint of an evaclip run
+
+
+def load_encoders(checkpoint: str = "", model: str = "", pretrained: str = "", device: str = "cpu",
+                  trust_pickle: bool = False) -> Encoders:
+    """``checkpoint``: an evaclip run dir or checkpoint dir; or ``model`` = "open_clip:<name>" with
+    ``pretrained`` a weights file, an open_clip export folder or an open_clip tag."""
+    import torch
+
+    dev = torch.device(device)
+    if checkpoint:
+        from evaclip.checkpoint import checkpoint_identity, load_weights
+        from evaclip.data.transforms import make_tokenizer
+        from evaclip.models import model_from_record, record_variant
+
+        sd, meta = load_weights(checkpoint, trust_pickle)
+        v = record_variant(meta.get("model"))
+        m = model_from_record(meta["model"])
+        m.load_state_dict(sd)
+        m.eval().to(dev)
+        text = meta["model"]["config"]["text"]
+        return Encoders(lambda x: m.encode_image(x, normalize=False), lambda t: m.encode_text(t, normalize=False),
+                        make_tokenizer(v.context_length, text["kind"], text["hf_path"]), v.image_size, v.mean, v.std,
+                        v.interpolation, v.name, os.path.abspath(checkpoint), checkpoint_identity(meta["checkpoint"]),
+                        {"checkpoint": meta["checkpoint"], "step": meta["step"]})
+    if model and model.startswith("open_clip:"):
+        import open_clip
+
+        from evaclip.models.registry import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+        name = model[len("open_clip:"):]
+        looks_like_path = pretrained and (os.sep in pretrained or
+                                          pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")))
+        if looks_like_path and not os.path.exists(pretrained):
+            raise UserError(f"--pretrained {pretrained}: no such file or folder")
+        if name not in open_clip.list_models() and not (pretrained and os.path.isdir(pretrained)):
+            raise UserError(f"--model open_clip:{name}: open_clip has no such model (open_clip.list_models())")
+        if pretrained and os.path.isdir(pretrained):
+            m, _, _ = open_clip.create_model_and_transforms(f"local-dir:{pretrained}")
+            tok = open_clip.get_tokenizer(f"local-dir:{pretrained}")
+        else:
+            m, _, _ = open_clip.create_model_and_transforms(name, pretrained=pretrained or None)
+            tok = open_clip.get_tokenizer(name)
+        m.eval().to(dev)
+        cfg = m.visual.preprocess_cfg if hasattr(m.visual, "preprocess_cfg") else {}
+        size = m.visual.image_size[0] if isinstance(m.visual.image_size, (tuple, list)) else m.visual.image_size
+        return Encoders(m.encode_image, m.encode_text, tok, size, cfg.get("mean", OPENAI_CLIP_MEAN),
+                        cfg.get("std", OPENAI_CLIP_STD), cfg.get("interpolation", "bicubic"), name, pretrained or "",
+                        _fingerprint(name, pretrained or ""))
+    raise UserError("needs --checkpoint <run dir|checkpoint> or --model open_clip:<name> [--pretrained ...]")
+
+
+def _fingerprint(name: str, pretrained: str) -> str:
+    stamp = ""
+    if pretrained and os.path.exists(pretrained):
+        stamp = str(os.path.getmtime(pretrained))
+    return hashlib.sha1(f"{name}|{os.path.abspath(pretrained) if pretrained else ''}|{stamp}".encode()).hexdigest()[:16]
