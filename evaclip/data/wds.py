@@ -465,14 +465,11 @@ def _kill_left_workers(it) -> None:
 
 
 def stop_workers(it) -> None:
-    """Stop a loader iterator's workers now (close_data; the exit hook)."""
-    if it is None:
-        return
-    _LIVE_ITERATORS.discard(it)
-    shutdown = getattr(it, "_shutdown_workers", None)
-    if shutdown is not None:
-        shutdown()  # a no-op once the interpreter is exiting ...
-    _kill_left_workers(it)  # ... so this is what stops them then
+    """Stop a loader iterator's workers now (close_data; the exit hook). At exit torch's part of the shutdown
+    is a no-op; ``_StoppingIterator`` then kills the workers itself."""
+    if isinstance(it, _StoppingIterator):  # an iterator without workers has nothing to stop
+        _LIVE_ITERATORS.discard(it)
+        it._shutdown_workers()
 
 
 @atexit.register  # registered after torch's exit hook, so it runs before it (atexit runs last-in first-out)
