@@ -10,11 +10,14 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 DEMO_DATA := data/synth
 DEMO_RUN  := runs/demo_cpu
 
-.PHONY: setup demo test test-fast bench lint lock clean help
+FLYWHEEL_SEEDS ?= 0 1 2
+
+.PHONY: setup demo flywheel test test-fast bench lint lock clean help
 
 help:
 	@echo "make setup      create .venv and install the pinned stack (CPU torch) + evaclip"
 	@echo "make demo       synth data -> train -> zero-shot eval -> open_clip export (+ reload check)"
+	@echo "make flywheel   CLIP teacher -> MIM student -> CLIP from it vs from scratch (runs/flywheel/summary.json)"
 	@echo "make test       the whole test suite (CPU; includes slow end-to-end and 2-process tests)"
 	@echo "make test-fast  tests without the slow end-to-end ones"
 	@echo "make bench      benchmarks, results in bench/results/"
@@ -43,6 +46,13 @@ demo: setup
 	@echo "  run:         $(DEMO_RUN)  (config.resolved.toml, metrics.jsonl, plots.png, checkpoints/)"
 	@echo "  zero-shot:   $(DEMO_RUN)/zeroshot/results.md"
 	@echo "  open_clip:   $(DEMO_RUN)/open_clip_export  (open_clip.create_model_and_transforms('local-dir:...'))"
+
+# the EVA loop on the embedded data: the demo CLIP (trained when runs/demo_cpu is missing) teaches a MIM student,
+# a CLIP from that student races a CLIP from scratch, per seed; table + runs/flywheel/summary.json
+flywheel: setup
+	test -f $(DEMO_DATA)/recipe.toml || $(BIN)/evaclip data synth --out $(DEMO_DATA)
+	$(BIN)/python -m evaclip.flywheel --data $(DEMO_DATA) --teacher $(DEMO_RUN) --out runs/flywheel \
+		--seeds $(FLYWHEEL_SEEDS)
 
 test: setup
 	$(BIN)/python -m pytest -q tests

@@ -142,3 +142,41 @@ def score_throughput(shards: str, export_dir: str, reps: int = 5, batch: int = 6
     assert n == counts["theirs"], counts
     return {"pairs": n, "evaclip_pairs_per_s": n / t_ours["median"], "open_clip_pairs_per_s": n / t_oc["median"],
             "evaclip": t_ours, "open_clip": t_oc, "ratio": t_oc["median"] / t_ours["median"]}
+
+
+def mim_step(export_dir: str, reps: int = 5, batch: int = 64, student: str = "EVA02-Ti-8-64"):
+    """One MIM optimizer step of the tiny student (forward, negative-cosine loss on 40% block-masked
+    positions, backward, AdamW), fp32, CPU: with the teacher's forward (what a MIM run does each step) and
+    without it (targets computed once beforehand), plus the masks' generation alone (per-sample seeded
+    BEiT blocks in the main process). The difference is the teacher's cost."""
+    from evaclip.config import MIMConfig, ModelConfig
+    from evaclip.data.masking import BlockMasking
+    from evaclip.losses import mim_loss
+    from evaclip.models import create_mim_student
+    from evaclip.models.mim import load_teacher
+    from evaclip.models.registry import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    torch.manual_seed(0)
+    teacher = load_teacher(MIMConfig(teacher=export_dir))
+    model = create_mim_student(ModelConfig(name=student), teacher.width).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    masking = BlockMasking(model.grid, 0.4, 4)
+    x = torch.randn(batch, 3, *model.visual.image_size)
+    keys = [str(i) for i in range(batch)]
+    fixed = teacher(x, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, model.grid)
+    state = {"step": 0}
+
+    def step(with_teacher: bool):
+        state["step"] += 1
+        mask = masking.batch(keys, state["step"], 0)
+        target = teacher(x, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, model.grid) if with_teacher else fixed
+        opt.zero_grad(set_to_none=True)
+        mim_loss(model(x, mask)["pred"], target, mask).backward()
+        opt.step()
+
+    with_t = timeit(lambda: step(True), reps, 1)
+    without = timeit(lambda: step(False), reps, 1)
+    masks = timeit(lambda: masking.batch(keys, 0, 0), reps, 1)
+    return {"student": student, "teacher": teacher.name.split(" (")[0], "batch": batch,
+            "with_teacher": with_t, "without_teacher": without, "masks": masks,
+            "teacher_share": 1 - without["median"] / with_t["median"]}

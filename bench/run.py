@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from bench.common import REPO, fmt_ms  # noqa: E402
 
-SECTIONS = ("train_step", "token_drop", "loss", "optimizer", "data", "eval", "score")
+SECTIONS = ("train_step", "token_drop", "loss", "optimizer", "data", "eval", "score", "mim")
 
 
 def prepare(cache: str, quick: bool):
@@ -74,6 +74,8 @@ def run_all(sections, quick: bool, cache: str):
         res["eval"] = micro.eval_throughput(paths["zeroshot"], paths["export"], reps)
     if "score" in sections:
         res["score"] = micro.score_throughput(paths["jpeg256"], paths["export"], reps)
+    if "mim" in sections:
+        res["mim"] = micro.mim_step(paths["export"], reps, batch=16 if quick else 64)
     res["_seconds"] = time.time() - t0
     return res
 
@@ -185,6 +187,15 @@ def markdown(res, meta) -> str:
                 "| evaclip pairs/s | open_clip loop pairs/s | ratio |", "|---|---|---|",
                 f"| {c['evaclip_pairs_per_s']:.0f} | {c['open_clip_pairs_per_s']:.0f} | {_ratio(c['ratio'])} (target >= 1.0x) |",
                 ""]
+    if "mim" in res:
+        m = res["mim"]
+        ms = lambda r: f"{r['median'] * 1e3:.0f} ms ({r['min'] * 1e3:.0f}-{r['max'] * 1e3:.0f})"  # noqa: E731
+        out += ["## MIM step: the teacher's cost", "",
+                f"{m['student']} student, {m['teacher']} teacher (the tiny export), batch {m['batch']}, 40% block masks, "
+                "fp32, CPU, AdamW; median of the repetitions.", "",
+                "| step with teacher forward | step without (targets precomputed) | teacher share | masks alone |",
+                "|---|---|---|---|",
+                f"| {ms(m['with_teacher'])} | {ms(m['without_teacher'])} | {m['teacher_share']:.0%} | {ms(m['masks'])} |", ""]
     out.append(f"Total benchmark time: {res['_seconds'] / 60:.1f} min.")
     return "\n".join(out) + "\n"
 

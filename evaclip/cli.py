@@ -144,7 +144,13 @@ def cmd_export(args) -> int:
     print(f"consolidating {ckpt} ...", flush=True)
     sd, meta = load_weights(ckpt, args.trust_pickle)
     v = record_variant(meta.get("model"))
-    written = export_open_clip(sd, meta["model"], args.out, dtype=args.dtype, tower=args.tower, source=ckpt,
+    tower = args.tower
+    if "mim" in meta["model"]:  # a MIM student is an image tower alone
+        if args.verify:
+            raise UserError("--verify compares open_clip embeddings; a MIM run exports its image tower only "
+                            "(timm, num_classes=0): leave --verify out")
+        tower = "image"
+    written = export_open_clip(sd, meta["model"], args.out, dtype=args.dtype, tower=tower, source=ckpt,
                                replace=args.force)
     for k, p in written.items():
         print(f"  {k}: {p}")

@@ -111,6 +111,8 @@ class DataConfig:
                                   "(checked every step; an unreadable shard counts as the samples it should hold)")
     batch_timeout_s: float = _f(600.0, "a DataLoader worker that yields no batch for this many seconds stops the "
                                 "run with a message naming it, its shards and its skip counts (0: no bound)")
+    hflip: bool = _f(False, "random horizontal flip in training (MIM: on, as EVA-02; CLIP: off, captions say "
+                     "left and right)")
 
 
 @dataclass
@@ -121,6 +123,27 @@ class LossConfig:
                    "pass around the ranks; memory independent of the global batch, for 1M+ batches)",
                    ["naive", "local", "tiled", "ring"])
     tile_size: int = _f(4096, "impl=tiled|ring: rows and columns per tile")
+
+
+@dataclass
+class ObjectiveConfig:
+    kind: str = _f("clip", "clip (image-text contrastive, the [loss] section) | mim (masked image modeling of the "
+                   "image tower against a frozen CLIP teacher, the [mim] section; images only)", ["clip", "mim"])
+
+
+@dataclass
+class MIMConfig:
+    teacher: str = _f("", "objective.kind=mim: the frozen CLIP whose image tower gives the targets: an evaclip run "
+                      "dir or checkpoint, an evaclip / open_clip export folder, or open_clip:<model name> (with "
+                      "mim.teacher_weights)", path="file")
+    teacher_weights: str = _f("", "with teacher = open_clip:<name>: its weights file (.safetensors; a .pt/.bin "
+                              "needs model.trust_pickle)", path="file")
+    teacher_layer: int = _f(-1, "the teacher block whose patch features are the targets (-1: the last, after its "
+                            "final norm; an intermediate block's output goes through that norm too)")
+    mask_ratio: float = _f(0.4, "fraction of patches masked per image (exact count, BEiT block-wise; EVA-02: 0.4)")
+    min_block_patches: int = _f(4, "smallest masking block, in patches (BEiT: 16 on a 14 x 14 grid)")
+    min_aspect: float = _f(0.3, "block aspect ratios are drawn log-uniformly in [min_aspect, 1 / min_aspect]")
+    loss_on: str = _f("masked", "positions the loss covers: masked (EVA / EVA-02) | all", ["masked", "all"])
 
 
 @dataclass
@@ -216,9 +239,11 @@ class LogConfig:
 @dataclass
 class ExperimentConfig:
     run: RunConfig = field(default_factory=RunConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    mim: MIMConfig = field(default_factory=MIMConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -384,6 +409,8 @@ def resolve(cfg: ExperimentConfig, world_size: int = 1) -> Derived:
         raise ConfigError("optim.betas, optim.trust_clip and data.crop_scale take two numbers each")
     if cfg.engine.deepspeed_overlay:
         _check_overlay(cfg.engine.deepspeed_overlay)
+    if cfg.objective.kind == "mim":
+        _check_mim(cfg)
     global_batch = cfg.data.micro_batch_size * world_size * cfg.engine.accum_steps
     if cfg.run.steps > 0:
         steps = cfg.run.steps
@@ -406,6 +433,30 @@ def resolve(cfg: ExperimentConfig, world_size: int = 1) -> Derived:
         image_size=variant.image_size,
         context_length=variant.context_length,
     )
+
+
+def _check_mim(cfg: ExperimentConfig) -> None:
+    m = cfg.mim
+    if not m.teacher:
+        raise ConfigError("objective.kind = 'mim' needs mim.teacher (an evaclip run dir or checkpoint, an export "
+                          "folder, or open_clip:<name> with mim.teacher_weights)")
+    if m.teacher.startswith("open_clip:") and not m.teacher_weights:
+        raise ConfigError(f"mim.teacher = {m.teacher!r} needs mim.teacher_weights (no downloads)")
+    if not 0.0 < m.mask_ratio < 1.0:
+        raise ConfigError(f"mim.mask_ratio must be in (0, 1), got {m.mask_ratio}")
+    if m.min_block_patches < 1 or not 0.0 < m.min_aspect <= 1.0:
+        raise ConfigError("mim.min_block_patches must be >= 1 and mim.min_aspect in (0, 1]")
+    if cfg.model.vision.patch_dropout:
+        raise ConfigError("model.vision.patch_dropout must be 0 with objective.kind = 'mim' (the student sees every "
+                          "position, masked ones as the mask token)")
+    if cfg.eval.suite:
+        raise ConfigError("eval.suite: a MIM run has no text tower to evaluate zero-shot; unset it (the MIM loss "
+                          "is logged) and evaluate the CLIP trained from it")
+    if cfg.log.sample_loss:
+        raise ConfigError("log.sample_loss is written by CLIP runs (per-pair contrastive losses); unset it for MIM")
+    if cfg.model.vision.lock or cfg.model.init or cfg.model.text.init:
+        raise ConfigError("model.vision.lock / model.init / model.text.init do not apply to a MIM run (its student "
+                          "is the image tower alone; model.vision.init may start it)")
 
 
 _OVERLAY_FORBIDDEN = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",

@@ -41,7 +41,7 @@ ASSETS = {
     "suite": ("eval/suites", ".toml"),
     "overlay": ("launch/deepspeed", ".json"),
 }
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # pipe:, s3://, https://, local-dir: (not C:\ drive letters)
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+._-]+:")  # pipe:, s3://, https://, local-dir:, open_clip: (not C:\ drives)
 
 
 @functools.lru_cache(maxsize=None)

@@ -17,6 +17,9 @@ averaged over the G rows. Four implementations with the same value and gradients
 SigLIP (Zhai et al. 2023): sum over pairs of -log sigmoid(z_ij (s x.y + bias)), z = +1 on the diagonal,
 per rank over its b rows x G columns, normalised by b. naive and local build the b x G logits; tiled and
 ring never do (``impl`` as for CLIP).
+
+MIM (EVA / EVA-02, ``objective.kind = "mim"``): ``mim_loss``, the negative cosine similarity to a teacher's
+patch features on the masked positions.
 """
 from __future__ import annotations
 
@@ -413,3 +416,20 @@ class ContrastiveLoss(nn.Module):
             return clip_loss_local(image_features, text_features, img_all, txt_all, logit_scale, offset, rows)
         return clip_loss_tiled(image_features, text_features, img_all, txt_all, logit_scale, offset, self.tile_size,
                                rows)
+
+
+def mim_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None,
+             denom: Optional[float] = None, rows: Optional[list] = None) -> torch.Tensor:
+    """EVA / EVA-02 masked image modeling: the negative cosine similarity between predicted and teacher
+    features [B, N, C], summed over the masked positions (``mask`` [B, N] bool; None: every position) and
+    divided by ``denom`` (default: the number of positions summed). The trainer passes the number of masked
+    positions in the rank's whole step, so accumulated micro-batches add up to the step's mean; every image
+    has the same mask count, so the mean over ranks (DeepSpeed's gradient average) is the global batch's.
+    Positions outside ``mask`` get no gradient. ``rows``: the per-sample mean losses are appended to it."""
+    cos = F.cosine_similarity(pred.float(), target.float(), dim=-1, eps=1e-6)  # [B, N], computed in fp32
+    keep = torch.ones_like(cos, dtype=torch.bool) if mask is None else mask
+    cos = cos * keep  # multiplied, not indexed: the loss keeps its [B, N] layout for per-sample rows
+    if rows is not None:
+        rows.append(-(cos.detach().sum(1) / keep.sum(1)))
+    total = keep.sum() if denom is None else denom
+    return -cos.sum() / total

@@ -72,7 +72,7 @@ def read_metrics(path: str) -> List[Dict]:
 
 
 def plot_run(run_dir: str, out: Optional[str] = None) -> Optional[str]:
-    """plots.png: training loss, learning rates, logit scale, zero-shot metrics over steps."""
+    """plots.png: training loss, learning rates, logit scale (MIM: gradient norm), zero-shot metrics over steps."""
     recs = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
     if not recs:
         return None
@@ -100,9 +100,10 @@ def plot_run(run_dir: str, out: Optional[str] = None) -> Optional[str]:
         ax.plot(*series(k), label=k[3:])
     ax.set_title("learning rate (peak of each tower)")
     ax.legend(fontsize=8)
-    ax = axes[1][0]
-    ax.plot(*series("train/logit_scale"), color="tab:purple")
-    ax.set_title("exp(logit_scale)")
+    ax = axes[1][0]  # CLIP: the temperature; MIM (no temperature): the gradient norm
+    clip = any("train/logit_scale" in r for r in recs)
+    ax.plot(*series("train/logit_scale" if clip else "train/grad_norm"), color="tab:purple")
+    ax.set_title("exp(logit_scale)" if clip else "gradient norm")
     ax = axes[1][1]
     for k in zs_keys:
         ax.plot(*series(k), marker="o", label=k[len("zeroshot/"):])

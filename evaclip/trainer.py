@@ -26,9 +26,9 @@ from evaclip.checkpoint import (candidates, load_checkpoint, read_meta, resume_c
 from evaclip.config import Derived, ExperimentConfig, save_run_config, to_dict
 from evaclip.engine import build_engine, pick_device
 from evaclip.errors import CheckpointError, TrainingStopped
-from evaclip.losses import ContrastiveLoss
+from evaclip.losses import ContrastiveLoss, mim_loss
 from evaclip.metrics import MetricLogger, SampleLossLog, plot_run, progress_bar
-from evaclip.models import create_model, get_variant, model_record
+from evaclip.models import create_mim_student, create_model, get_variant, model_record
 from evaclip.models.convert import init_from_files
 from evaclip.optim import build_optimizer
 from evaclip.schedule import LrScheduler, patch_dropout_at
@@ -80,7 +80,8 @@ def _set_rng(state, device: torch.device) -> None:
 # the settings a resume must keep (else the data order, batch or model would silently change)
 RESUME_KEYS = ("model.name", "model.model_dir", "model.text.kind", "model.use_logit_bias", "data.recipe",
                "data.root", "data.shards", "data.micro_batch_size", "data.workers", "data.shuffle_buffer",
-               "data.resampled", "data.crop_scale", "engine.accum_steps", "engine.zero_stage", "run.seed",
+               "data.resampled", "data.crop_scale", "data.hflip", "engine.accum_steps", "engine.zero_stage",
+               "run.seed", "objective.kind", "mim.teacher", "mim.teacher_layer", "mim.mask_ratio", "mim.loss_on",
                "world_size")
 
 
@@ -114,9 +115,14 @@ class Trainer:
             raise RuntimeError(f"resolved for {derived.world_size} processes but running with {edist.world_size()}")
         # 2. seed (same model init on every rank; data and dropout streams differ per rank below)
         torch.manual_seed(cfg.run.seed)
-        # 3. model
+        # 3. model (MIM: the frozen teacher first, its width sizes the student's head; then the seed again, so
+        # the student's init does not depend on how the teacher was built)
         self.variant = get_variant(cfg.model.name, cfg.model.model_dir)
-        model = create_model(cfg.model, self.variant)
+        self.teacher, self.masking = None, None
+        if cfg.objective.kind == "mim":
+            model = self._build_mim(cfg)
+        else:
+            model = create_model(cfg.model, self.variant)
         report = init_from_files(model, cfg.model)  # refuses pickles and inits that load nothing
         if report:
             self.log(report)
@@ -143,7 +149,8 @@ class Trainer:
         self.model = self.engine.model
         if cfg.engine.compile:
             self.model.visual.compile()
-            self.model.text.compile()
+            if self.teacher is None:
+                self.model.text.compile()
         self.scheduler = LrScheduler(optimizer, derived.steps, derived.warmup_steps, cfg.schedule.name,
                                      cfg.schedule.min_lr_ratio, cfg.schedule.cooldown_steps)
         torch.manual_seed(cfg.run.seed * 1000 + edist.rank())  # per-rank dropout / patch-drop stream
@@ -180,6 +187,18 @@ class Trainer:
         if edist.is_main() and os.path.exists(os.path.join(self.run_dir, REQUEUE_FILE)):
             os.remove(os.path.join(self.run_dir, REQUEUE_FILE))  # this is the requeued run
 
+    def _build_mim(self, cfg: ExperimentConfig):
+        from evaclip.data.masking import BlockMasking
+        from evaclip.models.mim import load_teacher
+
+        self.teacher = load_teacher(cfg.mim, cfg.model.trust_pickle, self.log).to(self.device)
+        torch.manual_seed(cfg.run.seed)
+        model = create_mim_student(cfg.model, self.teacher.width, self.variant)
+        self.masking = BlockMasking(model.grid, cfg.mim.mask_ratio, cfg.mim.min_block_patches, cfg.mim.min_aspect)
+        self.log(f"MIM: student {self.variant.name} ({tuple(model.grid)} patches, {self.masking.num_masked} masked), "
+                 f"teacher {self.teacher.name} (width {self.teacher.width}, grid {self.teacher.grid})")
+        return model
+
     # ------------------------------------------------------------------------------------------------ data
     def _build_data(self):
         from evaclip.data.recipes import load_recipe, recipe_from_shards
@@ -191,9 +210,10 @@ class Trainer:
         spec = build_stream_spec(recipe, c.root, self.cfg.run.seed, edist.rank(), edist.world_size(),
                                  c.resampled, c.shuffle_buffer, batch_timeout_s=c.batch_timeout_s)
         v = self.variant
-        transform = train_transform(v.image_size, v.mean, v.std, c.crop_scale, v.interpolation)
-        stream = ImageTextStream(spec, c.micro_batch_size, transform,
-                                 make_tokenizer(v.context_length, self.cfg.model.text.kind, self.cfg.model.text.hf_path),
+        transform = train_transform(v.image_size, v.mean, v.std, c.crop_scale, v.interpolation, c.hflip)
+        tokenizer = None if self.teacher is not None else \
+            make_tokenizer(v.context_length, self.cfg.model.text.kind, self.cfg.model.text.hf_path)  # MIM: images only
+        stream = ImageTextStream(spec, c.micro_batch_size, transform, tokenizer,
                                  min_side=draft_side(v.image_size, c.crop_scale[0]))
         stream.set_state(self.data_states)
         self.data_state = DataState(self.data_states)
@@ -222,6 +242,8 @@ class Trainer:
 
     def train_step(self, micro: List[Dict]) -> Dict:
         """Forward/backward over the micro-batches of one optimizer step, then the engine step."""
+        if self.teacher is not None:
+            return self._mim_step(micro)
         dev = self.device
         imgs = [m["image"].to(dev, non_blocking=True) for m in micro]
         txts = [m["text"].to(dev, non_blocking=True) for m in micro]
@@ -264,12 +286,8 @@ class Trainer:
         if info["skipped"]:
             return self._bad_step(loss, info)
         self.bad_steps = 0
-        if info.get("overflow"):  # fp16 loss-scale calibration: counted, stops only if it never recovers
-            self.overflows += 1
-            if self.overflows >= 100:
-                raise TrainingStopped(f"fp16 loss scaling overflowed on {self.overflows} consecutive steps at step "
-                                      f"{self.step}; use engine.precision = 'bf16' or lower the lr")
-            return {"train/overflow_skip": 1.0}
+        if info.get("overflow"):
+            return self._fp16_overflow()
         self.overflows = 0
         if rows is not None:
             self.sample_log.add(self.step + 1, [k for m in micro for k in m["key"]],
@@ -278,6 +296,43 @@ class Trainer:
         mean_loss = edist.all_reduce_sum(loss.detach().clone().reshape(1)) / edist.world_size()
         return {"train/loss": mean_loss.item(), "train/logit_scale": float(out["logit_scale"].detach()),
                 "train/grad_norm": info["grad_norm"]}
+
+    def _mim_step(self, micro: List[Dict]) -> Dict:
+        """MIM: per micro-batch, teacher targets (no grad), the student on the masked images, backward.
+
+        No feature caching is needed (the loss has no cross-sample terms): each micro-loss is its share of the
+        rank's mean over masked positions, so the accumulated gradient is the step's. A non-finite loss makes
+        non-finite gradients, which the engine's step reports as skipped (every precision and ZeRO stage)."""
+        dev, m = self.device, self.cfg.mim
+        masks = [self.masking.batch(b["key"], self.step, self.cfg.run.seed).to(dev) for b in micro]
+        denom = sum(int(k.sum()) for k in masks) if m.loss_on == "masked" else sum(k.numel() for k in masks)
+        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.engine.precision)
+        v = self.variant
+        total = torch.zeros((), device=dev)
+        for j, (b, mask) in enumerate(zip(micro, masks)):
+            img = b["image"].to(dev, non_blocking=True)
+            target = self.teacher(img, v.mean, v.std, self.model.grid, amp)  # [b, N, C]
+            out = self.engine(img, mask)
+            loss = mim_loss(out["pred"], target, mask if m.loss_on == "masked" else None, denom)
+            self.engine.backward(loss, boundary=j == len(micro) - 1)
+            total += loss.detach()
+        info = self.engine.step()
+        if info["skipped"]:
+            return self._bad_step(total, info)
+        self.bad_steps = 0
+        if info.get("overflow"):
+            return self._fp16_overflow()
+        self.overflows = 0
+        mean_loss = edist.all_reduce_sum(total.clone().reshape(1)) / edist.world_size()
+        return {"train/loss": mean_loss.item(), "train/grad_norm": info["grad_norm"]}
+
+    def _fp16_overflow(self) -> Dict:
+        """fp16 loss-scale calibration: counted, stops only if it never recovers."""
+        self.overflows += 1
+        if self.overflows >= 100:
+            raise TrainingStopped(f"fp16 loss scaling overflowed on {self.overflows} consecutive steps at step "
+                                  f"{self.step}; use engine.precision = 'bf16' or lower the lr")
+        return {"train/overflow_skip": 1.0}
 
     def _bad_step(self, loss, info=None) -> Dict:
         self.engine.zero_grad()
@@ -338,7 +393,7 @@ class Trainer:
 
     def save(self):
         meta = {"samples_seen": self.samples_seen, "world_size": edist.world_size(),
-                "skips": self.data_state.skip_counts(), "model": model_record(self.cfg.model, self.variant),
+                "skips": self.data_state.skip_counts(), "model": model_record(self.cfg.model, self.variant, self.teacher.width if self.teacher else 0),
                 "settings": self.settings, "rollbacks": self.rollbacks,
                 "skip_windows": {str(k): v for k, v in self.skip_windows.items()}, "lr_window": self.lr_window}
         path = save_checkpoint(self.engine, self.run_dir, self.step, meta,

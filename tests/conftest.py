@@ -70,3 +70,16 @@ def wait_for(pred, timeout=120.0, every=0.1) -> bool:
             return True
         time.sleep(every)
     return False
+
+
+@pytest.fixture(scope="session")
+def mim_teacher(tmp_path_factory):
+    """A MIM teacher: an (untrained, seeded) EVA02-Ti-8-64 CLIP exported as an evaclip / open_clip folder."""
+    from evaclip.export.open_clip import export_open_clip
+    from evaclip.models import create_model, model_record
+
+    torch.manual_seed(123)
+    model = create_model(mcfg())
+    out = str(tmp_path_factory.mktemp("teacher") / "export")
+    export_open_clip(model.state_dict(), model_record(mcfg()), out)
+    return out

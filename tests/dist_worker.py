@@ -25,7 +25,8 @@ STEPS, MB = int(os.environ.get("DIST_STEPS", 10)), 4
 
 def batch_for(step: int, rank: int, mb: int = MB):
     g = torch.Generator().manual_seed(1000 * step + rank)
-    return {"image": torch.randn(mb, 3, 64, 64, generator=g), "text": torch.randint(1, 49000, (mb, 32), generator=g)}
+    return {"image": torch.randn(mb, 3, 64, 64, generator=g), "text": torch.randint(1, 49000, (mb, 32), generator=g),
+            "key": [f"s{step}-r{rank}-{i}" for i in range(mb)]}  # keys seed the MIM masks
 
 
 def train_overrides(shard: str, run_dir: str, extra=()):
@@ -41,10 +42,12 @@ def run_steps(trainer, rank: int, world: int, steps: int = STEPS):
     losses = []
     for step in range(steps):
         trainer.scheduler.set_step(step)
+        trainer.step = step
         n = trainer.cfg.engine.accum_steps
         if world == 1:
             parts = [batch_for(step, r) for r in range(2)]
-            b = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+            b = {k: torch.cat([p[k] for p in parts]) if torch.is_tensor(parts[0][k]) else sum((p[k] for p in parts), [])
+                 for k in parts[0]}
         else:
             b = batch_for(step, rank)
         mb = b["image"].shape[0] // n  # the samples split into accumulation micro-batches

@@ -33,6 +33,8 @@ def test_package_ships_every_repo_asset():
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_loads_and_resolves(name):
     cfg = load_config(name, ["data.root=/datasets"])
+    if cfg.objective.kind == "mim" and not cfg.mim.teacher:  # mim_demo_cpu names its teacher on the command line
+        cfg = load_config(name, ["data.root=/datasets", "mim.teacher=/runs/teacher"])
     d = resolve(cfg, world_size=8)
     assert d.global_batch == cfg.data.micro_batch_size * 8 * cfg.engine.accum_steps
     assert d.steps > 0 and d.train_samples == d.steps * d.global_batch

@@ -47,12 +47,15 @@ def _mode(interpolation: str):
 
 
 def train_transform(image_size: int, mean: Sequence[float], std: Sequence[float],
-                    crop_scale: Tuple[float, float] = (0.9, 1.0), interpolation: str = "bicubic"):
-    """RandomResizedCrop -> tensor -> normalise, as EVA-CLIP trains (the model file's interpolation)."""
+                    crop_scale: Tuple[float, float] = (0.9, 1.0), interpolation: str = "bicubic",
+                    hflip: bool = False):
+    """RandomResizedCrop (-> random horizontal flip) -> tensor -> normalise, as EVA-CLIP (no flip) and EVA-02
+    MIM (flip) train, with the model file's interpolation."""
     from torchvision import transforms as T
 
     return T.Compose([
         T.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=_mode(interpolation)),
+        *([T.RandomHorizontalFlip()] if hflip else []),
         T.ToTensor(),
         T.Normalize(mean, std),
     ])

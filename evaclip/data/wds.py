@@ -240,19 +240,21 @@ class MixedStream:
         return {"mixed": self.n, "sources": [[s.block, s.offset] for s in self.streams]}
 
 
-def decode_sample(raw: Dict, transform, min_side: int):
-    """(image tensor, caption) or SkipSample(reason)."""
+def decode_sample(raw: Dict, transform, min_side: int, captions: bool = True):
+    """(image tensor, caption) or SkipSample(reason); ``captions=False`` (MIM): images only, caption None."""
     ext = next((e for e in IMAGE_EXTS if e in raw), None)
     if ext is None:
         raise SkipSample("missing_image")
-    if "txt" not in raw:
-        raise SkipSample("missing_caption")
-    try:
-        caption = raw["txt"].decode("utf-8").strip()
-    except UnicodeDecodeError:
-        raise SkipSample("missing_caption") from None
-    if not caption:
-        raise SkipSample("empty_caption")
+    caption = None
+    if captions:
+        if "txt" not in raw:
+            raise SkipSample("missing_caption")
+        try:
+            caption = raw["txt"].decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise SkipSample("missing_caption") from None
+        if not caption:
+            raise SkipSample("empty_caption")
     try:
         img = decode_image(raw[ext], min_side)
     except Exception:  # noqa: BLE001 - PIL raises many types for corrupt data
@@ -260,8 +262,12 @@ def decode_sample(raw: Dict, transform, min_side: int):
     return transform(img), caption
 
 
+NO_CAPTION_LIMIT = 64  # samples without a caption before a stream with no usable one is called image-only
+
+
 class ImageTextStream(IterableDataset):
-    """Infinite, restart-safe stream of training batches for one rank (see the module docstring)."""
+    """Infinite, restart-safe stream of training batches for one rank (see the module docstring).
+    ``tokenizer=None``: images only (masked image modeling); batches then have no ``text``."""
 
     def __init__(self, spec: StreamSpec, micro_batch_size: int, transform, tokenizer, min_side: int = 0):
         super().__init__()
@@ -311,9 +317,16 @@ class ImageTextStream(IterableDataset):
                     except StopIteration:
                         break  # finite stream: a last, short batch
                     try:
-                        img, cap = decode_sample(raw, self.transform, self.min_side)
+                        img, cap = decode_sample(raw, self.transform, self.min_side, self.tokenizer is not None)
                     except SkipSample as s:
                         counts[s.reason] += 1
+                        if s.reason == "missing_caption" and counts[s.reason] >= NO_CAPTION_LIMIT and \
+                                not per_source and not images:
+                            raise TrainingStopped(
+                                f"rank {spec.rank} worker {worker}: the first {counts[s.reason]} samples of "
+                                f"{', '.join(st.current_url or '-' for st in streams)} have no caption (.txt): "
+                                "image-only shards; CLIP training needs image-text pairs (for masked image "
+                                "modeling of the image tower set objective.kind = 'mim')") from None
                         continue
                     images.append(img)
                     texts.append(cap)
@@ -323,9 +336,10 @@ class ImageTextStream(IterableDataset):
             if not images:
                 return
             batches += 1
+            batch = {"text": self.tokenizer(texts)} if self.tokenizer is not None else {}
             yield {
                 "image": torch.stack(images),
-                "text": self.tokenizer(texts),
+                **batch,
                 "key": keys,
                 "source": sources,
                 "__state__": {"worker": worker, "num_workers": num_workers, "batches": batches,

@@ -37,19 +37,21 @@ TIMM_DIR = "timm_image_tower"
 _HF_POOLERS = {"mean": "mean_pooler"}  # open_clip's cls_pooler prefers BERT's pooler_output: not our "cls"
 
 
-def timm_tower_config(variant: Variant) -> Dict:
-    """timm's ``config.json`` for the image tower: the architecture and every Eva kwarg (timm ``local-dir:``)."""
+def timm_tower_config(variant: Variant, num_classes: Optional[int] = None) -> Dict:
+    """timm's ``config.json`` for the image tower: the architecture and every Eva kwarg (timm ``local-dir:``).
+    ``num_classes``: the head's width (default: the CLIP projection's; 0 for a MIM student, which has none)."""
+    num_classes = variant.embed_dim if num_classes is None else num_classes
     import inspect
 
     from evaclip.models.eva_vit import Eva
 
     params = inspect.signature(Eva.__init__).parameters
     args = {k: p.default for k, p in params.items() if k not in ("self", "patch_drop_rate", "attn_impl")}
-    args.update(variant.vision, num_classes=variant.embed_dim, global_pool="token")
+    args.update(variant.vision, num_classes=num_classes, global_pool="token")
     # any timm Eva entrypoint builds it once every kwarg is given; the variant's own when it has one
     arch = variant.timm_name or "eva02_base_patch16_clip_224"
-    return {"architecture": arch, "num_classes": variant.embed_dim, "model_args": args,
-            "pretrained_cfg": dict(timm_pretrained_cfg(variant), architecture=arch)}
+    return {"architecture": arch, "num_classes": num_classes, "model_args": args,
+            "pretrained_cfg": dict(timm_pretrained_cfg(variant), architecture=arch, num_classes=num_classes)}
 
 
 def open_clip_config(variant: Variant, text: Dict, logit_bias: bool = False,
@@ -103,6 +105,8 @@ def export_open_clip(state_dict: Dict[str, torch.Tensor], record: Dict, out_dir:
 
     if tower not in ("both", "image", "text"):
         raise ValueError(f"--tower must be both, image or text, got {tower!r}")
+    if "mim" in record and tower != "image":
+        raise ValueError("a MIM run has an image tower only: export it with --tower image")
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     final = os.path.abspath(out_dir)
@@ -147,7 +151,7 @@ def _write_export(state_dict, record, out_dir: str, final: str, dtype: str, towe
         written["text_tower"] = path
     os.makedirs(timm_dir, exist_ok=True)  # the architecture always (open_clip builds a user tower from it)
     with open(os.path.join(timm_dir, "config.json"), "w") as f:
-        json.dump(timm_tower_config(variant), f, indent=2)
+        json.dump(timm_tower_config(variant, 0 if "mim" in record else None), f, indent=2)
     if tower in ("both", "image"):
         trunk = {k[len("visual.trunk."):]: v for k, v in sd.items() if k.startswith("visual.trunk.")}
         save_file(trunk, os.path.join(timm_dir, "model.safetensors"), metadata={"format": "pt"})
@@ -158,7 +162,7 @@ def _write_export(state_dict, record, out_dir: str, final: str, dtype: str, towe
         json.dump(cfg, f, indent=2)
     written["config"] = path
     with open(os.path.join(out_dir, "README.md"), "w") as f:
-        f.write(_README[tower].format(name=variant.name, dtype=dtype, tower=tower, src=source or "-"))
+        f.write(_README["mim" if "mim" in record else tower].format(name=variant.name, dtype=dtype, tower=tower, src=source or "-"))
     umask = os.umask(0)
     os.umask(umask)
     for dirpath, _, names in os.walk(out_dir):  # safetensors writes 0600: exports are for sharing
@@ -202,7 +206,17 @@ tokenizer = open_clip.get_tokenizer("local-dir:<this folder>")
 text_features = model.encode_text(tokenizer(["a photo of a dog"]))
 ```
 """
-_README = {"both": _HEAD + _LOAD_BOTH + _LOAD_IMAGE, "image": _HEAD + _LOAD_IMAGE, "text": _HEAD + _LOAD_TEXT}
+_LOAD_MIM = """
+The image tower of a masked-image-modeling run (the student, without the MIM head), as a timm model with no
+head (`num_classes=0`; `timm_image_tower/`):
+
+```python
+import timm
+tower = timm.create_model("local-dir:<this folder>/timm_image_tower", pretrained=True)
+```
+A CLIP run starts from it with `model.vision.init = "<this folder>"` (or the MIM run dir itself).
+"""
+_README = {"mim": _HEAD + _LOAD_MIM, "both": _HEAD + _LOAD_BOTH + _LOAD_IMAGE, "image": _HEAD + _LOAD_IMAGE, "text": _HEAD + _LOAD_TEXT}
 
 
 @torch.no_grad()

@@ -19,10 +19,11 @@ import torch
 
 from evaclip.models.clip import CLIP, ImageTower
 from evaclip.models.eva_vit import Eva
+from evaclip.models.mim import MIMStudent
 from evaclip.models.registry import Variant, get_variant, list_models
 from evaclip.models.text import HFTextEncoder, TextTransformer
 
-__all__ = ["CLIP", "Eva", "TextTransformer", "HFTextEncoder", "Variant", "create_model", "get_variant",
+__all__ = ["CLIP", "Eva", "MIMStudent", "create_mim_student", "TextTransformer", "HFTextEncoder", "Variant", "create_model", "get_variant",
            "list_models", "model_record", "model_from_record", "record_variant"]
 
 
@@ -59,12 +60,27 @@ def create_model(cfg, arch: Optional[Variant] = None, device: Optional[Union[str
     return model
 
 
-def model_record(cfg, arch: Optional[Variant] = None) -> Dict:
-    """What a checkpoint / export records to rebuild the model: the ``[model]`` section and the architecture."""
+def create_mim_student(cfg, target_dim: int, arch: Optional[Variant] = None,
+                       device: Optional[Union[str, torch.device]] = None) -> MIMStudent:
+    """The MIM student of the image tower ``cfg`` (a ``ModelConfig``) describes, with a head to ``target_dim``."""
+    variant = arch or get_variant(cfg.name, cfg.model_dir)
+    with torch.device(device if device is not None else "cpu"):
+        trunk = Eva(**variant.vision, num_classes=0, global_pool="token", attn_impl=cfg.vision.attn_impl)
+        model = MIMStudent(trunk, variant.image_size, target_dim)
+    model.set_grad_checkpointing(cfg.vision.grad_checkpointing)
+    return model
+
+
+def model_record(cfg, arch: Optional[Variant] = None, mim_target_dim: int = 0) -> Dict:
+    """What a checkpoint / export records to rebuild the model: the ``[model]`` section and the architecture
+    (and, for a MIM student, its head's width under ``mim``)."""
     from evaclip.config import to_dict
 
     variant = arch or get_variant(cfg.name, cfg.model_dir)
-    return {"config": to_dict(cfg), "arch": variant.to_dict()}
+    record = {"config": to_dict(cfg), "arch": variant.to_dict()}
+    if mim_target_dim:
+        record["mim"] = {"target_dim": mim_target_dim}
+    return record
 
 
 def _record_parts(record: Dict):
@@ -82,7 +98,10 @@ def record_variant(record: Dict) -> Variant:
     return _record_parts(record)[1]
 
 
-def model_from_record(record: Dict, device: Optional[Union[str, torch.device]] = None) -> CLIP:
-    """The same (untrained) model ``model_record`` described, through the same factory."""
+def model_from_record(record: Dict, device: Optional[Union[str, torch.device]] = None):
+    """The same (untrained) model ``model_record`` described, through the same factory (a CLIP, or a
+    ``MIMStudent`` for a MIM run's record)."""
     cfg, variant = _record_parts(record)
+    if "mim" in record:
+        return create_mim_student(cfg, int(record["mim"]["target_dim"]), variant, device=device)
     return create_model(cfg, variant, device=device, load_hf_weights=False)

@@ -168,14 +168,19 @@ def load_into(module: torch.nn.Module, sd: Dict[str, torch.Tensor], what: str, s
 
 def read_state_dict(path: str, what: str = "weights", trust_pickle: bool = False) -> Dict[str, torch.Tensor]:
     """A state dict from .safetensors, .pt/.pth/.bin (weights-only: a file holding pickled objects is refused
-    unless ``trust_pickle``), OpenAI's TorchScript archives, or an open_clip export folder."""
+    unless ``trust_pickle``), OpenAI's TorchScript archives, an open_clip / evaclip export folder, or an evaclip
+    run or checkpoint directory (its newest valid checkpoint, consolidated whatever engine wrote it)."""
     import os
 
     from evaclip.safe_load import load_torch
 
     if os.path.isdir(path):
+        from evaclip.checkpoint import is_checkpoint, load_weights
+
+        if is_checkpoint(path) or os.path.isdir(os.path.join(path, "checkpoints")):  # an evaclip run (e.g. MIM)
+            return load_weights(path, trust_pickle)[0]
         for name in ("open_clip_model.safetensors", "model.safetensors", "open_clip_pytorch_model.bin",
-                     "pytorch_model.bin"):
+                     "pytorch_model.bin", os.path.join("timm_image_tower", "model.safetensors")):
             if os.path.exists(os.path.join(path, name)):
                 return read_state_dict(os.path.join(path, name), what, trust_pickle)
         raise FileNotFoundError(f"{what}: {path} holds no open_clip_model.safetensors / model.safetensors / *.bin")

@@ -325,12 +325,20 @@ class Eva(nn.Module):
         self.patch_drop.rate = rate
 
     # -- forward ----------------------------------------------------------------------------------------
-    def forward_features(self, x):  # [B, 3, H, W] -> [B, 1 + K, D]
+    def forward_features(self, x, mask: Optional[torch.Tensor] = None, mask_token: Optional[torch.Tensor] = None,
+                         layer: int = -1):  # [B, 3, H, W] -> [B, 1 + K, D]
+        """Tokens after the final norm. ``mask`` [B, N] (bool, True = masked) with ``mask_token`` [1, 1, D]:
+        masked patch embeddings are replaced by the token before the position embedding is added (BEiT / EVA
+        MIM: every position is still seen, RoPE positions unchanged). ``layer`` >= 0 stops after that block
+        (its output goes through the final norm too)."""
         x = self.patch_embed(x)
+        if mask is not None:
+            x = torch.where(mask.unsqueeze(-1), mask_token.to(x.dtype), x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         x, keep = self.patch_drop(x)
         rope = self.rope.tables(keep) if self.rope is not None else None
-        for blk in self.blocks:
+        last = len(self.blocks) - 1 if layer < 0 else layer
+        for blk in self.blocks[:last + 1]:
             if self.grad_checkpointing and self.training:
                 x = checkpoint(blk, x, rope, use_reentrant=False)
             else:

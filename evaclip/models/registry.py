@@ -176,7 +176,8 @@ def register_timm_variants() -> None:
         def _fn(pretrained: bool = False, _args=v.vision, _name=v.timm_name, **kwargs):
             from timm.models.eva import _create_eva
 
-            return _create_eva(_name, pretrained=pretrained, **dict(_args, **kwargs))
+            # CLIP towers pool the class token (timm's own *_clip_* EVA entrypoints say so too)
+            return _create_eva(_name, pretrained=pretrained, **{"global_pool": "token", **_args, **kwargs})
 
         _fn.__name__ = v.timm_name
         _fn.__module__ = __name__

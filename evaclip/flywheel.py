@@ -1,0 +1,139 @@
+"""The EVA flywheel on the embedded synthetic data: CLIP teacher -> MIM student -> CLIP from the student,
+against a CLIP from scratch with the same steps, data and seed (``make flywheel``).
+
+    python -m evaclip.flywheel --data data/synth --teacher runs/demo_cpu --out runs/flywheel --seeds 0 1 2
+
+Stages, per seed: (1) the teacher, the demo CLIP (``--teacher``; trained with ``demo_cpu`` into
+``<out>/teacher`` when it is not there), (2) ``mim_demo_cpu``: a fresh student tower MIM-trained against the
+teacher's image tower, (3) two ``demo_cpu`` CLIPs of ``--clip-steps`` steps, one with
+``model.vision.init`` = the MIM run, one from scratch, (4) both evaluated zero-shot (``quick`` suite, the
+held-out synthetic sets). Writes ``<out>/summary.json`` and ``<out>/summary.md`` (the table it prints):
+zero-shot top-1 of each arm, the MIM loss at the start and end, the wall time of every stage.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Dict, List
+
+
+def _train(experiment: str, overrides: List[str]) -> Dict:
+    from evaclip.config import load_config, resolve
+    from evaclip.trainer import Trainer
+
+    cfg = load_config(experiment, overrides)
+    t = time.time()
+    result = Trainer(cfg, resolve(cfg)).train()
+    result["wall_s"] = round(time.time() - t, 1)
+    return result
+
+
+def _warmup(steps: int) -> str:
+    """10% of the steps (at most 15, demo_cpu's), for stages shorter than the experiments' defaults."""
+    return f"schedule.warmup_steps={max(1, min(15, steps // 10))}" if steps > 1 else "schedule.warmup_steps=0"
+
+
+def _finished(run_dir: str) -> bool:
+    """A run whose newest valid checkpoint is its last step."""
+    from evaclip.checkpoint import find_checkpoint, read_meta
+    from evaclip.config import load_run_config
+
+    try:
+        _, derived = load_run_config(run_dir)
+        return read_meta(find_checkpoint(run_dir, log=lambda *a: None))["step"] >= derived["steps"]
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _mim_losses(run_dir: str) -> List[float]:
+    from evaclip.metrics import read_metrics
+
+    return [r["train/loss"] for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if "train/loss" in r]
+
+
+def run(data: str, teacher: str, out: str, seeds: List[int], mim_steps: int, clip_steps: int,
+        teacher_steps: int = 0, dataset: str = "synth_shapes") -> Dict:
+    """The flywheel (see the module docstring); ``teacher_steps``: steps of a teacher trained here (0: demo_cpu's)."""
+    # the data folder's own recipe (what `evaclip data synth` wrote, whatever its shard count)
+    common = [f"run.output_dir={out}", f"data.root={data}", f"data.recipe={os.path.join(data, 'recipe.toml')}",
+              "checkpoint.resume=none", "log.tensorboard=false"]
+    walls: Dict[str, float] = {}
+    if not _finished(teacher):
+        teacher = os.path.join(out, "teacher")
+        print(f"[flywheel] (1) no finished teacher run given: training demo_cpu into {teacher}", flush=True)
+        steps = [f"run.steps={teacher_steps}", _warmup(teacher_steps)] if teacher_steps else []
+        walls["teacher"] = _train("demo_cpu", common + ["run.name=teacher", *steps])["wall_s"]
+    else:
+        print(f"[flywheel] (1) teacher: {teacher}", flush=True)
+    arms = []
+    key = f"zeroshot/{dataset}/acc1"
+    for seed in seeds:
+        tag = f"seed{seed}"
+        print(f"[flywheel] seed {seed}: (2) MIM student against the teacher ({mim_steps} steps)", flush=True)
+        mim = _train("mim_demo_cpu", common + [f"run.name={tag}/mim", f"run.seed={seed}", f"run.steps={mim_steps}",
+                                               _warmup(mim_steps), f"mim.teacher={teacher}"])
+        losses = _mim_losses(mim["run_dir"])
+        clip = common + [f"run.seed={seed}", f"run.steps={clip_steps}", "eval.every_steps=0",
+                         f"checkpoint.every_steps={clip_steps}", _warmup(clip_steps)]
+        print(f"[flywheel] seed {seed}: (3) CLIP from the MIM student ({clip_steps} steps)", flush=True)
+        from_mim = _train("demo_cpu", clip + [f"run.name={tag}/clip_from_mim", f"model.vision.init={mim['run_dir']}"])
+        print(f"[flywheel] seed {seed}: (3) CLIP from scratch ({clip_steps} steps)", flush=True)
+        scratch = _train("demo_cpu", clip + [f"run.name={tag}/clip_scratch"])
+        arms.append({"seed": seed, "top1_from_mim": from_mim["zeroshot"][key], "top1_scratch": scratch["zeroshot"][key],
+                     "mim_loss_start": losses[0], "mim_loss_end": losses[-1],
+                     "wall_s": {"mim": mim["wall_s"], "clip_from_mim": from_mim["wall_s"],
+                                "clip_scratch": scratch["wall_s"]},
+                     "runs": {"mim": mim["run_dir"], "clip_from_mim": from_mim["run_dir"],
+                              "clip_scratch": scratch["run_dir"]}})
+    margins = [a["top1_from_mim"] - a["top1_scratch"] for a in arms]
+    summary = {"teacher": teacher, "dataset": dataset, "metric": "zero-shot top-1", "mim_steps": mim_steps,
+               "clip_steps": clip_steps, "seeds": arms, "teacher_wall_s": walls.get("teacher"),
+               "margin_mean": statistics.mean(margins), "margin_min": min(margins),
+               "from_mim_ahead_on": sum(m > 0 for m in margins), "of": len(margins)}
+    table = _table(summary)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+    return summary
+
+
+def _table(s: Dict) -> str:
+    rows = ["| seed | top-1 CLIP from MIM | top-1 CLIP from scratch | margin | MIM loss start -> end | "
+            "wall s (MIM / from MIM / scratch) |", "|---|---|---|---|---|---|"]
+    for a in s["seeds"]:
+        w = a["wall_s"]
+        rows.append(f"| {a['seed']} | {a['top1_from_mim']:.4f} | {a['top1_scratch']:.4f} | "
+                    f"{a['top1_from_mim'] - a['top1_scratch']:+.4f} | {a['mim_loss_start']:.3f} -> "
+                    f"{a['mim_loss_end']:.3f} | {w['mim']:.0f} / {w['clip_from_mim']:.0f} / {w['clip_scratch']:.0f} |")
+    head = (f"EVA flywheel on {s['dataset']} ({s['metric']}; MIM {s['mim_steps']} steps, each CLIP {s['clip_steps']} "
+            f"steps; teacher {s['teacher']}): CLIP from MIM ahead on {s['from_mim_ahead_on']} of {s['of']} seeds, "
+            f"mean margin {s['margin_mean']:+.4f}")
+    return head + "\n\n" + "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m evaclip.flywheel", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="data/synth", help="the synthetic data (`evaclip data synth --out ...`)")
+    p.add_argument("--teacher", default="runs/demo_cpu", help="a finished demo CLIP run (else one is trained)")
+    p.add_argument("--out", default="runs/flywheel", help="where the runs, summary.json and summary.md go")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one flywheel per seed (same teacher)")
+    p.add_argument("--mim-steps", type=int, default=150, help="MIM steps of the student")
+    p.add_argument("--clip-steps", type=int, default=100, help="steps of each CLIP arm")
+    a = p.parse_args(argv)
+    if not os.path.exists(os.path.join(a.data, "recipe.toml")):
+        print(f"{a.data} holds no synthetic data: run `evaclip data synth --out {a.data}` first", file=sys.stderr)
+        return 2
+    run(a.data, a.teacher, a.out, a.seeds, a.mim_steps, a.clip_steps)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
