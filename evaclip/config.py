@@ -111,6 +111,8 @@ class DataConfig:
                                   "(checked every step; an unreadable shard counts as the samples it should hold)")
     batch_timeout_s: float = _f(600.0, "a DataLoader worker that yields no batch for this many seconds stops the "
                                 "run with a message naming it, its shards and its skip counts (0: no bound)")
+    log_keys: bool = _f(False, "write the key, source and reading stream of every sample of every step to "
+                        "<run>/keys/*.parquet (one row per sample, every rank, at each checkpoint): what the run saw")
     hflip: bool = _f(False, "random horizontal flip in training (MIM: on, as EVA-02; CLIP: off, captions say "
                      "left and right)")
 

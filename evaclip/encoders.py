@@ -12,6 +12,7 @@ from typing import Callable, Dict, Sequence
 from evaclip.errors import UserError
 
 
+
 @dataclass
 class Encoders:
     encode_image: Callable  # images [n, 3, H, W] -> unnormalised embeddings [n, D]
@@ -41,6 +42,9 @@ def load_encoders(checkpoint: str = "", model: str = "", pretrained: str = "", d
 
         sd, meta = load_weights(checkpoint, trust_pickle)
         v = record_variant(meta.get("model"))
+        if "mim" in meta["model"]:
+            raise UserError(f"{checkpoint} is a masked-image-modeling run (an image tower without a text tower): "
+                            "evaluate or score with the CLIP trained from it (model.vision.init)")
         m = model_from_record(meta["model"])
         m.load_state_dict(sd)
         m.eval().to(dev)

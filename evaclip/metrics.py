@@ -117,47 +117,51 @@ def plot_run(run_dir: str, out: Optional[str] = None) -> Optional[str]:
     return out
 
 
-class SampleLossLog:
-    """Per-sample training losses (``log.sample_loss``): step, key, source, loss; a parquet file per rank and
-    checkpoint interval under <run>/sample_loss/.
+class StepRowLog:
+    """Rows keyed by training step (one per sample), a parquet file per rank and checkpoint interval under
+    <run>/<folder>/: ``log.sample_loss`` (step, key, source, loss) and ``data.log_keys`` (step, key, source,
+    stream).
 
     Rows are buffered and written when a checkpoint is (``flush``), so the files always end at a checkpoint:
     a resumed or rolled-back run first drops what lies beyond the step it restarts from (``truncate``) and
     then writes those steps again, never twice."""
 
     _NAME = re.compile(r"rank(\d+)_steps(\d+)-(\d+)\.parquet$")
+    COLUMNS: Dict[str, str] = {}  # column -> pyarrow type name, after "step"
 
-    def __init__(self, run_dir: str, rank: int, start_step: int):
-        self.dir, self.rank = os.path.join(run_dir, "sample_loss"), rank
+    def __init__(self, run_dir: str, folder: str, rank: int, start_step: int):
+        self.dir, self.rank = os.path.join(run_dir, folder), rank
         os.makedirs(self.dir, exist_ok=True)
-        self.rows: Dict[str, list] = {"step": [], "key": [], "source": [], "loss": []}
+        self.rows: Dict[str, list] = {k: [] for k in ("step", *self.COLUMNS)}
         self.truncate(start_step)
 
-    def add(self, step: int, keys, sources, losses) -> None:
-        losses = losses.detach().float().cpu().tolist()
-        if len(keys) != len(losses):
-            raise ValueError(f"sample loss log: {len(keys)} keys for {len(losses)} losses at step {step}")
-        self.rows["step"] += [step] * len(keys)
-        self.rows["key"] += list(keys)
-        self.rows["source"] += list(sources) if sources is not None else [""] * len(keys)
-        self.rows["loss"] += losses
+    def _add(self, step: int, **columns) -> None:
+        n = {len(v) for v in columns.values()}
+        if len(n) != 1:
+            raise ValueError(f"{os.path.basename(self.dir)} log: columns of different lengths at step {step}")
+        self.rows["step"] += [step] * n.pop()
+        for k, v in columns.items():
+            self.rows[k] += list(v)
 
     def flush(self) -> Optional[str]:
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         if not self.rows["step"]:
             return None
         first, last = self.rows["step"][0], self.rows["step"][-1]
         path = os.path.join(self.dir, f"rank{self.rank:04d}_steps{first:09d}-{last:09d}.parquet")
-        table = pa.table({"step": pa.array(self.rows["step"], pa.int64()), "key": pa.array(self.rows["key"], pa.string()),
-                          "source": pa.array(self.rows["source"], pa.string()),
-                          "loss": pa.array(self.rows["loss"], pa.float32())})
-        tmp = f"{path}.tmp"
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
+        types = dict(step="int64", **self.COLUMNS)
+        table = pa.table({k: pa.array(v, getattr(pa, types[k])()) for k, v in self.rows.items()})
+        self._write(table, path)
         self.rows = {k: [] for k in self.rows}
         return path
+
+    @staticmethod
+    def _write(table, path: str) -> None:
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, f"{path}.tmp")
+        os.replace(f"{path}.tmp", path)
 
     def truncate(self, step: int) -> None:
         """Forget every row after ``step`` (buffered or on disk) of this rank."""
@@ -176,6 +180,33 @@ class SampleLossLog:
                 continue
             table = pq.read_table(path)  # spans the restart step: keep its first part
             table = table.filter(pc.less_equal(table.column("step"), step))
-            pq.write_table(table, f"{path}.tmp")
-            os.replace(f"{path}.tmp", os.path.join(self.dir, f"rank{self.rank:04d}_steps{int(m.group(2)):09d}-{step:09d}.parquet"))
+            self._write(table, os.path.join(self.dir, f"rank{self.rank:04d}_steps{int(m.group(2)):09d}-{step:09d}.parquet"))
             os.remove(path)
+
+
+class SampleLossLog(StepRowLog):
+    """``log.sample_loss``: each sample's contrastive loss, <run>/sample_loss/ (input for `evaclip data filter`)."""
+
+    COLUMNS = {"key": "string", "source": "string", "loss": "float32"}
+
+    def __init__(self, run_dir: str, rank: int, start_step: int):
+        super().__init__(run_dir, "sample_loss", rank, start_step)
+
+    def add(self, step: int, keys, sources, losses) -> None:
+        losses = losses.detach().float().cpu().tolist()
+        if len(keys) != len(losses):
+            raise ValueError(f"sample loss log: {len(keys)} keys for {len(losses)} losses at step {step}")
+        self._add(step, key=keys, source=sources if sources is not None else [""] * len(keys), loss=losses)
+
+
+class KeyLog(StepRowLog):
+    """``data.log_keys``: the samples every step trained on (step, key, source, the stream that read it:
+    ``rank<r>/worker<w>``), <run>/keys/: what a run saw, for audits and for comparing runs."""
+
+    COLUMNS = {"key": "string", "source": "string", "stream": "string"}
+
+    def __init__(self, run_dir: str, rank: int, start_step: int):
+        super().__init__(run_dir, "keys", rank, start_step)
+
+    def add(self, step: int, keys, sources, streams) -> None:
+        self._add(step, key=keys, source=sources, stream=streams)

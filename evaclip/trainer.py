@@ -27,7 +27,7 @@ from evaclip.config import Derived, ExperimentConfig, save_run_config, to_dict
 from evaclip.engine import build_engine, pick_device
 from evaclip.errors import CheckpointError, TrainingStopped
 from evaclip.losses import ContrastiveLoss, mim_loss
-from evaclip.metrics import MetricLogger, SampleLossLog, plot_run, progress_bar
+from evaclip.metrics import KeyLog, MetricLogger, SampleLossLog, plot_run, progress_bar
 from evaclip.models import create_mim_student, create_model, get_variant, model_record
 from evaclip.models.convert import init_from_files
 from evaclip.optim import build_optimizer
@@ -175,6 +175,7 @@ class Trainer:
             self.log(f"resumed from {ckpt} at step {self.step} ({self.samples_seen} samples)")
         self._build_data()
         self.sample_log = SampleLossLog(self.run_dir, edist.rank(), self.step) if cfg.log.sample_loss else None
+        self.key_log = KeyLog(self.run_dir, edist.rank(), self.step) if cfg.data.log_keys else None
         # 10. evaluator, 11. logger
         self.eval_entries = None
         if cfg.eval.suite:
@@ -227,8 +228,10 @@ class Trainer:
             raise
         except Exception as e:  # noqa: BLE001 - a worker's error arrives wrapped in the loader's traceback text
             raise TrainingStopped(f"data (rank {edist.rank()}): {_original_error(e, self.cfg.data.batch_timeout_s)}") from None
-        self.data_state.update(batch.pop("__state__"))
+        state = batch.pop("__state__")
+        self.data_state.update(state)
         self.order_hash = zlib.crc32(",".join(batch["key"]).encode(), self.order_hash)
+        batch["stream"] = f"rank{edist.rank()}/worker{state['worker']}"
         return batch
 
     # ------------------------------------------------------------------------------------------------ step
@@ -400,8 +403,9 @@ class Trainer:
                                {"data": self.data_state.state_dict(), "rng": rng_state(),
                                 "order_hash": self.order_hash},
                                self.cfg.checkpoint.keep_last)
-        if self.sample_log is not None:
-            self.sample_log.flush()  # after the checkpoint: what is on disk never runs ahead of one
+        for row_log in (self.sample_log, self.key_log):
+            if row_log is not None:
+                row_log.flush()  # after the checkpoint: what is on disk never runs ahead of one
         self.log(f"checkpoint: {path}")
         return path
 
@@ -483,6 +487,9 @@ class Trainer:
                 self._skip_data(self.step)
             micro = [self._next_batch() for _ in range(cfg.engine.accum_steps)]
             metrics = self.train_step(micro)
+            if self.key_log is not None:  # a skipped step's samples too: the batch of that step
+                self.key_log.add(self.step + 1, [k for m in micro for k in m["key"]],
+                                 [x for m in micro for x in m["source"]], [m["stream"] for m in micro for _ in m["key"]])
             self._check_skips()  # every step: a run on mostly missing data must stop early, not at a log step
             if self.spike is not None and "train/loss" in metrics:
                 first = self.spike.observe(self.step, metrics["train/loss"])
@@ -547,8 +554,9 @@ class Trainer:
         self.step, self.samples_seen = meta["step"], meta["samples_seen"]
         self.data_states, self.order_hash = rank_state["data"], rank_state.get("order_hash", 0)
         set_rng_state(rank_state["rng"])  # the healing state (rollbacks, windows) stays: it covers every step
-        if self.sample_log is not None:
-            self.sample_log.truncate(self.step)
+        for row_log in (self.sample_log, self.key_log):
+            if row_log is not None:
+                row_log.truncate(self.step)
         skip = c.skip_samples or (detected + 1 - first) * self.derived.global_batch
         self.skip_windows[first] = self.skip_windows.get(first, 0) + skip
         if c.lr_scale != 1.0 and c.lr_scale_steps > 0:

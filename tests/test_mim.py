@@ -204,6 +204,9 @@ def test_mim_checkpoint_initialises_a_clip_and_exports_a_timm_tower(mim_run, syn
         assert (via_dir.eval().forward_features(x) - want).abs().max() <= 1e-5
     r = run_cli(["export", run_dir, "--out", str(tmp_path / "e2"), "--verify"])
     assert r.returncode != 0 and "image tower only" in r.stderr
+    r = run_cli(["eval", "--checkpoint", run_dir, "--suite", "quick", "--datasets-root", str(tmp_path), "--out",
+                 str(tmp_path / "ev")])
+    assert r.returncode != 0 and "masked-image-modeling run" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_a_teacher_of_another_width_patch_and_resolution(synth_dir, tmp_path):

@@ -77,8 +77,10 @@ def test_non_finite_loss_is_skipped_then_stops(synth_dir, tmp_path):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_continues_exactly(synth_dir, tmp_path, workers):
-    """Stop after 3 of 6 steps, resume: same losses, same final weights, same data order as one run."""
-    extra = [f"data.workers={workers}", "checkpoint.every_steps=3", "model.vision.patch_dropout=0.5"]
+    """Stop after 3 of 6 steps, resume: same losses, same final weights, same data order as one run (and the
+    data.log_keys tables: the same samples per step, each written once)."""
+    extra = [f"data.workers={workers}", "checkpoint.every_steps=3", "model.vision.patch_dropout=0.5",
+             "data.log_keys=true"]
     full = make_trainer(synth_dir, tmp_path, "full", steps=6, extra=extra).train()
     part = make_trainer(synth_dir, tmp_path, "part", steps=6, extra=extra)
     step_fn = part.train_step
@@ -103,6 +105,16 @@ def test_resume_continues_exactly(synth_dir, tmp_path, workers):
     a, _ = load_weights(full["run_dir"])
     b, _ = load_weights(resumed["run_dir"])
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+    def keys(run):
+        import pyarrow.parquet as pq
+
+        t = pq.read_table(os.path.join(run, "keys")).to_pydict()
+        return sorted(zip(t["step"], t["key"], t["source"], t["stream"]))
+
+    got = keys(resumed["run_dir"])
+    assert got == keys(full["run_dir"]) and len(got) == 6 * 8 and sorted({s for s, *_ in got}) == list(range(1, 7))
+    assert {st for *_, st in got} == ({"rank0/worker0", "rank0/worker1"} if workers else {"rank0/worker0"})
 
 
 def test_in_training_eval_and_unmasked_tuning(synth_dir, tmp_path):
