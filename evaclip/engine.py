@@ -2,7 +2,8 @@
 
 Both engines expose the same small interface to the trainer:
 
-    out = engine(image, text)        forward (DeepSpeed: through its wrapper, ZeRO-3 hooks included)
+    out = engine(image, *inputs)     forward (DeepSpeed: through its wrapper, ZeRO-3 hooks included); CLIP:
+                                     (image, text[, drop_noise]), MIM: (image, mask); only image is cast
     engine.backward(loss, boundary)  accumulate gradients of ``loss`` (no division by accumulation steps:
                                      feature-cached accumulation already makes each micro-loss the big one)
     info = engine.step()             clip, optimizer step at the accumulation boundary -> {grad_norm, skipped,
@@ -59,9 +60,9 @@ class TorchEngine:
         self.input_dtype = torch.float32
         self._amp = engine_cfg.precision == "bf16"
 
-    def __call__(self, image, text):
+    def __call__(self, image, *inputs):
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._amp):
-            out = self.model(image, text)
+            out = self.model(image, *inputs)
         return {k: v.float() for k, v in out.items()} if self._amp else out
 
     def train(self, mode: bool = True):
@@ -244,8 +245,8 @@ class DeepSpeedEngine:
         if sizes[:-1].tolist() != [getattr(p, "ds_numel", p.numel()) for p in ds_params]:
             raise RuntimeError("LAMB layout does not match DeepSpeed's partitioning")
 
-    def __call__(self, image, text):
-        out = self.ds(image.to(self.input_dtype), text)
+    def __call__(self, image, *inputs):
+        out = self.ds(image.to(self.input_dtype), *inputs)
         return {k: v.float() for k, v in out.items()}
 
     def train(self, mode: bool = True):

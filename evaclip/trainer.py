@@ -5,8 +5,10 @@ data -> checkpoint (resume) -> evaluator -> logger. ``train()`` runs steps (not 
 
 One optimizer step = ``engine.accum_steps`` micro-batches. With accumulation the gradient equals that of
 the big batch (feature caching, as GradCache / open_clip's accum-freq): all micro-batch features are
-computed without grad, then each micro-batch is recomputed with grad (same RNG state, so patch dropout
-masks match) and back-propagated through the loss over the full cached batch.
+computed without grad, then each micro-batch is recomputed with grad (the same token-dropping masks: they
+are drawn per sample from (seed, step, key), so they also do not depend on how the global batch is cut into
+ranks and micro-batches; the RNG state is replayed too) and back-propagated through the loss over the full
+cached batch.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import time
 import zlib
 from typing import Dict, List, Optional
 
+import numpy as np
 import torch
 
 from evaclip import dist as edist
@@ -238,6 +241,18 @@ class Trainer:
     def _loss(self, img, txt, scale, bias=None, rows=None):
         return self.loss_fn(img, txt, scale, bias, rows=rows)
 
+    def _drop_noise(self, micro: Dict) -> Optional[torch.Tensor]:
+        """Per-sample token-dropping scores [b, N] from (seed, step, key): which patches a sample keeps does
+        not depend on the batch, micro-batch or rank it is in (None without dropping, or without keys)."""
+        trunk = self.model.visual.trunk
+        if trunk.patch_drop.rate == 0.0 or "key" not in micro:
+            return None
+        from evaclip.data.masking import sample_rng
+
+        n, seed = trunk.patch_embed.num_patches, self.cfg.run.seed
+        rows = [sample_rng(seed, self.step, k, "token_drop").random(n, dtype="float32") for k in micro["key"]]
+        return torch.from_numpy(np.stack(rows)).to(self.device)
+
     def _all_finite(self, loss: torch.Tensor) -> bool:
         flag = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=self.device)
         edist.all_reduce_sum(flag)
@@ -250,9 +265,10 @@ class Trainer:
         dev = self.device
         imgs = [m["image"].to(dev, non_blocking=True) for m in micro]
         txts = [m["text"].to(dev, non_blocking=True) for m in micro]
+        noise = [self._drop_noise(m) for m in micro]
         rows = [] if self.sample_log is not None else None  # this rank's per-sample losses, from the loss itself
         if len(micro) == 1:
-            out = self.engine(imgs[0], txts[0])
+            out = self.engine(imgs[0], txts[0], noise[0])
             loss = self._loss(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"),
                               rows)
             if not self._all_finite(loss):
@@ -262,9 +278,9 @@ class Trainer:
             # feature caching: no-grad features of every micro-batch, remembering each one's RNG state
             states, cached = [], []
             with torch.no_grad():
-                for img, txt in zip(imgs, txts):
+                for img, txt, nz in zip(imgs, txts, noise):
                     states.append(_get_rng(dev))
-                    cached.append(self.engine(img, txt))
+                    cached.append(self.engine(img, txt, nz))
             after = _get_rng(dev)
             img_all = [c["image_features"] for c in cached]
             txt_all = [c["text_features"] for c in cached]
@@ -274,7 +290,7 @@ class Trainer:
                 return self._bad_step(loss)
             for j, (img, txt) in enumerate(zip(imgs, txts)):
                 _set_rng(states[j], dev)
-                out = self.engine(img, txt)
+                out = self.engine(img, txt, noise[j])
                 i_cat = torch.cat(img_all[:j] + [out["image_features"]] + img_all[j + 1:])
                 t_cat = torch.cat(txt_all[:j] + [out["text_features"]] + txt_all[j + 1:])
                 last = j == len(micro) - 1

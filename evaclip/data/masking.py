@@ -67,6 +67,7 @@ class BlockMasking:
         return torch.from_numpy(out)
 
 
-def sample_rng(seed: int, step: int, key: str) -> np.random.Generator:
-    """A generator that depends on (seed, step, sample key) alone."""
-    return np.random.default_rng([seed & 0xFFFFFFFF, step, zlib.crc32(key.encode()), 0x4D494D])
+def sample_rng(seed: int, step: int, key: str, purpose: str = "mim") -> np.random.Generator:
+    """A generator that depends on (seed, step, sample key, purpose) alone: per-sample randomness (MIM masks,
+    token-dropping masks) that does not change with the batch, micro-batch, rank or worker a sample is in."""
+    return np.random.default_rng([seed & 0xFFFFFFFF, step, zlib.crc32(key.encode()), zlib.crc32(purpose.encode())])

@@ -24,8 +24,8 @@ class ImageTower(nn.Module):
         self.trunk = trunk
         self.image_size = (image_size, image_size)
 
-    def forward(self, x):
-        return self.trunk(x)
+    def forward(self, x, drop_noise: Optional[torch.Tensor] = None):
+        return self.trunk(x, drop_noise)
 
 
 class CLIP(nn.Module):
@@ -40,8 +40,8 @@ class CLIP(nn.Module):
         self.max_logit_scale = max_logit_scale
 
     # -- encoders ---------------------------------------------------------------------------------------
-    def encode_image(self, image, normalize: bool = True):
-        f = self.visual(image)
+    def encode_image(self, image, normalize: bool = True, drop_noise: Optional[torch.Tensor] = None):
+        f = self.visual(image, drop_noise)
         return F.normalize(f, dim=-1) if normalize else f
 
     def encode_text(self, text, normalize: bool = True):
@@ -54,9 +54,10 @@ class CLIP(nn.Module):
         in-place clamp of the model copy would be undone by the master weights."""
         return self.logit_scale.clamp(max=self.max_logit_scale).exp()
 
-    def forward(self, image, text) -> Dict[str, torch.Tensor]:
+    def forward(self, image, text, drop_noise: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """``drop_noise`` [B, N]: per-sample token-dropping scores (``PatchDropout``); None: the model's RNG."""
         out = {
-            "image_features": self.encode_image(image),
+            "image_features": self.encode_image(image, drop_noise=drop_noise),
             "text_features": self.encode_text(text),
             "logit_scale": self.logit_scale_exp().squeeze(0),
         }

@@ -107,13 +107,17 @@ class PatchDropout(nn.Module):
     def num_keep(self, n: int) -> int:
         return max(1, math.floor(n * (1.0 - self.rate) + 1e-9))
 
-    def forward(self, x):  # x: [B, P + N, D]
+    def forward(self, x, noise: Optional[torch.Tensor] = None):  # x: [B, P + N, D]
+        """``noise`` [B, N]: the per-patch scores that decide what is kept (the lowest), e.g. drawn per sample
+        from (seed, step, key) by the trainer so a sample's mask does not depend on its batch; default: rand."""
         if not self.training or self.rate == 0.0:
             return x, None
         p = self.num_prefix_tokens
         prefix, patches = x[:, :p], x[:, p:]
         b, n, d = patches.shape
-        keep = torch.argsort(torch.rand(b, n, device=x.device), dim=-1)[:, : self.num_keep(n)]  # [B, K]
+        if noise is None:
+            noise = torch.rand(b, n, device=x.device)
+        keep = torch.argsort(noise.to(x.device), dim=-1)[:, : self.num_keep(n)]  # [B, K]
         patches = patches.gather(1, keep.unsqueeze(-1).expand(-1, -1, d))
         return torch.cat([prefix, patches], dim=1), keep
 
@@ -326,16 +330,16 @@ class Eva(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------------------
     def forward_features(self, x, mask: Optional[torch.Tensor] = None, mask_token: Optional[torch.Tensor] = None,
-                         layer: int = -1):  # [B, 3, H, W] -> [B, 1 + K, D]
+                         layer: int = -1, drop_noise: Optional[torch.Tensor] = None):  # [B, 3, H, W] -> [B, 1 + K, D]
         """Tokens after the final norm. ``mask`` [B, N] (bool, True = masked) with ``mask_token`` [1, 1, D]:
         masked patch embeddings are replaced by the token before the position embedding is added (BEiT / EVA
         MIM: every position is still seen, RoPE positions unchanged). ``layer`` >= 0 stops after that block
-        (its output goes through the final norm too)."""
+        (its output goes through the final norm too). ``drop_noise``: see ``PatchDropout``."""
         x = self.patch_embed(x)
         if mask is not None:
             x = torch.where(mask.unsqueeze(-1), mask_token.to(x.dtype), x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-        x, keep = self.patch_drop(x)
+        x, keep = self.patch_drop(x, drop_noise)
         rope = self.rope.tables(keep) if self.rope is not None else None
         last = len(self.blocks) - 1 if layer < 0 else layer
         for blk in self.blocks[:last + 1]:
@@ -349,5 +353,5 @@ class Eva(nn.Module):
         x = x[:, 0] if self.global_pool == "token" else x[:, self.num_prefix_tokens:].mean(dim=1)
         return self.head(self.fc_norm(x))
 
-    def forward(self, x):
-        return self.forward_head(self.forward_features(x))
+    def forward(self, x, drop_noise: Optional[torch.Tensor] = None):
+        return self.forward_head(self.forward_features(x, drop_noise=drop_noise))
