@@ -121,7 +121,9 @@ def test_1_checkpoints_with_pickled_code_are_refused_by_resume_eval_and_export(s
 
 # ------------------------------------------------------------------------------------------------ 2 hangs
 def _captionless_recipe(tmp_path):
-    pattern = write_shards(str(tmp_path / "nocap"), "n", 2, 20, no_caption={(s, i) for s in range(2) for i in range(20)})
+    """Shards whose every caption is empty: unusable for CLIP (shards with no .txt at all are refused at once as
+    image-only, see test_mim)."""
+    pattern = write_shards(str(tmp_path / "nocap"), "n", 2, 20, empty_caption={(s, i) for s in range(2) for i in range(20)})
     return pattern
 
 
@@ -131,7 +133,7 @@ def test_2_unusable_data_stops_within_the_bound_and_names_the_worker(synth_dir, 
     t0 = time.time()
     tr = trainer(synth_dir, tmp_path, "hang", steps=3, extra=[
         'data.recipe=""', f"data.shards={pattern}", f"data.workers={workers}", "data.batch_timeout_s=4"])
-    with pytest.raises(TrainingStopped, match=r"no batch from rank 0 worker 0 within 4 s .*missing_caption.*nocap/0000[01].tar"):
+    with pytest.raises(TrainingStopped, match=r"no batch from rank 0 worker 0 within 4 s .*empty_caption.*nocap/0000[01].tar"):
         tr.train()
     assert time.time() - t0 < 60
 
