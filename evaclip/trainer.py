@@ -301,13 +301,9 @@ class Trainer:
                 self.engine.backward(self._loss(i_cat, t_cat, scale, bias), boundary=last)
             _set_rng(after, dev)
             out = cached[-1]
-        info = self.engine.step()
-        if info["skipped"]:
-            return self._bad_step(loss, info)
-        self.bad_steps = 0
-        if info.get("overflow"):
-            return self._fp16_overflow()
-        self.overflows = 0
+        info, skipped = self._engine_step(loss)
+        if skipped is not None:
+            return skipped
         if rows is not None:
             self.sample_log.add(self.step + 1, [k for m in micro for k in m["key"]],
                                 [s for m in micro for s in m["source"]], rows[0])
@@ -335,15 +331,23 @@ class Trainer:
             loss = mim_loss(out["pred"], target, mask if m.loss_on == "masked" else None, denom)
             self.engine.backward(loss, boundary=j == len(micro) - 1)
             total += loss.detach()
-        info = self.engine.step()
-        if info["skipped"]:
-            return self._bad_step(total, info)
-        self.bad_steps = 0
-        if info.get("overflow"):
-            return self._fp16_overflow()
-        self.overflows = 0
+        info, skipped = self._engine_step(total)
+        if skipped is not None:
+            return skipped
         mean_loss = edist.all_reduce_sum(total.clone().reshape(1)) / edist.world_size()
         return {"train/loss": mean_loss.item(), "train/grad_norm": info["grad_norm"]}
+
+    def _engine_step(self, loss) -> tuple:
+        """The engine's step after the backward passes: (info, None), or (info, the metrics of a step that
+        made no update: non-finite gradients, or an fp16 loss-scale calibration skip)."""
+        info = self.engine.step()
+        if info["skipped"]:
+            return info, self._bad_step(loss, info)
+        self.bad_steps = 0
+        if info.get("overflow"):
+            return info, self._fp16_overflow()
+        self.overflows = 0
+        return info, None
 
     def _fp16_overflow(self) -> Dict:
         """fp16 loss-scale calibration: counted, stops only if it never recovers."""

@@ -60,6 +60,21 @@ def mcfg(name: str = "EVA02-Ti-8-64", patch_dropout: float = 0.0, attn_impl: str
     return ModelConfig(name=name, vision=VisionConfig(patch_dropout=patch_dropout, attn_impl=attn_impl))
 
 
+def preempt_during(trainer, step: int) -> None:
+    """Make ``trainer`` receive a SIGTERM during optimizer step ``step`` (as Slurm's preemption would)."""
+    import signal
+
+    step_fn = trainer.train_step
+
+    def wrapped(micro):
+        out = step_fn(micro)
+        if trainer.step == step - 1:
+            trainer._stop_signal = signal.SIGTERM
+        return out
+
+    trainer.train_step = wrapped
+
+
 def wait_for(pred, timeout=120.0, every=0.1) -> bool:
     """Poll ``pred`` until it is true (True) or ``timeout`` seconds pass (False)."""
     import time

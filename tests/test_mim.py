@@ -2,7 +2,6 @@
 training, resume, init of a CLIP from the student, timm export, image-only shards, the flywheel script."""
 import json
 import os
-import signal
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ from evaclip.checkpoint import latest_checkpoint, load_weights
 from evaclip.config import ConfigError, load_config, resolve
 from evaclip.data.masking import BlockMasking, sample_rng
 from evaclip.trainer import REQUEUE_EXIT_CODE, Trainer, TrainingStopped
-from tests.conftest import REPO, mcfg, run_cli, tiny_overrides
+from tests.conftest import REPO, mcfg, preempt_during, run_cli, tiny_overrides
 
 MIM = os.path.join(REPO, "launch", "experiments", "mim_demo_cpu.toml")
 DEMO = os.path.join(REPO, "launch", "experiments", "demo_cpu.toml")
@@ -252,15 +251,7 @@ def test_mim_resume_continues_exactly(synth_dir, mim_teacher, tmp_path):
     extra = ["checkpoint.every_steps=3", "data.workers=2"]
     full = mim_trainer(synth_dir, tmp_path, mim_teacher, "full", 6, extra).train()
     part = mim_trainer(synth_dir, tmp_path, mim_teacher, "part", 6, extra)
-    step_fn = part.train_step
-
-    def preempt_after_third(micro):
-        out = step_fn(micro)
-        if part.step == 2:
-            part._stop_signal = signal.SIGTERM
-        return out
-
-    part.train_step = preempt_after_third
+    preempt_during(part, 3)
     with pytest.raises(SystemExit) as stop:
         part.train()
     assert stop.value.code == REQUEUE_EXIT_CODE and latest_checkpoint(part.run_dir).endswith("step-00000003")

@@ -1,7 +1,6 @@
 """A short CPU training run, exact feature-cached accumulation, non-finite steps, checkpoint/resume."""
 import json
 import os
-import signal
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ import torch
 from evaclip.checkpoint import latest_checkpoint, load_weights
 from evaclip.config import load_config, resolve
 from evaclip.trainer import REQUEUE_EXIT_CODE, Trainer, TrainingStopped
-from tests.conftest import REPO, tiny_overrides
+from tests.conftest import REPO, preempt_during, tiny_overrides
 
 DEMO = os.path.join(REPO, "launch", "experiments", "demo_cpu.toml")
 
@@ -87,15 +86,7 @@ def test_resume_continues_exactly(synth_dir, tmp_path, workers):
              "data.log_keys=true"]
     full = make_trainer(synth_dir, tmp_path, "full", steps=6, extra=extra).train()
     part = make_trainer(synth_dir, tmp_path, "part", steps=6, extra=extra)
-    step_fn = part.train_step
-
-    def preempt_after_third(micro):  # as if Slurm sent SIGTERM during step 3
-        out = step_fn(micro)
-        if part.step == 2:
-            part._stop_signal = signal.SIGTERM
-        return out
-
-    part.train_step = preempt_after_third
+    preempt_during(part, 3)
     with pytest.raises(SystemExit) as stop:
         part.train()
     assert stop.value.code == REQUEUE_EXIT_CODE and latest_checkpoint(part.run_dir).endswith("step-00000003")
