@@ -99,7 +99,36 @@ def resume_settings(cfg: ExperimentConfig, world_size: int) -> Dict:
     return flat
 
 
+def _global_batch(settings: Dict) -> Optional[int]:
+    try:
+        return settings["data.micro_batch_size"] * settings["world_size"] * settings["engine.accum_steps"]
+    except (KeyError, TypeError):
+        return None
+
+
+def _check_global_batch(saved: Dict, now: Dict, ckpt: str) -> None:
+    """A resume never changes the global batch (the lr schedule, the loss over the batch and the data per step
+    depend on it): one line saying which keys give the saved one on this many ranks."""
+    g_saved, g_now = _global_batch(saved), _global_batch(now)
+    if g_saved is None or g_now is None or g_saved == g_now:
+        return
+    world = now["world_size"]
+    fix = f"no micro-batch size gives {g_saved} on {world} ranks: resume on a number of ranks that divides it"
+    if g_saved % world == 0:
+        per_rank, micro = g_saved // world, saved["data.micro_batch_size"]
+        micro = micro if per_rank % micro == 0 else per_rank
+        fix = f"set data.micro_batch_size={micro} engine.accum_steps={per_rank // micro}"
+    raise CheckpointError(f"{ckpt} was trained with a global batch of {g_saved} (data.micro_batch_size "
+                          f"{saved['data.micro_batch_size']} x {saved['world_size']} ranks x engine.accum_steps "
+                          f"{saved['engine.accum_steps']}); this run's would be {g_now} (data.micro_batch_size "
+                          f"{now['data.micro_batch_size']} x {world} x engine.accum_steps {now['engine.accum_steps']}): "
+                          f"{fix}")
+
+
 def _check_resume_settings(saved: Dict, now: Dict, allowed, ckpt: str) -> None:
+    factors = ("data.micro_batch_size", "world_size", "engine.accum_steps")
+    if not all(k in allowed for k in factors if saved.get(k) != now.get(k)):  # unless the user allowed it
+        _check_global_batch(saved, now, ckpt)
     changed = [f"{k} ({saved[k]} -> {now[k]})" for k in now if k in saved and saved[k] != now[k] and k not in allowed]
     if changed:
         keys = ", ".join(f'"{c.split(" ")[0]}"' for c in changed)

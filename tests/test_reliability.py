@@ -449,8 +449,13 @@ def test_9_16_bit_greyscale_pngs_decode_to_their_grey_levels():
 def test_10_resume_refuses_changed_settings_without_touching_the_run(small_run, synth_dir, tmp_path):
     run = _copy_run(small_run, tmp_path)
     before = open(os.path.join(run, "config.resolved.toml")).read()
-    with pytest.raises(CheckpointError, match=r"data.micro_batch_size \(8 -> 4\)"):
+    # a changed global batch: one line with the keys that give the saved one
+    with pytest.raises(CheckpointError, match=r"global batch of 8 .*would be 4 .*set data.micro_batch_size=8 "
+                                              r"engine.accum_steps=1$"):
         trainer(synth_dir, tmp_path, "copy", steps=6, extra=["data.micro_batch_size=4"])
+    # the same global batch cut otherwise: still another data order, named
+    with pytest.raises(CheckpointError, match=r"data.micro_batch_size \(8 -> 4\), engine.accum_steps \(1 -> 2\)"):
+        trainer(synth_dir, tmp_path, "copy", steps=6, extra=["data.micro_batch_size=4", "engine.accum_steps=2"])
     with pytest.raises(CheckpointError, match=r"model.name \(EVA02-Ti-8-64 -> EVA01-Ti-8-64\)"):
         trainer(synth_dir, tmp_path, "copy", steps=6, extra=["model.name=EVA01-Ti-8-64"])
     assert open(os.path.join(run, "config.resolved.toml")).read() == before
