@@ -1,5 +1,6 @@
 """Images/s per core of the training input pipeline (tar -> decode -> train transform -> tokenize -> batch):
-evaclip's stream against open_clip_train's webdataset pipeline, same shards, one process, one thread.
+evaclip's stream (per-worker streams, and the trainer's logical streams) against open_clip_train's webdataset
+pipeline, same shards, one process, one thread.
 
     python -m bench.data_pipeline '{"shards": "...{0..1}.tar", "image_size": 224, "impl": "evaclip"}'
 """
@@ -34,11 +35,13 @@ def child(a):
 
     size, batch, n_batches = a["image_size"], a.get("batch", 64), a.get("batches", 20)
     tok = Tokenizer(77)
-    if a["impl"] == "evaclip":
+    if a["impl"] in ("evaclip", "evaclip_streams"):
         from evaclip.data.recipes import recipe_from_shards
         from evaclip.data.wds import ImageTextStream, build_stream_spec, make_loader
 
-        spec = build_stream_spec(recipe_from_shards(a["shards"]), "", 0, 0, 1, True, 500)
+        # evaclip_streams: what the trainer runs, each batch a share of 8 logical streams with per-sample seeds
+        logical = dict(num_streams=8, step_samples=batch) if a["impl"] == "evaclip_streams" else {}
+        spec = build_stream_spec(recipe_from_shards(a["shards"]), "", 0, 0, 1, True, 500, **logical)
         stream = ImageTextStream(spec, batch, train_transform(size, MEAN, STD, (0.9, 1.0)), tok,
                                  min_side=draft_side(size, 0.9))
         it = iter(make_loader(stream, 0))
@@ -54,7 +57,9 @@ def child(a):
                          val_data=None, val_num_samples=None)
         data = ocd.get_wds_dataset(args, pre, is_train=True, epoch=0, tokenizer=tok)
         it = iter(data.dataloader)
-    for _ in range(3):  # warm-up (open shards, fill the shuffle buffer partly)
+    # warm-up: until every shuffle buffer is full (8 logical streams x 500 samples), the same for every impl, so
+    # the timed batches are the steady state (a stream's start reads its buffer's worth without emitting)
+    for _ in range(3 + -(-8 * 500 // batch)):
         next(it)
     times = []
     for _ in range(n_batches):
@@ -85,7 +90,7 @@ def run(shards: str, reps: int = 5, sizes=(224, 64)):
 
     rows = []
     for size in sizes:
-        rates = {"evaclip": [], "open_clip": []}
+        rates = {"evaclip": [], "evaclip_streams": [], "open_clip": []}
         for _ in range(reps):
             for impl in rates:
                 r = run_child("data_pipeline", {"shards": shards, "image_size": size, "impl": impl})
@@ -94,8 +99,12 @@ def run(shards: str, reps: int = 5, sizes=(224, 64)):
                 rates[impl].append(r["images_per_s"])
         med = {k: statistics.median(v) for k, v in rates.items()}
         rows.append({"image_size": size, "evaclip_images_per_s": med["evaclip"],
+                     "streams_images_per_s": med["evaclip_streams"],
                      "open_clip_images_per_s": med["open_clip"], "ratio": med["evaclip"] / med["open_clip"],
-                     "evaclip_runs": rates["evaclip"], "open_clip_runs": rates["open_clip"]})
+                     "streams_ratio": med["evaclip_streams"] / med["open_clip"],
+                     "streams_vs_per_worker": med["evaclip_streams"] / med["evaclip"],
+                     "evaclip_runs": rates["evaclip"], "streams_runs": rates["evaclip_streams"],
+                     "open_clip_runs": rates["open_clip"]})
     return rows
 
 

@@ -164,13 +164,17 @@ def markdown(res, meta) -> str:
         out += ["## Input pipeline: evaclip vs open_clip_train.data", "",
                 "256 px JPEG shards; decode + RandomResizedCrop + normalise + tokenize + batch; one process, "
                 "one thread (images/s per core); runs alternate.", "",
-                "| output size | evaclip img/s | open_clip img/s | ratio |", "|---|---|---|---|"]
+                "evaclip: per-worker streams; logical: the trainer's 8 logical streams (data.streams) with per-sample "
+                "augmentation seeds.", "",
+                "| output size | evaclip img/s | logical streams img/s | open_clip img/s | ratio | logical / open_clip | "
+                "logical / per-worker |", "|---|---|---|---|---|---|---|"]
         for r in res["data"]:
             if "error" in r:
-                out.append(f"| {r['image_size']} | error: {r['error'][:100]} | | |")
+                out.append(f"| {r['image_size']} | error: {r['error'][:100]} | | | | | |")
             else:
-                out.append(f"| {r['image_size']} | {r['evaclip_images_per_s']:.0f} | {r['open_clip_images_per_s']:.0f} | "
-                           f"{_ratio(r['ratio'])} (target >= 1.0x) |")
+                out.append(f"| {r['image_size']} | {r['evaclip_images_per_s']:.0f} | {r['streams_images_per_s']:.0f} | "
+                           f"{r['open_clip_images_per_s']:.0f} | {_ratio(r['ratio'])} (target >= 1.0x) | "
+                           f"{_ratio(r['streams_ratio'])} | {_ratio(r['streams_vs_per_worker'])} (target >= 1.0x) |")
         out.append("")
     if "eval" in res:
         e = res["eval"]

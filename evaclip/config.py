@@ -111,6 +111,9 @@ class DataConfig:
                                   "(checked every step; an unreadable shard counts as the samples it should hold)")
     batch_timeout_s: float = _f(600.0, "a DataLoader worker that yields no batch for this many seconds stops the "
                                 "run with a message naming it, its shards and its skip counts (0: no bound)")
+    streams: int = _f(0, "logical data streams: global batch s takes a fixed share from each, whatever the number of "
+                      "ranks, workers, micro-batches and accumulation steps (ranks x workers must divide into them; "
+                      "0: ranks x workers of the first launch); fixed for the run, stored in its checkpoints")
     log_keys: bool = _f(False, "write the key, source and reading stream of every sample of every step to "
                         "<run>/keys/*.parquet (one row per sample, every rank, at each checkpoint): what the run saw")
     hflip: bool = _f(False, "random horizontal flip in training (MIM: on, as EVA-02; CLIP: off, captions say "
@@ -374,6 +377,18 @@ def resolve(cfg: ExperimentConfig, world_size: int = 1) -> Derived:
         if sp.max_nonfinite >= cfg.engine.max_bad_steps:
             raise ConfigError(f"spike.max_nonfinite ({sp.max_nonfinite}) must be below engine.max_bad_steps "
                               f"({cfg.engine.max_bad_steps}), or the run stops before it can roll back")
+    if cfg.data.streams < 0:
+        raise ConfigError(f"data.streams must be >= 0, got {cfg.data.streams}")
+    if cfg.data.streams:
+        from evaclip.data.wds import check_streams
+
+        g = cfg.data.micro_batch_size * world_size * cfg.engine.accum_steps
+        why = check_streams(cfg.data.streams, g, world_size, max(1, cfg.data.workers))
+        if why:
+            raise ConfigError(f"data.streams = {cfg.data.streams} cannot serve {world_size} ranks x "
+                              f"{max(1, cfg.data.workers)} data.workers with a global batch of {g}: {why}; choose "
+                              "data.streams so that every rank's streams give its share (a multiple of ranks x "
+                              "workers that divides the global batch always does)")
     if cfg.data.batch_timeout_s < 0:
         raise ConfigError(f"data.batch_timeout_s must be >= 0, got {cfg.data.batch_timeout_s}")
     if not 0.0 <= cfg.model.vision.patch_dropout < 1.0:

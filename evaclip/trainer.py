@@ -28,7 +28,7 @@ from evaclip.checkpoint import (candidates, load_checkpoint, read_meta, resume_c
                                 save_checkpoint, set_rng_state)
 from evaclip.config import Derived, ExperimentConfig, save_run_config, to_dict
 from evaclip.engine import build_engine, pick_device
-from evaclip.errors import CheckpointError, TrainingStopped
+from evaclip.errors import CheckpointError, ConfigError, TrainingStopped
 from evaclip.losses import ContrastiveLoss, mim_loss
 from evaclip.metrics import KeyLog, MetricLogger, SampleLossLog, plot_run, progress_bar
 from evaclip.models import create_mim_student, create_model, get_variant, model_record
@@ -81,8 +81,9 @@ def _set_rng(state, device: torch.device) -> None:
 
 
 # the settings a resume must keep (else the data order, batch or model would silently change)
+# (data.workers may change: with logical data streams the samples do not depend on it)
 RESUME_KEYS = ("model.name", "model.model_dir", "model.text.kind", "model.use_logit_bias", "data.recipe",
-               "data.root", "data.shards", "data.micro_batch_size", "data.workers", "data.shuffle_buffer",
+               "data.root", "data.shards", "data.micro_batch_size", "data.shuffle_buffer",
                "data.resampled", "data.crop_scale", "data.hflip", "engine.accum_steps", "engine.zero_stage",
                "run.seed", "objective.kind", "mim.teacher", "mim.teacher_layer", "mim.mask_ratio", "mim.loss_on",
                "world_size")
@@ -167,14 +168,17 @@ class Trainer:
         optimizer = build_optimizer(model, cfg.optim)
         # a resume must keep the settings its checkpoint was written with: checked before anything is written
         resume = resume_candidates(cfg.checkpoint.resume, self.run_dir)
-        self.settings = resume_settings(cfg, edist.world_size())
+        saved, saved_in = None, None
         for c in resume:  # the newest checkpoint whose meta can be read (damaged ones are reported at load)
             try:
-                saved = read_meta(c).get("settings", {})
+                saved, saved_in = read_meta(c).get("settings", {}), c
             except (OSError, ValueError):
                 continue
-            _check_resume_settings(saved, self.settings, cfg.checkpoint.allow_changes, c)
             break
+        self.num_streams = self._data_streams(saved)
+        self.settings = dict(resume_settings(cfg, edist.world_size()), **{"data.num_streams": self.num_streams})
+        if saved is not None:
+            _check_resume_settings(saved, self.settings, cfg.checkpoint.allow_changes, saved_in)
         if edist.is_main():
             save_run_config(self.run_dir, cfg, derived, {"git_sha": git_sha(), "world_size": edist.world_size()})
         self.engine = build_engine(model, optimizer, cfg.engine, self.device, cfg.data.micro_batch_size, self.run_dir)
@@ -220,6 +224,21 @@ class Trainer:
         if edist.is_main() and os.path.exists(os.path.join(self.run_dir, REQUEUE_FILE)):
             os.remove(os.path.join(self.run_dir, REQUEUE_FILE))  # this is the requeued run
 
+    def _data_streams(self, saved: Optional[Dict]) -> int:
+        """The run's logical data streams: data.streams, else the checkpoint's, else ranks x workers now (0:
+        a checkpoint from before logical streams, which resumes with per-worker streams)."""
+        from evaclip.data.wds import check_streams
+
+        c, w = self.cfg.data, edist.world_size()
+        if saved is not None and "data.num_streams" not in saved:
+            return 0
+        n = c.streams or (saved or {}).get("data.num_streams") or w * max(1, c.workers)
+        why = check_streams(n, self.derived.global_batch, w, max(1, c.workers))
+        if why:
+            raise ConfigError(f"the run's {n} logical data streams cannot serve {w} ranks x {max(1, c.workers)} "
+                              f"data.workers: {why}; change data.workers (the streams are fixed for the run)")
+        return n
+
     def _build_mim(self, cfg: ExperimentConfig):
         from evaclip.data.masking import BlockMasking
         from evaclip.models.mim import load_teacher
@@ -241,7 +260,8 @@ class Trainer:
         c = self.cfg.data
         recipe = load_recipe(c.recipe) if c.recipe else recipe_from_shards(c.shards)
         spec = build_stream_spec(recipe, c.root, self.cfg.run.seed, edist.rank(), edist.world_size(),
-                                 c.resampled, c.shuffle_buffer, batch_timeout_s=c.batch_timeout_s)
+                                 c.resampled, c.shuffle_buffer, batch_timeout_s=c.batch_timeout_s,
+                                 num_streams=self.num_streams, step_samples=self.derived.global_batch)
         v = self.variant
         transform = train_transform(v.image_size, v.mean, v.std, c.crop_scale, v.interpolation, c.hflip)
         tokenizer = None if self.teacher is not None else \
@@ -263,8 +283,23 @@ class Trainer:
         state = batch.pop("__state__")
         self.data_state.update(state)
         self.order_hash = zlib.crc32(",".join(batch["key"]).encode(), self.order_hash)
-        batch["stream"] = f"rank{edist.rank()}/worker{state['worker']}"
+        ids = batch.pop("stream_id", None)
+        batch["stream"] = [f"stream{i}" for i in ids] if ids is not None else \
+            [f"rank{edist.rank()}/worker{state['worker']}"] * len(batch["key"])
         return batch
+
+    def _next_step(self) -> List[Dict]:
+        """The micro-batches of one optimizer step. Logical streams: one piece from each DataLoader worker (in
+        the loader's worker order) joined into this rank's share of the global batch, cut into accum_steps
+        micro-batches; per-worker streams: accum_steps loader batches."""
+        accum = self.cfg.engine.accum_steps
+        if not self.num_streams:
+            return [self._next_batch() for _ in range(accum)]
+        pieces = [self._next_batch() for _ in range(max(1, self.cfg.data.workers))]
+        whole = {k: torch.cat([p[k] for p in pieces]) if torch.is_tensor(pieces[0][k]) else
+                 [x for p in pieces for x in p[k]] for k in pieces[0]}
+        m = self.cfg.data.micro_batch_size
+        return [{k: v[j * m:(j + 1) * m] for k, v in whole.items()} for j in range(accum)]
 
     # ------------------------------------------------------------------------------------------------ step
     def _loss(self, img, txt, scale, bias=None, rows=None):
@@ -534,11 +569,11 @@ class Trainer:
                     g["lr"] *= self.lr_window[2]
             if self.step in self.skip_windows:
                 self._skip_data(self.step)
-            micro = [self._next_batch() for _ in range(cfg.engine.accum_steps)]
+            micro = self._next_step()
             metrics = self.train_step(micro)
             if self.key_log is not None:  # a skipped step's samples too: the batch of that step
                 self.key_log.add(self.step + 1, [k for m in micro for k in m["key"]],
-                                 [x for m in micro for x in m["source"]], [m["stream"] for m in micro for _ in m["key"]])
+                                 [x for m in micro for x in m["source"]], [x for m in micro for x in m["stream"]])
             self._check_skips()  # every step: a run on mostly missing data must stop early, not at a log step
             if self.spike is not None and "train/loss" in metrics:
                 first = self.spike.observe(self.step, metrics["train/loss"])
@@ -625,8 +660,11 @@ class Trainer:
     def _skip_data(self, step: int) -> None:
         """Consume, without training on them, the samples a rollback marked for skipping at ``step``."""
         n = self.skip_windows[step]  # kept: a later rollback to before this step must skip it again
-        per_rank = self.cfg.data.micro_batch_size * edist.world_size()
-        for _ in range(math.ceil(n / per_rank)):
+        if self.num_streams:  # whole data steps: the pieces of ceil(n / global batch) steps
+            batches = math.ceil(n / self.derived.global_batch) * max(1, self.cfg.data.workers)
+        else:
+            batches = math.ceil(n / (self.cfg.data.micro_batch_size * edist.world_size()))
+        for _ in range(batches):
             batch = next(self.data_iter)
             self.data_state.update(batch.pop("__state__"))  # the position moves on; the order hash does not
         self.log(f"step {step}: skipped {n} samples (the window of a loss spike)")

@@ -15,7 +15,8 @@ from PIL import Image
 from evaclip.data.recipes import Recipe, SourceSpec, load_recipe
 from evaclip.data.shards import ShardError, count_tar_samples, expand_pattern, iter_tar_samples
 from evaclip.data.transforms import Tokenizer
-from evaclip.data.wds import (DataState, ImageTextStream, MixedStream, ShardSequence, SourceStream, build_stream_spec, make_loader)
+from evaclip.data.wds import (DataState, ImageTextStream, MixedStream, ShardSequence, SourceStream, build_stream_spec,
+                              make_loader, stop_workers)
 from tests.conftest import REPO, run_cli
 
 
@@ -273,3 +274,55 @@ def test_fsspec_and_pipe_urls(tmp_path):
     keys = [s["__key__"] for s in iter_tar_samples("memory://evaclip-test/00000.tar")]
     assert keys == [s["__key__"] for s in iter_tar_samples(local)] and len(keys) == 5
     assert len(list(iter_tar_samples(f"pipe:cat {local}"))) == 5
+
+
+# ------------------------------------------------------------------------------------------------ logical streams
+def _global_batches(pattern, topology, steps, streams=12, batch=32, resume=None, stop=None):
+    """Keys of each global batch for ``steps`` data steps on (ranks, workers); ``resume``: per-rank states;
+    ``stop``: also return the per-rank states after that many steps."""
+    ranks, workers = topology
+    per_step = [[] for _ in range(steps)]  # sorted lists: resampled streams may draw a sample twice
+    states = []
+    for rank in range(ranks):
+        recipe = Recipe(name="t", source=[SourceSpec(name="s", shards=pattern)])
+        spec = build_stream_spec(recipe, "", 0, rank, ranks, True, 20, block_shards=2, num_streams=streams,
+                                 step_samples=batch)
+        stream = ImageTextStream(spec, batch // ranks, _identity, Tokenizer(16))
+        stream.set_state(resume[rank] if resume else None)
+        state = DataState()
+        it = iter(make_loader(stream, workers))
+        for s in range(steps):
+            for _ in range(max(1, workers)):  # one piece per worker and data step
+                piece = next(it)
+                state.update(piece["__state__"])
+                per_step[s] = sorted(per_step[s] + piece["key"])
+            if stop is not None and s + 1 == stop:
+                states.append(state.state_dict())
+        stop_workers(it)
+    return per_step, states
+
+
+def test_logical_streams_give_the_same_global_batches_on_any_topology(tmp_path):
+    """12 logical streams, global batch 32: 1 rank x 1 worker, 2 ranks x 2 workers, 1 rank x 3 workers see the
+    same 32 keys in each of 20 global batches; a resume on another topology continues them exactly."""
+    pattern = write_shards(tmp_path / "d", "k", 8, 40)
+    ref, _ = _global_batches(pattern, (1, 0), 20)
+    assert all(len(b) == 32 for b in ref) and len(set().union(*map(set, ref))) > 200
+    for topology in ((2, 2), (1, 3)):
+        got, _ = _global_batches(pattern, topology, 20)
+        assert got == ref, topology
+    _, states = _global_batches(pattern, (2, 2), 8, stop=8)  # 2 x 2 stopped after 8 steps ...
+    merged = {k: v for st in states for k, v in st.items()}  # ... the streams' states, whatever rank held them
+    rest, _ = _global_batches(pattern, (1, 3), 12, resume=[merged])  # resumed on 1 x 3
+    assert rest == ref[8:]
+
+
+def test_stream_counts_that_a_topology_cannot_serve_are_refused():
+    from evaclip.config import ConfigError, load_config, resolve
+    from evaclip.data.wds import check_streams
+
+    assert check_streams(12, 32, 2, 2) is None and check_streams(12, 32, 1, 3) is None
+    assert "streams give" in check_streams(10, 32, 4, 1) and "for 4 workers" in check_streams(12, 36, 4, 4)
+    with pytest.raises(ConfigError, match=r"data.streams = 10 cannot serve 4 ranks x 1 data.workers"):
+        resolve(load_config("demo_cpu", ["data.root=/d", "data.streams=10", "data.workers=1",
+                                         "data.micro_batch_size=8"]), world_size=4)

@@ -303,3 +303,24 @@ def test_kill_9_and_resume_equals_uninterrupted(synth_dir, tmp_path):
     a, _ = load_weights(str(tmp_path / "full"))
     b, _ = load_weights(str(run))
     assert _max_diff(a, b) <= 1e-6
+
+
+def test_logical_streams_two_ranks_two_workers_under_zero2_equal_one_process(synth_dir, tmp_path):
+    """12 logical streams, global batch 32, 20 steps, 50% token dropping: 2 DeepSpeed ZeRO-2 ranks x 2 workers x
+    micro 16 train on the same samples in every step as 1 plain process x 1 worker x micro 32, and end with the
+    same weights (<= 1e-5)."""
+    from evaclip.checkpoint import load_weights
+    from tests.conftest import tiny_overrides
+    from tests.test_train import TOPOLOGY, make_trainer, step_keys
+
+    ref = make_trainer(synth_dir, tmp_path, "w1", steps=20,
+                       extra=[*TOPOLOGY, "data.workers=0", "data.micro_batch_size=32"]).train()
+    torchrun(["-m", "evaclip.cli", "train", os.path.join(REPO, "launch/experiments/demo_cpu.toml"),
+              *tiny_overrides(synth_dir, str(tmp_path), "r2w2", 20, [*TOPOLOGY, "data.workers=2",
+                                                                      "data.micro_batch_size=16", "engine.kind=deepspeed",
+                                                                      "engine.zero_stage=2"])], timeout=900)
+    got = step_keys(str(tmp_path / "r2w2"))
+    assert sorted(got) == list(range(1, 21)) and got == step_keys(ref["run_dir"])
+    a, _ = load_weights(ref["run_dir"])
+    b, _ = load_weights(str(tmp_path / "r2w2"))
+    assert _max_diff(a, b) <= 1e-5

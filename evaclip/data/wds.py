@@ -82,15 +82,23 @@ class StreamSpec:
     epochs: int = 0  # epoch mode only: stop after this many passes (0: infinite, what training uses)
     expected_per_shard: Optional[List[float]] = None  # per source, from the recipe's sample counts (0: unknown)
     batch_timeout_s: float = 0.0  # a worker that yields no batch for this long stops the run (0: no bound)
+    num_streams: int = 0  # logical streams (see ImageTextStream); 0: one stream per (rank, worker)
+    step_samples: int = 0  # with num_streams: the samples of one global batch (what one data step takes)
 
 
 class ShardSequence:
     """Deterministic, infinite sequence of shard urls for one (source, rank, worker), in blocks."""
 
-    def __init__(self, urls: List[str], spec: StreamSpec, source: int, worker: int, num_workers: int):
+    def __init__(self, urls: List[str], spec: StreamSpec, source: int, worker: int, num_workers: int,
+                 stream: Optional[int] = None):
         self.urls, self.spec, self.source, self.worker = urls, spec, source, worker
-        self.global_worker = spec.rank * num_workers + worker
-        self.total_workers = spec.world_size * num_workers
+        if stream is None:  # one stream per (rank, worker)
+            self.ident = (spec.rank, worker)
+            self.global_worker = spec.rank * num_workers + worker
+            self.total_workers = spec.world_size * num_workers
+        else:  # logical stream ``stream`` of ``spec.num_streams``: the same shards whoever reads it
+            self.ident = ("stream", stream)
+            self.global_worker, self.total_workers = stream, spec.num_streams
         self._perm_epoch, self._perm_cache = -1, None  # epoch mode: this epoch's shard permutation
         if spec.resampled and spec.epochs:
             raise ValueError("a finite number of epochs needs epoch mode (resampled = false)")
@@ -102,7 +110,7 @@ class ShardSequence:
     def block(self, b: int) -> List[str]:
         n, bs, spec = len(self.urls), self.spec.block_shards, self.spec
         if spec.resampled:
-            rng = np.random.default_rng(_seed(spec.seed, "shards", self.source, spec.rank, self.worker, b))
+            rng = np.random.default_rng(_seed(spec.seed, "shards", self.source, *self.ident, b))
             return [self.urls[i] for i in rng.integers(0, n, size=bs)]
         g, total = self.global_worker, self.total_workers
         mine = len(range(g, n, total))
@@ -191,8 +199,7 @@ class SourceStream:
             urls = self.seq.block(b)
             if not urls:
                 return  # a finite (epochs > 0) stream is done
-            rng = random.Random(_seed(self.seq.spec.seed, "buffer", self.seq.source, self.seq.spec.rank,
-                                      self.seq.worker, b))
+            rng = random.Random(_seed(self.seq.spec.seed, "buffer", self.seq.source, *self.seq.ident, b))
             emitted = [0]
             buf: List[Dict] = []
             for sample in self._raw_block(b, urls, emitted):
@@ -262,6 +269,32 @@ def decode_sample(raw: Dict, transform, min_side: int, captions: bool = True):
     return transform(img), caption
 
 
+def stream_share(step_samples: int, num_streams: int, stream: int) -> int:
+    """Samples logical stream ``stream`` gives every data step: the global batch spread as evenly as it goes."""
+    return step_samples // num_streams + (1 if stream < step_samples % num_streams else 0)
+
+
+def owned_streams(num_streams: int, world_size: int, rank: int, num_workers: int, worker: int) -> List[int]:
+    """The logical streams a (rank, worker) reads: rank r owns l = r mod W, its workers every N-th of those."""
+    return list(range(rank, num_streams, world_size))[worker::num_workers]
+
+
+def check_streams(num_streams: int, step_samples: int, world_size: int, num_workers: int) -> Optional[str]:
+    """Why ``num_streams`` logical streams cannot serve this topology (None: they can): every rank must get
+    exactly its share of the global batch from its streams, and every worker at least one stream."""
+    per_rank, left = divmod(step_samples, world_size)
+    if left:
+        return f"the global batch {step_samples} does not split over {world_size} ranks"
+    for r in range(world_size):
+        mine = range(r, num_streams, world_size)
+        got = sum(stream_share(step_samples, num_streams, x) for x in mine)
+        if got != per_rank:
+            return f"rank {r}'s {len(mine)} streams give {got} samples a step, not its {per_rank}"
+        if len(mine) < num_workers:
+            return f"rank {r} has {len(mine)} streams for {num_workers} workers"
+    return None
+
+
 NO_CAPTION_LIMIT = 64  # samples without a caption before a stream with no usable one is called image-only
 
 
@@ -275,19 +308,30 @@ class ImageTextStream(IterableDataset):
         self.transform, self.tokenizer, self.min_side = transform, tokenizer, min_side
         self.resume: Dict[int, Dict] = {}  # stream id -> state, set before iterating
         self.offset = 0  # stream served by DataLoader worker 0 (see set_state)
+        self.step = 0  # logical streams: data steps already served (see set_state)
 
     def set_state(self, worker_states: Optional[Dict[int, Dict]]) -> None:
         """Resume from ``DataState.state_dict()``. The DataLoader polls its workers round-robin starting at
         worker 0, so worker i serves stream (i + offset) % W, where offset is the stream that was next in
         line when the state was taken: the batch order continues exactly."""
         self.resume = {int(k): v for k, v in (worker_states or {}).items()}
-        if self.resume:
+        if self.resume and self.spec.num_streams:  # logical streams: states per stream, at a step boundary
+            if not all(st.get("logical") for st in self.resume.values()):
+                raise RuntimeError("this resume state was written without logical data streams; resume it with "
+                                   "the evaclip version that wrote it")
+            self.step = next(iter(self.resume.values()))["step"]
+        elif self.resume:
+            if any(st.get("logical") for st in self.resume.values()):
+                raise RuntimeError("this resume state holds logical data streams; set data.streams as it was")
             w = next(iter(self.resume.values()))["num_workers"]
             self.offset = sum(st["batches"] for st in self.resume.values()) % w
 
     def __iter__(self):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        if self.spec.num_streams:
+            yield from self._iter_logical(worker, num_workers)
+            return
         worker = (worker + self.offset) % num_workers  # the stream this DataLoader worker serves
         spec = self.spec
         st = self.resume.get(worker)
@@ -322,11 +366,7 @@ class ImageTextStream(IterableDataset):
                         counts[s.reason] += 1
                         if s.reason == "missing_caption" and counts[s.reason] >= NO_CAPTION_LIMIT and \
                                 not per_source and not images:
-                            raise TrainingStopped(
-                                f"rank {spec.rank} worker {worker}: the first {counts[s.reason]} samples of "
-                                f"{', '.join(st.current_url or '-' for st in streams)} have no caption (.txt): "
-                                "image-only shards; CLIP training needs image-text pairs (for masked image "
-                                "modeling of the image tower set objective.kind = 'mim')") from None
+                            raise TrainingStopped(self._no_captions(worker, streams, counts[s.reason])) from None
                         continue
                     images.append(img)
                     texts.append(cap)
@@ -347,6 +387,78 @@ class ImageTextStream(IterableDataset):
             }
 
 
+    def _iter_logical(self, worker: int, num_workers: int):
+        """Logical streams: one piece per data step, ``stream_share`` samples from each stream this worker owns;
+        the trainer joins its workers' pieces into the rank's share of the global batch. Streams are seeded by
+        (seed, stream), augmentation by (seed, data step, key): the samples of global batch s and their crops do
+        not depend on the number of ranks, workers, micro-batches or accumulation steps."""
+        spec = self.spec
+        mine = owned_streams(spec.num_streams, spec.world_size, spec.rank, num_workers, worker)
+        if not mine:
+            raise RuntimeError(f"rank {spec.rank} worker {worker} owns none of the {spec.num_streams} data streams: "
+                               "use fewer data.workers or more data.streams")
+        streams = {}
+        for lid in mine:
+            st = self.resume.get(lid)
+            counts: Counter = Counter(st["counts"]) if st else Counter()
+            pos = st["stream"] if st else {"mixed": 0, "sources": [[0, 0]] * len(spec.urls)}
+            sources = [SourceStream(ShardSequence(urls, spec, i, worker, num_workers, stream=lid), counts,
+                                    *pos["sources"][i]) for i, urls in enumerate(spec.urls)]
+            mixed = MixedStream(sources, spec.weights, (spec.seed, "stream", lid), n=pos["mixed"])
+            streams[lid] = (mixed, iter(mixed), counts, Counter(st["per_source"]) if st else Counter(), sources)
+        step = self.step
+        while True:
+            images, texts, keys, names, ids = [], [], [], [], []
+            started = time.monotonic()
+            with torch.random.fork_rng(devices=[]):  # per-sample seeds below; the caller's RNG is left alone
+                for lid in mine:
+                    mixed, it, counts, per_source, sources = streams[lid]
+                    need, got = stream_share(spec.step_samples, spec.num_streams, lid), 0
+                    while got < need:
+                        if spec.batch_timeout_s and time.monotonic() - started > spec.batch_timeout_s:
+                            raise TrainingStopped(self._stalled(worker, sources, counts, len(images)))
+                        try:
+                            src, raw = next(it)
+                        except StopIteration:
+                            break  # finite stream: a last, short piece
+                        # the CPU generator only (torch.manual_seed also seeds every device: 75 us a call)
+                        torch.default_generator.manual_seed(_seed(spec.seed, "aug", step, raw["__key__"]))
+                        try:
+                            img, cap = decode_sample(raw, self.transform, self.min_side, self.tokenizer is not None)
+                        except SkipSample as s:
+                            counts[s.reason] += 1
+                            if s.reason == "missing_caption" and counts[s.reason] >= NO_CAPTION_LIMIT and \
+                                    not images and not any(v[3] for v in streams.values()):
+                                raise TrainingStopped(self._no_captions(worker, sources, counts[s.reason])) from None
+                            continue
+                        images.append(img)
+                        texts.append(cap)
+                        keys.append(raw["__key__"])
+                        names.append(spec.names[src])
+                        ids.append(lid)
+                        per_source[spec.names[src]] += 1
+                        got += 1
+            if not images:
+                return
+            step += 1
+            batch = {"text": self.tokenizer(texts)} if self.tokenizer is not None else {}
+            yield {
+                "image": torch.stack(images),
+                **batch,
+                "key": keys,
+                "source": names,
+                "stream_id": ids,
+                "__state__": {"worker": worker, "num_workers": num_workers, "step": step,
+                              "streams": {lid: {"stream": v[0].state(), "counts": dict(v[2]), "per_source": dict(v[3])}
+                                          for lid, v in streams.items()}},
+            }
+
+    def _no_captions(self, worker: int, sources, n: int) -> str:
+        return (f"rank {self.spec.rank} worker {worker}: the first {n} samples of "
+                f"{', '.join(st.current_url or '-' for st in sources)} have no caption (.txt): image-only shards; "
+                "CLIP training needs image-text pairs (for masked image modeling of the image tower set "
+                "objective.kind = 'mim')")
+
     def _stalled(self, worker: int, streams, counts: Counter, have: int) -> str:
         spec = self.spec
         shards = ", ".join(f"{spec.names[i]}: {st.current_url or '-'}" for i, st in enumerate(streams))
@@ -357,13 +469,18 @@ class ImageTextStream(IterableDataset):
 
 
 class DataState:
-    """Main-process record of the position of the last batch consumed from each worker of this rank."""
+    """Main-process record of the position of the last batch consumed from each worker of this rank (with
+    logical streams: of each logical stream this rank reads)."""
 
     def __init__(self, initial: Optional[Dict[int, Dict]] = None):
         self.workers: Dict[int, Dict] = {int(k): v for k, v in (initial or {}).items()}
 
     def update(self, batch_state: Dict) -> None:
-        self.workers[batch_state["worker"]] = copy.deepcopy(batch_state)
+        if "streams" in batch_state:  # logical streams: one entry per stream (``workers`` is keyed by stream)
+            for lid, st in batch_state["streams"].items():
+                self.workers[int(lid)] = dict(copy.deepcopy(st), step=batch_state["step"], logical=True)
+        else:
+            self.workers[batch_state["worker"]] = copy.deepcopy(batch_state)
 
     def state_dict(self) -> Dict[int, Dict]:
         return copy.deepcopy(self.workers)
@@ -393,7 +510,8 @@ class DataState:
 
 
 def build_stream_spec(recipe: Recipe, root: str, seed: int, rank: int, world_size: int, resampled: bool,
-                      shuffle_buffer: int, block_shards: int = 4, batch_timeout_s: float = 0.0) -> StreamSpec:
+                      shuffle_buffer: int, block_shards: int = 4, batch_timeout_s: float = 0.0,
+                      num_streams: int = 0, step_samples: int = 0) -> StreamSpec:
     """Expand and check the recipe's sources in the main process (clear errors before workers start)."""
     urls = []
     for s in recipe.source:
@@ -410,7 +528,8 @@ def build_stream_spec(recipe: Recipe, root: str, seed: int, rank: int, world_siz
         urls.append(u)
     return StreamSpec(urls=urls, names=[s.name for s in recipe.source], weights=recipe.weights(), seed=seed,
                       rank=rank, world_size=world_size, resampled=resampled, shuffle_buffer=shuffle_buffer,
-                      block_shards=block_shards, batch_timeout_s=batch_timeout_s,
+                      block_shards=block_shards, batch_timeout_s=batch_timeout_s, num_streams=num_streams,
+                      step_samples=step_samples,
                       expected_per_shard=[s.samples / len(u) if s.samples > 0 else 0.0
                                           for s, u in zip(recipe.source, urls)])
 
