@@ -352,22 +352,13 @@ class ImageTextStream(IterableDataset):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(_seed(spec.seed, "aug", spec.rank, worker, batches))
                 images, texts, keys, sources = [], [], [], []
-                started = time.monotonic()
+                started, seen = time.monotonic(), bool(per_source)
                 while len(images) < self.micro_batch_size:
-                    if spec.batch_timeout_s and time.monotonic() - started > spec.batch_timeout_s:
-                        raise TrainingStopped(self._stalled(worker, streams, counts, len(images)))
-                    try:
-                        src, raw = next(it)
-                    except StopIteration:
+                    usable = self._usable(it, counts, streams, worker, started, len(images), seen)
+                    if usable is None:
                         break  # finite stream: a last, short batch
-                    try:
-                        img, cap = decode_sample(raw, self.transform, self.min_side, self.tokenizer is not None)
-                    except SkipSample as s:
-                        counts[s.reason] += 1
-                        if s.reason == "missing_caption" and counts[s.reason] >= NO_CAPTION_LIMIT and \
-                                not per_source and not images:
-                            raise TrainingStopped(self._no_captions(worker, streams, counts[s.reason])) from None
-                        continue
+                    src, raw, img, cap = usable
+                    seen = True
                     images.append(img)
                     texts.append(cap)
                     keys.append(raw["__key__"])
@@ -385,7 +376,6 @@ class ImageTextStream(IterableDataset):
                 "__state__": {"worker": worker, "num_workers": num_workers, "batches": batches,
                               "stream": mixed.state(), "counts": dict(counts), "per_source": dict(per_source)},
             }
-
 
     def _iter_logical(self, worker: int, num_workers: int):
         """Logical streams: one piece per data step, ``stream_share`` samples from each stream this worker owns;
@@ -409,28 +399,17 @@ class ImageTextStream(IterableDataset):
         step = self.step
         while True:
             images, texts, keys, names, ids = [], [], [], [], []
-            started = time.monotonic()
-            with torch.random.fork_rng(devices=[]):  # per-sample seeds below; the caller's RNG is left alone
+            started, seen = time.monotonic(), any(v[3] for v in streams.values())
+            with torch.random.fork_rng(devices=[]):  # per-sample seeds (see _usable); the caller's RNG is left alone
                 for lid in mine:
                     mixed, it, counts, per_source, sources = streams[lid]
                     need, got = stream_share(spec.step_samples, spec.num_streams, lid), 0
                     while got < need:
-                        if spec.batch_timeout_s and time.monotonic() - started > spec.batch_timeout_s:
-                            raise TrainingStopped(self._stalled(worker, sources, counts, len(images)))
-                        try:
-                            src, raw = next(it)
-                        except StopIteration:
+                        usable = self._usable(it, counts, sources, worker, started, len(images), seen, aug_step=step)
+                        if usable is None:
                             break  # finite stream: a last, short piece
-                        # the CPU generator only (torch.manual_seed also seeds every device: 75 us a call)
-                        torch.default_generator.manual_seed(_seed(spec.seed, "aug", step, raw["__key__"]))
-                        try:
-                            img, cap = decode_sample(raw, self.transform, self.min_side, self.tokenizer is not None)
-                        except SkipSample as s:
-                            counts[s.reason] += 1
-                            if s.reason == "missing_caption" and counts[s.reason] >= NO_CAPTION_LIMIT and \
-                                    not images and not any(v[3] for v in streams.values()):
-                                raise TrainingStopped(self._no_captions(worker, sources, counts[s.reason])) from None
-                            continue
+                        src, raw, img, cap = usable
+                        seen = True
                         images.append(img)
                         texts.append(cap)
                         keys.append(raw["__key__"])
@@ -452,6 +431,32 @@ class ImageTextStream(IterableDataset):
                               "streams": {lid: {"stream": v[0].state(), "counts": dict(v[2]), "per_source": dict(v[3])}
                                           for lid, v in streams.items()}},
             }
+
+    def _usable(self, it, counts: Counter, sources, worker: int, started: float, have: int, seen: bool,
+                aug_step: Optional[int] = None):
+        """The next usable sample of one stream, (source index, raw, image, caption), or None when a finite stream
+        ends; unusable samples are skipped and counted. Stops the run past ``data.batch_timeout_s`` (``started``:
+        when the batch began, ``have``: its samples so far), or when a stream's first samples all lack a caption
+        and this worker has ``seen`` none usable yet (image-only shards under CLIP). ``aug_step`` (logical
+        streams): the augmentation is seeded from (seed, data step, key)."""
+        spec = self.spec
+        while True:
+            if spec.batch_timeout_s and time.monotonic() - started > spec.batch_timeout_s:
+                raise TrainingStopped(self._stalled(worker, sources, counts, have))
+            try:
+                src, raw = next(it)
+            except StopIteration:
+                return None
+            if aug_step is not None:  # the CPU generator only (torch.manual_seed also seeds every device: 75 us)
+                torch.default_generator.manual_seed(_seed(spec.seed, "aug", aug_step, raw["__key__"]))
+            try:
+                img, cap = decode_sample(raw, self.transform, self.min_side, self.tokenizer is not None)
+            except SkipSample as s:
+                counts[s.reason] += 1
+                if s.reason == "missing_caption" and counts[s.reason] >= NO_CAPTION_LIMIT and not seen:
+                    raise TrainingStopped(self._no_captions(worker, sources, counts[s.reason])) from None
+                continue
+            return src, raw, img, cap
 
     def _no_captions(self, worker: int, sources, n: int) -> str:
         return (f"rank {self.spec.rank} worker {worker}: the first {n} samples of "

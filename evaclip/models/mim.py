@@ -95,6 +95,7 @@ class Teacher(nn.Module):
         super().__init__()
         self.net, self._features = net, features
         self.image_size, self.grid, self.width, self.name = image_size, tuple(grid), width, name
+        self._stats = (tuple(float(v) for v in mean), tuple(float(v) for v in std))
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.net.requires_grad_(False)
@@ -107,9 +108,10 @@ class Teacher(nn.Module):
     def forward(self, images: torch.Tensor, student_mean, student_std, student_grid: Tuple[int, int],
                 autocast_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         x = images.float()
-        s_mean = torch.tensor(student_mean, device=x.device).view(1, 3, 1, 1)
-        s_std = torch.tensor(student_std, device=x.device).view(1, 3, 1, 1)
-        if not (torch.equal(s_mean, self.mean.to(x.device)) and torch.equal(s_std, self.std.to(x.device))):
+        # compared as plain numbers: no tensors built and no device sync on every micro-batch when they match
+        if (tuple(map(float, student_mean)), tuple(map(float, student_std))) != self._stats:
+            s_mean = torch.tensor(student_mean, device=x.device).view(1, 3, 1, 1)
+            s_std = torch.tensor(student_std, device=x.device).view(1, 3, 1, 1)
             x = (x * s_std + s_mean - self.mean) / self.std
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False,
