@@ -236,7 +236,8 @@ def load_checkpoint(engine, paths: List[str], trust_pickle: bool = False, log: C
     """Restore the first valid checkpoint of ``paths`` (newest first), reporting the ones skipped.
 
     Collective: rank 0 verifies, every rank loads, the finiteness check is agreed over all ranks.
-    Returns (path, meta, this rank's state)."""
+    Returns (path, meta, this rank's state); the state is None when the checkpoint was written by another
+    number of ranks (the engine re-partitioned its state; ``rank_states`` reads every saved rank's)."""
     problems = []
     for path in paths:
         reason = edist.all_gather_objects(verify_checkpoint(path) if edist.is_main() else None)[0]
@@ -248,14 +249,28 @@ def load_checkpoint(engine, paths: List[str], trust_pickle: bool = False, log: C
             if flag.item() > 0:
                 reason = f"non-finite weights ({', '.join(bad[:4]) or 'on another rank'})"
         if reason is None:
+            meta = read_meta(path)
+            if meta.get("world_size", edist.world_size()) != edist.world_size():
+                return path, meta, None  # written by another number of ranks: see rank_states
             rank_file = os.path.join(path, f"rank{edist.rank():05d}.pt")
             if not os.path.exists(rank_file):
                 raise CheckpointError(f"{path} has no state for rank {edist.rank()}; resume with the same world size")
-            return path, read_meta(path), load_torch(rank_file, "checkpoint", trust_pickle, _OPT_IN)
+            return path, meta, load_torch(rank_file, "checkpoint", trust_pickle, _OPT_IN)
         problems.append(f"{os.path.basename(path)}: {reason}")
         log(f"checkpoint {path} is not usable: {reason}; falling back to the previous one")
     raise CheckpointError("no valid checkpoint to resume from: " + "; ".join(problems)
                           + " (checkpoint.resume=none starts afresh)")
+
+
+def rank_states(ckpt: str, world_size: int, trust_pickle: bool = False) -> List[Dict]:
+    """The per-rank states (``rank00000.pt`` ...) of a checkpoint written by ``world_size`` ranks."""
+    out = []
+    for r in range(world_size):
+        f = os.path.join(ckpt, f"rank{r:05d}.pt")
+        if not os.path.exists(f):
+            raise CheckpointError(f"{ckpt} has no state for rank {r} of the {world_size} that wrote it")
+        out.append(load_torch(f, "checkpoint", trust_pickle, _OPT_IN))
+    return out
 
 
 def find_checkpoint(path: str, log: Callable = print) -> str:

@@ -9,7 +9,8 @@ Both engines expose the same small interface to the trainer:
     info = engine.step()             clip, optimizer step at the accumulation boundary -> {grad_norm, skipped,
                                      overflow}: ``skipped`` = non-finite gradients, no update (both engines, every
                                      precision); ``overflow`` = an fp16 loss-scale calibration skip
-    engine.save(dir) / load(dir)     engine state (weights, optimizer, loss scaler) into/from a directory
+    engine.save(dir) / load(dir)     engine state (weights, optimizer, loss scaler) into/from a directory; a
+                                     ZeRO checkpoint of another number of ranks is re-partitioned on load
     with engine.full_weights():      the unwrapped model with full parameters (ZeRO-3 gathers them)
     engine.input_dtype               dtype images must have (bf16/fp16 models under DeepSpeed)
 
@@ -24,16 +25,21 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import types
 from typing import Dict, Optional
 
 import torch
 
 from evaclip import dist as edist
+from evaclip.errors import CheckpointError
 from evaclip.files import deep_merge, find
 from evaclip.optim import FlatLayout, Lamb, flat_layout
 from evaclip.safe_load import deepspeed_loads, load_torch
 
 TORCH_STATE = "engine_state.pt"  # TorchEngine's checkpoint file
+_DS_MODEL = "mp_rank_00_model_states.pt"  # DeepSpeed's module (and, without ZeRO, optimizer) state
+_ZERO_SHARD = re.compile(r"(bf16_)?zero_pp_rank_\d+_mp_rank_00_optim_states\.pt")  # one per data-parallel rank
 _OPT_IN = "checkpoint.trust_pickle=true (or --trust-pickle)"
 
 
@@ -92,6 +98,9 @@ class TorchEngine:
                    os.path.join(path, TORCH_STATE))
 
     def load(self, path: str, load_optimizer: bool = True, trust_pickle: bool = False) -> None:
+        if not os.path.exists(os.path.join(path, TORCH_STATE)) and os.path.exists(os.path.join(path, _DS_MODEL)):
+            raise CheckpointError(f"{path} was written by DeepSpeed (engine.kind = 'deepspeed'); resume it with "
+                                  "engine.kind = 'deepspeed', which also runs as a single process")
         st = load_torch(os.path.join(path, TORCH_STATE), "checkpoint", trust_pickle, _OPT_IN, self.device)
         self.model.load_state_dict(st["model"])
         if load_optimizer:
@@ -282,12 +291,68 @@ class DeepSpeedEngine:
 
     def load(self, path: str, load_optimizer: bool = True, trust_pickle: bool = False) -> None:
         parent, tag = os.path.split(path.rstrip("/"))
+        saved = saved_zero_world(path)
+        if load_optimizer and saved and saved != edist.world_size():
+            return self._load_repartitioned(path, saved, trust_pickle)
         with deepspeed_loads(path, "checkpoint", trust_pickle):
             load_path, _ = self.ds.load_checkpoint(parent, tag=tag, load_optimizer_states=load_optimizer,
                                                    load_lr_scheduler_states=False,
                                                    load_module_only=not load_optimizer)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")
+
+    def _load_repartitioned(self, path: str, saved: int, trust_pickle: bool) -> None:
+        """Resume a ZeRO checkpoint written by ``saved`` ranks on this many: DeepSpeed refuses to re-partition
+        its optimizer shards directly, so rank 0 converts the checkpoint to DeepSpeed's universal format (per
+        parameter fp32 weights and optimizer moments, ``ds_to_universal``) next to it, every rank loads its new
+        partition from that, and the converted copy is removed. Collective."""
+        import argparse
+        import io
+        import shutil
+
+        from deepspeed.checkpoint import ds_to_universal
+
+        root, tag = os.path.split(path.rstrip("/"))
+        utag = f".tmp-universal-{tag}"  # ``.tmp-`` leftovers are pruned with interrupted saves
+        out = os.path.join(root, utag)
+        err = None
+        if edist.is_main():
+            shutil.rmtree(out, ignore_errors=True)
+            args = argparse.Namespace(input_folder=path, output_folder=out, num_extract_workers=1,
+                                      num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                      inject_missing_state=True)
+            try:
+                with deepspeed_loads(path, "checkpoint", trust_pickle), \
+                        contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                    ds_to_universal.main(args)
+            except Exception as e:  # every rank stops with rank 0's reason, none waits for a conversion
+                err = f"{type(e).__name__}: {e}"
+        err = edist.all_gather_objects(err)[0]
+        if err:
+            raise RuntimeError(f"{path}: re-partitioning its ZeRO state from {saved} to {edist.world_size()} ranks "
+                               f"failed in DeepSpeed's universal-checkpoint conversion ({err})")
+        conf, opt = self.ds._config, self.ds_optimizer
+        conf.load_universal_checkpoint = True
+        if type(opt).__name__ == "DeepSpeedZeroOptimizer":
+            opt.load_hp_checkpoint_state_from_checkpoint_dir = types.MethodType(_load_hp_state, opt)
+        try:
+            with deepspeed_loads(out, "checkpoint", trust_pickle):
+                load_path, _ = self.ds.load_checkpoint(root, tag=utag, load_optimizer_states=True,
+                                                       load_lr_scheduler_states=False)
+        except Exception as e:  # raised here at once (the copy stays; the next save prunes it)
+            raise RuntimeError(f"{path}: loading its ZeRO state re-partitioned from {saved} to {edist.world_size()} "
+                               f"ranks failed on rank {edist.rank()} ({type(e).__name__}: {e})") from e
+        finally:
+            conf.load_universal_checkpoint = False
+            opt.__dict__.pop("load_hp_checkpoint_state_from_checkpoint_dir", None)
+        edist.barrier(f"loading the re-partitioned checkpoint {path}")
+        if edist.is_main():
+            shutil.rmtree(out, ignore_errors=True)
+            pointer = os.path.join(root, "latest_universal")  # the converter's, naming the copy
+            if os.path.exists(pointer) and open(pointer).read().strip() == utag:
+                os.remove(pointer)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load the re-partitioned checkpoint of {path}")
 
     @contextlib.contextmanager
     def full_weights(self):
@@ -298,6 +363,46 @@ class DeepSpeedEngine:
                 yield self.model
         else:
             yield self.model
+
+
+def _load_hp_state(self, lp_groups_name: str, checkpoint_dir: str) -> None:
+    """DeepSpeed 0.19.7's ``load_hp_checkpoint_state_from_checkpoint_dir`` for ZeRO-1/2, with one fix: it takes
+    a parameter group's step from the first of this rank's fragments of it and fails (IndexError) when the rank
+    holds none, which happens whenever a small group (logit_scale, biases) fits in the first ranks' partitions.
+    Such a rank's share of the group is padding only: nothing to restore but the group's settings."""
+    from deepspeed.runtime.base_optimizer import _get_universal_checkpoint_ep_info
+    from deepspeed.runtime.utils import bwc_tensor_model_parallel_rank
+    from deepspeed.utils.tensor_fragment import map_to_flat_opt_states
+
+    checkpoint_dir = os.path.join(checkpoint_dir, "zero")
+    optim_sd = torch.load(os.path.join(checkpoint_dir, "optimizer_state.pt"))  # weights-only (deepspeed_loads)
+    self._load_global_state(optim_sd)
+    tp_rank = bwc_tensor_model_parallel_rank(mpu=self.mpu)
+    tp_world_size = 1 if self.mpu is None else self.mpu.get_tensor_model_parallel_world_size()
+    ep_rank, ep_size = _get_universal_checkpoint_ep_info()
+    for i, (group, saved_group) in enumerate(zip(self.optimizer.param_groups, optim_sd["param_groups"])):
+        lps = [lp for lp in getattr(self, lp_groups_name)[i] if lp._hp_mapping is not None]
+        keys, steps = set(), []
+        for lp in lps:
+            steps.append(lp.load_hp_checkpoint_state(os.path.join(checkpoint_dir, self.param_names[lp]), tp_rank,
+                                                     tp_world_size, ep_rank=ep_rank, ep_size=ep_size))
+            keys.update(lp._hp_mapping.get_optim_state_keys())
+        if len(set(map(str, steps))) > 1:
+            raise RuntimeError(f"parameter group {i}: its parameters were saved at different steps {steps}")
+        hp = group["params"][0]
+        if steps and steps[0] is not None:
+            self.optimizer.state[hp]["step"] = steps[0]
+        if lps:
+            map_to_flat_opt_states(hp, getattr(self, lp_groups_name)[i], self.optimizer.state, keys)
+        group.update({k: v for k, v in saved_group.items() if k != "params"})
+
+
+def saved_zero_world(ckpt_dir: str) -> int:
+    """How many data-parallel ranks wrote a DeepSpeed checkpoint's partitioned optimizer state (0: none, e.g.
+    the plain engine's or DeepSpeed's without ZeRO, which load on any number of ranks)."""
+    if not os.path.isdir(ckpt_dir):
+        return 0
+    return sum(1 for f in os.listdir(ckpt_dir) if _ZERO_SHARD.fullmatch(f))
 
 
 def build_engine(model, optimizer, engine_cfg, device: torch.device, micro_batch_size: int,
@@ -329,5 +434,5 @@ def read_weights(ckpt_dir: str, trust_pickle: bool = False) -> Dict[str, torch.T
 
             sd = get_fp32_state_dict_from_zero_checkpoint(parent, tag=tag)
         else:  # DeepSpeed without ZeRO: the module weights are in the model-states file
-            sd = torch.load(os.path.join(ckpt_dir, "mp_rank_00_model_states.pt"), map_location="cpu")["module"]
+            sd = torch.load(os.path.join(ckpt_dir, _DS_MODEL), map_location="cpu")["module"]
     return {k: v.float() for k, v in sd.items() if not k.endswith("attn_mask")}

@@ -122,15 +122,15 @@ class StepRowLog:
     <run>/<folder>/: ``log.sample_loss`` (step, key, source, loss) and ``data.log_keys`` (step, key, source,
     stream).
 
-    Rows are buffered and written when a checkpoint is (``flush``), so the files always end at a checkpoint:
-    a resumed or rolled-back run first drops what lies beyond the step it restarts from (``truncate``) and
-    then writes those steps again, never twice."""
+    Rows are buffered and written just before a checkpoint is (``flush``), so a kill after a checkpoint loses
+    none of its steps; a resumed or rolled-back run first drops what lies beyond the step it restarts from
+    (``truncate``: rows of a save that did not complete) and then writes those steps again, never twice."""
 
     _NAME = re.compile(r"rank(\d+)_steps(\d+)-(\d+)\.parquet$")
     COLUMNS: Dict[str, str] = {}  # column -> pyarrow type name, after "step"
 
-    def __init__(self, run_dir: str, folder: str, rank: int, start_step: int):
-        self.dir, self.rank = os.path.join(run_dir, folder), rank
+    def __init__(self, run_dir: str, folder: str, rank: int, start_step: int, world_size: int = 1):
+        self.dir, self.rank, self.world_size = os.path.join(run_dir, folder), rank, world_size
         os.makedirs(self.dir, exist_ok=True)
         self.rows: Dict[str, list] = {k: [] for k in ("step", *self.COLUMNS)}
         self.truncate(start_step)
@@ -164,7 +164,8 @@ class StepRowLog:
         os.replace(f"{path}.tmp", path)
 
     def truncate(self, step: int) -> None:
-        """Forget every row after ``step`` (buffered or on disk) of this rank."""
+        """Forget every row after ``step`` (buffered or on disk) of this rank; rank 0 also of the ranks a run
+        resumed on fewer ranks no longer has."""
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
@@ -172,7 +173,10 @@ class StepRowLog:
         self.rows = {k: [v[i] for i in keep] for k, v in self.rows.items()}
         for name in os.listdir(self.dir):
             m = self._NAME.match(name)
-            if not m or int(m.group(1)) != self.rank or int(m.group(3)) <= step:
+            if not m or int(m.group(3)) <= step:
+                continue
+            owner = int(m.group(1))
+            if owner != self.rank and not (self.rank == 0 and owner >= self.world_size):
                 continue
             path = os.path.join(self.dir, name)
             if int(m.group(2)) > step:
@@ -180,7 +184,7 @@ class StepRowLog:
                 continue
             table = pq.read_table(path)  # spans the restart step: keep its first part
             table = table.filter(pc.less_equal(table.column("step"), step))
-            self._write(table, os.path.join(self.dir, f"rank{self.rank:04d}_steps{int(m.group(2)):09d}-{step:09d}.parquet"))
+            self._write(table, os.path.join(self.dir, f"rank{owner:04d}_steps{int(m.group(2)):09d}-{step:09d}.parquet"))
             os.remove(path)
 
 
@@ -189,8 +193,8 @@ class SampleLossLog(StepRowLog):
 
     COLUMNS = {"key": "string", "source": "string", "loss": "float32"}
 
-    def __init__(self, run_dir: str, rank: int, start_step: int):
-        super().__init__(run_dir, "sample_loss", rank, start_step)
+    def __init__(self, run_dir: str, rank: int, start_step: int, world_size: int = 1):
+        super().__init__(run_dir, "sample_loss", rank, start_step, world_size)
 
     def add(self, step: int, keys, sources, losses) -> None:
         losses = losses.detach().float().cpu().tolist()
@@ -205,8 +209,8 @@ class KeyLog(StepRowLog):
 
     COLUMNS = {"key": "string", "source": "string", "stream": "string"}
 
-    def __init__(self, run_dir: str, rank: int, start_step: int):
-        super().__init__(run_dir, "keys", rank, start_step)
+    def __init__(self, run_dir: str, rank: int, start_step: int, world_size: int = 1):
+        super().__init__(run_dir, "keys", rank, start_step, world_size)
 
     def add(self, step: int, keys, sources, streams) -> None:
         self._add(step, key=keys, source=sources, stream=streams)

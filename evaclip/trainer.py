@@ -25,7 +25,7 @@ import torch
 
 from evaclip import dist as edist
 from evaclip.checkpoint import (candidates, load_checkpoint, read_meta, resume_candidates, rng_state,
-                                save_checkpoint, set_rng_state)
+                                rank_states, save_checkpoint, set_rng_state)
 from evaclip.config import Derived, ExperimentConfig, save_run_config, to_dict
 from evaclip.engine import build_engine, pick_device
 from evaclip.errors import CheckpointError, ConfigError, TrainingStopped
@@ -127,10 +127,17 @@ def _check_global_batch(saved: Dict, now: Dict, ckpt: str) -> None:
 
 
 def _check_resume_settings(saved: Dict, now: Dict, allowed, ckpt: str) -> None:
+    """A resume keeps the settings its checkpoint was written with. With logical data streams the ranks,
+    micro-batch size and accumulation may change as long as the global batch does not (elastic resume)."""
     factors = ("data.micro_batch_size", "world_size", "engine.accum_steps")
     if not all(k in allowed for k in factors if saved.get(k) != now.get(k)):  # unless the user allowed it
         _check_global_batch(saved, now, ckpt)
-    changed = [f"{k} ({saved[k]} -> {now[k]})" for k in now if k in saved and saved[k] != now[k] and k not in allowed]
+    elastic = set(factors) if saved.get("data.num_streams") else set()
+    if not elastic and saved.get("world_size", now["world_size"]) != now["world_size"]:
+        raise CheckpointError(f"{ckpt} was written by {saved['world_size']} ranks with per-worker data streams "
+                              f"(before logical data streams); resume it on {saved['world_size']} ranks")
+    changed = [f"{k} ({saved[k]} -> {now[k]})" for k in now
+               if k in saved and saved[k] != now[k] and k not in allowed and k not in elastic]
     if changed:
         keys = ", ".join(f'"{c.split(" ")[0]}"' for c in changed)
         raise CheckpointError(f"{ckpt} was written with other settings: {', '.join(changed)}; set them back, start a "
@@ -204,14 +211,15 @@ class Trainer:
         if resume:
             ckpt, meta, rank_state = load_checkpoint(self.engine, resume, cfg.checkpoint.trust_pickle, self.log)
             self.step, self.samples_seen = meta["step"], meta["samples_seen"]
-            self.data_states = rank_state["data"]
-            self.order_hash = rank_state.get("order_hash", 0)
-            set_rng_state(rank_state["rng"])
+            self._restore_rank_state(ckpt, meta, rank_state)
             self._restore_healing(meta)
-            self.log(f"resumed from {ckpt} at step {self.step} ({self.samples_seen} samples)")
+            w = meta.get("world_size")
+            elastic = "" if rank_state is not None else f", written by {w} rank{'s' if w != 1 else ''}"
+            self.log(f"resumed from {ckpt} at step {self.step} ({self.samples_seen} samples{elastic})")
         self._build_data()
-        self.sample_log = SampleLossLog(self.run_dir, edist.rank(), self.step) if cfg.log.sample_loss else None
-        self.key_log = KeyLog(self.run_dir, edist.rank(), self.step) if cfg.data.log_keys else None
+        r, w = edist.rank(), edist.world_size()
+        self.sample_log = SampleLossLog(self.run_dir, r, self.step, w) if cfg.log.sample_loss else None
+        self.key_log = KeyLog(self.run_dir, r, self.step, w) if cfg.data.log_keys else None
         # 10. evaluator, 11. logger
         self.eval_entries = None
         if cfg.eval.suite:
@@ -223,6 +231,27 @@ class Trainer:
         self._stop_signal: Optional[int] = None
         if edist.is_main() and os.path.exists(os.path.join(self.run_dir, REQUEUE_FILE)):
             os.remove(os.path.join(self.run_dir, REQUEUE_FILE))  # this is the requeued run
+
+    def _restore_rank_state(self, ckpt: str, meta: Dict, rank_state: Optional[Dict]) -> None:
+        """This rank's data position, RNG and order hash from a checkpoint. One written by another number of
+        ranks (``rank_state`` None; the engine has re-partitioned its own state) gives each rank the saved
+        positions of the logical streams it now owns: the data continue exactly. Its RNG is seeded from
+        (seed, rank, step): augmentation and token dropping do not use it (they are seeded per sample), only
+        in-model randomness such as dropout does, which thus differs from the uninterrupted run."""
+        if rank_state is None:
+            saved = meta["world_size"]
+            if not self.num_streams:
+                raise CheckpointError(f"{ckpt} was written by {saved} ranks with per-worker data streams (before "
+                                      f"logical data streams); resume it on {saved} ranks")
+            states = rank_states(ckpt, saved, self.cfg.checkpoint.trust_pickle)
+            mine = set(range(edist.rank(), self.num_streams, edist.world_size()))
+            data = {int(k): v for st in states for k, v in st["data"].items() if int(k) in mine}
+            order = states[edist.rank()].get("order_hash", 0) if edist.rank() < saved else 0
+            rank_state = {"data": data, "order_hash": order, "rng": None}
+            torch.manual_seed((self.cfg.run.seed * 1000 + edist.rank()) * 1_000_003 + self.step)
+        self.data_states, self.order_hash = rank_state["data"], rank_state.get("order_hash", 0)
+        if rank_state["rng"] is not None:
+            set_rng_state(rank_state["rng"])
 
     def _data_streams(self, saved: Optional[Dict]) -> int:
         """The run's logical data streams: data.streams, else the checkpoint's, else ranks x workers now (0:
@@ -483,13 +512,15 @@ class Trainer:
                 "skips": self.data_state.skip_counts(), "model": model_record(self.cfg.model, self.variant, self.teacher.width if self.teacher else 0),
                 "settings": self.settings, "rollbacks": self.rollbacks,
                 "skip_windows": {str(k): v for k, v in self.skip_windows.items()}, "lr_window": self.lr_window}
+        # the rows first: a kill after the checkpoint loses none; one before it leaves rows past the previous
+        # checkpoint, which the resume truncates
+        for row_log in (self.sample_log, self.key_log):
+            if row_log is not None:
+                row_log.flush()
         path = save_checkpoint(self.engine, self.run_dir, self.step, meta,
                                {"data": self.data_state.state_dict(), "rng": rng_state(),
                                 "order_hash": self.order_hash},
                                self.cfg.checkpoint.keep_last)
-        for row_log in (self.sample_log, self.key_log):
-            if row_log is not None:
-                row_log.flush()  # after the checkpoint: what is on disk never runs ahead of one
         self.log(f"checkpoint: {path}")
         return path
 
@@ -636,8 +667,7 @@ class Trainer:
                                   "(lower checkpoint.every_steps)")
         ckpt, meta, rank_state = load_checkpoint(self.engine, before, self.cfg.checkpoint.trust_pickle, self.log)
         self.step, self.samples_seen = meta["step"], meta["samples_seen"]
-        self.data_states, self.order_hash = rank_state["data"], rank_state.get("order_hash", 0)
-        set_rng_state(rank_state["rng"])  # the healing state (rollbacks, windows) stays: it covers every step
+        self._restore_rank_state(ckpt, meta, rank_state)  # the healing state (rollbacks, windows) stays
         for row_log in (self.sample_log, self.key_log):
             if row_log is not None:
                 row_log.truncate(self.step)

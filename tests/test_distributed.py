@@ -8,7 +8,6 @@ test can fail.
 """
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -257,6 +256,20 @@ def _check_export_of_zero_checkpoint(run_dir, weights, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ kill -9 + resume
+def kill_9_tree(proc) -> None:
+    """SIGKILL torchrun and every process under it, as a node failure does: torchrun starts its workers in
+    sessions of their own, so a signal to its process group alone would leave them training."""
+    import psutil
+
+    root = psutil.Process(proc.pid)
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+
+
 def _train_cmd(synth_dir, out_dir, name):
     return ["-m", "evaclip.cli", "train", os.path.join(REPO, "launch/experiments/demo_cpu.toml"),
             f"run.output_dir={out_dir}", f"run.name={name}", "run.steps=8", "data.micro_batch_size=8",
@@ -292,8 +305,7 @@ def test_kill_9_and_resume_equals_uninterrupted(synth_dir, tmp_path):
         if (run / "metrics.jsonl").exists() and max(_per_step(str(run)) or [0]) >= kill_at:
             break
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_9_tree(proc)
     assert os.path.exists(run / "checkpoints" / "latest")
     torchrun(_train_cmd(synth_dir, str(tmp_path), "killed"))
     full, resumed = _per_step(str(tmp_path / "full")), _per_step(str(run))
@@ -305,22 +317,92 @@ def test_kill_9_and_resume_equals_uninterrupted(synth_dir, tmp_path):
     assert _max_diff(a, b) <= 1e-6
 
 
-def test_logical_streams_two_ranks_two_workers_under_zero2_equal_one_process(synth_dir, tmp_path):
-    """12 logical streams, global batch 32, 20 steps, 50% token dropping: 2 DeepSpeed ZeRO-2 ranks x 2 workers x
-    micro 16 train on the same samples in every step as 1 plain process x 1 worker x micro 32, and end with the
-    same weights (<= 1e-5)."""
-    from evaclip.checkpoint import load_weights
+def _topology_cmd(synth_dir, out_dir, name, extra):
     from tests.conftest import tiny_overrides
+    from tests.test_train import TOPOLOGY
+
+    return ["-m", "evaclip.cli", "train", os.path.join(REPO, "launch/experiments/demo_cpu.toml"),
+            *tiny_overrides(synth_dir, out_dir, name, 20, [*TOPOLOGY, "engine.kind=deepspeed", "engine.zero_stage=2",
+                                                           *extra])]
+
+
+R2W2 = ["data.workers=2", "data.micro_batch_size=16"]
+
+
+@pytest.fixture(scope="module")
+def r2w2(synth_dir, tmp_path_factory):
+    """12 logical streams, global batch 32, 20 steps, 50% token dropping, LAMB: 2 DeepSpeed ZeRO-2 ranks x 2
+    workers x micro 16, uninterrupted (checkpoints at steps 10 and 20)."""
+    out = str(tmp_path_factory.mktemp("r2w2"))
+    torchrun(_topology_cmd(synth_dir, out, "r2w2", R2W2), timeout=900)
+    return os.path.join(out, "r2w2")
+
+
+def test_logical_streams_two_ranks_two_workers_under_zero2_equal_one_process(synth_dir, r2w2, tmp_path):
+    """2 ranks x 2 workers x micro 16 (ZeRO-2) train on the same samples in every step as 1 plain process x 1
+    worker x micro 32, and end with the same weights (<= 1e-5)."""
+    from evaclip.checkpoint import load_weights
     from tests.test_train import TOPOLOGY, make_trainer, step_keys
 
     ref = make_trainer(synth_dir, tmp_path, "w1", steps=20,
                        extra=[*TOPOLOGY, "data.workers=0", "data.micro_batch_size=32"]).train()
-    torchrun(["-m", "evaclip.cli", "train", os.path.join(REPO, "launch/experiments/demo_cpu.toml"),
-              *tiny_overrides(synth_dir, str(tmp_path), "r2w2", 20, [*TOPOLOGY, "data.workers=2",
-                                                                      "data.micro_batch_size=16", "engine.kind=deepspeed",
-                                                                      "engine.zero_stage=2"])], timeout=900)
-    got = step_keys(str(tmp_path / "r2w2"))
+    got = step_keys(r2w2)
     assert sorted(got) == list(range(1, 21)) and got == step_keys(ref["run_dir"])
     a, _ = load_weights(ref["run_dir"])
-    b, _ = load_weights(str(tmp_path / "r2w2"))
+    b, _ = load_weights(r2w2)
+    assert _max_diff(a, b) <= 1e-5
+
+
+def test_kill_9_on_two_ranks_and_resume_on_one_rank_with_accumulation_equals_uninterrupted(synth_dir, r2w2,
+                                                                                        tmp_path):
+    """The 2 x 2 ZeRO-2 run killed with SIGKILL after its step-10 checkpoint, resumed on 1 rank x 1 worker x
+    micro 16 x 2 accumulation steps (the ZeRO state re-partitioned from 2 ranks to 1): every step's keys and the
+    final weights equal the uninterrupted run's (<= 1e-5)."""
+    from evaclip.checkpoint import load_weights, read_meta
+    from tests.test_train import step_keys
+
+    out = str(tmp_path)
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           *_topology_cmd(synth_dir, out, "killed", R2W2)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and not (run / "checkpoints" / "latest").exists():
+        time.sleep(0.1)
+    kill_9_tree(proc)
+    assert sorted(os.listdir(run / "checkpoints" / "step-00000010")) and \
+        not (run / "checkpoints" / "step-00000020").exists(), "the run was not killed between its checkpoints"
+    r = torchrun(_topology_cmd(synth_dir, out, "killed", ["data.workers=1", "data.micro_batch_size=16",
+                                                            "engine.accum_steps=2"]), nproc=1, timeout=900)
+    assert "written by 2 ranks" in r.stdout
+    got, want = step_keys(str(run)), step_keys(r2w2)
+    assert sorted(got) == list(range(1, 21)) and got == want
+    assert read_meta(str(run / "checkpoints" / "step-00000020"))["world_size"] == 1
+    assert not [f for f in os.listdir(run / "checkpoints") if "universal" in f]  # the converted copy is gone
+    a, _ = load_weights(r2w2)
+    b, _ = load_weights(str(run))
+    assert _max_diff(a, b) <= 1e-5
+
+
+def test_a_two_rank_checkpoint_resumes_on_four_ranks_with_the_uninterrupted_runs_keys_and_weights(synth_dir, r2w2,
+                                                                                              tmp_path):
+    """The 2 x 2 ZeRO-2 run's step-10 checkpoint resumed on 4 ranks x 1 worker x micro 8 (the ZeRO state
+    re-partitioned onto more ranks, where the small parameter groups leave some ranks no fragment of theirs):
+    steps 11-20 see the same keys and end with the same weights (<= 1e-5) as the uninterrupted run."""
+    import shutil
+
+    from evaclip.checkpoint import load_weights
+    from tests.test_train import step_keys
+
+    run = tmp_path / "wide"
+    os.makedirs(run / "checkpoints")
+    shutil.copytree(os.path.join(r2w2, "checkpoints", "step-00000010"), run / "checkpoints" / "step-00000010")
+    (run / "checkpoints" / "latest").write_text("step-00000010\n")
+    torchrun(_topology_cmd(synth_dir, str(tmp_path), "wide", ["data.workers=1", "data.micro_batch_size=8"]), nproc=4,
+             timeout=900)
+    got, want = step_keys(str(run)), step_keys(r2w2)
+    assert sorted(got) == list(range(11, 21)) and all(got[s] == want[s] for s in got)
+    a, _ = load_weights(r2w2)
+    b, _ = load_weights(str(run))
     assert _max_diff(a, b) <= 1e-5

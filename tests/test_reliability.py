@@ -453,15 +453,28 @@ def test_10_resume_refuses_changed_settings_without_touching_the_run(small_run, 
     with pytest.raises(CheckpointError, match=r"global batch of 8 .*would be 4 .*set data.micro_batch_size=8 "
                                               r"engine.accum_steps=1$"):
         trainer(synth_dir, tmp_path, "copy", steps=6, extra=["data.micro_batch_size=4"])
-    # the same global batch cut otherwise: still another data order, named
-    with pytest.raises(CheckpointError, match=r"data.micro_batch_size \(8 -> 4\), engine.accum_steps \(1 -> 2\)"):
-        trainer(synth_dir, tmp_path, "copy", steps=6, extra=["data.micro_batch_size=4", "engine.accum_steps=2"])
     with pytest.raises(CheckpointError, match=r"model.name \(EVA02-Ti-8-64 -> EVA01-Ti-8-64\)"):
         trainer(synth_dir, tmp_path, "copy", steps=6, extra=["model.name=EVA01-Ti-8-64"])
     assert open(os.path.join(run, "config.resolved.toml")).read() == before
+    # the same global batch cut otherwise: the same data with logical streams, so accepted (elastic resume)
+    assert trainer(synth_dir, tmp_path, "copy", steps=6, extra=["data.micro_batch_size=4",
+                                                                "engine.accum_steps=2"]).step == 4
     tr = trainer(synth_dir, tmp_path, "copy", steps=6, extra=["checkpoint.allow_changes=[\"data.micro_batch_size\"]",
                                                               "data.micro_batch_size=4"])
     assert tr.step == 4
+
+
+def test_10_a_checkpoint_without_logical_streams_resumes_only_on_its_number_of_ranks():
+    from evaclip.trainer import _check_resume_settings
+
+    saved = {"data.micro_batch_size": 16, "world_size": 2, "engine.accum_steps": 1, "model.name": "m"}
+    elastic = dict(saved, **{"data.num_streams": 12})
+    one_rank = {"data.micro_batch_size": 16, "world_size": 1, "engine.accum_steps": 2, "model.name": "m"}
+    _check_resume_settings(elastic, dict(one_rank, **{"data.num_streams": 12}), [], "ckpt")  # accepted
+    with pytest.raises(CheckpointError, match=r"written by 2 ranks with per-worker data streams .*resume it on 2 ranks"):
+        _check_resume_settings(saved, one_rank, [], "ckpt")
+    with pytest.raises(CheckpointError, match=r"global batch of 32 .*set data.micro_batch_size=16 engine.accum_steps=2$"):
+        _check_resume_settings(elastic, dict(one_rank, **{"engine.accum_steps": 1, "data.num_streams": 12}), [], "c")
 
 
 # ------------------------------------------------------------------------------------------------ 11 inits
