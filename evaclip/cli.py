@@ -53,8 +53,9 @@ def cmd_train(args) -> int:
 
     trainer = Trainer(cfg, derived)
     summary = trainer.train()
+    main = edist.is_main()  # before shutdown: every process is rank 0 after it
     edist.shutdown()
-    if edist.is_main():
+    if main:
         zs = summary["zeroshot"]
         acc = {k: v for k, v in zs.items() if k.endswith("/acc1")}
         print(f"trained {summary['steps']} steps ({summary['samples']:,} samples); skipped samples: "

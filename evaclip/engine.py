@@ -290,6 +290,9 @@ class DeepSpeedEngine:
         self.ds.save_checkpoint(parent, tag=tag, save_latest=False)
 
     def load(self, path: str, load_optimizer: bool = True, trust_pickle: bool = False) -> None:
+        if os.path.exists(os.path.join(path, TORCH_STATE)):
+            raise CheckpointError(f"{path} was written by the plain engine (engine.kind = 'torch'); resume it with "
+                                  "engine.kind = 'torch' on one process")
         parent, tag = os.path.split(path.rstrip("/"))
         saved = saved_zero_world(path)
         if load_optimizer and saved and saved != edist.world_size():

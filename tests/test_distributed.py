@@ -399,8 +399,9 @@ def test_a_two_rank_checkpoint_resumes_on_four_ranks_with_the_uninterrupted_runs
     os.makedirs(run / "checkpoints")
     shutil.copytree(os.path.join(r2w2, "checkpoints", "step-00000010"), run / "checkpoints" / "step-00000010")
     (run / "checkpoints" / "latest").write_text("step-00000010\n")
-    torchrun(_topology_cmd(synth_dir, str(tmp_path), "wide", ["data.workers=1", "data.micro_batch_size=8"]), nproc=4,
-             timeout=900)
+    r = torchrun(_topology_cmd(synth_dir, str(tmp_path), "wide", ["data.workers=1", "data.micro_batch_size=8"]),
+                 nproc=4, timeout=900)
+    assert r.stdout.count("run dir:") == 1  # the summary comes from rank 0 only
     got, want = step_keys(str(run)), step_keys(r2w2)
     assert sorted(got) == list(range(11, 21)) and all(got[s] == want[s] for s in got)
     a, _ = load_weights(r2w2)
