@@ -25,6 +25,9 @@ def patch_open_clip_train():
     return ocd
 
 
+STREAMS = {"evaclip_streams1": 1, "evaclip_streams": 8}  # impl -> logical streams in this one worker
+
+
 def child(a):
     import torch
 
@@ -35,12 +38,14 @@ def child(a):
 
     size, batch, n_batches = a["image_size"], a.get("batch", 64), a.get("batches", 20)
     tok = Tokenizer(77)
-    if a["impl"] in ("evaclip", "evaclip_streams"):
+    if a["impl"] in ("evaclip", *STREAMS):
         from evaclip.data.recipes import recipe_from_shards
         from evaclip.data.wds import ImageTextStream, build_stream_spec, make_loader
 
-        # evaclip_streams: what the trainer runs, each batch a share of 8 logical streams with per-sample seeds
-        logical = dict(num_streams=8, step_samples=batch) if a["impl"] == "evaclip_streams" else {}
+        # logical streams, as the trainer runs them (per-sample augmentation seeds): one per worker (the default,
+        # data.streams = ranks x workers) or 8 per worker (a run set up to shrink 8x later)
+        n = STREAMS.get(a["impl"], 0)
+        logical = dict(num_streams=n, step_samples=batch) if n else {}
         spec = build_stream_spec(recipe_from_shards(a["shards"]), "", 0, 0, 1, True, 500, **logical)
         stream = ImageTextStream(spec, batch, train_transform(size, MEAN, STD, (0.9, 1.0)), tok,
                                  min_side=draft_side(size, 0.9))
@@ -90,7 +95,7 @@ def run(shards: str, reps: int = 5, sizes=(224, 64)):
 
     rows = []
     for size in sizes:
-        rates = {"evaclip": [], "evaclip_streams": [], "open_clip": []}
+        rates = {"evaclip": [], "evaclip_streams1": [], "evaclip_streams": [], "open_clip": []}
         for _ in range(reps):
             for impl in rates:
                 r = run_child("data_pipeline", {"shards": shards, "image_size": size, "impl": impl})
@@ -99,11 +104,15 @@ def run(shards: str, reps: int = 5, sizes=(224, 64)):
                 rates[impl].append(r["images_per_s"])
         med = {k: statistics.median(v) for k, v in rates.items()}
         rows.append({"image_size": size, "evaclip_images_per_s": med["evaclip"],
+                     "streams1_images_per_s": med["evaclip_streams1"],
+                     "streams1_vs_per_worker": med["evaclip_streams1"] / med["evaclip"],
+                     "streams1_ratio": med["evaclip_streams1"] / med["open_clip"],
                      "streams_images_per_s": med["evaclip_streams"],
                      "open_clip_images_per_s": med["open_clip"], "ratio": med["evaclip"] / med["open_clip"],
                      "streams_ratio": med["evaclip_streams"] / med["open_clip"],
                      "streams_vs_per_worker": med["evaclip_streams"] / med["evaclip"],
-                     "evaclip_runs": rates["evaclip"], "streams_runs": rates["evaclip_streams"],
+                     "evaclip_runs": rates["evaclip"], "streams1_runs": rates["evaclip_streams1"],
+                     "streams_runs": rates["evaclip_streams"],
                      "open_clip_runs": rates["open_clip"]})
     return rows
 
