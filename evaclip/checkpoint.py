@@ -147,7 +147,7 @@ def save_checkpoint(engine, run_dir: str, step: int, meta: Dict, rank_state: Dic
             shutil.rmtree(tmp, ignore_errors=True)
         edist.barrier(f"checkpoint step {step} (start)")
         engine.save(tmp)
-        torch.save(rank_state, os.path.join(tmp, f"rank{edist.rank():05d}.pt"))
+        torch.save(rank_state, _rank_file(tmp, edist.rank()))
         edist.barrier(f"checkpoint step {step} (every rank's files written)")
         if edist.is_main():
             _atomic_write(os.path.join(tmp, META), json.dumps(dict(meta, step=step, tag=tag), indent=2))
@@ -252,7 +252,7 @@ def load_checkpoint(engine, paths: List[str], trust_pickle: bool = False, log: C
             meta = read_meta(path)
             if meta.get("world_size", edist.world_size()) != edist.world_size():
                 return path, meta, None  # written by another number of ranks: see rank_states
-            rank_file = os.path.join(path, f"rank{edist.rank():05d}.pt")
+            rank_file = _rank_file(path, edist.rank())
             if not os.path.exists(rank_file):
                 raise CheckpointError(f"{path} has no state for rank {edist.rank()}; resume with the same world size")
             return path, meta, load_torch(rank_file, "checkpoint", trust_pickle, _OPT_IN)
@@ -262,11 +262,16 @@ def load_checkpoint(engine, paths: List[str], trust_pickle: bool = False, log: C
                           + " (checkpoint.resume=none starts afresh)")
 
 
+def _rank_file(ckpt: str, rank: int) -> str:
+    """The file of one rank's own state (data position, RNG, order hash) in a checkpoint."""
+    return os.path.join(ckpt, f"rank{rank:05d}.pt")
+
+
 def rank_states(ckpt: str, world_size: int, trust_pickle: bool = False) -> List[Dict]:
     """The per-rank states (``rank00000.pt`` ...) of a checkpoint written by ``world_size`` ranks."""
     out = []
     for r in range(world_size):
-        f = os.path.join(ckpt, f"rank{r:05d}.pt")
+        f = _rank_file(ckpt, r)
         if not os.path.exists(f):
             raise CheckpointError(f"{ckpt} has no state for rank {r} of the {world_size} that wrote it")
         out.append(load_torch(f, "checkpoint", trust_pickle, _OPT_IN))

@@ -294,7 +294,7 @@ class DeepSpeedEngine:
             raise CheckpointError(f"{path} was written by the plain engine (engine.kind = 'torch'); resume it with "
                                   "engine.kind = 'torch' on one process")
         parent, tag = os.path.split(path.rstrip("/"))
-        saved = saved_zero_world(path)
+        saved = _saved_zero_world(path)
         if load_optimizer and saved and saved != edist.world_size():
             return self._load_repartitioned(path, saved, trust_pickle)
         with deepspeed_loads(path, "checkpoint", trust_pickle):
@@ -400,7 +400,7 @@ def _load_hp_state(self, lp_groups_name: str, checkpoint_dir: str) -> None:
         group.update({k: v for k, v in saved_group.items() if k != "params"})
 
 
-def saved_zero_world(ckpt_dir: str) -> int:
+def _saved_zero_world(ckpt_dir: str) -> int:
     """How many data-parallel ranks wrote a DeepSpeed checkpoint's partitioned optimizer state (0: none, e.g.
     the plain engine's or DeepSpeed's without ZeRO, which load on any number of ranks)."""
     if not os.path.isdir(ckpt_dir):

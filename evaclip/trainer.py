@@ -126,6 +126,12 @@ def _check_global_batch(saved: Dict, now: Dict, ckpt: str) -> None:
                           f"{fix}")
 
 
+def _same_ranks_only(ckpt: str, saved_world: int) -> CheckpointError:
+    """The refusal of a checkpoint from before logical data streams on another number of ranks."""
+    return CheckpointError(f"{ckpt} was written by {saved_world} ranks with per-worker data streams (before logical "
+                           f"data streams); resume it on {saved_world} ranks")
+
+
 def _check_resume_settings(saved: Dict, now: Dict, allowed, ckpt: str) -> None:
     """A resume keeps the settings its checkpoint was written with. With logical data streams the ranks,
     micro-batch size and accumulation may change as long as the global batch does not (elastic resume)."""
@@ -134,8 +140,7 @@ def _check_resume_settings(saved: Dict, now: Dict, allowed, ckpt: str) -> None:
         _check_global_batch(saved, now, ckpt)
     elastic = set(factors) if saved.get("data.num_streams") else set()
     if not elastic and saved.get("world_size", now["world_size"]) != now["world_size"]:
-        raise CheckpointError(f"{ckpt} was written by {saved['world_size']} ranks with per-worker data streams "
-                              f"(before logical data streams); resume it on {saved['world_size']} ranks")
+        raise _same_ranks_only(ckpt, saved["world_size"])
     changed = [f"{k} ({saved[k]} -> {now[k]})" for k in now
                if k in saved and saved[k] != now[k] and k not in allowed and k not in elastic]
     if changed:
@@ -241,8 +246,7 @@ class Trainer:
         if rank_state is None:
             saved = meta["world_size"]
             if not self.num_streams:
-                raise CheckpointError(f"{ckpt} was written by {saved} ranks with per-worker data streams (before "
-                                      f"logical data streams); resume it on {saved} ranks")
+                raise _same_ranks_only(ckpt, saved)
             states = rank_states(ckpt, saved, self.cfg.checkpoint.trust_pickle)
             mine = set(range(edist.rank(), self.num_streams, edist.world_size()))
             data = {int(k): v for st in states for k, v in st["data"].items() if int(k) in mine}
