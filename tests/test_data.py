@@ -239,6 +239,90 @@ def test_shard_reader_keeps_samples_before_damage(tmp_path):
     assert len(got) == _readable_samples(path)
 
 
+def _tar_bytes(fmt, compress=""):
+    """A tar in ``fmt`` with what real shards hold and what a reader must get past: float mtimes (pax records),
+    names over 100 characters (ustar prefix / GNU long name / pax path), a directory, a symlink, an empty
+    member, a member of exactly one block and a large one."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:" + compress, format=fmt) as t:
+        def add(name, data, kind=tarfile.REGTYPE, **kw):
+            info = tarfile.TarInfo(name)
+            info.type, info.size, info.mtime = kind, len(data), 1796194090.8107529
+            for k, v in kw.items():
+                setattr(info, k, v)
+            t.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+        add("dir", b"", tarfile.DIRTYPE)
+        for i in range(6):
+            add(f"{i:09d}.jpg", _jpeg(i))
+            add(f"{i:09d}.txt", f"caption {i}".encode())
+        add("a" * 60 + "/" + "b" * 70 + "/000000006.txt", b"x" * 512)
+        add("link.txt", b"", tarfile.SYMTYPE, linkname="000000000.txt")
+        add("000000007.txt", b"")
+        add("000000008.bin", bytes(range(256)) * 300)
+    return buf.getvalue()
+
+
+def _tarfile_members(data):
+    """Python's tarfile as the reference: (name, bytes) of each regular member and where its padded data ends."""
+    out = []
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as t:
+        for m in t:
+            if m.isfile():
+                out.append((m.name, t.extractfile(m).read(), m.offset_data + -(-m.size // 512) * 512))
+    return out
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_tar_reader_equals_tarfile_and_stops_at_every_cut(fmt):
+    """The shard reader returns tarfile's regular members (names, bytes) in pax, GNU and ustar tars; cut anywhere
+    (inside a header, inside data, at a member boundary, inside the end marker), it returns exactly the members
+    complete before the cut and then raises, rather than ending as if the shard were whole."""
+    from evaclip.data.shards import tar_members
+
+    data = _tar_bytes(fmt)
+    ref = _tarfile_members(data)
+    assert any(len(n) > 100 for n, _, _ in ref) and len(ref) == 15
+    assert list(tar_members(io.BytesIO(data))) == [(n, b) for n, b, _ in ref]
+    last = ref[-1][2]  # then the end-of-archive zero blocks: one of them is enough
+    assert list(tar_members(io.BytesIO(data[:last + 512]))) == [(n, b) for n, b, _ in ref]
+    for cut in sorted(set(range(0, last + 512, 97)) | {end for _, _, end in ref} | {last + 511}):
+        got = []
+        with pytest.raises(ValueError):
+            for member in tar_members(io.BytesIO(data[:cut])):
+                got.append(member)
+        assert got == [(n, b) for n, b, end in ref if end <= cut], cut
+    damaged = bytearray(data)
+    damaged[ref[3][2] + 20] ^= 0xFF  # the name field of the header after the 4th member
+    got = []
+    with pytest.raises(ValueError, match="checksum"):
+        for member in tar_members(io.BytesIO(bytes(damaged))):
+            got.append(member)
+    assert got == [(n, b) for n, b, _ in ref[:4]]
+
+
+def test_tar_reader_equals_webdatasets_on_a_webdataset_shard(tmp_path):
+    """A shard written by webdataset's TarWriter (what the synthetic data are) reads as webdataset reads it."""
+    import webdataset as wds
+
+    from evaclip.data.synth import write_train
+
+    write_train(str(tmp_path), 1, 30, 32, seed=1)
+    url = str(tmp_path / "00000.tar")
+    ref = [{k: v for k, v in s.items() if not k.startswith("__")} | {"__key__": s["__key__"]}
+           for s in wds.WebDataset(url, shardshuffle=False)]
+    ours = [{k: v for k, v in s.items() if k != "__url__"} for s in iter_tar_samples(url)]
+    assert len(ours) == 30 and ours == ref
+
+
+def test_compressed_tar_shards_read_through_tarfile(tmp_path):
+    path = tmp_path / "00000.tar.gz"
+    path.write_bytes(_tar_bytes(tarfile.PAX_FORMAT, "gz"))
+    samples = list(iter_tar_samples(str(path)))
+    assert [s["__key__"] for s in samples][:6] == [f"{i:09d}" for i in range(6)]
+    assert samples[0]["jpg"] == _jpeg(0) and samples[0]["txt"] == b"caption 0"
+
+
 # ------------------------------------------------------------------------------------------------ tools
 def test_stats_manifest_round_trips_with_exact_counts(tmp_path):
     pattern = write_shards(tmp_path / "d", "k", 3, 11)
