@@ -1,11 +1,12 @@
 """Images/s per core of the training input pipeline (tar -> decode -> train transform -> tokenize -> batch):
-evaclip's stream (per-worker streams, and the trainer's logical streams) against open_clip_train's webdataset
-pipeline, same shards, one process, one thread.
+evaclip's stream (as before logical streams, per-worker, and the trainer's logical streams) against
+open_clip_train's webdataset pipeline, same shards, one thread, all pipelines in one process timed in alternation.
 
-    python -m bench.data_pipeline '{"shards": "...{0..1}.tar", "image_size": 224, "impl": "evaclip"}'
+    python -m bench.data_pipeline '{"shards": "...{00000..00001}.tar", "image_size": 224}'
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -26,55 +27,94 @@ def patch_open_clip_train():
 
 
 STREAMS = {"evaclip_streams1": 1, "evaclip_streams": 8}  # impl -> logical streams in this one worker
+IMPLS = ("before", "evaclip", "evaclip_streams1", "evaclip_streams", "open_clip")
 
 
-def child(a):
-    import torch
+def tarfile_members(stream):
+    """The tar reading of the pipeline before logical streams: Python's tarfile in stream mode."""
+    import tarfile
 
-    torch.set_num_threads(1)
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for member in tar:
+            if member.isfile():
+                f = tar.extractfile(member)
+                yield member.name, f.read() if f is not None else b""
+
+
+class before_issue_16:
+    """Context in which the shards a pipeline opens are read with ``tarfile_members``: the per-worker stream in
+    it is the pipeline as it was before logical streams (its sample loop differs only in being one function)."""
+
+    def __enter__(self):
+        from evaclip.data import shards
+
+        self.shards, self.ours = shards, shards.tar_members
+        shards.tar_members = tarfile_members
+
+    def __exit__(self, *exc):
+        self.shards.tar_members = self.ours
+
+
+def make_iter(impl: str, shards: str, size: int, batch: int):
+    """An iterator of training batches of one pipeline, with workers = 0 (this process decodes)."""
     from evaclip.data.transforms import Tokenizer, draft_side, train_transform
     from evaclip.models.registry import OPENAI_CLIP_MEAN as MEAN
     from evaclip.models.registry import OPENAI_CLIP_STD as STD
 
-    size, batch, n_batches = a["image_size"], a.get("batch", 64), a.get("batches", 20)
     tok = Tokenizer(77)
-    if a["impl"] in ("evaclip", *STREAMS):
+    if impl in ("before", "evaclip", *STREAMS):
         from evaclip.data.recipes import recipe_from_shards
         from evaclip.data.wds import ImageTextStream, build_stream_spec, make_loader
 
         # logical streams, as the trainer runs them (per-sample augmentation seeds): one per worker (the default,
         # data.streams = ranks x workers) or 8 per worker (a run set up to shrink 8x later)
-        n = STREAMS.get(a["impl"], 0)
+        n = STREAMS.get(impl, 0)
         logical = dict(num_streams=n, step_samples=batch) if n else {}
-        spec = build_stream_spec(recipe_from_shards(a["shards"]), "", 0, 0, 1, True, 500, **logical)
+        spec = build_stream_spec(recipe_from_shards(shards), "", 0, 0, 1, True, 500, **logical)
         stream = ImageTextStream(spec, batch, train_transform(size, MEAN, STD, (0.9, 1.0)), tok,
                                  min_side=draft_side(size, 0.9))
-        it = iter(make_loader(stream, 0))
-    else:
-        from argparse import Namespace
+        return iter(make_loader(stream, 0))
+    from argparse import Namespace
 
-        import open_clip
+    import open_clip
 
-        ocd = patch_open_clip_train()
-        pre = open_clip.image_transform(size, is_train=True, mean=MEAN, std=STD)
-        args = Namespace(train_data=a["shards"], train_data_upsampling_factors=None, dataset_resampled=True,
-                         train_num_samples=10 ** 7, batch_size=batch, workers=0, world_size=1, seed=0,
-                         val_data=None, val_num_samples=None)
-        data = ocd.get_wds_dataset(args, pre, is_train=True, epoch=0, tokenizer=tok)
-        it = iter(data.dataloader)
+    ocd = patch_open_clip_train()
+    pre = open_clip.image_transform(size, is_train=True, mean=MEAN, std=STD)
+    args = Namespace(train_data=shards, train_data_upsampling_factors=None, dataset_resampled=True,
+                     train_num_samples=10 ** 7, batch_size=batch, workers=0, world_size=1, seed=0,
+                     val_data=None, val_num_samples=None)
+    return iter(ocd.get_wds_dataset(args, pre, is_train=True, epoch=0, tokenizer=tok).dataloader)
+
+
+def child(a):
+    """Every pipeline of ``a["impls"]`` in this one process, timed in alternation: ``rounds`` rounds of
+    ``per_round`` batches each (the order rotates every round), so a slow spell of a shared machine falls on
+    all of them alike; images/s = images / time summed over the rounds."""
+    import torch
+
+    torch.set_num_threads(1)
+    impls = a.get("impls", list(IMPLS))
+    size, batch = a["image_size"], a.get("batch", 64)
+    rounds, per_round = a.get("rounds", 12), a.get("per_round", 3)
+    its = {impl: make_iter(impl, a["shards"], size, batch) for impl in impls}
+    scope = {impl: before_issue_16 if impl == "before" else contextlib.nullcontext for impl in impls}
     # warm-up: until every shuffle buffer is full (8 logical streams x 500 samples), the same for every impl, so
     # the timed batches are the steady state (a stream's start reads its buffer's worth without emitting)
-    for _ in range(3 + -(-8 * 500 // batch)):
-        next(it)
-    times = []
-    for _ in range(n_batches):
-        t = time.perf_counter()
-        next(it)
-        times.append(time.perf_counter() - t)
-    times.sort()
-    med = times[len(times) // 2]
-    return {"images_per_s": batch / med, "batch_s_median": med, "batch_s_min": times[0], "batch_s_max": times[-1],
-            "batches": n_batches}
+    for impl, it in its.items():
+        with scope[impl]():
+            for _ in range(3 + -(-8 * 500 // batch)):
+                next(it)
+    spent = {impl: [] for impl in impls}
+    for r in range(rounds):
+        for impl in impls[r % len(impls):] + impls[:r % len(impls)]:
+            it = its[impl]
+            with scope[impl]():
+                t = time.perf_counter()
+                for _ in range(per_round):
+                    next(it)
+                spent[impl].append(time.perf_counter() - t)
+    return {impl: {"images_per_s": rounds * per_round * batch / sum(ts),
+                   "round_images_per_s": [per_round * batch / t for t in ts]} for impl, ts in spent.items()}
 
 
 def make_shards(out: str, shards: int = 2, per_shard: int = 400, size: int = 256) -> str:
@@ -87,33 +127,38 @@ def make_shards(out: str, shards: int = 2, per_shard: int = 400, size: int = 256
     return os.path.join(out, "{%05d..%05d}.tar" % (0, shards - 1))
 
 
-def run(shards: str, reps: int = 5, sizes=(224, 64)):
-    """Alternate the two pipelines ``reps`` times per output size; report medians of the per-run rates."""
+def run(shards: str, reps: int = 5, sizes=(224, 64), rounds: int = 12):
+    """``reps`` processes per output size, each timing every pipeline in alternation (see ``child``); reports
+    the median over processes of each pipeline's images/s and of each ratio (paired round by round), with the
+    ratios' min-max over processes."""
     import statistics
 
     from bench.common import run_child
 
+    def ratio(runs, a, b):
+        # per process: the median over rounds of a's rate over b's in the same round (neighbours in time)
+        r = [statistics.median(p / q for p, q in zip(x[a]["round_images_per_s"], x[b]["round_images_per_s"]))
+             for x in runs]
+        return {"median": statistics.median(r), "min": min(r), "max": max(r), "runs": r}
+
     rows = []
     for size in sizes:
-        rates = {"evaclip": [], "evaclip_streams1": [], "evaclip_streams": [], "open_clip": []}
+        runs = []
         for _ in range(reps):
-            for impl in rates:
-                r = run_child("data_pipeline", {"shards": shards, "image_size": size, "impl": impl})
-                if "error" in r:
-                    return [{"image_size": size, "error": r["error"]}]
-                rates[impl].append(r["images_per_s"])
-        med = {k: statistics.median(v) for k, v in rates.items()}
-        rows.append({"image_size": size, "evaclip_images_per_s": med["evaclip"],
-                     "streams1_images_per_s": med["evaclip_streams1"],
-                     "streams1_vs_per_worker": med["evaclip_streams1"] / med["evaclip"],
-                     "streams1_ratio": med["evaclip_streams1"] / med["open_clip"],
-                     "streams_images_per_s": med["evaclip_streams"],
-                     "open_clip_images_per_s": med["open_clip"], "ratio": med["evaclip"] / med["open_clip"],
-                     "streams_ratio": med["evaclip_streams"] / med["open_clip"],
-                     "streams_vs_per_worker": med["evaclip_streams"] / med["evaclip"],
-                     "evaclip_runs": rates["evaclip"], "streams1_runs": rates["evaclip_streams1"],
-                     "streams_runs": rates["evaclip_streams"],
-                     "open_clip_runs": rates["open_clip"]})
+            r = run_child("data_pipeline", {"shards": shards, "image_size": size, "rounds": rounds})
+            if "error" in r:
+                return [{"image_size": size, "error": r["error"]}]
+            runs.append(r)
+        row = {"image_size": size, "processes": reps, "rounds": rounds, "runs": runs}
+        for impl in IMPLS:
+            row[impl + "_images_per_s"] = statistics.median(x[impl]["images_per_s"] for x in runs)
+        row["ratio"] = ratio(runs, "evaclip", "open_clip")
+        row["streams1_vs_before"] = ratio(runs, "evaclip_streams1", "before")
+        row["streams_vs_before"] = ratio(runs, "evaclip_streams", "before")
+        row["streams1_vs_per_worker"] = ratio(runs, "evaclip_streams1", "evaclip")
+        row["streams_vs_per_worker"] = ratio(runs, "evaclip_streams", "evaclip")
+        row["streams1_ratio"] = ratio(runs, "evaclip_streams1", "open_clip")
+        rows.append(row)
     return rows
 
 
