@@ -30,26 +30,16 @@ STREAMS = {"evaclip_streams1": 1, "evaclip_streams": 8}  # impl -> logical strea
 IMPLS = ("before", "evaclip", "evaclip_streams1", "evaclip_streams", "open_clip")
 
 
-def tarfile_members(stream):
-    """The tar reading of the pipeline before logical streams: Python's tarfile in stream mode."""
-    import tarfile
-
-    with tarfile.open(fileobj=stream, mode="r|*") as tar:
-        for member in tar:
-            if member.isfile():
-                f = tar.extractfile(member)
-                yield member.name, f.read() if f is not None else b""
-
-
 class before_issue_16:
-    """Context in which the shards a pipeline opens are read with ``tarfile_members``: the per-worker stream in
-    it is the pipeline as it was before logical streams (its sample loop differs only in being one function)."""
+    """Context in which the shards a pipeline opens are read with Python's tarfile (``shards.tarfile_members``), as
+    before logical streams: the per-worker stream in it is that pipeline (its sample loop differs only in being one
+    function)."""
 
     def __enter__(self):
         from evaclip.data import shards
 
         self.shards, self.ours = shards, shards.tar_members
-        shards.tar_members = tarfile_members
+        shards.tar_members = shards.tarfile_members
 
     def __exit__(self, *exc):
         self.shards.tar_members = self.ours

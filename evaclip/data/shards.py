@@ -96,6 +96,7 @@ def iter_tar_samples(url: str) -> Iterator[Dict[str, bytes]]:
 
 
 _BLOCK = 512
+_ZERO_BLOCK = bytes(_BLOCK)
 _COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz magic: read through tarfile
 _REGULAR = (b"0", b"\0", b"7")  # tar type flags of regular files
 
@@ -108,11 +109,7 @@ def tar_members(stream) -> Iterator[Tuple[str, bytes]]:
     tarfile would stop early without saying so."""
     head = _read_exact(stream, _BLOCK)
     if head.startswith(_COMPRESSED):
-        with tarfile.open(fileobj=_Replay(head, stream), mode="r|*") as tar:
-            for member in tar:
-                if member.isfile():
-                    f = tar.extractfile(member)
-                    yield member.name, f.read() if f is not None else b""
+        yield from tarfile_members(_Replay(head, stream))
         return
     offset, pax, long_name = 0, {}, None
     while True:
@@ -135,7 +132,7 @@ def tar_members(stream) -> Iterator[Tuple[str, bytes]]:
             pax = _pax_records(data, offset)
         elif kind == b"L":  # GNU long name of the next member
             long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-        elif kind == b"g" or kind == b"K":  # pax global header, GNU long link name: nothing a sample needs
+        elif kind in (b"g", b"K"):  # pax global header, GNU long link name: nothing a sample needs
             pass
         else:
             if kind in _REGULAR:
@@ -144,7 +141,13 @@ def tar_members(stream) -> Iterator[Tuple[str, bytes]]:
         head = _read_exact(stream, _BLOCK)
 
 
-_ZERO_BLOCK = bytes(_BLOCK)
+def tarfile_members(stream) -> Iterator[Tuple[str, bytes]]:
+    """(name, bytes) of every regular file through Python's tarfile in stream mode (any compression)."""
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for member in tar:
+            if member.isfile():
+                f = tar.extractfile(member)
+                yield member.name, f.read() if f is not None else b""
 
 
 def _read_exact(stream, n: int) -> bytes:
