@@ -12,13 +12,14 @@ DEMO_RUN  := runs/demo_cpu
 
 FLYWHEEL_SEEDS ?= 0 1 2
 
-.PHONY: setup demo flywheel test test-fast bench lint lock clean help
+.PHONY: setup demo flywheel test test-cluster test-fast bench lint lock clean help
 
 help:
 	@echo "make setup      create .venv and install the pinned stack (CPU torch) + evaclip"
 	@echo "make demo       synth data -> train -> zero-shot eval -> open_clip export (+ reload check)"
 	@echo "make flywheel   CLIP teacher -> MIM student -> CLIP from it vs from scratch (runs/flywheel/summary.json)"
 	@echo "make test       the whole test suite (CPU; includes slow end-to-end and 2-process tests)"
+	@echo "make test-cluster  the cluster tier: a real two-node Slurm on this machine (root), sbatch / requeue / torchrun"
 	@echo "make test-fast  tests without the slow end-to-end ones"
 	@echo "make bench      benchmarks, results in bench/results/"
 	@echo "make lint       ruff"
@@ -55,7 +56,11 @@ flywheel: setup
 		--seeds $(FLYWHEEL_SEEDS)
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -m "not cluster" tests
+
+# brings up launch/slurm/local_cluster.sh (apt + daemons, as root) for the session and takes it down after
+test-cluster: setup
+	$(BIN)/python -m pytest -q -m cluster tests/cluster
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" tests

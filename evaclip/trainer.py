@@ -40,6 +40,7 @@ from evaclip.spike import SpikeDetector
 REQUEUE_EXIT_CODE = 85  # the trainer exits with this code after a preemption save
 STOP_FILE = "STOP"  # created in the run dir (e.g. by the sbatch script's pre-timeout trap): save and exit
 REQUEUE_FILE = "REQUEUE"  # written by the trainer on such an exit; the sbatch script then requeues the job
+SIGNAL_REPEAT_S = 2.0  # a stop signal repeated within this many seconds is one request (see _install_signal_handlers)
 
 
 def _meta_step(path: str) -> Optional[int]:
@@ -151,11 +152,12 @@ def _check_resume_settings(saved: Dict, now: Dict, allowed, ckpt: str) -> None:
 
 class Trainer:
     def __init__(self, cfg: ExperimentConfig, derived: Derived, log=print):
-        self.cfg, self.derived, self.log = cfg, derived, (log if edist.is_main() else (lambda *a, **k: None))
+        self.cfg, self.derived = cfg, derived
         self.run_dir = derived.run_dir
-        # 1. distributed
+        # 1. distributed (first: which rank logs is known only once the process group is up)
         self.device = pick_device(cfg.run.device)
         edist.init_distributed(self.device, collective_timeout_s=cfg.run.collective_timeout_s)
+        self.log = log if edist.is_main() else (lambda *a, **k: None)
         if edist.world_size() != derived.world_size:
             raise RuntimeError(f"resolved for {derived.world_size} processes but running with {edist.world_size()}")
         # 2. seed (same model init on every rank; data and dropout streams differ per rank below)
@@ -234,6 +236,7 @@ class Trainer:
         self.logger = MetricLogger(self.run_dir, cfg.log, enabled=edist.is_main(), run_name=cfg.run.name,
                                    config=to_dict(cfg))
         self._stop_signal: Optional[int] = None
+        self._stop_signal_at = 0.0
         if edist.is_main() and os.path.exists(os.path.join(self.run_dir, REQUEUE_FILE)):
             os.remove(os.path.join(self.run_dir, REQUEUE_FILE))  # this is the requeued run
 
@@ -470,17 +473,22 @@ class Trainer:
     def _install_signal_handlers(self):
         """SIGTERM / SIGINT / SIGUSR1: finish the step, checkpoint, exit 85 (requeue); a second one exits at once.
         The DataLoader workers ignore SIGTERM / SIGINT (``wds.worker_init``), so a signal to the whole process
-        group (``timeout``, Slurm, Ctrl-C) reaches the main process with its workers still alive."""
+        group (``timeout``, Slurm, Ctrl-C) reaches the main process with its workers still alive. A repeat within
+        ``SIGNAL_REPEAT_S`` of the first is the same request delivered twice, not a second one: Slurm signals every
+        process of a job step and torchrun passes the signal it got on to its workers."""
         import sys
 
         def handler(signum, frame):
+            now = time.monotonic()
             if self._stop_signal is not None:
+                if now - self._stop_signal_at < SIGNAL_REPEAT_S:
+                    return
                 print(f"second signal ({signal.Signals(signum).name}): exiting now without a checkpoint",
                       file=sys.stderr, flush=True)
                 os._exit(128 + signum)
-            self._stop_signal = signum
+            self._stop_signal, self._stop_signal_at = signum, now
             self.log(f"received {signal.Signals(signum).name}: finishing this step, saving, exiting for requeue "
-                     "(send it again to exit at once)")
+                     f"(send it again, {SIGNAL_REPEAT_S:g} s or more later, to exit at once)")
 
         self._old_handlers = {sig: signal.signal(sig, handler)
                               for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}

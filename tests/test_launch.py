@@ -13,7 +13,7 @@ from tests.conftest import REPO, tiny_overrides, wait_for
 from tests.test_train import make_trainer
 
 
-def _fake_slurm_env(tmp_path, nodes=4):
+def _fake_slurm_env(tmp_path, nodes=4, gpus=8):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     scontrol = bin_dir / "scontrol"
@@ -21,12 +21,22 @@ def _fake_slurm_env(tmp_path, nodes=4):
     scontrol.write_text("#!/usr/bin/env bash\n[ \"$1 $2\" = \"show hostnames\" ] || exit 1\n"
                         f"for i in $(seq 1 {nodes}); do printf 'gpu-node%03d\\n' $i; done\n")
     scontrol.chmod(0o755)
-    return dict(os.environ, PATH=f"{bin_dir}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
-                SLURM_JOB_ID="4242", SLURM_NNODES=str(nodes), SLURM_JOB_NODELIST=f"gpu-node[001-00{nodes}]",
-                SLURM_GPUS_ON_NODE="8", EVACLIP_DRY_RUN="1", PYTHON=sys.executable)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+               SLURM_JOB_ID="4242", SLURM_NNODES=str(nodes), SLURM_JOB_NODELIST=f"gpu-node[001-00{nodes}]",
+               EVACLIP_DRY_RUN="1", PYTHON=sys.executable)
+    for k in ("SLURM_GPUS_ON_NODE", "CUDA_VISIBLE_DEVICES", "EVACLIP_PROCS_PER_NODE", "MASTER_PORT"):
+        env.pop(k, None)
+    if gpus:
+        env["SLURM_GPUS_ON_NODE"] = str(gpus)
+    return env
+
+
+def _opt(cmd, name):
+    return cmd[cmd.index(name) + 1]
 
 
 def test_train_sbatch_renders_the_torchrun_command(tmp_path):
+    """On a GPU allocation: one torchrun per node, a process per GPU, cuda, the rendezvous on the first node."""
     env = _fake_slurm_env(tmp_path, nodes=4)
     r = subprocess.run(["bash", "launch/slurm/train.sbatch", "launch/experiments/eva02_clip_b16.toml",
                         "run.name=b16_test", "optim.lr=3e-4"], cwd=REPO, env=env, capture_output=True, text=True)
@@ -34,17 +44,16 @@ def test_train_sbatch_renders_the_torchrun_command(tmp_path):
     lines = r.stdout.strip().splitlines()
     assert lines[0] == "run_dir: runs/b16_test"
     cmd = shlex.split(lines[1])
-    assert cmd[:3] == ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1"] and cmd[3] == "torchrun"
-
-    def opt(name):
-        return cmd[cmd.index(name) + 1]
-
-    assert opt("--nnodes") == "4" and opt("--nproc-per-node") == "8"
-    assert opt("--rdzv-backend") == "c10d" and opt("--rdzv-endpoint") == "gpu-node001:29500"
-    assert opt("--rdzv-id") == "4242"
-    tail = cmd[cmd.index("-m"):]
+    assert cmd[:3] == ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    assert cmd[3:6] == [sys.executable, "-m", "torch.distributed.run"]
+    assert _opt(cmd, "--nnodes") == "4" and _opt(cmd, "--nproc-per-node") == "8"
+    # the port is the job's own (20000 + job id % 20000): two jobs sharing a node do not collide
+    assert _opt(cmd, "--rdzv-backend") == "c10d" and _opt(cmd, "--rdzv-endpoint") == "gpu-node001:24242"
+    assert _opt(cmd, "--rdzv-id") == "4242-0"
+    tail = cmd[cmd.index("evaclip.cli") - 1:]
     assert tail[:4] == ["-m", "evaclip.cli", "train", "launch/experiments/eva02_clip_b16.toml"]
-    assert "engine.kind=deepspeed" in tail and "run.name=b16_test" in tail and "optim.lr=3e-4" in tail
+    assert "engine.kind=deepspeed" in tail and "run.device=cuda" in tail
+    assert "run.name=b16_test" in tail and "optim.lr=3e-4" in tail
     # the global batch is micro x ranks: 2048 x 32 ranks here; the recipe's 131,072 on its 64 GPUs
     for world, batch in [(32, 65536), (64, 131072)]:
         d = subprocess.run([sys.executable, "-m", "evaclip.cli", "train", "eva02_clip_b16", "--dry-run",
@@ -52,14 +61,30 @@ def test_train_sbatch_renders_the_torchrun_command(tmp_path):
         assert f"global batch {batch}" in d.stdout, d.stderr
 
 
+def test_train_sbatch_on_a_cpu_allocation_runs_cpu_processes(tmp_path):
+    """No GPUs in the allocation: EVACLIP_PROCS_PER_NODE CPU processes (1 by default) with run.device=cpu."""
+    env = _fake_slurm_env(tmp_path, nodes=2, gpus=0)
+    for procs, want in [(None, "1"), ("3", "3")]:
+        e = dict(env, **({"EVACLIP_PROCS_PER_NODE": procs} if procs else {}))
+        r = subprocess.run(["bash", "launch/slurm/train.sbatch", "demo_cpu"], cwd=REPO, env=e, capture_output=True,
+                           text=True)
+        assert r.returncode == 0, r.stderr
+        cmd = shlex.split(r.stdout.strip().splitlines()[1])
+        assert _opt(cmd, "--nproc-per-node") == want and "run.device=cpu" in cmd and _opt(cmd, "--nnodes") == "2"
+
+
 def test_eval_sbatch_renders(tmp_path):
     env = _fake_slurm_env(tmp_path, nodes=1)
     r = subprocess.run(["bash", "launch/slurm/eval.sbatch", "runs/x", "eval/suites/retrieval.toml", "/data/cb"],
                        cwd=REPO, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
     cmd = shlex.split(r.stdout.strip())
-    assert r.returncode == 0 and cmd[:5] == ["srun", "python", "-m", "evaclip.cli", "eval"]
-    assert cmd[cmd.index("--suite") + 1] == "eval/suites/retrieval.toml"
-    assert cmd[cmd.index("--datasets-root") + 1] == "/data/cb" and "--device" in cmd
+    assert cmd[:3] == ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    tail = cmd[cmd.index("evaclip.cli") - 1:]
+    assert tail[:3] == ["-m", "evaclip.cli", "eval"] and _opt(cmd, "--nproc-per-node") == "8"
+    assert _opt(cmd, "--suite") == "eval/suites/retrieval.toml"
+    assert _opt(cmd, "--datasets-root") == "/data/cb" and _opt(cmd, "--device") == "cuda"
+    assert _opt(cmd, "--precision") == "bf16" and _opt(cmd, "--out") == "runs/x/eval-retrieval"
 
 
 def _steps_logged(run):
