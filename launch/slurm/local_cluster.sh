@@ -98,7 +98,7 @@ start_munge() {
         chmod 0400 /etc/munge/munge.key
         if id munge >/dev/null 2>&1; then  # as Debian runs it: its files owned by its own user
             chown munge:munge /etc/munge /etc/munge/munge.key /var/lib/munge /var/log/munge /run/munge
-            runuser -u munge -- munged || die "munged did not start: see /var/log/munge/munged.log"
+            runuser -u munge -- munged --force || die "munged did not start: see /var/log/munge/munged.log"
         else
             munged --force || die "munged did not start: see /var/log/munge/munged.log"
         fi
