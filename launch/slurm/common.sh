@@ -2,7 +2,7 @@
 # Slurm runs a copy of the batch script from its spool folder, so the scripts find this file through the
 # installed evaclip package (its assets), not next to themselves.
 #
-# Sets: PYTHON, NNODES, NPROC (processes per node), DEVICE (cuda | cpu), MASTER_ADDR / MASTER_PORT (the c10d
+# Needs: PYTHON, PY_PREFIX (the environment's sys.prefix). Sets: NNODES, NPROC (processes per node), DEVICE (cuda | cpu), MASTER_ADDR / MASTER_PORT (the c10d
 # rendezvous on the first node of the allocation), TORCH_EXTENSIONS_DIR, OMP_NUM_THREADS, TORCHRUN (the command
 # that starts one node's processes), evaclip_log (one timestamped line in the job log).
 
@@ -35,7 +35,7 @@ MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 MASTER_PORT=${MASTER_PORT:-$(( 20000 + ${SLURM_JOB_ID:-0} % 20000 ))}
 # DeepSpeed JIT-builds its CPU ops on first use: beside the Python environment, as `make setup` does (sbatch runs
 # outside make); a shared, writable folder on a real cluster
-export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$("$PYTHON" -c 'import sys; print(sys.prefix)')/torch_extensions}
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PY_PREFIX/torch_extensions}
 export NCCL_ASYNC_ERROR_HANDLING=1
 export PYTHONUNBUFFERED=1  # the job log shows each line when it happens, and keeps it if the job is killed
 

@@ -7,13 +7,14 @@ import glob
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, wait_for
+from tests.test_train import step_keys
 
 CLUSTER = os.path.join(REPO, "launch", "slurm", "local_cluster.sh")
 TRAIN_SBATCH = os.path.join(REPO, "launch", "slurm", "train.sbatch")
@@ -29,8 +30,8 @@ FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
 
 def overrides(synth_dir: str, out: str, name: str, steps: int, every: int, micro: int = 16, zero: bool = True):
     """The experiment and overrides of a job (DeepSpeed ZeRO-2; ``zero=False`` for the plain reference)."""
-    return ["demo_cpu", *(["engine.zero_stage=2"] if zero else []), f"run.output_dir={out}", f"run.name={name}", f"run.steps={steps}",
-            f"checkpoint.every_steps={every}", f'data.recipe="{os.path.join(synth_dir, "recipe.toml")}"',
+    return ["demo_cpu", *(["engine.zero_stage=2"] if zero else []), f"run.output_dir={out}", f"run.name={name}",
+            f"run.steps={steps}", f"checkpoint.every_steps={every}", f'data.recipe="{os.path.join(synth_dir, "recipe.toml")}"',
             f'data.root="{synth_dir}"', f"data.micro_batch_size={micro}", *TOPO]
 
 
@@ -63,23 +64,20 @@ def job_log(cwd, jid: int) -> str:
 
 
 def wait_job(jid: int, cwd, timeout: float = 300.0, until=None) -> dict:
-    """Poll until the job is in a final state (or ``until(info)`` holds); fail with the job log's tail after
-    ``timeout`` seconds."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        info = job_info(jid)
-        if (until is not None and until(info)) or (until is None and info.get("JobState") in FINAL):
-            return info
-        time.sleep(0.5)
+    """Poll until the job is in a final state (or ``until(info)`` holds); after ``timeout`` seconds cancel it and
+    fail with the job log's tail."""
+    info = {}
+
+    def done() -> bool:
+        info.clear()
+        info.update(job_info(jid))
+        return until(info) if until is not None else info.get("JobState") in FINAL
+
+    if wait_for(done, timeout, every=0.5):
+        return info
     subprocess.run(["scancel", str(jid)], timeout=30)
-    raise AssertionError(f"job {jid} not done within {timeout:.0f} s (state {job_info(jid).get('JobState')}); "
+    raise AssertionError(f"job {jid} not done within {timeout:.0f} s (state {info.get('JobState')}); "
                          f"log:\n{job_log(cwd, jid)[-4000:]}")
-
-
-def step_keys(run_dir: str) -> dict:
-    from tests.test_train import step_keys as keys
-
-    return keys(run_dir)
 
 
 def same_run(run_dir: str, ref_dir: str, steps: int) -> None:
@@ -106,8 +104,8 @@ def eval_metrics(out_dir: str) -> dict:
 @pytest.fixture(scope="session")
 def slurm():
     """The two-node cluster: brought up once (and down at the end if this session started it)."""
-    was_up = subprocess.run(["sinfo", "-h"], capture_output=True, timeout=30).returncode == 0 \
-        if os.path.exists("/usr/bin/sinfo") else False
+    was_up = bool(shutil.which("sinfo")) and subprocess.run(["sinfo", "-h"], capture_output=True,
+                                                            timeout=30).returncode == 0
     r = subprocess.run(["bash", CLUSTER, "up"], capture_output=True, text=True, timeout=600)
     if r.returncode in (4, 5):  # not root / the packages cannot be installed here: the one reason to skip
         pytest.skip(r.stderr.strip().splitlines()[-1])
