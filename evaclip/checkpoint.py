@@ -1,7 +1,7 @@
 """Run-directory checkpoints: atomic step directories, a manifest of checksums, a ``latest`` pointer, pruning,
 verified resume with fallback.
 
-    <run_dir>/checkpoints/step-00001000/   engine state (the engine's own files, see engine.py),
+    <run_dir>/checkpoints/step-00001000/   engine state (the engine's own files, see engine/base.py),
                                            rank00000.pt ... (per-rank data position + RNG states, tensors and
                                            plain types only), meta.json (step, samples seen, model record ...),
                                            manifest.json (size + sha256 of every file) -- written last
@@ -27,6 +27,7 @@ import torch
 
 from evaclip import dist as edist
 from evaclip.errors import CheckpointError, TrainingStopped
+from evaclip.files import atomic_write, replace_dir
 from evaclip.safe_load import load_torch
 
 META, MANIFEST = "meta.json", "manifest.json"
@@ -39,15 +40,6 @@ def ckpt_root(run_dir: str) -> str:
 
 def tag_for(step: int) -> str:
     return f"step-{step:08d}"
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------- RNG
@@ -100,7 +92,8 @@ def write_manifest(ckpt: str) -> str:
         entries.update(part)
     path = os.path.join(ckpt, MANIFEST)
     if edist.is_main():
-        _atomic_write(path, json.dumps({"files": entries}, indent=1, sort_keys=True))
+        with atomic_write(path) as f:
+            f.write(json.dumps({"files": entries}, indent=1, sort_keys=True))
     return path
 
 
@@ -150,14 +143,14 @@ def save_checkpoint(engine, run_dir: str, step: int, meta: Dict, rank_state: Dic
         torch.save(rank_state, _rank_file(tmp, edist.rank()))
         edist.barrier(f"checkpoint step {step} (every rank's files written)")
         if edist.is_main():
-            _atomic_write(os.path.join(tmp, META), json.dumps(dict(meta, step=step, tag=tag), indent=2))
+            with atomic_write(os.path.join(tmp, META)) as f:
+                f.write(json.dumps(dict(meta, step=step, tag=tag), indent=2))
         edist.barrier(f"checkpoint step {step} (meta written)")
         write_manifest(tmp)  # last: its presence marks the checkpoint complete
         if edist.is_main():
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _atomic_write(os.path.join(root, "latest"), tag + "\n")
+            replace_dir(tmp, final)
+            with atomic_write(os.path.join(root, "latest")) as f:
+                f.write(tag + "\n")
             prune(root, keep_last)
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):

@@ -18,7 +18,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from evaclip.files import ConfigError, deep_merge, find, from_dict, read_toml, resolve_paths
+from evaclip.files import ConfigError, atomic_write, deep_merge, find, from_dict, read_toml, resolve_paths
 
 __all__ = ["ConfigError", "ExperimentConfig", "Derived", "load_config", "resolve", "save_run_config",
            "load_run_config", "describe", "to_dict", "dumps_toml", "parse_override"]
@@ -531,11 +531,9 @@ def save_run_config(run_dir: str, cfg: ExperimentConfig, derived: Derived, extra
     data = to_dict(cfg)
     data["derived"] = dict(dataclasses.asdict(derived), **(extra or {}))
     path = os.path.join(run_dir, "config.resolved.toml")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path) as f:
         f.write("# written by evaclip: the config this run used, with values derived at launch\n")
         f.write(dumps_toml(data) + "\n")
-    os.replace(tmp, path)
     return path
 
 

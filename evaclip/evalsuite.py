@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional
 
-from evaclip.files import ConfigError, asset_file, find, load_typed, resolve_value
+from evaclip.files import ConfigError, asset_file, atomic_write, find, load_typed, resolve_value
 
 _PATH = {"path": "file"}  # relative to the registry file (evaclip.files)
 
@@ -169,8 +169,8 @@ def run_suite(encode_image: Callable, encode_text: Callable, tokenizer, entries:
                 bar.close()
         if cache_file and clf is not None and classifier is None and writer:
             os.makedirs(classifier_cache, exist_ok=True)
-            torch.save(clf.cpu(), cache_file + ".tmp")
-            os.replace(cache_file + ".tmp", cache_file)  # another rank or run never reads half a file
+            with atomic_write(cache_file, "wb") as f:  # another rank or run never reads half a file
+                torch.save(clf.cpu(), f)
         skipped = dict(evalset.skipped) if evalset.skipped else {}
         if skipped:
             log(f"  {e.name}: skipped {sum(skipped.values())} unreadable samples {skipped}")
@@ -182,10 +182,8 @@ def run_suite(encode_image: Callable, encode_text: Callable, tokenizer, entries:
 def _done(result: Dict, out_dir: Optional[str]) -> Dict:
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-        tmp = os.path.join(out_dir, f".{result['dataset']}.json.tmp")
-        with open(tmp, "w") as f:
+        with atomic_write(os.path.join(out_dir, f"{result['dataset']}.json")) as f:
             json.dump(result, f, indent=2)
-        os.replace(tmp, os.path.join(out_dir, f"{result['dataset']}.json"))
     return result
 
 

@@ -1,4 +1,5 @@
-"""Reading evaclip's declarative files: TOML into typed dataclasses, built-in assets by name, one path rule.
+"""Reading evaclip's declarative files: TOML into typed dataclasses, built-in assets by name, one path rule; and
+writing any file or folder all-or-nothing (``atomic_write``, ``replace_dir``).
 
 Every kind of file (experiments, model files, data recipes, eval suites, the dataset registry) is read by
 ``load_typed(cls, path)``: strict (an unknown key, a wrong type or a bad value is a ``ConfigError`` whose
@@ -21,13 +22,16 @@ are neither (``checkpoint.resume = "auto"``).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
 import re
+import shutil
+import tempfile
 import tomllib
 import typing
-from typing import Any, Dict, List, Optional
+from typing import IO, Any, Dict, Iterator, List, Optional
 
 
 from evaclip.errors import ConfigError  # re-exported: the error every loader raises
@@ -201,3 +205,53 @@ def load_typed(cls, path: str, data: Optional[Dict[str, Any]] = None):
         return from_dict(cls, resolve_paths(cls, data, os.path.dirname(os.path.abspath(path))))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------------- atomic writes
+def fsync_dir(folder: str) -> None:
+    """Make a rename in ``folder`` durable: a crash right after ``os.replace`` may otherwise lose it (POSIX)."""
+    fd = os.open(folder or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "w") -> Iterator[IO]:
+    """Write ``path`` all or nothing: the caller writes a temporary file in the same folder (a rename is atomic
+    only within one file system), which is fsynced and renamed over ``path``, and the folder is fsynced. A reader
+    (another rank, another run) sees the old file or the new one, never half of one; on an error the temporary
+    file is removed and ``path`` is left as it was. Temporary names are ``.<name>.<random>.tmp`` (hidden, unique
+    per writer, so two processes never share one)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+    fsync_dir(folder)
+
+
+def replace_file(tmp: str, path: str) -> None:
+    """Publish a temporary file that a streaming writer has finished and closed (``atomic_write`` for writers
+    that own their file across calls): fsync it, rename it over ``path``, fsync the folder."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def replace_dir(tmp: str, final: str) -> None:
+    """Publish a folder written under a temporary name: the old ``final`` (if any) removed, ``tmp`` renamed to
+    it, the parent fsynced. The files inside are the writer's to flush (DeepSpeed, safetensors close theirs)."""
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_dir(os.path.dirname(os.path.abspath(final)))

@@ -10,6 +10,8 @@ import sys
 import time
 from typing import Dict, List, Optional
 
+from evaclip.files import atomic_write
+
 
 def progress_bar(total: Optional[int] = None, desc: str = "", unit: str = "it", **kw):
     """A tqdm bar on stdout. Redirected to a file (a Slurm log), it refreshes every 30 s instead of every
@@ -160,8 +162,8 @@ class StepRowLog:
     def _write(table, path: str) -> None:
         import pyarrow.parquet as pq
 
-        pq.write_table(table, f"{path}.tmp")
-        os.replace(f"{path}.tmp", path)
+        with atomic_write(path, "wb") as f:
+            pq.write_table(table, f)
 
     def truncate(self, step: int) -> None:
         """Forget every row after ``step`` (buffered or on disk) of this rank; rank 0 also of the ranks a run

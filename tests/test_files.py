@@ -1,5 +1,6 @@
 """The one file loader (evaclip.files): built-in assets by name, the relative-path rule for every file kind,
-strict errors; and the module hygiene it enables (no private names imported across modules)."""
+strict errors; all-or-nothing writes (one atomic_write for every file evaclip publishes); and the module hygiene
+it enables (no private names imported across modules)."""
 import ast
 import glob
 import os
@@ -7,7 +8,7 @@ import os
 import pytest
 
 from evaclip.config import load_config, resolve
-from evaclip.files import ConfigError, asset_file, builtin_names, find
+from evaclip.files import ConfigError, asset_file, atomic_write, builtin_names, find, replace_dir, replace_file
 from tests.conftest import REPO
 
 
@@ -93,3 +94,39 @@ def test_builtin_assets_are_listed():
     assert {"demo_cpu", "eva02_clip_b16"} <= set(builtin_names("experiment"))
     assert {"quick", "eva27", "retrieval"} <= set(builtin_names("suite"))
     assert {"EVA02-B-16", "EVA02-Ti-8-64"} <= set(builtin_names("model"))
+
+
+def test_atomic_write_publishes_whole_files_and_leaves_the_old_one_on_an_error(tmp_path):
+    path = str(tmp_path / "a.json")
+    with atomic_write(path) as f:
+        f.write("one")
+    assert open(path).read() == "one"
+    with pytest.raises(RuntimeError):
+        with atomic_write(path) as f:
+            f.write("half of tw")
+            raise RuntimeError("the writer failed")
+    assert open(path).read() == "one" and os.listdir(tmp_path) == ["a.json"]  # no temporary file left
+    with atomic_write(path, "wb") as f:
+        assert open(path).read() == "one"  # readers see the old file meanwhile
+        f.write(b"two")
+    assert open(path).read() == "two" and os.listdir(tmp_path) == ["a.json"]
+
+
+def test_replace_file_and_replace_dir_publish_what_a_writer_finished(tmp_path):
+    (tmp_path / ".t.tmp").write_text("x")
+    replace_file(str(tmp_path / ".t.tmp"), str(tmp_path / "t"))
+    assert (tmp_path / "t").read_text() == "x" and not (tmp_path / ".t.tmp").exists()
+    for content in ("old", "new"):
+        (tmp_path / ".d.tmp").mkdir()
+        (tmp_path / ".d.tmp" / content).write_text(content)
+        replace_dir(str(tmp_path / ".d.tmp"), str(tmp_path / "d"))
+    assert os.listdir(tmp_path / "d") == ["new"] and not (tmp_path / ".d.tmp").exists()
+
+
+def test_files_are_published_only_through_evaclip_files():
+    """Every rename into place goes through files.atomic_write / replace_file / replace_dir (fsync of the file and
+    the folder), not a hand-written temp-and-rename."""
+    sources = glob.glob(os.path.join(REPO, "evaclip", "**", "*.py"), recursive=True)
+    hits = [f"{os.path.relpath(p, REPO)}:{i}" for p in sources if not p.endswith(os.path.join("evaclip", "files.py"))
+            for i, line in enumerate(open(p), 1) if "os.replace(" in line or "os.rename(" in line]
+    assert not hits, hits

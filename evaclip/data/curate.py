@@ -28,6 +28,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from evaclip.data.shards import ShardError, iter_tar_samples
 from evaclip.data.tools import expand_sources
 from evaclip.errors import UserError
+from evaclip.files import atomic_write, replace_file
 
 SCORE_CONFIG = "score.json"
 
@@ -156,10 +157,8 @@ def check_score_folder(out: str, config: Dict) -> None:
                             "use a new --out folder")
         return
     os.makedirs(out, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_write(path) as f:
         json.dump(config, f, indent=2)
-    os.replace(tmp, path)
 
 
 def _prepare(raw: Dict, transform) -> Tuple:
@@ -195,9 +194,8 @@ def _write_table(path: str, cols: Dict, source: str, url: str, skips: Dict, embe
         fields["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float16()), embed_dim)
     table = pa.table(fields).replace_schema_metadata({"evaclip.skipped": json.dumps(skips)})
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)  # atomic: a table exists only once its shard is complete
+    with atomic_write(path, "wb") as f:  # a table exists only once its shard is complete
+        pq.write_table(table, f)
 
 
 def score(source: str, root: str, enc, out: str, batch_size: int = 256, workers: int = 2, device: str = "cpu",
@@ -510,8 +508,8 @@ def _shard_writer(out: str, shard_size: int):
         if state["tar"] is not None:
             state["tar"].close()
             name = os.path.join(out, f"{state['index']:05d}")
-            os.replace(name + ".tar.tmp", name + ".tar")
-            with open(name + "_stats.json", "w") as f:
+            replace_file(name + ".tar.tmp", name + ".tar")
+            with atomic_write(name + "_stats.json") as f:
                 json.dump({"count": state["n"], "successes": state["n"], "failed_to_download": 0}, f)
             state["counts"].append(state["n"])
             state["tar"] = None

@@ -23,6 +23,8 @@ from typing import Dict, List, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
+from evaclip.files import atomic_write
+
 COLOURS: Dict[str, Tuple[int, int, int]] = {
     "red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 70, 230), "yellow": (240, 220, 30),
     "purple": (140, 40, 190), "orange": (250, 140, 20), "cyan": (30, 210, 220), "pink": (250, 120, 190),
@@ -91,11 +93,9 @@ def _write_tar(path: str, samples: List[Dict[str, bytes]]) -> None:
     """Write a tar atomically with webdataset's TarWriter (a real webdataset shard)."""
     from webdataset import TarWriter
 
-    tmp = path + ".tmp"
-    with TarWriter(tmp) as w:
+    with atomic_write(path, "wb") as f, TarWriter(f) as w:
         for s in samples:
             w.write(s)
-    os.replace(tmp, path)
 
 
 def classnames() -> List[str]:

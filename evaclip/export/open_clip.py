@@ -26,6 +26,7 @@ from typing import Dict, Optional
 
 import torch
 
+from evaclip.files import replace_dir
 from evaclip.models import record_variant
 from evaclip.models.convert import evaclip_to_open_clip
 from evaclip.models.registry import Variant, timm_pretrained_cfg
@@ -114,9 +115,7 @@ def export_open_clip(state_dict: Dict[str, torch.Tensor], record: Dict, out_dir:
     tmp = final.rstrip("/") + ".tmp-export"
     shutil.rmtree(tmp, ignore_errors=True)
     written = _write_export(state_dict, copy.deepcopy(record), tmp, final, dtype, tower, source)
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    replace_dir(tmp, final)
     return {k: v.replace(tmp, final) for k, v in written.items()}
 
 
