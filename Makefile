@@ -22,7 +22,7 @@ help:
 	@echo "make test-cluster  the cluster tier: a real two-node Slurm on this machine (root), sbatch / requeue / torchrun"
 	@echo "make test-fast  tests without the slow end-to-end ones"
 	@echo "make bench      benchmarks, results in bench/results/"
-	@echo "make lint       ruff"
+	@echo "make lint       ruff and the import-linter layering contract (pyproject.toml)"
 
 setup: $(VENV)/.installed
 
@@ -70,6 +70,7 @@ bench: setup
 
 lint: setup
 	$(BIN)/ruff check evaclip tests bench
+	$(BIN)/lint-imports --no-cache
 
 lock:
 	$(BIN)/pip freeze --all | grep -v -iE "^(evaclip|-e |pip==)" > requirements/lock.body

@@ -1,26 +1,22 @@
 """The Trainer: one explicit build order, a short step loop, resumable state.
 
-Build order: distributed -> seed -> model (+ weight init) -> loss -> optimizer -> engine -> schedule ->
-data -> checkpoint (resume) -> evaluator -> logger. ``train()`` runs steps (not epochs) until ``derived.steps``.
+Build order: distributed -> seed -> objective and its model (+ weight init) -> optimizer -> resume settings
+check -> engine -> schedule -> checkpoint (resume) -> data -> evaluator -> logger. ``train()`` runs steps (not
+epochs) until ``derived.steps``.
 
-One optimizer step = ``engine.accum_steps`` micro-batches. With accumulation the gradient equals that of
-the big batch (feature caching, as GradCache / open_clip's accum-freq): all micro-batch features are
-computed without grad, then each micro-batch is recomputed with grad (the same token-dropping masks: they
-are drawn per sample from (seed, step, key), so they also do not depend on how the global batch is cut into
-ranks and micro-batches; the RNG state is replayed too) and back-propagated through the loss over the full
-cached batch.
+One optimizer step = ``engine.accum_steps`` micro-batches, whose forward and backward passes are the objective's
+(``evaclip.objectives``: CLIP with feature-cached accumulation, MIM); the trainer owns the engine step, skipped
+steps, logging, evaluation, checkpoints, preemption and loss-spike rollback.
 """
 from __future__ import annotations
 
 import math
 import os
-import signal
 import subprocess
 import time
 import zlib
 from typing import Dict, List, Optional
 
-import numpy as np
 import torch
 
 from evaclip import dist as edist
@@ -28,19 +24,17 @@ from evaclip.checkpoint import (candidates, load_checkpoint, read_meta, resume_c
                                 rank_states, save_checkpoint, set_rng_state)
 from evaclip.config import Derived, ExperimentConfig, save_run_config, to_dict
 from evaclip.engine import build_engine, pick_device
-from evaclip.errors import CheckpointError, ConfigError, TrainingStopped
-from evaclip.losses import ContrastiveLoss, mim_loss
+from evaclip.errors import ConfigError, TrainingStopped
 from evaclip.metrics import KeyLog, MetricLogger, SampleLossLog, plot_run, progress_bar
-from evaclip.models import create_mim_student, create_model, get_variant, model_record
+from evaclip.models import create_model, get_variant, model_record
 from evaclip.models.convert import init_from_files
+from evaclip.objectives import build_objective
+from evaclip.preemption import REQUEUE_EXIT_CODE, StopRequests
+from evaclip.resume import check_resume_settings, resume_settings, same_ranks_only
 from evaclip.optim import build_optimizer
 from evaclip.schedule import LrScheduler, patch_dropout_at
 from evaclip.spike import SpikeDetector
 
-REQUEUE_EXIT_CODE = 85  # the trainer exits with this code after a preemption save
-STOP_FILE = "STOP"  # created in the run dir (e.g. by the sbatch script's pre-timeout trap): save and exit
-REQUEUE_FILE = "REQUEUE"  # written by the trainer on such an exit; the sbatch script then requeues the job
-SIGNAL_REPEAT_S = 2.0  # a stop signal repeated within this many seconds is one request (see _install_signal_handlers)
 
 
 def _meta_step(path: str) -> Optional[int]:
@@ -71,85 +65,6 @@ def git_sha() -> str:
         return "unknown"
 
 
-def _get_rng(device: torch.device):
-    return (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-
-
-def _set_rng(state, device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
-
-
-# the settings a resume must keep (else the data order, batch or model would silently change)
-# (data.workers may change: with logical data streams the samples do not depend on it)
-RESUME_KEYS = ("model.name", "model.model_dir", "model.text.kind", "model.use_logit_bias", "data.recipe",
-               "data.root", "data.shards", "data.micro_batch_size", "data.shuffle_buffer",
-               "data.resampled", "data.crop_scale", "data.hflip", "engine.accum_steps", "engine.zero_stage",
-               "run.seed", "objective.kind", "mim.teacher", "mim.teacher_layer", "mim.mask_ratio", "mim.loss_on",
-               "world_size")
-
-
-def resume_settings(cfg: ExperimentConfig, world_size: int) -> Dict:
-    """The values of ``RESUME_KEYS`` for this run (recorded in every checkpoint's meta)."""
-    flat = {"world_size": world_size}
-    for key in RESUME_KEYS[:-1]:
-        node = cfg
-        for part in key.split("."):
-            node = getattr(node, part)
-        flat[key] = list(node) if isinstance(node, (list, tuple)) else node
-    return flat
-
-
-def _global_batch(settings: Dict) -> Optional[int]:
-    try:
-        return settings["data.micro_batch_size"] * settings["world_size"] * settings["engine.accum_steps"]
-    except (KeyError, TypeError):
-        return None
-
-
-def _check_global_batch(saved: Dict, now: Dict, ckpt: str) -> None:
-    """A resume never changes the global batch (the lr schedule, the loss over the batch and the data per step
-    depend on it): one line saying which keys give the saved one on this many ranks."""
-    g_saved, g_now = _global_batch(saved), _global_batch(now)
-    if g_saved is None or g_now is None or g_saved == g_now:
-        return
-    world = now["world_size"]
-    fix = f"no micro-batch size gives {g_saved} on {world} ranks: resume on a number of ranks that divides it"
-    if g_saved % world == 0:
-        per_rank, micro = g_saved // world, saved["data.micro_batch_size"]
-        micro = micro if per_rank % micro == 0 else per_rank
-        fix = f"set data.micro_batch_size={micro} engine.accum_steps={per_rank // micro}"
-    raise CheckpointError(f"{ckpt} was trained with a global batch of {g_saved} (data.micro_batch_size "
-                          f"{saved['data.micro_batch_size']} x {saved['world_size']} ranks x engine.accum_steps "
-                          f"{saved['engine.accum_steps']}); this run's would be {g_now} (data.micro_batch_size "
-                          f"{now['data.micro_batch_size']} x {world} x engine.accum_steps {now['engine.accum_steps']}): "
-                          f"{fix}")
-
-
-def _same_ranks_only(ckpt: str, saved_world: int) -> CheckpointError:
-    """The refusal of a checkpoint from before logical data streams on another number of ranks."""
-    return CheckpointError(f"{ckpt} was written by {saved_world} ranks with per-worker data streams (before logical "
-                           f"data streams); resume it on {saved_world} ranks")
-
-
-def _check_resume_settings(saved: Dict, now: Dict, allowed, ckpt: str) -> None:
-    """A resume keeps the settings its checkpoint was written with. With logical data streams the ranks,
-    micro-batch size and accumulation may change as long as the global batch does not (elastic resume)."""
-    factors = ("data.micro_batch_size", "world_size", "engine.accum_steps")
-    if not all(k in allowed for k in factors if saved.get(k) != now.get(k)):  # unless the user allowed it
-        _check_global_batch(saved, now, ckpt)
-    elastic = set(factors) if saved.get("data.num_streams") else set()
-    if not elastic and saved.get("world_size", now["world_size"]) != now["world_size"]:
-        raise _same_ranks_only(ckpt, saved["world_size"])
-    changed = [f"{k} ({saved[k]} -> {now[k]})" for k in now
-               if k in saved and saved[k] != now[k] and k not in allowed and k not in elastic]
-    if changed:
-        keys = ", ".join(f'"{c.split(" ")[0]}"' for c in changed)
-        raise CheckpointError(f"{ckpt} was written with other settings: {', '.join(changed)}; set them back, start a "
-                              f"new run (run.name=...), or allow it with checkpoint.allow_changes=[{keys}]")
-
-
 class Trainer:
     def __init__(self, cfg: ExperimentConfig, derived: Derived, log=print):
         self.cfg, self.derived = cfg, derived
@@ -162,14 +77,10 @@ class Trainer:
             raise RuntimeError(f"resolved for {derived.world_size} processes but running with {edist.world_size()}")
         # 2. seed (same model init on every rank; data and dropout streams differ per rank below)
         torch.manual_seed(cfg.run.seed)
-        # 3. model (MIM: the frozen teacher first, its width sizes the student's head; then the seed again, so
-        # the student's init does not depend on how the teacher was built)
+        # 3. the objective and its model (MIM: its frozen teacher too)
         self.variant = get_variant(cfg.model.name, cfg.model.model_dir)
-        self.teacher, self.masking = None, None
-        if cfg.objective.kind == "mim":
-            model = self._build_mim(cfg)
-        else:
-            model = create_model(cfg.model, self.variant)
+        self.objective = build_objective(cfg, self.variant, self.device, self.log)
+        model = self.objective.build_model()
         report = init_from_files(model, cfg.model)  # refuses pickles and inits that load nothing
         if report:
             self.log(report)
@@ -177,8 +88,7 @@ class Trainer:
             model.lock_tower("visual", cfg.model.vision.unlocked_layers)
         if cfg.model.text.lock:
             model.lock_tower("text", cfg.model.text.unlocked_layers)
-        # 4. loss, 5. optimizer, 6. engine, 7. schedule
-        self.loss_fn = ContrastiveLoss(cfg.loss.kind, cfg.loss.impl, cfg.loss.tile_size)
+        # 4. optimizer, 5. engine, 6. schedule
         optimizer = build_optimizer(model, cfg.optim)
         # a resume must keep the settings its checkpoint was written with: checked before anything is written
         resume = resume_candidates(cfg.checkpoint.resume, self.run_dir)
@@ -192,14 +102,14 @@ class Trainer:
         self.num_streams = self._data_streams(saved)
         self.settings = dict(resume_settings(cfg, edist.world_size()), **{"data.num_streams": self.num_streams})
         if saved is not None:
-            _check_resume_settings(saved, self.settings, cfg.checkpoint.allow_changes, saved_in)
+            check_resume_settings(saved, self.settings, cfg.checkpoint.allow_changes, saved_in)
         if edist.is_main():
             save_run_config(self.run_dir, cfg, derived, {"git_sha": git_sha(), "world_size": edist.world_size()})
         self.engine = build_engine(model, optimizer, cfg.engine, self.device, cfg.data.micro_batch_size, self.run_dir)
         self.model = self.engine.model
         if cfg.engine.compile:
             self.model.visual.compile()
-            if self.teacher is None:
+            if self.objective.uses_text:
                 self.model.text.compile()
         self.scheduler = LrScheduler(optimizer, derived.steps, derived.warmup_steps, cfg.schedule.name,
                                      cfg.schedule.min_lr_ratio, cfg.schedule.cooldown_steps)
@@ -235,10 +145,7 @@ class Trainer:
             self.eval_entries = load_suite(cfg.eval.suite)
         self.logger = MetricLogger(self.run_dir, cfg.log, enabled=edist.is_main(), run_name=cfg.run.name,
                                    config=to_dict(cfg))
-        self._stop_signal: Optional[int] = None
-        self._stop_signal_at = 0.0
-        if edist.is_main() and os.path.exists(os.path.join(self.run_dir, REQUEUE_FILE)):
-            os.remove(os.path.join(self.run_dir, REQUEUE_FILE))  # this is the requeued run
+        self.stops = StopRequests(self.run_dir, self.log)
 
     def _restore_rank_state(self, ckpt: str, meta: Dict, rank_state: Optional[Dict]) -> None:
         """This rank's data position, RNG and order hash from a checkpoint. One written by another number of
@@ -249,7 +156,7 @@ class Trainer:
         if rank_state is None:
             saved = meta["world_size"]
             if not self.num_streams:
-                raise _same_ranks_only(ckpt, saved)
+                raise same_ranks_only(ckpt, saved)
             states = rank_states(ckpt, saved, self.cfg.checkpoint.trust_pickle)
             mine = set(range(edist.rank(), self.num_streams, edist.world_size()))
             data = {int(k): v for st in states for k, v in st["data"].items() if int(k) in mine}
@@ -275,18 +182,6 @@ class Trainer:
                               f"data.workers: {why}; change data.workers (the streams are fixed for the run)")
         return n
 
-    def _build_mim(self, cfg: ExperimentConfig):
-        from evaclip.data.masking import BlockMasking
-        from evaclip.models.mim import load_teacher
-
-        self.teacher = load_teacher(cfg.mim, cfg.model.trust_pickle, self.log).to(self.device)
-        torch.manual_seed(cfg.run.seed)
-        model = create_mim_student(cfg.model, self.teacher.width, self.variant)
-        self.masking = BlockMasking(model.grid, cfg.mim.mask_ratio, cfg.mim.min_block_patches, cfg.mim.min_aspect)
-        self.log(f"MIM: student {self.variant.name} ({tuple(model.grid)} patches, {self.masking.num_masked} masked), "
-                 f"teacher {self.teacher.name} (width {self.teacher.width}, grid {self.teacher.grid})")
-        return model
-
     # ------------------------------------------------------------------------------------------------ data
     def _build_data(self):
         from evaclip.data.recipes import load_recipe, recipe_from_shards
@@ -300,8 +195,8 @@ class Trainer:
                                  num_streams=self.num_streams, step_samples=self.derived.global_batch)
         v = self.variant
         transform = train_transform(v.image_size, v.mean, v.std, c.crop_scale, v.interpolation, c.hflip)
-        tokenizer = None if self.teacher is not None else \
-            make_tokenizer(v.context_length, self.cfg.model.text.kind, self.cfg.model.text.hf_path)  # MIM: images only
+        tokenizer = make_tokenizer(v.context_length, self.cfg.model.text.kind, self.cfg.model.text.hf_path) \
+            if self.objective.uses_text else None  # MIM: images only
         stream = ImageTextStream(spec, c.micro_batch_size, transform, tokenizer,
                                  min_side=draft_side(v.image_size, c.crop_scale[0]))
         stream.set_state(self.data_states)
@@ -338,113 +233,29 @@ class Trainer:
         return [{k: v[j * m:(j + 1) * m] for k, v in whole.items()} for j in range(accum)]
 
     # ------------------------------------------------------------------------------------------------ step
-    def _loss(self, img, txt, scale, bias=None, rows=None):
-        return self.loss_fn(img, txt, scale, bias, rows=rows)
-
-    def _drop_noise(self, micro: Dict) -> Optional[torch.Tensor]:
-        """Per-sample token-dropping scores [b, N] from (seed, step, key): which patches a sample keeps does
-        not depend on the batch, micro-batch or rank it is in (None without dropping, or without keys)."""
-        trunk = self.model.visual.trunk
-        if trunk.patch_drop.rate == 0.0 or "key" not in micro:
-            return None
-        from evaclip.data.masking import sample_rng
-
-        n, seed = trunk.patch_embed.num_patches, self.cfg.run.seed
-        rows = [sample_rng(seed, self.step, k, "token_drop").random(n, dtype="float32") for k in micro["key"]]
-        return torch.from_numpy(np.stack(rows)).to(self.device)
-
-    def _all_finite(self, loss: torch.Tensor) -> bool:
-        flag = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=self.device)
-        edist.all_reduce_sum(flag)
-        return flag.item() == 0
-
     def train_step(self, micro: List[Dict]) -> Dict:
-        """Forward/backward over the micro-batches of one optimizer step, then the engine step."""
-        if self.teacher is not None:
-            return self._mim_step(micro)
-        dev = self.device
-        imgs = [m["image"].to(dev, non_blocking=True) for m in micro]
-        txts = [m["text"].to(dev, non_blocking=True) for m in micro]
-        noise = [self._drop_noise(m) for m in micro]
-        rows = [] if self.sample_log is not None else None  # this rank's per-sample losses, from the loss itself
-        if len(micro) == 1:
-            out = self.engine(imgs[0], txts[0], noise[0])
-            loss = self._loss(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"),
-                              rows)
-            if not self._all_finite(loss):
-                return self._bad_step(loss)
-            self.engine.backward(loss, boundary=True)
-        else:
-            # feature caching: no-grad features of every micro-batch, remembering each one's RNG state
-            states, cached = [], []
-            with torch.no_grad():
-                for img, txt, nz in zip(imgs, txts, noise):
-                    states.append(_get_rng(dev))
-                    cached.append(self.engine(img, txt, nz))
-            after = _get_rng(dev)
-            img_all = [c["image_features"] for c in cached]
-            txt_all = [c["text_features"] for c in cached]
-            loss = self._loss(torch.cat(img_all), torch.cat(txt_all), cached[-1]["logit_scale"],
-                              cached[-1].get("logit_bias"), rows)
-            if not self._all_finite(loss):
-                return self._bad_step(loss)
-            for j, (img, txt) in enumerate(zip(imgs, txts)):
-                _set_rng(states[j], dev)
-                out = self.engine(img, txt, noise[j])
-                i_cat = torch.cat(img_all[:j] + [out["image_features"]] + img_all[j + 1:])
-                t_cat = torch.cat(txt_all[:j] + [out["text_features"]] + txt_all[j + 1:])
-                last = j == len(micro) - 1
-                # the temperature's (and bias') gradient must be counted once, not once per micro-batch
-                scale = out["logit_scale"] if last else out["logit_scale"].detach()
-                bias = out.get("logit_bias")
-                bias = bias if (bias is None or last) else bias.detach()
-                self.engine.backward(self._loss(i_cat, t_cat, scale, bias), boundary=last)
-            _set_rng(after, dev)
-            out = cached[-1]
-        info, skipped = self._engine_step(loss)
+        """The objective's forward/backward over the micro-batches of one optimizer step, then the engine step."""
+        fwd = self.objective.forward_backward(self.engine, micro, self.step)
+        if not fwd.finite:
+            return self._bad_step(fwd.loss)
+        info, skipped = self._engine_step(fwd.loss)
         if skipped is not None:
             return skipped
-        if rows is not None:
+        if self.sample_log is not None and fwd.sample_losses is not None:
             self.sample_log.add(self.step + 1, [k for m in micro for k in m["key"]],
-                                [s for m in micro for s in m["source"]], rows[0])
+                                [s for m in micro for s in m["source"]], fwd.sample_losses)
         # each rank's local loss covers its rows; the global loss is their mean
-        mean_loss = edist.all_reduce_sum(loss.detach().clone().reshape(1)) / edist.world_size()
-        return {"train/loss": mean_loss.item(), "train/logit_scale": float(out["logit_scale"].detach()),
-                "train/grad_norm": info["grad_norm"]}
-
-    def _mim_step(self, micro: List[Dict]) -> Dict:
-        """MIM: per micro-batch, teacher targets (no grad), the student on the masked images, backward.
-
-        No feature caching is needed (the loss has no cross-sample terms): each micro-loss is its share of the
-        rank's mean over masked positions, so the accumulated gradient is the step's. A non-finite loss makes
-        non-finite gradients, which the engine's step reports as skipped (every precision and ZeRO stage)."""
-        dev, m = self.device, self.cfg.mim
-        masks = [self.masking.batch(b["key"], self.step, self.cfg.run.seed).to(dev) for b in micro]
-        denom = sum(int(k.sum()) for k in masks) if m.loss_on == "masked" else sum(k.numel() for k in masks)
-        amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.engine.precision)
-        v = self.variant
-        total = torch.zeros((), device=dev)
-        for j, (b, mask) in enumerate(zip(micro, masks)):
-            img = b["image"].to(dev, non_blocking=True)
-            target = self.teacher(img, v.mean, v.std, self.model.grid, amp)  # [b, N, C]
-            out = self.engine(img, mask)
-            loss = mim_loss(out["pred"], target, mask if m.loss_on == "masked" else None, denom)
-            self.engine.backward(loss, boundary=j == len(micro) - 1)
-            total += loss.detach()
-        info, skipped = self._engine_step(total)
-        if skipped is not None:
-            return skipped
-        mean_loss = edist.all_reduce_sum(total.clone().reshape(1)) / edist.world_size()
-        return {"train/loss": mean_loss.item(), "train/grad_norm": info["grad_norm"]}
+        mean_loss = edist.all_reduce_sum(fwd.loss.clone().reshape(1)) / edist.world_size()
+        return {"train/loss": mean_loss.item(), **fwd.metrics, "train/grad_norm": info.grad_norm}
 
     def _engine_step(self, loss) -> tuple:
         """The engine's step after the backward passes: (info, None), or (info, the metrics of a step that
         made no update: non-finite gradients, or an fp16 loss-scale calibration skip)."""
         info = self.engine.step()
-        if info["skipped"]:
+        if info.skipped:
             return info, self._bad_step(loss, info)
         self.bad_steps = 0
-        if info.get("overflow"):
+        if info.overflow:
             return info, self._fp16_overflow()
         self.overflows = 0
         return info, None
@@ -470,58 +281,15 @@ class Trainer:
         return {"train/skipped_step": 1.0}
 
     # ------------------------------------------------------------------------------------------------ loop
-    def _install_signal_handlers(self):
-        """SIGTERM / SIGINT / SIGUSR1: finish the step, checkpoint, exit 85 (requeue); a second one exits at once.
-        The DataLoader workers ignore SIGTERM / SIGINT (``wds.worker_init``), so a signal to the whole process
-        group (``timeout``, Slurm, Ctrl-C) reaches the main process with its workers still alive. A repeat within
-        ``SIGNAL_REPEAT_S`` of the first is the same request delivered twice, not a second one: Slurm signals every
-        process of a job step and torchrun passes the signal it got on to its workers."""
-        import sys
-
-        def handler(signum, frame):
-            now = time.monotonic()
-            if self._stop_signal is not None:
-                if now - self._stop_signal_at < SIGNAL_REPEAT_S:
-                    return
-                print(f"second signal ({signal.Signals(signum).name}): exiting now without a checkpoint",
-                      file=sys.stderr, flush=True)
-                os._exit(128 + signum)
-            self._stop_signal, self._stop_signal_at = signum, now
-            self.log(f"received {signal.Signals(signum).name}: finishing this step, saving, exiting for requeue "
-                     f"(send it again, {SIGNAL_REPEAT_S:g} s or more later, to exit at once)")
-
-        self._old_handlers = {sig: signal.signal(sig, handler)
-                              for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
-
-    def _restore_signal_handlers(self):
-        """Give the caller (a notebook, a test process, a wrapper script) its own handlers back."""
-        for sig, old in (getattr(self, "_old_handlers", None) or {}).items():
-            signal.signal(sig, old if old is not None else signal.SIG_DFL)
-        self._old_handlers = None
-
-    def _should_stop(self) -> bool:
-        """A signal on any rank (SIGTERM / SIGUSR1) or a STOP file in the run dir: agreed by all ranks."""
-        asked = self._stop_signal is not None or (edist.is_main() and
-                                                   os.path.exists(os.path.join(self.run_dir, STOP_FILE)))
-        flag = torch.tensor([1.0 if asked else 0.0], device=self.device)
-        edist.all_reduce_sum(flag)
-        return flag.item() > 0
-
     def _exit_for_requeue(self):
         self.close_data()
-        if edist.is_main():
-            stop = os.path.join(self.run_dir, STOP_FILE)
-            if os.path.exists(stop):
-                os.remove(stop)
-            with open(os.path.join(self.run_dir, REQUEUE_FILE), "w") as f:
-                f.write(f"step {self.step}: saved after a stop request; resume with the same command\n")
-            self.log(f"saved at step {self.step} after a stop request; exiting with code {REQUEUE_EXIT_CODE}")
+        self.stops.mark_requeue(self.step)
         edist.shutdown()
         raise SystemExit(REQUEUE_EXIT_CODE)
 
     def save(self):
         meta = {"samples_seen": self.samples_seen, "world_size": edist.world_size(),
-                "skips": self.data_state.skip_counts(), "model": model_record(self.cfg.model, self.variant, self.teacher.width if self.teacher else 0),
+                "skips": self.data_state.skip_counts(), "model": model_record(self.cfg.model, self.variant, self.objective.teacher_width),
                 "settings": self.settings, "rollbacks": self.rollbacks,
                 "skip_windows": {str(k): v for k, v in self.skip_windows.items()}, "lr_window": self.lr_window}
         # the rows first: a kill after the checkpoint loses none; one before it leaves rows past the previous
@@ -592,11 +360,11 @@ class Trainer:
             return self._train()
         finally:
             self.close_data()
-            self._restore_signal_handlers()
+            self.stops.restore()
 
     def _train(self) -> Dict:
         cfg, d = self.cfg, self.derived
-        self._install_signal_handlers()
+        self.stops.install()
         self.engine.train(True)
         bar = None
         if edist.is_main() and cfg.log.progress:
@@ -645,7 +413,7 @@ class Trainer:
             if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < d.steps:
                 last_eval = self.evaluate()
                 self.logger.log(self.step, last_eval)
-            stop = self._should_stop()
+            stop = self.stops.asked(self.device)
             if (self.step % cfg.checkpoint.every_steps == 0 and self.step < d.steps) or stop:
                 self.save()
             if stop:

@@ -69,7 +69,7 @@ def preempt_during(trainer, step: int) -> None:
     def wrapped(micro):
         out = step_fn(micro)
         if trainer.step == step - 1:
-            trainer._stop_signal = signal.SIGTERM
+            trainer.stops.signal = signal.SIGTERM
         return out
 
     trainer.train_step = wrapped

@@ -145,7 +145,7 @@ def test_teacher_from_an_evaclip_export_equals_the_same_export_through_open_clip
 def mim_run(synth_dir, mim_teacher, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mimrun")
     tr = mim_trainer(synth_dir, tmp, mim_teacher, steps=4, extra=["checkpoint.every_steps=2"])
-    before = {k: v.clone() for k, v in tr.teacher.state_dict().items()}
+    before = {k: v.clone() for k, v in tr.objective.teacher.state_dict().items()}
     student_before = {k: v.clone() for k, v in tr.model.state_dict().items()}
     result = tr.train()
     return {"trainer": tr, "result": result, "teacher_before": before, "student_before": student_before,
@@ -155,13 +155,13 @@ def mim_run(synth_dir, mim_teacher, tmp_path_factory):
 def test_mim_run_trains_the_student_and_leaves_the_teacher_bit_identical(mim_run):
     tr, res = mim_run["trainer"], mim_run["result"]
     assert res["steps"] == 4 and len(losses(res["run_dir"])) == 4 and all(-1 <= v <= 1 for v in losses(res["run_dir"]))
-    after = tr.teacher.state_dict()
+    after = tr.objective.teacher.state_dict()
     assert all(torch.equal(after[k], v) for k, v in mim_run["teacher_before"].items())
-    teacher_params = {id(p) for p in tr.teacher.parameters()}
+    teacher_params = {id(p) for p in tr.objective.teacher.parameters()}
     opt = tr.engine.optimizer
     assert not any(id(p) in teacher_params for g in opt.param_groups for p in g["params"])
     assert not any(id(p) in teacher_params for p in opt.state)
-    assert all(p.grad is None and not p.requires_grad for p in tr.teacher.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in tr.objective.teacher.parameters())
     changed = [k for k, v in tr.model.state_dict().items() if not torch.equal(v, mim_run["student_before"][k])]
     assert "mask_token" in changed and "mim_head.weight" in changed and "visual.trunk.blocks.0.attn.q_proj.weight" in changed
 
@@ -241,7 +241,7 @@ layers = 1
     cfg = mcfg(str(path))
     export_open_clip(create_model(cfg).state_dict(), model_record(cfg), str(tmp_path / "t96"))
     tr = mim_trainer(synth_dir, tmp_path, str(tmp_path / "t96"), steps=2)
-    assert tr.teacher.grid == (6, 6) and tr.teacher.width == 96 and tr.model.mim_head.out_features == 96
+    assert tr.objective.teacher.grid == (6, 6) and tr.objective.teacher.width == 96 and tr.model.mim_head.out_features == 96
     res = tr.train()
     assert res["steps"] == 2 and all(np.isfinite(losses(res["run_dir"])))
 

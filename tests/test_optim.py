@@ -186,3 +186,15 @@ def test_schedules():
     assert lr_factor(50, 100, 0, "constant") == 1.0
     assert lr_factor(95, 100, 0, "const_cooldown", min_ratio=0.0, cooldown_steps=10) == pytest.approx(0.5)
     assert patch_dropout_at(5, 0.5, 8) == 0.5 and patch_dropout_at(8, 0.5, 8) == 0.0
+
+
+def test_the_deepspeed_work_arounds_were_written_for_the_installed_deepspeed():
+    """evaclip.engine.ds_compat patches DeepSpeed internals of one version: another installed version must be
+    re-checked against each work-around before the pin moves (this fails loudly instead of misloading)."""
+    import deepspeed
+
+    from evaclip.engine import ds_compat
+
+    assert deepspeed.__version__ == ds_compat.WRITTEN_FOR, (
+        f"DeepSpeed {deepspeed.__version__} is installed but evaclip/engine/ds_compat.py was written for "
+        f"{ds_compat.WRITTEN_FOR}: re-check load_hp_state against the new version, then update WRITTEN_FOR")

@@ -188,3 +188,26 @@ def test_models_cli_lists_builtins_and_user_files(tmp_path):
     assert r.returncode == 0 and "EVA02-B-16" in r.stdout and "149.7M" in r.stdout
     r = run_cli(["models", str(tmp_path)])
     assert r.returncode == 0 and "my-eva-192" in r.stdout, r.stderr
+
+
+def _lint_imports(root: str) -> subprocess.CompletedProcess:
+    """import-linter over the evaclip package found first on the path under ``root`` (contracts: pyproject.toml)."""
+    lint = os.path.join(os.path.dirname(sys.executable), "lint-imports")
+    env = dict(os.environ, PYTHONPATH=root)
+    return subprocess.run([lint, "--no-cache", "--config", os.path.join(root, "pyproject.toml")], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_the_layering_holds_and_an_upward_import_breaks_it(tmp_path):
+    """The layers contract passes on the tree; a copy where files.py (the bottom layer) imports the trainer fails."""
+    r = _lint_imports(REPO)
+    assert r.returncode == 0 and "1 kept, 0 broken" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
+    copy = tmp_path / "tree"
+    shutil.copytree(os.path.join(REPO, "evaclip"), copy / "evaclip", symlinks=True,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(os.path.join(REPO, "pyproject.toml"), copy / "pyproject.toml")
+    files_py = copy / "evaclip" / "files.py"
+    files_py.write_text(files_py.read_text() + "\n\ndef _planted():\n    import evaclip.trainer  # noqa: F401\n")
+    r = _lint_imports(str(copy))
+    assert r.returncode != 0 and "0 kept, 1 broken" in r.stdout, r.stdout[-3000:]
+    assert "evaclip.files -> evaclip.trainer" in r.stdout

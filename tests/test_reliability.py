@@ -467,16 +467,16 @@ def test_10_resume_refuses_changed_settings_without_touching_the_run(small_run, 
 
 
 def test_10_a_checkpoint_without_logical_streams_resumes_only_on_its_number_of_ranks():
-    from evaclip.trainer import _check_resume_settings
+    from evaclip.resume import check_resume_settings
 
     saved = {"data.micro_batch_size": 16, "world_size": 2, "engine.accum_steps": 1, "model.name": "m"}
     elastic = dict(saved, **{"data.num_streams": 12})
     one_rank = {"data.micro_batch_size": 16, "world_size": 1, "engine.accum_steps": 2, "model.name": "m"}
-    _check_resume_settings(elastic, dict(one_rank, **{"data.num_streams": 12}), [], "ckpt")  # accepted
+    check_resume_settings(elastic, dict(one_rank, **{"data.num_streams": 12}), [], "ckpt")  # accepted
     with pytest.raises(CheckpointError, match=r"written by 2 ranks with per-worker data streams .*resume it on 2 ranks"):
-        _check_resume_settings(saved, one_rank, [], "ckpt")
+        check_resume_settings(saved, one_rank, [], "ckpt")
     with pytest.raises(CheckpointError, match=r"global batch of 32 .*set data.micro_batch_size=16 engine.accum_steps=2$"):
-        _check_resume_settings(elastic, dict(one_rank, **{"engine.accum_steps": 1, "data.num_streams": 12}), [], "c")
+        check_resume_settings(elastic, dict(one_rank, **{"engine.accum_steps": 1, "data.num_streams": 12}), [], "c")
 
 
 # ------------------------------------------------------------------------------------------------ 11 inits

@@ -1,0 +1,34 @@
+"""The engine seam: the only package that knows DeepSpeed (its file names included).
+
+``base`` holds the contract (``Engine``, ``StepInfo``), the checkpoint file layouts and ``read_weights``;
+``torch_engine`` is plain PyTorch for one process; ``deepspeed_engine`` runs ZeRO 0-3 under torchrun / Slurm with
+``zero_lamb`` (LAMB exact across ZeRO partitions) and ``ds_compat`` (work-arounds for the pinned DeepSpeed).
+``build_engine`` picks one by ``engine.kind``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import torch
+
+from evaclip import dist as edist
+from evaclip.engine.base import Engine, StepInfo, pick_device, read_weights
+from evaclip.engine.deepspeed_engine import DeepSpeedEngine, deepspeed_config
+from evaclip.engine.torch_engine import TorchEngine
+
+__all__ = ["Engine", "StepInfo", "build_engine", "deepspeed_config", "pick_device", "read_weights"]
+
+
+def build_engine(model, optimizer, engine_cfg, device: torch.device, micro_batch_size: int,
+                 run_dir: Optional[str] = None) -> Engine:
+    """The engine ``engine.kind`` names; writes ``ds_config.json`` into the run dir for DeepSpeed."""
+    if engine_cfg.kind == "torch":
+        return TorchEngine(model, optimizer, engine_cfg, device)
+    ds_cfg = deepspeed_config(engine_cfg, micro_batch_size, edist.world_size())
+    if run_dir and edist.is_main():
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "ds_config.json"), "w") as f:
+            json.dump(ds_cfg, f, indent=2)
+    return DeepSpeedEngine(model, optimizer, engine_cfg, device, ds_cfg)

@@ -1,0 +1,216 @@
+"""DeepSpeed under torchrun / Slurm: ZeRO 0-3, bf16 / fp16 (dynamic loss scaling), gradient clipping, LAMB kept
+exact under partitioning (``zero_lamb``), a ZeRO checkpoint re-partitioned onto another number of ranks through
+DeepSpeed's universal checkpoint. The DeepSpeed config is generated from the resolved config (``deepspeed_config``)
+and written into the run directory."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import types
+from typing import Dict
+
+import torch
+
+from evaclip import dist as edist
+from evaclip.engine.base import TORCH_STATE, StepInfo, saved_zero_world
+from evaclip.engine.ds_compat import load_hp_state
+from evaclip.engine.zero_lamb import install_lamb_layouts
+from evaclip.errors import CheckpointError
+from evaclip.files import deep_merge, find
+from evaclip.optim import Lamb
+from evaclip.safe_load import deepspeed_loads
+
+
+def deepspeed_config(engine_cfg, micro_batch_size: int, world_size: int) -> Dict:
+    """The DeepSpeed config dict for this run (overlay JSON merged on top)."""
+    prec = engine_cfg.precision
+    cfg = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": engine_cfg.accum_steps,
+        "train_batch_size": micro_batch_size * engine_cfg.accum_steps * world_size,
+        # always explicit: the default changed to 1.0 in DeepSpeed 0.19.7 (it was 0.0)
+        "gradient_clipping": float(engine_cfg.grad_clip),
+        "zero_optimization": {"stage": engine_cfg.zero_stage},
+        "bf16": {"enabled": prec == "bf16"},
+        "fp16": {"enabled": prec == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        # our LAMB / AdamW are client optimizers (FusedLamb has no CPU kernel)
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+    if engine_cfg.zero_stage in (1, 2):
+        cfg["zero_optimization"].update({"round_robin_gradients": False})  # LAMB layouts assume group order
+    if engine_cfg.deepspeed_overlay:
+        with open(find("overlay", engine_cfg.deepspeed_overlay)) as f:
+            cfg = deep_merge(cfg, json.load(f))
+    return cfg
+
+
+class DeepSpeedEngine:
+    """DeepSpeed under torchrun / Slurm: ZeRO 0-3, bf16 / fp16, clipping; LAMB kept exact under partitioning."""
+
+    name = "deepspeed"
+
+    def __init__(self, model, optimizer, engine_cfg, device: torch.device, ds_config: Dict):
+        import deepspeed
+
+        self.cfg, self.device = engine_cfg, device
+        self.client_optimizer = optimizer
+        self._group_params = [list(g["params"]) for g in optimizer.param_groups]  # before DeepSpeed swaps them
+        self.ds, self.ds_optimizer, _, _ = deepspeed.initialize(model=model.to(device), optimizer=optimizer,
+                                                                config=ds_config)
+        self.model = self.ds.module
+        self.optimizer = optimizer  # param groups (lr, base_lr, lr_scale) live in the client optimizer
+        self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(engine_cfg.precision, torch.float32)
+        # under ZeRO-3 every forward gathers parameters collectively: one rank cannot run the model alone
+        self.shards_params = engine_cfg.zero_stage == 3
+        if isinstance(optimizer, Lamb):
+            install_lamb_layouts(self.ds.optimizer, optimizer, self._group_params, engine_cfg.zero_stage, device)
+        self._nonfinite = False
+        self._guard_client_step()
+
+    def _guard_client_step(self) -> None:
+        """Skip the update when the gradients are not finite, for every precision and ZeRO stage.
+
+        DeepSpeed checks this only for fp16 (and bf16 ZeRO-1/2), and its gradient norm does not show NaN
+        (measured: a NaN partition gives a finite norm under fp32 ZeRO-2). So ``step`` decides from the
+        gradients themselves before DeepSpeed's step (``_grads_nonfinite``, agreed by all ranks), and every
+        DeepSpeed path ends in the client optimizer's ``step``, which then does nothing; DeepSpeed still
+        clears its buffers and copies the (unchanged) master weights back as after any step."""
+        opt, real_step = self.client_optimizer, self.client_optimizer.step
+
+        def step(closure=None):
+            if self._nonfinite:
+                return None
+            return real_step(closure) if closure is not None else real_step()
+
+        opt.step = step
+
+    def _grads_nonfinite(self) -> bool:
+        """Any non-finite gradient on any rank, wherever this DeepSpeed optimizer keeps them."""
+        opt, kind = self.ds_optimizer, type(self.ds_optimizer).__name__
+        if kind in ("DeepSpeedZeroOptimizer", "DeepSpeedZeroOptimizer_Stage3"):
+            return bool(opt.has_overflow(partition_gradients=getattr(opt, "partition_gradients", True)))
+        if kind == "BF16_Optimizer":
+            grads = list(opt.fp32_groups_gradient_flat_partition)
+        else:  # no ZeRO wrapper (or fp16's, which checks itself): the module's averaged gradients
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        bad = torch.tensor([float(any(not bool(torch.isfinite(g).all()) for g in grads))], device=self.device)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(bad)
+        return bad.item() > 0
+
+    def __call__(self, image, *inputs):
+        out = self.ds(image.to(self.input_dtype), *inputs)
+        return {k: v.float() for k, v in out.items()}
+
+    def train(self, mode: bool = True):
+        self.ds.train(mode)
+
+    def backward(self, loss, boundary: bool = True):
+        self.ds.backward(loss, scale_wrt_gas=False)
+        if not boundary:
+            self.ds.step()  # DeepSpeed counts micro-steps in step(); it only updates at the boundary
+
+    def step(self) -> StepInfo:
+        fp16 = self.cfg.precision == "fp16"
+        self._nonfinite = False if fp16 else self._grads_nonfinite()  # fp16: DeepSpeed's loss scaler decides
+        try:
+            self.ds.step()
+        except AssertionError:  # DeepSpeed's bf16 optimizer asserts a positive norm: NaN gradients fail it
+            if not self._nonfinite:
+                raise
+            self.ds.zero_grad()
+        norm = self.ds.get_global_grad_norm()
+        norm = float(norm) if norm is not None else float("nan")
+        # fp16: DeepSpeed skips the update and lowers the loss scale on overflow (normal while it calibrates)
+        overflow = fp16 and bool(getattr(self.ds_optimizer, "overflow", False))
+        return StepInfo(float("nan") if self._nonfinite else norm, self._nonfinite, overflow)
+
+    def zero_grad(self):
+        self.ds.zero_grad()
+
+    def save(self, path: str) -> None:
+        parent, tag = os.path.split(path.rstrip("/"))
+        self.ds.save_checkpoint(parent, tag=tag, save_latest=False)
+
+    def load(self, path: str, load_optimizer: bool = True, trust_pickle: bool = False) -> None:
+        if os.path.exists(os.path.join(path, TORCH_STATE)):
+            raise CheckpointError(f"{path} was written by the plain engine (engine.kind = 'torch'); resume it with "
+                                  "engine.kind = 'torch' on one process")
+        parent, tag = os.path.split(path.rstrip("/"))
+        saved = saved_zero_world(path)
+        if load_optimizer and saved and saved != edist.world_size():
+            return self._load_repartitioned(path, saved, trust_pickle)
+        with deepspeed_loads(path, "checkpoint", trust_pickle):
+            load_path, _ = self.ds.load_checkpoint(parent, tag=tag, load_optimizer_states=load_optimizer,
+                                                   load_lr_scheduler_states=False,
+                                                   load_module_only=not load_optimizer)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")
+
+    def _load_repartitioned(self, path: str, saved: int, trust_pickle: bool) -> None:
+        """Resume a ZeRO checkpoint written by ``saved`` ranks on this many: DeepSpeed refuses to re-partition
+        its optimizer shards directly, so rank 0 converts the checkpoint to DeepSpeed's universal format (per
+        parameter fp32 weights and optimizer moments, ``ds_to_universal``) next to it, every rank loads its new
+        partition from that, and the converted copy is removed. Collective."""
+        import argparse
+        import io
+        import shutil
+
+        from deepspeed.checkpoint import ds_to_universal
+
+        root, tag = os.path.split(path.rstrip("/"))
+        utag = f".tmp-universal-{tag}"  # ``.tmp-`` leftovers are pruned with interrupted saves
+        out = os.path.join(root, utag)
+        err = None
+        if edist.is_main():
+            shutil.rmtree(out, ignore_errors=True)
+            args = argparse.Namespace(input_folder=path, output_folder=out, num_extract_workers=1,
+                                      num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                      inject_missing_state=True)
+            try:
+                with deepspeed_loads(path, "checkpoint", trust_pickle), \
+                        contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                    ds_to_universal.main(args)
+            except Exception as e:  # every rank stops with rank 0's reason, none waits for a conversion
+                err = f"{type(e).__name__}: {e}"
+        err = edist.all_gather_objects(err)[0]
+        if err:
+            raise RuntimeError(f"{path}: re-partitioning its ZeRO state from {saved} to {edist.world_size()} ranks "
+                               f"failed in DeepSpeed's universal-checkpoint conversion ({err})")
+        conf, opt = self.ds._config, self.ds_optimizer
+        conf.load_universal_checkpoint = True
+        if type(opt).__name__ == "DeepSpeedZeroOptimizer":
+            opt.load_hp_checkpoint_state_from_checkpoint_dir = types.MethodType(load_hp_state, opt)
+        try:
+            with deepspeed_loads(out, "checkpoint", trust_pickle):
+                load_path, _ = self.ds.load_checkpoint(root, tag=utag, load_optimizer_states=True,
+                                                       load_lr_scheduler_states=False)
+        except Exception as e:  # raised here at once (the copy stays; the next save prunes it)
+            raise RuntimeError(f"{path}: loading its ZeRO state re-partitioned from {saved} to {edist.world_size()} "
+                               f"ranks failed on rank {edist.rank()} ({type(e).__name__}: {e})") from e
+        finally:
+            conf.load_universal_checkpoint = False
+            opt.__dict__.pop("load_hp_checkpoint_state_from_checkpoint_dir", None)
+        edist.barrier(f"loading the re-partitioned checkpoint {path}")
+        if edist.is_main():
+            shutil.rmtree(out, ignore_errors=True)
+            pointer = os.path.join(root, "latest_universal")  # the converter's, naming the copy
+            if os.path.exists(pointer) and open(pointer).read().strip() == utag:
+                os.remove(pointer)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load the re-partitioned checkpoint of {path}")
+
+    @contextlib.contextmanager
+    def full_weights(self):
+        if self.cfg.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
+                yield self.model
+        else:
+            yield self.model

@@ -1,0 +1,24 @@
+"""Training objectives, one file each behind one contract (``base.Objective``): ``clip`` (contrastive image-text)
+and ``mim`` (masked image modeling against a frozen CLIP teacher). ``build_objective`` picks one by
+``objective.kind`` and hands it its own config sections."""
+from __future__ import annotations
+
+import torch
+
+from evaclip.objectives.base import Forward, Objective
+from evaclip.objectives.clip import ClipObjective
+from evaclip.objectives.mim import MimObjective
+
+__all__ = ["Forward", "Objective", "ClipObjective", "MimObjective", "build_objective"]
+
+# objective.kind -> builder(cfg, variant, device, log): a new objective is a file and a line here
+OBJECTIVES = {
+    "clip": lambda cfg, variant, device, log: ClipObjective(cfg.model, variant, cfg.loss, cfg.run.seed,
+                                                            cfg.log.sample_loss, device),
+    "mim": lambda cfg, variant, device, log: MimObjective(cfg.mim, cfg.model, variant, cfg.run.seed,
+                                                          cfg.engine.precision, device, log),
+}
+
+
+def build_objective(cfg, variant, device: torch.device, log=print) -> Objective:
+    return OBJECTIVES[cfg.objective.kind](cfg, variant, device, log)

@@ -1,0 +1,39 @@
+"""The objective contract: what the trainer asks of an objective, so a new objective is a new file plus a registry
+line (``objectives/__init__.py``), never a branch in the loop.
+
+An objective builds its model (and whatever it needs beside it: a frozen teacher, a masking generator) and, per
+optimizer step, runs the forward and backward passes of the step's micro-batches through the engine. The trainer
+owns everything around that: the engine's step, skipped and overflowing steps, logging, checkpoints, rollback.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Optional, Protocol
+
+import torch
+
+
+@dataclasses.dataclass
+class Forward:
+    """One step's forward/backward. ``loss``: this rank's loss (detached); ``finite`` False: the loss was not
+    finite on some rank and nothing was back-propagated (every rank agrees); ``metrics``: the objective's own
+    (besides train/loss and train/grad_norm); ``sample_losses``: per-sample losses of this rank's rows
+    (``log.sample_loss``), in the order of the micro-batches' keys."""
+
+    loss: torch.Tensor
+    finite: bool = True
+    metrics: Dict[str, float] = dataclasses.field(default_factory=dict)
+    sample_losses: Optional[torch.Tensor] = None
+
+
+class Objective(Protocol):
+    kind: str
+    uses_text: bool  # the data pipeline tokenizes captions (False: image-only shards will do)
+    teacher_width: int  # recorded with the model (a MIM student's head width); 0 without a teacher
+
+    def build_model(self) -> torch.nn.Module:
+        """The trained model, built after the run's seed is set (same init on every rank)."""
+
+    def forward_backward(self, engine, micro: List[Dict], step: int) -> Forward:
+        """Forward and backward over the micro-batches of optimizer step ``step`` (0-based), through ``engine``;
+        the last backward is the accumulation boundary."""

@@ -1,0 +1,103 @@
+"""The CLIP objective: the contrastive loss (CLIP or SigLIP; local, tiled or ring) over the global batch.
+
+With accumulation the gradient equals that of the big batch (feature caching, as GradCache / open_clip's
+accum-freq): all micro-batch features are computed without grad, then each micro-batch is recomputed with grad (the
+same token-dropping masks: they are drawn per sample from (seed, step, key), so they also do not depend on how the
+global batch is cut into ranks and micro-batches; the RNG state is replayed too) and back-propagated through the
+loss over the full cached batch.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from evaclip import dist as edist
+from evaclip.data.masking import sample_rng
+from evaclip.losses import ContrastiveLoss
+from evaclip.models import create_model
+from evaclip.objectives.base import Forward
+
+
+def _get_rng(device: torch.device):
+    return (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _set_rng(state, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def all_finite(loss: torch.Tensor) -> bool:
+    """Finite on every rank (all-reduced, so every rank takes the same decision)."""
+    flag = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=loss.device)
+    edist.all_reduce_sum(flag)
+    return flag.item() == 0
+
+
+class ClipObjective:
+    kind = "clip"
+    uses_text = True
+    teacher_width = 0
+
+    def __init__(self, model_cfg, variant, loss_cfg, seed: int, per_sample: bool, device: torch.device):
+        self.model_cfg, self.variant, self.seed, self.per_sample, self.device = model_cfg, variant, seed, per_sample, device
+        self.loss_fn = ContrastiveLoss(loss_cfg.kind, loss_cfg.impl, loss_cfg.tile_size)
+
+    def build_model(self) -> torch.nn.Module:
+        return create_model(self.model_cfg, self.variant)
+
+    def drop_noise(self, model, micro: Dict, step: int) -> Optional[torch.Tensor]:
+        """Per-sample token-dropping scores [b, N] from (seed, step, key): which patches a sample keeps does
+        not depend on the batch, micro-batch or rank it is in (None without dropping, or without keys)."""
+        trunk = model.visual.trunk
+        if trunk.patch_drop.rate == 0.0 or "key" not in micro:
+            return None
+        n = trunk.patch_embed.num_patches
+        rows = [sample_rng(self.seed, step, k, "token_drop").random(n, dtype="float32") for k in micro["key"]]
+        return torch.from_numpy(np.stack(rows)).to(self.device)
+
+    def forward_backward(self, engine, micro: List[Dict], step: int) -> Forward:
+        dev, loss_fn = self.device, self.loss_fn
+        imgs = [m["image"].to(dev, non_blocking=True) for m in micro]
+        txts = [m["text"].to(dev, non_blocking=True) for m in micro]
+        noise = [self.drop_noise(engine.model, m, step) for m in micro]
+        rows = [] if self.per_sample else None  # this rank's per-sample losses, from the loss itself
+        if len(micro) == 1:
+            out = engine(imgs[0], txts[0], noise[0])
+            loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"),
+                           rows=rows)
+            if not all_finite(loss):
+                return Forward(loss.detach(), finite=False)
+            engine.backward(loss, boundary=True)
+        else:
+            # feature caching: no-grad features of every micro-batch, remembering each one's RNG state
+            states, cached = [], []
+            with torch.no_grad():
+                for img, txt, nz in zip(imgs, txts, noise):
+                    states.append(_get_rng(dev))
+                    cached.append(engine(img, txt, nz))
+            after = _get_rng(dev)
+            img_all = [c["image_features"] for c in cached]
+            txt_all = [c["text_features"] for c in cached]
+            loss = loss_fn(torch.cat(img_all), torch.cat(txt_all), cached[-1]["logit_scale"],
+                           cached[-1].get("logit_bias"), rows=rows)
+            if not all_finite(loss):
+                return Forward(loss.detach(), finite=False)
+            for j, (img, txt) in enumerate(zip(imgs, txts)):
+                _set_rng(states[j], dev)
+                out = engine(img, txt, noise[j])
+                i_cat = torch.cat(img_all[:j] + [out["image_features"]] + img_all[j + 1:])
+                t_cat = torch.cat(txt_all[:j] + [out["text_features"]] + txt_all[j + 1:])
+                last = j == len(micro) - 1
+                # the temperature's (and bias') gradient must be counted once, not once per micro-batch
+                scale = out["logit_scale"] if last else out["logit_scale"].detach()
+                bias = out.get("logit_bias")
+                bias = bias if (bias is None or last) else bias.detach()
+                engine.backward(loss_fn(i_cat, t_cat, scale, bias), boundary=last)
+            _set_rng(after, dev)
+            out = cached[-1]
+        return Forward(loss.detach(), metrics={"train/logit_scale": float(out["logit_scale"].detach())},
+                       sample_losses=rows[0] if rows else None)
