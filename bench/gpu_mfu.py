@@ -58,6 +58,9 @@ def bench_setting(name, batch, steps, device, patch_dropout, compile_, dtype, wa
     from evaclip.optim import Lamb, param_groups
 
     v = get_variant(name)
+    if device.type == "cuda":  # each setting's own peak, not the high-water mark of the settings before it
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(0)
     model = create_model(ModelConfig(name=name, vision=VisionConfig(patch_dropout=patch_dropout))).to(device).train()
     loss_fn = ContrastiveLoss("clip", "local")

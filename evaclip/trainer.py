@@ -328,8 +328,14 @@ class Trainer:
                 dtype = torch.float32
         if edist.is_main() or gather is not None:
             v = self.variant
-            results = run_suite(lambda x: model.encode_image(x.to(dtype), normalize=False),
-                                lambda t: model.encode_text(t, normalize=False),
+            def in_precision(fn):  # evaluate in the precision the model trains in
+                def run(x):
+                    with self.engine.autocast():
+                        return fn(x)
+                return run
+
+            results = run_suite(in_precision(lambda x: model.encode_image(x.to(dtype), normalize=False)),
+                                in_precision(lambda t: model.encode_text(t, normalize=False)),
                                 make_tokenizer(v.context_length, self.cfg.model.text.kind, self.cfg.model.text.hf_path),
                                 self.eval_entries, self.cfg.eval.datasets_root.replace("{root}", self.cfg.data.root),
                                 v.image_size, v.mean, v.std,
@@ -370,6 +376,7 @@ class Trainer:
         if edist.is_main() and cfg.log.progress:
             bar = progress_bar(d.steps, "train", "step", initial=self.step)
         t_last, n_last = time.time(), self.samples_seen
+        data_wait = 0.0  # seconds spent waiting for batches since the last log line
         last_eval: Dict[str, float] = {}
         while self.step < d.steps:
             rate = patch_dropout_at(self.step, cfg.model.vision.patch_dropout, d.unmasked_from_step)
@@ -380,7 +387,9 @@ class Trainer:
                     g["lr"] *= self.lr_window[2]
             if self.step in self.skip_windows:
                 self._skip_data(self.step)
+            t_data = time.time()
             micro = self._next_step()
+            data_wait += time.time() - t_data
             metrics = self.train_step(micro)
             if self.key_log is not None:  # a skipped step's samples too: the batch of that step
                 self.key_log.add(self.step + 1, [k for m in micro for k in m["key"]],
@@ -402,11 +411,17 @@ class Trainer:
             if self.step % cfg.log.every_steps == 0 or self.step == d.steps:
                 now = time.time()
                 sps = (self.samples_seen - n_last) / max(now - t_last, 1e-9)
-                t_last, n_last = now, self.samples_seen
+                # the share of the wall time spent waiting for the input pipeline: near 1, the run is data-bound
+                # (more data.workers, or CPUs); near 0, the step is the bottleneck (the step's loss .item()
+                # synchronises the device, so the wait is not hidden in queued device work)
+                metrics["train/data_wait_frac"] = data_wait / max(now - t_last, 1e-9)
+                t_last, n_last, data_wait = now, self.samples_seen, 0.0
                 metrics.update(self._lr_metrics(lr_factor))
                 metrics.update({"train/samples_per_s": sps, "train/patch_dropout": rate,
                                 "train/samples_seen": self.samples_seen, "data/order_hash": self.order_hash})
                 metrics.update({f"data/skipped/{k}": v for k, v in self.data_state.skip_counts().items()})
+                if self.device.type == "cuda":  # the high-water mark since the start, what a plan is checked against
+                    metrics["sys/max_mem_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
                 self.logger.log(self.step, metrics)
                 if bar and "train/loss" in metrics:
                     bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", samples_s=f"{sps:.0f}", refresh=False)

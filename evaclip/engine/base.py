@@ -52,6 +52,9 @@ class Engine(Protocol):
 
     def __call__(self, image: torch.Tensor, *inputs) -> Dict[str, torch.Tensor]: ...
 
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The precision context the model trains in, for running it outside ``__call__`` (evaluation)."""
+
     def train(self, mode: bool = True) -> None: ...
 
     def backward(self, loss: torch.Tensor, boundary: bool = True) -> None: ...

@@ -103,6 +103,9 @@ class DeepSpeedEngine:
             torch.distributed.all_reduce(bad)
         return bad.item() > 0
 
+    def autocast(self):
+        return contextlib.nullcontext()  # the weights themselves are in the training precision
+
     def __call__(self, image, *inputs):
         out = self.ds(image.to(self.input_dtype), *inputs)
         return {k: v.float() for k, v in out.items()}

@@ -25,8 +25,11 @@ class TorchEngine:
         self.input_dtype = torch.float32
         self._amp = engine_cfg.precision == "bf16"
 
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._amp)
+
     def __call__(self, image, *inputs):
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._amp):
+        with self.autocast():
             out = self.model(image, *inputs)
         return {k: v.float() for k, v in out.items()} if self._amp else out
 

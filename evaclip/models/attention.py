@@ -3,8 +3,9 @@
 Backends:
   ``sdpa``        torch ``scaled_dot_product_attention``, torch picks flash / mem-efficient / math.
   ``sdpa_flash``, ``sdpa_efficient``, ``sdpa_math``, ``sdpa_cudnn``
-                  the same call pinned to one SDPA kernel (errors if that kernel cannot run the inputs).
-  ``flash_attn``  the ``flash-attn`` package (optional extra; CUDA + fp16/bf16 only).
+                  the same call pinned to one SDPA kernel (errors if that kernel cannot run the inputs; fp32
+                  inputs on CUDA, which flash and cuDNN never run, go to SDPA's own choice instead).
+  ``flash_attn``  the ``flash-attn`` package (optional extra; CUDA + fp16/bf16 only; fp32 inputs as above).
   ``math``        an explicit softmax(QK^T)V written out here: the float reference the others are tested against.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 ATTN_IMPLS = ("sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_math", "sdpa_cudnn", "flash_attn", "math")
+HALF_ONLY = ("sdpa_flash", "sdpa_cudnn", "flash_attn")  # their CUDA kernels take fp16 / bf16 inputs only
 
 
 def _sdpa_backends():
@@ -55,7 +57,9 @@ def attention(
     is_causal: bool = False,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:  # [B, H, N, D]
-    if impl == "sdpa":
+    if impl == "sdpa" or (impl in HALF_ONLY and q.is_cuda and q.dtype == torch.float32):
+        # fp32 inputs reach a kernel that takes fp16 / bf16 only when a model runs outside autocast (evaluating
+        # fp32 weights): SDPA's own choice runs them, where the pinned kernel would fail ("No available kernel")
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal)
     if impl.startswith("sdpa_"):
         from torch.nn.attention import sdpa_kernel
