@@ -49,7 +49,7 @@ def cmd_train(args) -> int:
         print(f"\nworld size {world}, global batch {derived.global_batch}, {derived.steps} steps, "
               f"{derived.train_samples:,} samples; run dir {derived.run_dir}")
         return 0
-    from evaclip.trainer import Trainer
+    from evaclip.train import Trainer
 
     trainer = Trainer(cfg, derived)
     summary = trainer.train()

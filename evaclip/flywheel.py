@@ -23,7 +23,7 @@ from typing import Dict, List
 
 def _train(experiment: str, overrides: List[str]) -> Dict:
     from evaclip.config import load_config, resolve
-    from evaclip.trainer import Trainer
+    from evaclip.train import Trainer
 
     cfg = load_config(experiment, overrides)
     t = time.time()

@@ -59,7 +59,7 @@ def run_steps(trainer, rank: int, world: int, steps: int = STEPS):
 
 def main_train(out: str, shard: str, overrides):
     from evaclip.config import load_config, resolve
-    from evaclip.trainer import Trainer
+    from evaclip.train import Trainer
 
     run_dir = os.path.dirname(out)
     cfg = load_config(None, train_overrides(shard, run_dir, overrides))
@@ -136,7 +136,7 @@ def main_nanstep(out: str, shard: str):
     """One NaN gradient (finite loss) under DeepSpeed: the engine must report the step skipped and leave the
     weights as they were, for each (ZeRO stage, precision); then training goes on."""
     from evaclip.config import load_config, resolve
-    from evaclip.trainer import Trainer
+    from evaclip.train import Trainer
 
     res = {}
     for stage, prec in [(0, "fp32"), (2, "fp32"), (2, "bf16")]:

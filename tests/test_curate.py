@@ -67,7 +67,7 @@ def curate_data(tmp_path_factory):
 def demo_model(curate_data):
     """The demo experiment, 150 steps of 64 on the synthetic shards (about a minute on 2 cores)."""
     from evaclip.config import load_config, resolve
-    from evaclip.trainer import Trainer
+    from evaclip.train import Trainer
 
     cfg = load_config("demo_cpu", [f"run.output_dir={curate_data['root'] / 'runs'}", "run.name=demo", "run.steps=150",
                                    f"data.root={curate_data['synth']}",
@@ -207,7 +207,7 @@ def test_filtered_shards_hold_exactly_the_kept_keys_and_train(curate_data, score
     import pyarrow.parquet as pq
 
     from evaclip.data.curate import filter_tables, select
-    from evaclip.trainer import Trainer
+    from evaclip.train import Trainer
 
     def digest():
         return [hashlib.sha1(open(os.path.join(curate_data["mixed_dir"], f), "rb").read()).hexdigest()
@@ -255,7 +255,7 @@ def test_sample_losses_average_to_the_logged_loss(synth_dir, tmp_path, impl, acc
     import pyarrow.parquet as pq
 
     from evaclip.config import load_config, resolve
-    from evaclip.trainer import Trainer
+    from evaclip.train import Trainer
 
     cfg = load_config("demo_cpu", tiny_overrides(synth_dir, str(tmp_path), "sl", steps=3, extra=[
         "log.sample_loss=true", f"loss.impl={impl}", "loss.tile_size=5", f"engine.accum_steps={accum}"]))

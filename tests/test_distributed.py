@@ -46,7 +46,7 @@ def shard(synth_dir):
 def reference(shard, tmp_path_factory):
     """The same 10 steps in one process with the plain engine on the whole global batch."""
     from evaclip.config import load_config, resolve
-    from evaclip.trainer import Trainer
+    from evaclip.train import Trainer
     from tests.dist_worker import run_steps, train_overrides
 
     out = {}
@@ -159,7 +159,7 @@ def test_ring_loss_training_under_zero2_with_accumulation_equals_the_local_loss(
 def test_ring_loss_training_on_the_plain_engine_equals_the_local_loss(shard, reference, tmp_path):
     """One process, plain engine, 2 accumulated micro-batches of 4, loss.impl=ring == the local-loss reference."""
     from evaclip.config import load_config, resolve
-    from evaclip.trainer import Trainer
+    from evaclip.train import Trainer
     from tests.dist_worker import run_steps, train_overrides
 
     cfg = load_config(None, train_overrides(shard, str(tmp_path), [
@@ -174,7 +174,7 @@ def test_two_rank_sharded_eval_equals_one_process(synth_dir, tmp_path):
     """evaclip eval under torchrun (2 gloo ranks, each a share of every dataset) == one process, to the last
     digit, for the classification and the retrieval set of the quick suite."""
     from evaclip.config import load_config, resolve
-    from evaclip.trainer import Trainer
+    from evaclip.train import Trainer
     from tests.conftest import run_cli, tiny_overrides
 
     cfg = load_config("demo_cpu", tiny_overrides(synth_dir, str(tmp_path), "ev", steps=2))
@@ -196,7 +196,7 @@ def test_two_rank_zero2_mim_with_accumulation_equals_one_process(shard, mim_teac
     """MIM (objective.kind = mim), 10 steps: 2 DeepSpeed ZeRO-2 ranks x 2 micro-batches of 2 == 1 process with the
     plain engine on the whole batch of 8 (the same keys, so the same masks)."""
     from evaclip.config import load_config, resolve
-    from evaclip.trainer import Trainer
+    from evaclip.train import Trainer
     from tests.dist_worker import run_steps, train_overrides
 
     mim = ["objective.kind=mim", f"mim.teacher={mim_teacher}", "optim.name=lamb", *EXACT]

@@ -117,11 +117,11 @@ def test_kill_during_save_keeps_previous_latest(synth_dir, tmp_path):
     tr = make_trainer(synth_dir, tmp_path, "ks", steps=4, extra=["checkpoint.every_steps=2"])
     tr.engine.train(True)
     for _ in range(2):
-        tr.train_step([tr._next_batch()])
+        tr.train_step([tr.data.next_batch()])
         tr.step += 1
     first = tr.save()
     assert latest_checkpoint(tr.run_dir) == first
-    tr.train_step([tr._next_batch()])
+    tr.train_step([tr.data.next_batch()])
     tr.step += 1
 
     real_save = tr.engine.save

@@ -10,7 +10,8 @@ import torch
 from evaclip.checkpoint import latest_checkpoint, load_weights
 from evaclip.config import ConfigError, load_config, resolve
 from evaclip.data.masking import BlockMasking, sample_rng
-from evaclip.trainer import REQUEUE_EXIT_CODE, Trainer, TrainingStopped
+from evaclip.errors import TrainingStopped
+from evaclip.train import REQUEUE_EXIT_CODE, Trainer
 from tests.conftest import REPO, mcfg, preempt_during, run_cli, tiny_overrides
 
 MIM = os.path.join(REPO, "launch", "experiments", "mim_demo_cpu.toml")

@@ -90,7 +90,7 @@ def test_wheel_install_works_from_an_empty_folder(tmp_path):
 def user_run(synth_dir, tmp_path_factory):
     """Train the user's model file (non-default knobs everywhere) for a few steps."""
     from evaclip.config import load_config, resolve
-    from evaclip.trainer import Trainer
+    from evaclip.train import Trainer
 
     tmp = tmp_path_factory.mktemp("user_model")
     (tmp / "models").mkdir()
@@ -199,15 +199,19 @@ def _lint_imports(root: str) -> subprocess.CompletedProcess:
 
 
 def test_the_layering_holds_and_an_upward_import_breaks_it(tmp_path):
-    """The layers contract passes on the tree; a copy where files.py (the bottom layer) imports the trainer fails."""
+    """The layers contracts pass on the tree; a copy where files.py (the bottom layer) imports the trainer, and
+    train/healing.py (a part of training) the loop, breaks both."""
     r = _lint_imports(REPO)
-    assert r.returncode == 0 and "1 kept, 0 broken" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
+    assert r.returncode == 0 and "2 kept, 0 broken" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
     copy = tmp_path / "tree"
     shutil.copytree(os.path.join(REPO, "evaclip"), copy / "evaclip", symlinks=True,
                     ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(os.path.join(REPO, "pyproject.toml"), copy / "pyproject.toml")
     files_py = copy / "evaclip" / "files.py"
-    files_py.write_text(files_py.read_text() + "\n\ndef _planted():\n    import evaclip.trainer  # noqa: F401\n")
+    files_py.write_text(files_py.read_text() + "\n\ndef _planted():\n    import evaclip.train.trainer  # noqa: F401\n")
+    healing_py = copy / "evaclip" / "train" / "healing.py"
+    healing_py.write_text(healing_py.read_text() + "\n\ndef _planted():\n    import evaclip.train.trainer  # noqa: F401\n")
     r = _lint_imports(str(copy))
-    assert r.returncode != 0 and "0 kept, 1 broken" in r.stdout, r.stdout[-3000:]
-    assert "evaclip.files -> evaclip.trainer" in r.stdout
+    assert r.returncode != 0 and "0 kept, 2 broken" in r.stdout, r.stdout[-3000:]
+    assert "evaclip.files -> evaclip.train.trainer" in r.stdout
+    assert "evaclip.train.healing -> evaclip.train.trainer" in r.stdout

@@ -20,7 +20,7 @@ from PIL import Image
 from evaclip.checkpoint import latest_checkpoint, load_weights
 from evaclip.config import load_config, resolve
 from evaclip.errors import CheckpointError, ConfigError, TrainingStopped, UnsafeFileError
-from evaclip.trainer import Trainer
+from evaclip.train import Trainer
 from tests.conftest import REPO, run_cli, tiny_overrides, wait_for
 from tests.test_data import write_shards
 
@@ -467,7 +467,7 @@ def test_10_resume_refuses_changed_settings_without_touching_the_run(small_run, 
 
 
 def test_10_a_checkpoint_without_logical_streams_resumes_only_on_its_number_of_ranks():
-    from evaclip.resume import check_resume_settings
+    from evaclip.train.resume import check_resume_settings
 
     saved = {"data.micro_batch_size": 16, "world_size": 2, "engine.accum_steps": 1, "model.name": "m"}
     elastic = dict(saved, **{"data.num_streams": 12})

@@ -60,7 +60,7 @@ def test_whole_model_init_into_a_larger_resolution_trains(synth_dir, tmp_path):
     from evaclip.config import load_config as lc
     from evaclip.export.open_clip import export_open_clip
     from evaclip.models import model_record
-    from evaclip.trainer import Trainer
+    from evaclip.train import Trainer
     from tests.conftest import mcfg
 
     small = create_model("EVA02-Ti-8-64")
@@ -139,12 +139,13 @@ def _source_trainer(window_in_data: bool):
     """A Trainer whose data is the test-only source; ``window_in_data``: the poisoned window is in the stream
     (else the stream is the same without it: the reference run)."""
     from evaclip.data.wds import DataState
-    from evaclip.trainer import Trainer
+    from evaclip.train import Trainer
+    from evaclip.train.data import TrainData
 
-    class SourceTrainer(Trainer):
-        def _build_data(self):
-            self.data_state = DataState(self.data_states)
-            start = self.data_state.workers.get(0, {}).get("batches", 0)
+    class SourceData(TrainData):
+        def open(self):
+            self.state = DataState(self.positions)
+            start = self.state.workers.get(0, {}).get("batches", 0)
 
             def stream():
                 n = start
@@ -156,7 +157,10 @@ def _source_trainer(window_in_data: bool):
                                       "per_source": {"s": n * MB}}
                     yield b
 
-            self.data_iter = stream()
+            self.iterator = stream()
+
+    class SourceTrainer(Trainer):
+        data_class = SourceData
 
     return SourceTrainer
 
@@ -188,4 +192,4 @@ def test_a_loss_spike_rolls_back_skips_the_window_and_ends_as_a_run_without_it(t
     assert diff <= 1e-6, diff
     recs = [json.loads(x) for x in open(os.path.join(tr.run_dir, "metrics.jsonl"))]
     assert any(r.get("rollback/spike_step") == P0 for r in recs)
-    assert tr.order_hash == ref.order_hash  # the same samples were trained on, in the same order
+    assert tr.data.order_hash == ref.data.order_hash  # the same samples were trained on, in the same order

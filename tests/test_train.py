@@ -7,7 +7,8 @@ import torch
 
 from evaclip.checkpoint import latest_checkpoint, load_weights
 from evaclip.config import load_config, resolve
-from evaclip.trainer import REQUEUE_EXIT_CODE, Trainer, TrainingStopped
+from evaclip.errors import TrainingStopped
+from evaclip.train import REQUEUE_EXIT_CODE, Trainer
 from tests.conftest import REPO, preempt_during, tiny_overrides
 
 DEMO = os.path.join(REPO, "launch", "experiments", "demo_cpu.toml")
@@ -179,12 +180,12 @@ def test_hf_text_tower_trains_with_its_own_tokenizer(synth_dir, tmp_path):
 
 def test_too_much_corrupt_data_stops_with_a_clear_error(synth_dir, tmp_path):
     tr = make_trainer(synth_dir, tmp_path, "skip", extra=["data.max_skip_fraction=0.1"])
-    tr.data_state.workers = {0: {"worker": 0, "num_workers": 1, "batches": 100, "stream": {},
+    tr.data.state.workers = {0: {"worker": 0, "num_workers": 1, "batches": 100, "stream": {},
                                  "counts": {"decode_error": 150}, "per_source": {"s": 850}}}
     with pytest.raises(TrainingStopped, match="150 of 1000 samples were unusable"):
-        tr._check_skips()
-    tr.data_state.workers[0]["counts"] = {"decode_error": 50}
-    tr._check_skips()  # 5%: fine
+        tr.data.check_skips()
+    tr.data.state.workers[0]["counts"] = {"decode_error": 50}
+    tr.data.check_skips()  # 5%: fine
 
 
 TOPOLOGY = ["data.streams=12", "data.log_keys=true", "model.vision.patch_dropout=0.5", "optim.name=lamb",

@@ -17,7 +17,7 @@ from evaclip import dist as edist
 from evaclip.data.masking import sample_rng
 from evaclip.losses import ContrastiveLoss
 from evaclip.models import create_model
-from evaclip.objectives.base import Forward
+from evaclip.train.objectives.base import Forward
 
 
 def _get_rng(device: torch.device):

@@ -15,7 +15,7 @@ from evaclip.data.masking import BlockMasking
 from evaclip.losses import mim_loss
 from evaclip.models import create_mim_student
 from evaclip.models.mim import load_teacher
-from evaclip.objectives.base import Forward
+from evaclip.train.objectives.base import Forward
 
 
 class MimObjective:

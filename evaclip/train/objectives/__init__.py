@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from evaclip.objectives.base import Forward, Objective
-from evaclip.objectives.clip import ClipObjective
-from evaclip.objectives.mim import MimObjective
+from evaclip.train.objectives.base import Forward, Objective
+from evaclip.train.objectives.clip import ClipObjective
+from evaclip.train.objectives.mim import MimObjective
 
 __all__ = ["Forward", "Objective", "ClipObjective", "MimObjective", "build_objective"]
 

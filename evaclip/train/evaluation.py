@@ -1,0 +1,64 @@
+"""Zero-shot evaluation during training: the suite on every rank, each a share of every dataset (the metrics equal
+one process's), in the precision the model trains in; under ZeRO-3 rank 0 evaluates a gathered plain copy."""
+from __future__ import annotations
+
+import os
+from typing import Dict
+
+import torch
+
+from evaclip import dist as edist
+from evaclip.data.transforms import make_tokenizer
+from evaclip.evalsuite import load_suite, run_suite, write_results
+from evaclip.models import create_model
+
+
+class Evaluator:
+    """``evaluator(engine, step)`` -> {"zeroshot/<dataset>/<metric>": value}; {} when no suite is set."""
+
+    def __init__(self, eval_cfg, model_cfg, variant, data_root: str, run_dir: str, device: torch.device, log):
+        self.cfg, self.model_cfg, self.variant, self.run_dir, self.device, self.log = \
+            eval_cfg, model_cfg, variant, run_dir, device, log
+        self.entries = load_suite(eval_cfg.suite) if eval_cfg.suite else None
+        self.datasets_root = eval_cfg.datasets_root.replace("{root}", data_root)
+
+    def __call__(self, engine, step: int) -> Dict[str, float]:
+        if not self.entries:
+            return {}
+        out: Dict[str, float] = {}
+        engine.train(False)
+        model, dtype = engine.model, engine.input_dtype
+        shard, gather = (edist.rank(), edist.world_size()), edist.all_gather_objects
+        if engine.shards_params:
+            # ZeRO-3: gather the weights (every rank), evaluate a plain copy on rank 0 without DeepSpeed's hooks
+            shard, gather = (0, 1), None
+            with engine.full_weights() as m:
+                sd = {k: v.detach().to("cpu", copy=True) for k, v in m.state_dict().items()} if edist.is_main() else None
+            if edist.is_main():
+                model = create_model(self.model_cfg, self.variant, load_hf_weights=False)
+                model.load_state_dict(sd)
+                model.to(self.device).eval()
+                dtype = torch.float32
+        if edist.is_main() or gather is not None:
+            def in_precision(fn):  # evaluate in the precision the model trains in
+                def run(x):
+                    with engine.autocast():
+                        return fn(x)
+                return run
+
+            v, c = self.variant, self.cfg
+            results = run_suite(in_precision(lambda x: model.encode_image(x.to(dtype), normalize=False)),
+                                in_precision(lambda t: model.encode_text(t, normalize=False)),
+                                make_tokenizer(v.context_length, self.model_cfg.text.kind, self.model_cfg.text.hf_path),
+                                self.entries, self.datasets_root, v.image_size, v.mean, v.std,
+                                self.device, c.batch_size, model_name=v.name,
+                                pretrained=f"{self.run_dir}@step{step}", log=self.log,
+                                workers=c.workers, interpolation=v.interpolation, shard=shard, gather=gather)
+            if edist.is_main():
+                write_results(results, os.path.join(self.run_dir, "eval", f"step-{step:08d}"))
+            for r in results:
+                for k, val in r["metrics"].items():
+                    out[f"zeroshot/{r['dataset']}/{k}"] = val
+        edist.barrier(f"the evaluation at step {step}")
+        engine.train(True)
+        return out
