@@ -54,7 +54,9 @@ def make_iter(impl: str, shards: str, size: int, batch: int):
     tok = Tokenizer(77)
     if impl in ("before", "evaclip", *STREAMS):
         from evaclip.data.recipes import recipe_from_shards
-        from evaclip.data.wds import ImageTextStream, build_stream_spec, make_loader
+        from evaclip.data.loader import make_loader
+        from evaclip.data.pipeline import ImageTextStream
+        from evaclip.data.streams import build_stream_spec
 
         # logical streams, as the trainer runs them (per-sample augmentation seeds): one per worker (the default,
         # data.streams = ranks x workers) or 8 per worker (a run set up to shrink 8x later)

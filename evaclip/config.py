@@ -380,7 +380,7 @@ def resolve(cfg: ExperimentConfig, world_size: int = 1) -> Derived:
     if cfg.data.streams < 0:
         raise ConfigError(f"data.streams must be >= 0, got {cfg.data.streams}")
     if cfg.data.streams:
-        from evaclip.data.wds import check_streams
+        from evaclip.data.topology import check_streams
 
         g = cfg.data.micro_batch_size * world_size * cfg.engine.accum_steps
         why = check_streams(cfg.data.streams, g, world_size, max(1, cfg.data.workers))

@@ -15,8 +15,9 @@ from PIL import Image
 from evaclip.data.recipes import Recipe, SourceSpec, load_recipe
 from evaclip.data.shards import ShardError, count_tar_samples, expand_pattern, iter_tar_samples
 from evaclip.data.transforms import Tokenizer
-from evaclip.data.wds import (DataState, ImageTextStream, MixedStream, ShardSequence, SourceStream, build_stream_spec,
-                              make_loader, stop_workers)
+from evaclip.data.loader import make_loader, stop_workers
+from evaclip.data.pipeline import DataState, ImageTextStream
+from evaclip.data.streams import MixedStream, ShardSequence, SourceStream, build_stream_spec
 from tests.conftest import REPO, run_cli
 
 
@@ -403,7 +404,7 @@ def test_logical_streams_give_the_same_global_batches_on_any_topology(tmp_path):
 
 def test_stream_counts_that_a_topology_cannot_serve_are_refused():
     from evaclip.config import ConfigError, load_config, resolve
-    from evaclip.data.wds import check_streams
+    from evaclip.data.topology import check_streams
 
     assert check_streams(12, 32, 2, 2) is None and check_streams(12, 32, 1, 3) is None
     assert "streams give" in check_streams(10, 32, 4, 1) and "for 4 workers" in check_streams(12, 36, 4, 4)

@@ -192,7 +192,7 @@ def test_2_kill_9_leaves_no_orphaned_worker(synth_dir, tmp_path):
 _EXIT_WITH_LIVE_WORKERS = """
 import torch
 from torch.utils.data import IterableDataset
-from evaclip.data.wds import BatchLoader, worker_init
+from evaclip.data.loader import BatchLoader, worker_init
 
 class Count(IterableDataset):
     def __iter__(self):

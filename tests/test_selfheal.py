@@ -138,7 +138,7 @@ def _batch(index: int, poisoned: bool):
 def _source_trainer(window_in_data: bool):
     """A Trainer whose data is the test-only source; ``window_in_data``: the poisoned window is in the stream
     (else the stream is the same without it: the reference run)."""
-    from evaclip.data.wds import DataState
+    from evaclip.data.pipeline import DataState
     from evaclip.train import Trainer
     from evaclip.train.data import TrainData
 

@@ -166,7 +166,7 @@ def _prepare(raw: Dict, transform) -> Tuple:
     from PIL import Image
 
     from evaclip.data.transforms import IMAGE_EXTS
-    from evaclip.data.wds import SkipSample, decode_sample
+    from evaclip.data.samples import SkipSample, decode_sample
 
     try:
         img, caption = decode_sample(raw, transform, 0)

@@ -85,7 +85,7 @@ def stats(source: str, root: str = "", out: str = "", progress=None) -> Dict:
 
 
 def verify(source: str, root: str = "", progress=None) -> Dict:
-    from evaclip.data.wds import SkipSample, decode_sample
+    from evaclip.data.samples import SkipSample, decode_sample
 
     report = {"shards": [], "totals": Counter()}
     for name, urls in expand_sources(source, root):

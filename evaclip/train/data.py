@@ -12,7 +12,10 @@ from evaclip import dist as edist
 from evaclip.checkpoint import rank_states
 from evaclip.data.recipes import load_recipe, recipe_from_shards
 from evaclip.data.transforms import draft_side, make_tokenizer, train_transform
-from evaclip.data.wds import DataState, ImageTextStream, build_stream_spec, check_streams, make_loader, stop_workers
+from evaclip.data.loader import make_loader, stop_workers
+from evaclip.data.pipeline import DataState, ImageTextStream
+from evaclip.data.streams import build_stream_spec
+from evaclip.data.topology import check_streams
 from evaclip.errors import ConfigError, TrainingStopped
 from evaclip.train.resume import same_ranks_only
 

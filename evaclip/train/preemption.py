@@ -32,7 +32,7 @@ class StopRequests:
 
     def install(self) -> None:
         """SIGTERM / SIGINT / SIGUSR1: finish the step, checkpoint, exit 85 (requeue); a second one exits at once.
-        The DataLoader workers ignore SIGTERM / SIGINT (``wds.worker_init``), so a signal to the whole process
+        The DataLoader workers ignore SIGTERM / SIGINT (``data.loader.worker_init``), so a signal to the whole process
         group (``timeout``, Slurm, Ctrl-C) reaches the main process with its workers still alive. A repeat within
         ``SIGNAL_REPEAT_S`` of the first is the same request delivered twice, not a second one: Slurm signals every
         process of a job step and torchrun passes the signal it got on to its workers."""
