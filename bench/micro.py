@@ -105,7 +105,7 @@ def score_throughput(shards: str, export_dir: str, reps: int = 5, batch: int = 6
     import torch.nn.functional as F
     import webdataset as wds
 
-    from evaclip.data.curate import score
+    from evaclip.curation.score import score
     from evaclip.encoders import load_encoders
 
     torch.set_num_threads(1)

@@ -79,7 +79,7 @@ def demo_model(curate_data):
 
 @pytest.fixture(scope="module")
 def scored(curate_data, demo_model):
-    from evaclip.data.curate import score
+    from evaclip.curation.score import score
     from evaclip.encoders import load_encoders
 
     out = str(curate_data["root"] / "scores")
@@ -110,7 +110,7 @@ def test_the_score_of_a_trained_demo_model_separates_shuffled_captions(curate_da
     """Top 70% by score keeps >= 95% of the correct pairs and drops >= 80% of the shuffled ones."""
     import pyarrow.parquet as pq
 
-    from evaclip.data.curate import select
+    from evaclip.curation.filter import select
 
     table = pq.read_table(os.path.join(scored, "shards"))
     keep, _ = select(table, top=0.7)
@@ -188,7 +188,7 @@ def test_two_process_scoring_equals_one_process(curate_data, demo_model, scored,
 
 
 def test_a_score_folder_refuses_another_model(curate_data, tmp_path):
-    from evaclip.data.curate import check_score_folder
+    from evaclip.curation.score import check_score_folder
     from evaclip.errors import UserError
 
     check_score_folder(str(tmp_path), {"model": "a", "weights": "1"})
@@ -206,7 +206,7 @@ def test_filtered_shards_hold_exactly_the_kept_keys_and_train(curate_data, score
     from evaclip.config import load_config, resolve
     import pyarrow.parquet as pq
 
-    from evaclip.data.curate import filter_tables, select
+    from evaclip.curation.filter import filter_tables, select
     from evaclip.train import Trainer
 
     def digest():
@@ -237,7 +237,7 @@ def test_filtered_shards_hold_exactly_the_kept_keys_and_train(curate_data, score
 def test_where_is_parsed_never_run(tmp_path):
     import pyarrow as pa
 
-    from evaclip.data.curate import select
+    from evaclip.curation.filter import select
     from evaclip.errors import UserError
 
     t = pa.table({"key": ["a", "b", "c"], "source": ["s"] * 3, "score": [0.1, 0.3, 0.5], "caption_chars": [5, 20, 30]})
@@ -274,7 +274,7 @@ def test_sample_loss_tables_filter_through_their_shards(synth_dir, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from evaclip.data.curate import filter_tables
+    from evaclip.curation.filter import filter_tables
 
     pattern = os.path.join(synth_dir, "train", "{00000..00001}.tar")
     keys = [s["__key__"] for u in ("00000", "00001") for s in iter_tar_samples(os.path.join(synth_dir, "train", u + ".tar"))]
@@ -298,7 +298,7 @@ def test_score_counts_corrupt_samples_as_training_does_and_stores_embeddings(tmp
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from evaclip.data.curate import score
+    from evaclip.curation.score import score
     from evaclip.encoders import Encoders
     from evaclip.models import create_model, get_variant
     from tests.test_data import write_shards

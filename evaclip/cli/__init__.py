@@ -1,0 +1,57 @@
+"""``evaclip`` command line: train, eval, export, data, models. Thin: parse, build, call; a module per command."""
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from typing import List, Optional
+
+from evaclip.cli import data, evaluate, export, models, train
+from evaclip.cli.common import FORMATTER
+from evaclip.errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="evaclip", formatter_class=FORMATTER, description=textwrap.dedent("""\
+        Large-batch contrastive image-text (CLIP) training in the style of EVA-CLIP.
+
+        Typical flow:
+          evaclip data synth --out data/synth                       # a small local dataset
+          evaclip train demo_cpu data.root=data/synth               # train (overrides: optim.lr=3e-4 ...)
+          evaclip eval --checkpoint runs/demo_cpu --suite quick --datasets-root data/synth/zeroshot
+          evaclip export runs/demo_cpu --out exports/demo --verify  # open_clip folder (+ timm image tower)
+        """))
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+    for command in (train, evaluate, export, data, models):
+        command.add_parser(sub)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the line, not only before the command
+    args, extra = parser.parse_known_args([a for a in argv if a != "--debug"])
+    args.debug = debug
+    if extra:  # `train x.toml a=1 --dry-run b=2`: overrides may come after options
+        bad = [a for a in extra if a.startswith("-") or "=" not in a or args.cmd != "train"]
+        if bad:
+            parser.error(f"unrecognized arguments: {' '.join(bad)}")
+        args.overrides = list(args.overrides) + extra
+    if not getattr(args, "fn", None) or (args.cmd == "data" and not args.data_cmd):
+        parser.print_help() if not getattr(args, "fn", None) else parser.parse_args([args.cmd, "--help"])
+        return 2
+    try:
+        return args.fn(args) or 0
+    except (UserError, FileNotFoundError) as e:  # one line; --debug for the traceback
+        if args.debug:
+            raise
+        print(f"evaclip {args.cmd}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
+

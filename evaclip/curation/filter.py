@@ -1,0 +1,363 @@
+"""Keep samples from score or per-sample loss tables and copy them, byte for byte, into new webdataset shards with
+a manifest, a recipe and a histogram."""
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import os
+import tarfile
+from collections import Counter
+from typing import Callable, Dict, List, Optional, Sequence
+
+from evaclip.data.shards import ShardError, iter_tar_samples
+from evaclip.data.tools import expand_sources
+from evaclip.errors import UserError
+from evaclip.files import atomic_write, replace_file
+from evaclip.curation.where import parse_where
+
+
+# Score tables are processed one at a time (memory: one input shard's table), in two passes: the first reads
+# only the --by and source columns, for the per-source cut of --top / --bottom and the histogram's range; the
+# second selects each table's rows and copies them out of the shard the table describes. Per-sample loss
+# tables (a row per step and sample) are first reduced to one row per sample, in memory.
+
+def _table_files(paths: Sequence[str]) -> List[str]:
+    files: List[str] = []
+    for p in paths:
+        if os.path.isdir(p):
+            files += sorted(glob.glob(os.path.join(p, "**", "*.parquet"), recursive=True))
+        elif os.path.exists(p):
+            files.append(p)
+        else:
+            raise UserError(f"{p}: no such table or folder")
+    files = [f for f in files if ".tmp" not in os.path.basename(f)]
+    if not files:
+        raise UserError(f"no parquet tables in {', '.join(paths)}")
+    return files
+
+
+def _columns(files: Sequence[str]) -> List[str]:
+    import pyarrow.parquet as pq
+
+    names = pq.read_schema(files[0]).names
+    for f in files[1:]:
+        other = pq.read_schema(f).names
+        if set(other) != set(names):
+            raise UserError(f"{f}: columns {sorted(other)} differ from {sorted(names)} (mixed table kinds?)")
+    return names
+
+
+def _read(path: str, columns=None):
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(path, columns=columns)
+    return t.drop_columns([c for c in ("embedding",) if c in t.column_names])
+
+
+def _aggregate_by_key(table):
+    """Per-sample loss tables hold a row per (step, sample) seen: one row per (source, key), the mean loss."""
+    if "step" not in table.column_names:
+        return table
+    numeric = [c for c in table.column_names if c not in ("step", "key", "source", "shard")]
+    keys = [c for c in ("source", "key", "shard") if c in table.column_names]
+    agg = table.group_by(keys).aggregate([(c, "mean") for c in numeric])
+    return agg.rename_columns([c[:-len("_mean")] if c.endswith("_mean") else c for c in agg.column_names])
+
+
+def _values_sources(table, by: str):
+    import numpy as np
+
+    values = table.column(by).to_numpy(zero_copy_only=False).astype(np.float64)
+    sources = (np.asarray(table.column("source").to_pylist(), dtype=object) if "source" in table.column_names
+               else np.full(table.num_rows, "", dtype=object))
+    return values, sources
+
+
+def _fraction_cuts(values, sources, top, bottom) -> Dict[str, Dict[str, float]]:
+    """Per source: the value of the last kept row of --top (highest first) and of --bottom (lowest first)."""
+    import numpy as np
+
+    cuts: Dict[str, Dict[str, float]] = {}
+    for src in np.unique(sources):
+        v = np.sort(values[sources == src])
+        c = {}
+        if top is not None:
+            k = int(round(top * len(v)))
+            c["top"] = float(v[len(v) - k]) if k else float("inf")
+        if bottom is not None:
+            k = int(round(bottom * len(v)))
+            c["bottom"] = float(v[k - 1]) if k else float("-inf")
+        cuts[str(src)] = c
+    return cuts
+
+
+def _row_mask(table, by: str, min_value, max_value, cuts, where: str):
+    """Rows of ``table`` kept by every criterion (``cuts``: per-source fraction cuts; ties at a cut are kept)."""
+    import numpy as np
+
+    keep = np.ones(table.num_rows, dtype=bool)
+    if by in table.column_names:
+        values, sources = _values_sources(table, by)
+        if min_value is not None:
+            keep &= values >= min_value
+        if max_value is not None:
+            keep &= values <= max_value
+        for src, c in cuts.items():
+            mine = sources == src
+            if "top" in c:
+                keep &= ~mine | (values >= c["top"])
+            if "bottom" in c:
+                keep &= ~mine | (values <= c["bottom"])
+    if where:
+        keep &= _mask(table, parse_where(where, table.column_names))
+    return keep
+
+
+def _check_criteria(columns, by, min_value, max_value, top, bottom, where) -> None:
+    if not any(x is not None for x in (min_value, max_value, top, bottom)) and not where:
+        raise UserError("nothing to filter by: give --min-score/--min, --max, --top, --bottom or --where")
+    if by not in columns and any(x is not None for x in (min_value, max_value, top, bottom)):
+        raise UserError(f"--by {by!r}: no such column (columns: {', '.join(columns)})")
+    for name, frac in (("--top", top), ("--bottom", bottom)):
+        if frac is not None and not 0 < frac <= 1:
+            raise UserError(f"{name} {frac}: a fraction in (0, 1]")
+    if where:
+        parse_where(where, columns)  # a bad expression fails before any work
+
+
+def select(table, by: str = "score", min_value=None, max_value=None, top=None, bottom=None, where: str = ""):
+    """(boolean mask of the kept rows, per-source cuts) of an in-memory table: the rules ``filter_tables`` applies."""
+    _check_criteria(table.column_names, by, min_value, max_value, top, bottom, where)
+    cuts = _fraction_cuts(*_values_sources(table, by), top, bottom) if (top or bottom) else {}
+    return _row_mask(table, by, min_value, max_value, cuts, where), cuts
+
+
+def _mask(table, expr):
+    import numpy as np
+    import pyarrow.dataset as ds
+
+    got = ds.dataset(table).to_table(columns={"m": expr}).column("m").to_numpy(zero_copy_only=False)
+    return np.asarray(got, dtype=bool)
+
+
+class _Histogram:
+    """Per-source kept / dropped counts of the --by column over fixed bins (memory: the bins, not the rows)."""
+
+    def __init__(self, lo: float, hi: float, bins: int = 60):
+        import numpy as np
+
+        self.edges = np.linspace(lo, hi if hi > lo else lo + 1e-6, bins + 1)
+        self.counts: Dict[str, Dict[str, "np.ndarray"]] = {}
+
+    def add(self, values, sources, keep) -> None:
+        import numpy as np
+
+        for src in np.unique(sources):
+            sel = sources == src
+            c = self.counts.setdefault(str(src), {"kept": np.zeros(len(self.edges) - 1), "dropped": np.zeros(len(self.edges) - 1)})
+            c["kept"] += np.histogram(values[sel & keep], self.edges)[0]
+            c["dropped"] += np.histogram(values[sel & ~keep], self.edges)[0]
+
+    def save(self, path: str, by: str, cuts: Dict, min_value, max_value) -> str:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = sorted(self.counts) or [""]
+        fig, axes = plt.subplots(len(names), 1, figsize=(7, 2.6 * len(names)), squeeze=False)
+        width = self.edges[1] - self.edges[0]
+        for ax, src in zip(axes[:, 0], names):
+            c = self.counts.get(src, {})
+            for what, colour in (("kept", "tab:green"), ("dropped", "tab:red")):
+                if what in c:
+                    ax.bar(self.edges[:-1], c[what], width=width, align="edge", color=colour, alpha=0.65,
+                           label=f"{what} ({int(c[what].sum()):,})")
+            marks = [v for v in (min_value, max_value, *cuts.get(src, {}).values()) if v is not None]
+            for v in marks:
+                if abs(v) != float("inf"):
+                    ax.axvline(v, color="black", linestyle="--", label=f"cut {v:.4g}")
+            ax.set_title(f"{src or 'all'}: {by}")
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        return path
+
+
+def _shard_writer(out: str, shard_size: int):
+    """Write samples (dict of ext -> bytes) into out/00000.tar, 00001.tar, ... with img2dataset's _stats.json."""
+    state = {"tar": None, "n": 0, "index": -1, "counts": []}
+
+    def close():
+        if state["tar"] is not None:
+            state["tar"].close()
+            name = os.path.join(out, f"{state['index']:05d}")
+            replace_file(name + ".tar.tmp", name + ".tar")
+            with atomic_write(name + "_stats.json") as f:
+                json.dump({"count": state["n"], "successes": state["n"], "failed_to_download": 0}, f)
+            state["counts"].append(state["n"])
+            state["tar"] = None
+
+    def add(key: str, files: Dict[str, bytes]):
+        if state["tar"] is None or state["n"] >= shard_size:
+            close()
+            state["index"] += 1
+            state["n"] = 0
+            state["tar"] = tarfile.open(os.path.join(out, f"{state['index']:05d}.tar.tmp"), "w")
+        for ext, data in files.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            state["tar"].addfile(info, io.BytesIO(data))
+        state["n"] += 1
+
+    return add, close, state
+
+
+def _copy_kept(url: str, match: Callable[[str], Optional[Dict]], add) -> int:
+    """Copy the samples of ``url`` for which ``match(key)`` gives their metadata; returns how many."""
+    n = 0
+    try:
+        for raw in iter_tar_samples(url):
+            extra = match(raw["__key__"])
+            if extra is None:
+                continue
+            members = {e: v for e, v in raw.items() if not e.startswith("__")}  # copied byte for byte
+            meta = {}
+            if "json" in members:
+                try:
+                    meta = json.loads(members["json"])
+                except ValueError:
+                    meta = {}
+            meta.update({c: v for c, v in extra.items() if v is not None})
+            members["json"] = json.dumps(meta).encode()
+            add(raw["__key__"], members)
+            n += 1
+    except ShardError as e:
+        raise UserError(f"cannot read {url} to copy its kept samples: {e}") from None
+    return n
+
+
+def filter_tables(tables: Sequence[str], out: str, by: str = "score", min_value=None, max_value=None, top=None,
+                  bottom=None, where: str = "", shards: str = "", root: str = "", shard_size: int = 10000,
+                  name: str = "", force: bool = False, progress=None) -> Dict:
+    """Select samples from score / loss tables and copy them into new shards; see the comment above."""
+    import numpy as np
+
+    from evaclip.data.tools import stats
+
+    files = _table_files(tables)
+    columns = _columns(files)
+    _check_criteria(columns, by, min_value, max_value, top, bottom, where)
+    if os.path.isdir(out) and os.listdir(out) and not force:
+        raise UserError(f"--out {out} is not empty (pass --force to replace it)")
+    loss_tables = "shard" not in columns
+    if loss_tables and not shards:
+        raise UserError("these tables have no shard column (per-sample loss tables): pass --shards <recipe or "
+                        "pattern> where the samples are")
+    import pyarrow as pa
+
+    whole = _aggregate_by_key(pa.concat_tables([_read(f) for f in files])) if loss_tables else None
+    # pass 1: the --by column and the sources only
+    has_by = by in (whole.column_names if whole is not None else columns)
+    cuts, lo, hi = {}, 0.0, 1.0
+    if has_by:
+        parts = [_values_sources(whole, by)] if whole is not None else \
+            [_values_sources(_read(f, [c for c in (by, "source") if c in columns]), by) for f in files]
+        values, sources = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        if top is not None or bottom is not None:
+            cuts = _fraction_cuts(values, sources, top, bottom)
+        lo, hi = (float(values.min()), float(values.max())) if len(values) else (0.0, 1.0)
+        del values, sources, parts
+    hist = _Histogram(lo, hi)
+    if os.path.isdir(out) and force:
+        import shutil
+
+        shutil.rmtree(out)
+    os.makedirs(out, exist_ok=True)
+    add, close, state = _shard_writer(out, shard_size)
+    total: Counter = Counter()
+    kept: Counter = Counter()
+    digest = hashlib.sha1()
+
+    def selected(t):
+        keep = _row_mask(t, by, min_value, max_value, cuts, where)
+        if has_by:
+            hist.add(*_values_sources(t, by), keep)
+        srcs = t.column("source").to_pylist() if "source" in t.column_names else [""] * t.num_rows
+        total.update(srcs)
+        extra = [c for c in t.column_names if c not in ("key", "source", "shard", "caption", "step")]
+        cols = {c: t.column(c).to_pylist() for c in extra}
+        keys = t.column("key").to_pylist()
+        return {(srcs[j], keys[j]): {c: cols[c][j] for c in extra} for j in np.nonzero(keep)[0]}, \
+            (t.column("shard").to_pylist() if "shard" in t.column_names else None)
+
+    def copy(url, wanted, src=None):
+        by_key = {}
+        for s_, k_ in wanted:
+            by_key[k_] = None if k_ in by_key else (s_, k_)
+        done = set()
+
+        def match(key):
+            k = (src, key) if (src, key) in wanted else by_key.get(key)
+            if k is None or k in done:
+                return None
+            done.add(k)
+            return wanted[k]
+        _copy_kept(url, match, add)
+        return done
+
+    missing = 0
+    if whole is None:  # pass 2, a table at a time: its rows come from the shard(s) it names
+        for f in files:
+            wanted, shard_col = selected(_read(f))
+            for url in dict.fromkeys(shard_col):
+                for k in copy(url, wanted):
+                    wanted.pop(k)
+                    kept[k[0]] += 1
+                    digest.update(f"{k[0]}/{k[1]}\n".encode())
+            missing += len(wanted)
+            if progress:
+                progress(1)
+    else:
+        wanted, _ = selected(whole)
+        for src, urls in expand_sources(shards, root):
+            for url in urls:
+                for k in copy(url, wanted, src):
+                    wanted.pop(k)
+                    kept[k[0]] += 1
+                    digest.update(f"{k[0]}/{k[1]}\n".encode())
+                if progress:
+                    progress(1)
+        missing = len(wanted)
+    close()
+    n_kept = sum(kept.values())
+    if missing:
+        raise UserError(f"{missing} kept samples were not found in their shards: the tables do not match the shards"
+                        f" (nothing in {out} is usable)")
+    if not n_kept:
+        raise UserError(f"nothing is kept by these criteria ({sum(total.values()):,} rows); nothing written")
+    n_shards = len(state["counts"])
+    recipe_name = name or os.path.basename(os.path.abspath(out))
+    recipe = os.path.join(out, "recipe.toml")
+    pattern = "{00000..%05d}.tar" % (n_shards - 1) if n_shards > 1 else "00000.tar"
+    criteria = {k: v for k, v in {"by": by, "min": min_value, "max": max_value, "top": top, "bottom": bottom,
+                                  "where": where or None}.items() if v is not None}
+    with open(recipe, "w") as f:
+        f.write(f"# Written by `evaclip data filter` from {len(files)} tables: {json.dumps(criteria)}\n"
+                f"#   evaclip train <experiment> data.recipe={recipe}\n"
+                f"name = {json.dumps(recipe_name)}\ndescription = {json.dumps('filtered: ' + json.dumps(criteria))}\n\n"
+                f"[[source]]\nname = {json.dumps(recipe_name)}\nshards = {json.dumps(pattern)}\n"
+                f"samples = {n_kept}\n")
+    plot = hist.save(os.path.join(out, "histogram.png"), by, cuts, min_value, max_value) if has_by else ""
+    man = stats(os.path.join(out, pattern), out=os.path.join(out, "manifest.parquet"))
+    per_source = {s: {"total": total[s], "kept": kept[s], "cut": next(iter(cuts.get(s, {}).values()), min_value)}
+                  for s in total}
+    summary = {"kept": n_kept, "dropped": sum(total.values()) - n_kept, "shards": n_shards, "per_source": per_source,
+               "criteria": criteria, "tables": len(files), "recipe": recipe, "histogram": plot,
+               "manifest": man["manifest"], "keys_sha1": digest.hexdigest()}
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
