@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional
 
 from evaclip.files import ConfigError, atomic_write, deep_merge, find, from_dict, read_toml, resolve_paths
 
-__all__ = ["ConfigError", "ExperimentConfig", "Derived", "load_config", "resolve", "save_run_config",
+__all__ = ["ConfigError", "ExperimentConfig", "Derived", "load_config", "derive", "save_run_config",
            "load_run_config", "describe", "to_dict", "dumps_toml", "parse_override"]
 
 
@@ -269,8 +269,8 @@ class Derived:
     train_samples: int  # steps * global_batch
     unmasked_from_step: int  # first step with patch dropout 0
     run_dir: str
-    image_size: int
-    context_length: int
+    image_size: int = 0  # from the model file (filled by the preflight, evaclip.preflight.resolve)
+    context_length: int = 0
 
 
 # ---------------------------------------------------------------------------------------------------- parsing
@@ -353,14 +353,10 @@ def to_dict(obj) -> Dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------- resolve
-def resolve(cfg: ExperimentConfig, world_size: int = 1) -> Derived:
-    """Compute the derived values once (and check cross-field consistency)."""
-    from evaclip.models.registry import get_variant
-
-    try:
-        variant = get_variant(cfg.model.name, cfg.model.model_dir)
-    except ConfigError as e:
-        raise ConfigError(f"model.name: {e}") from None
+def derive(cfg: ExperimentConfig, world_size: int = 1) -> Derived:
+    """Check the values against each other and compute the derived ones once. What the config names in other
+    files (the model file, the recipe, the suite, the DeepSpeed overlay) is checked by the preflight
+    (``evaclip.preflight.resolve``, the entry point), which calls this."""
     for key, v in [("data.micro_batch_size", cfg.data.micro_batch_size), ("engine.accum_steps", cfg.engine.accum_steps),
                    ("checkpoint.keep_last", cfg.checkpoint.keep_last), ("log.every_steps", cfg.log.every_steps),
                    ("checkpoint.every_steps", cfg.checkpoint.every_steps)]:
@@ -403,29 +399,10 @@ def resolve(cfg: ExperimentConfig, world_size: int = 1) -> Derived:
         raise ConfigError("model.text.kind = 'hf' needs model.text.hf_path (a local folder with config.json)")
     if not cfg.data.recipe and not cfg.data.shards:
         raise ConfigError("data: set data.recipe (a built-in name or a recipe file) or data.shards (a tar pattern)")
-    if cfg.data.recipe:
-        from evaclip.data.recipes import load_recipe
-
-        try:
-            recipe = load_recipe(cfg.data.recipe)
-        except ConfigError as e:
-            raise ConfigError(f"data.recipe: {e}") from None
-        if not cfg.data.root and any("{root}" in s.shards for s in recipe.source):
-            raise ConfigError(f"data.root is not set but recipe {recipe.name!r} names its shards under {{root}}: "
-                              "set data.root=<folder holding the shards>")
     if cfg.eval.suite and "{root}" in cfg.eval.datasets_root and not cfg.data.root:
         raise ConfigError("eval.datasets_root uses {root} but data.root is not set")
-    if cfg.eval.suite:
-        from evaclip.evalsuite import load_suite
-
-        try:
-            load_suite(cfg.eval.suite)
-        except ConfigError as e:
-            raise ConfigError(f"eval.suite: {e}") from None
     if len(cfg.optim.betas) != 2 or len(cfg.optim.trust_clip) != 2 or len(cfg.data.crop_scale) != 2:
         raise ConfigError("optim.betas, optim.trust_clip and data.crop_scale take two numbers each")
-    if cfg.engine.deepspeed_overlay:
-        _check_overlay(cfg.engine.deepspeed_overlay)
     if cfg.objective.kind == "mim":
         _check_mim(cfg)
     global_batch = cfg.data.micro_batch_size * world_size * cfg.engine.accum_steps
@@ -447,8 +424,6 @@ def resolve(cfg: ExperimentConfig, world_size: int = 1) -> Derived:
         train_samples=steps * global_batch,
         unmasked_from_step=max(0, unmasked_from),
         run_dir=os.path.join(cfg.run.output_dir, cfg.run.name),
-        image_size=variant.image_size,
-        context_length=variant.context_length,
     )
 
 
@@ -474,31 +449,6 @@ def _check_mim(cfg: ExperimentConfig) -> None:
     if cfg.model.vision.lock or cfg.model.init or cfg.model.text.init:
         raise ConfigError("model.vision.lock / model.init / model.text.init do not apply to a MIM run (its student "
                           "is the image tower alone; model.vision.init may start it)")
-
-
-_OVERLAY_FORBIDDEN = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                      "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")
-
-
-def _check_overlay(value: str) -> None:
-    """Overlays tune DeepSpeed; what the experiment decides (stage, precision, batch, clip) stays there."""
-    import json
-
-    try:
-        path = find("overlay", value)
-    except ConfigError as e:
-        raise ConfigError(f"engine.deepspeed_overlay: {e}") from None
-    try:
-        with open(path) as f:
-            ov = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"engine.deepspeed_overlay: {path}: invalid JSON: {e}") from None
-    bad = [k for k in _OVERLAY_FORBIDDEN if k in ov]
-    if "stage" in ov.get("zero_optimization", {}):
-        bad.append("zero_optimization.stage")
-    if bad:
-        raise ConfigError(f"engine.deepspeed_overlay {path} sets {', '.join(bad)}: set these in the experiment "
-                          "(engine.zero_stage, engine.precision, data.micro_batch_size, engine.grad_clip, optim.*)")
 
 
 # ---------------------------------------------------------------------------------------------------- writing

@@ -22,7 +22,8 @@ from typing import Dict, List
 
 
 def _train(experiment: str, overrides: List[str]) -> Dict:
-    from evaclip.config import load_config, resolve
+    from evaclip.config import load_config
+    from evaclip.preflight import resolve
     from evaclip.train import Trainer
 
     cfg = load_config(experiment, overrides)

@@ -58,7 +58,8 @@ def run_steps(trainer, rank: int, world: int, steps: int = STEPS):
 
 
 def main_train(out: str, shard: str, overrides):
-    from evaclip.config import load_config, resolve
+    from evaclip.config import load_config
+    from evaclip.preflight import resolve
     from evaclip.train import Trainer
 
     run_dir = os.path.dirname(out)
@@ -135,7 +136,8 @@ class _NanGrad(torch.autograd.Function):
 def main_nanstep(out: str, shard: str):
     """One NaN gradient (finite loss) under DeepSpeed: the engine must report the step skipped and leave the
     weights as they were, for each (ZeRO stage, precision); then training goes on."""
-    from evaclip.config import load_config, resolve
+    from evaclip.config import load_config
+    from evaclip.preflight import resolve
     from evaclip.train import Trainer
 
     res = {}

@@ -6,7 +6,8 @@ import tomllib
 import pytest
 
 from evaclip.config import (ConfigError, ExperimentConfig, describe, dumps_toml, load_config, load_run_config,
-                            parse_override, resolve, save_run_config, to_dict)
+                            parse_override, save_run_config, to_dict)
+from evaclip.preflight import resolve
 from tests.conftest import REPO, run_cli
 
 from evaclip.files import builtin_names, find

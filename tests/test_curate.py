@@ -66,7 +66,8 @@ def curate_data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def demo_model(curate_data):
     """The demo experiment, 150 steps of 64 on the synthetic shards (about a minute on 2 cores)."""
-    from evaclip.config import load_config, resolve
+    from evaclip.config import load_config
+    from evaclip.preflight import resolve
     from evaclip.train import Trainer
 
     cfg = load_config("demo_cpu", [f"run.output_dir={curate_data['root'] / 'runs'}", "run.name=demo", "run.steps=150",
@@ -203,7 +204,9 @@ def test_filtered_shards_hold_exactly_the_kept_keys_and_train(curate_data, score
 
     import webdataset as wds
 
-    from evaclip.config import load_config, resolve
+    from evaclip.config import load_config
+
+    from evaclip.preflight import resolve
     import pyarrow.parquet as pq
 
     from evaclip.curation.filter import filter_tables, select
@@ -254,7 +257,9 @@ def test_where_is_parsed_never_run(tmp_path):
 def test_sample_losses_average_to_the_logged_loss(synth_dir, tmp_path, impl, accum):
     import pyarrow.parquet as pq
 
-    from evaclip.config import load_config, resolve
+    from evaclip.config import load_config
+
+    from evaclip.preflight import resolve
     from evaclip.train import Trainer
 
     cfg = load_config("demo_cpu", tiny_overrides(synth_dir, str(tmp_path), "sl", steps=3, extra=[

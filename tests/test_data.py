@@ -403,7 +403,8 @@ def test_logical_streams_give_the_same_global_batches_on_any_topology(tmp_path):
 
 
 def test_stream_counts_that_a_topology_cannot_serve_are_refused():
-    from evaclip.config import ConfigError, load_config, resolve
+    from evaclip.config import ConfigError, load_config
+    from evaclip.preflight import resolve
     from evaclip.data.topology import check_streams
 
     assert check_streams(12, 32, 2, 2) is None and check_streams(12, 32, 1, 3) is None

@@ -45,7 +45,8 @@ def shard(synth_dir):
 @pytest.fixture(scope="module")
 def reference(shard, tmp_path_factory):
     """The same 10 steps in one process with the plain engine on the whole global batch."""
-    from evaclip.config import load_config, resolve
+    from evaclip.config import load_config
+    from evaclip.preflight import resolve
     from evaclip.train import Trainer
     from tests.dist_worker import run_steps, train_overrides
 
@@ -158,7 +159,8 @@ def test_ring_loss_training_under_zero2_with_accumulation_equals_the_local_loss(
 
 def test_ring_loss_training_on_the_plain_engine_equals_the_local_loss(shard, reference, tmp_path):
     """One process, plain engine, 2 accumulated micro-batches of 4, loss.impl=ring == the local-loss reference."""
-    from evaclip.config import load_config, resolve
+    from evaclip.config import load_config
+    from evaclip.preflight import resolve
     from evaclip.train import Trainer
     from tests.dist_worker import run_steps, train_overrides
 
@@ -173,7 +175,8 @@ def test_ring_loss_training_on_the_plain_engine_equals_the_local_loss(shard, ref
 def test_two_rank_sharded_eval_equals_one_process(synth_dir, tmp_path):
     """evaclip eval under torchrun (2 gloo ranks, each a share of every dataset) == one process, to the last
     digit, for the classification and the retrieval set of the quick suite."""
-    from evaclip.config import load_config, resolve
+    from evaclip.config import load_config
+    from evaclip.preflight import resolve
     from evaclip.train import Trainer
     from tests.conftest import run_cli, tiny_overrides
 
@@ -195,7 +198,8 @@ def test_two_rank_sharded_eval_equals_one_process(synth_dir, tmp_path):
 def test_two_rank_zero2_mim_with_accumulation_equals_one_process(shard, mim_teacher, tmp_path):
     """MIM (objective.kind = mim), 10 steps: 2 DeepSpeed ZeRO-2 ranks x 2 micro-batches of 2 == 1 process with the
     plain engine on the whole batch of 8 (the same keys, so the same masks)."""
-    from evaclip.config import load_config, resolve
+    from evaclip.config import load_config
+    from evaclip.preflight import resolve
     from evaclip.train import Trainer
     from tests.dist_worker import run_steps, train_overrides
 

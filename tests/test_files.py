@@ -7,7 +7,9 @@ import os
 
 import pytest
 
-from evaclip.config import load_config, resolve
+from evaclip.config import load_config
+
+from evaclip.preflight import resolve
 from evaclip.files import ConfigError, asset_file, atomic_write, builtin_names, find, replace_dir, replace_file
 from tests.conftest import REPO
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from evaclip.checkpoint import latest_checkpoint, load_weights
-from evaclip.config import ConfigError, load_config, resolve
+from evaclip.config import ConfigError, load_config
+from evaclip.preflight import resolve
 from evaclip.data.masking import BlockMasking, sample_rng
 from evaclip.errors import TrainingStopped
 from evaclip.train import REQUEUE_EXIT_CODE, Trainer

@@ -89,7 +89,8 @@ def test_wheel_install_works_from_an_empty_folder(tmp_path):
 @pytest.fixture(scope="module")
 def user_run(synth_dir, tmp_path_factory):
     """Train the user's model file (non-default knobs everywhere) for a few steps."""
-    from evaclip.config import load_config, resolve
+    from evaclip.config import load_config
+    from evaclip.preflight import resolve
     from evaclip.train import Trainer
 
     tmp = tmp_path_factory.mktemp("user_model")

@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 
 from evaclip.checkpoint import latest_checkpoint, load_weights
-from evaclip.config import load_config, resolve
+from evaclip.config import load_config
+from evaclip.preflight import resolve
 from evaclip.errors import CheckpointError, ConfigError, TrainingStopped, UnsafeFileError
 from evaclip.train import Trainer
 from tests.conftest import REPO, run_cli, tiny_overrides, wait_for

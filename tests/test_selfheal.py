@@ -7,7 +7,9 @@ import sys
 import pytest
 import torch
 
-from evaclip.config import load_config, resolve
+from evaclip.config import load_config
+
+from evaclip.preflight import resolve
 from evaclip.files import builtin_names
 from evaclip.models import create_model, get_variant
 from evaclip.models.convert import apply_inits, timm_to_eva

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from evaclip.checkpoint import latest_checkpoint, load_weights
-from evaclip.config import load_config, resolve
+from evaclip.config import load_config
+from evaclip.preflight import resolve
 from evaclip.errors import TrainingStopped
 from evaclip.train import REQUEUE_EXIT_CODE, Trainer
 from tests.conftest import REPO, preempt_during, tiny_overrides

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 from typing import List, Optional
@@ -49,6 +50,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         print(f"evaclip {args.cmd}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `evaclip models | head`: the reader left; stop writing quietly (Python's advice)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         if args.debug:
             raise

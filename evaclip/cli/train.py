@@ -38,7 +38,8 @@ def add_parser(sub) -> None:
 
 def cmd_train(args) -> int:
     from evaclip import dist as edist
-    from evaclip.config import describe, load_config, resolve, to_dict
+    from evaclip.config import describe, load_config, to_dict
+    from evaclip.preflight import resolve
 
     if args.help_config:
         print("\n".join(describe()))

@@ -16,7 +16,7 @@ from evaclip import dist as edist
 from evaclip.engine.base import TORCH_STATE, StepInfo, saved_zero_world
 from evaclip.engine.ds_compat import load_hp_state
 from evaclip.engine.zero_lamb import install_lamb_layouts
-from evaclip.errors import CheckpointError
+from evaclip.errors import CheckpointError, ConfigError
 from evaclip.files import deep_merge, find
 from evaclip.optim import Lamb
 from evaclip.safe_load import deepspeed_loads
@@ -217,3 +217,27 @@ class DeepSpeedEngine:
                 yield self.model
         else:
             yield self.model
+
+
+OVERLAY_FORBIDDEN = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                      "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")
+
+
+def check_overlay(value: str) -> None:
+    """``engine.deepspeed_overlay`` exists, is JSON, and sets nothing the experiment decides: overlays tune
+    DeepSpeed; the stage, precision, batch and clipping stay in the experiment."""
+    try:
+        path = find("overlay", value)
+    except ConfigError as e:
+        raise ConfigError(f"engine.deepspeed_overlay: {e}") from None
+    try:
+        with open(path) as f:
+            ov = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"engine.deepspeed_overlay: {path}: invalid JSON: {e}") from None
+    bad = [k for k in OVERLAY_FORBIDDEN if k in ov]
+    if "stage" in ov.get("zero_optimization", {}):
+        bad.append("zero_optimization.stage")
+    if bad:
+        raise ConfigError(f"engine.deepspeed_overlay {path} sets {', '.join(bad)}: set these in the experiment "
+                          "(engine.zero_stage, engine.precision, data.micro_batch_size, engine.grad_clip, optim.*)")

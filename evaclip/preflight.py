@@ -1,0 +1,41 @@
+"""The preflight: everything a run's config names in other files is checked before anything starts, then the
+derived values are computed once (``resolve``, the entry point of ``evaclip train``, ``--dry-run`` included).
+
+Each check belongs to the module that reads the file: the model file (``models.registry``), the recipe
+(``data.recipes``), the zero-shot suite (``evalsuite``), the DeepSpeed overlay (``engine``); an error names the
+config key. ``config.derive`` checks the values against each other and computes the numbers.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from evaclip.config import Derived, ExperimentConfig, derive
+from evaclip.data.recipes import load_recipe
+from evaclip.engine import check_overlay
+from evaclip.errors import ConfigError
+from evaclip.evalsuite import load_suite
+from evaclip.models.registry import get_variant
+
+
+def _named(key: str, check, *args):
+    """``check(*args)``, with its ConfigError prefixed by the config key that named the file."""
+    try:
+        return check(*args)
+    except ConfigError as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
+def resolve(cfg: ExperimentConfig, world_size: int = 1) -> Derived:
+    """Check the files the config names, then derive the run's values (global batch, steps, run dir, ...)."""
+    variant = _named("model.name", get_variant, cfg.model.name, cfg.model.model_dir)
+    derived = derive(cfg, world_size)
+    if cfg.data.recipe:
+        recipe = _named("data.recipe", load_recipe, cfg.data.recipe)
+        if not cfg.data.root and any("{root}" in s.shards for s in recipe.source):
+            raise ConfigError(f"data.root is not set but recipe {recipe.name!r} names its shards under {{root}}: "
+                              "set data.root=<folder holding the shards>")
+    if cfg.eval.suite:
+        _named("eval.suite", load_suite, cfg.eval.suite)
+    if cfg.engine.deepspeed_overlay:
+        check_overlay(cfg.engine.deepspeed_overlay)
+    return dataclasses.replace(derived, image_size=variant.image_size, context_length=variant.context_length)
