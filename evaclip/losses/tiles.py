@@ -1,0 +1,70 @@
+"""Tile kernels shared by the tiled and ring losses: an online log-sum-exp over column tiles and the
+backward passes that recompute each tile (O(tile^2) memory), in fp32 whatever the features' dtype."""
+from __future__ import annotations
+
+
+import torch
+import torch.nn.functional as F
+
+
+
+def lse_update(a, b, s, tile: int, lse) -> None:
+    """lse[i] <- logaddexp(lse[i], logsumexp_j s a_i.b_j): the online log-sum-exp over one column block."""
+    for r0 in range(0, a.shape[0], tile):
+        ar = a[r0:r0 + tile]
+        for c0 in range(0, b.shape[0], tile):
+            t = s * (ar @ b[c0:c0 + tile].t())  # [r, c]
+            lse[r0:r0 + tile] = torch.logaddexp(lse[r0:r0 + tile], torch.logsumexp(t, dim=1))
+
+
+def ce_backward(a, b, s, lse, tile: int, da, db):
+    """Softmax part of the CE gradients (p_ij = exp(s a_i.b_j - lse_i)), added into da, db; returns its d/ds."""
+    ds = torch.zeros((), device=a.device, dtype=a.dtype)
+    for r0 in range(0, a.shape[0], tile):
+        ar = a[r0:r0 + tile]
+        for c0 in range(0, b.shape[0], tile):
+            bc = b[c0:c0 + tile]
+            dot = ar @ bc.t()
+            p = torch.exp(s * dot - lse[r0:r0 + tile, None])  # softmax tile [r, c]
+            da[r0:r0 + tile] += s * (p @ bc)
+            db[c0:c0 + tile] += s * (p.t() @ ar)
+            ds += (p * dot).sum()
+    return ds
+
+
+def softplus_rows(a, b, s, bias, tile: int):
+    """[n]: sum_j softplus(s a_i.b_j + bias) = sum_j -log sigmoid(-(logit_ij)): every pair as a negative."""
+    out = torch.zeros(a.shape[0], device=a.device, dtype=a.dtype)
+    for r0 in range(0, a.shape[0], tile):
+        ar = a[r0:r0 + tile]
+        for c0 in range(0, b.shape[0], tile):
+            out[r0:r0 + tile] += F.softplus(s * (ar @ b[c0:c0 + tile].t()) + bias).sum(1)
+    return out
+
+
+def sigmoid_backward(a, b, s, bias, tile: int, da, db):
+    """Gradients of ``softplus_rows`` (q_ij = sigmoid(logit_ij)) added into da, db; returns (d/ds, d/dbias)."""
+    ds = torch.zeros((), device=a.device, dtype=a.dtype)
+    dbias = torch.zeros((), device=a.device, dtype=a.dtype)
+    for r0 in range(0, a.shape[0], tile):
+        ar = a[r0:r0 + tile]
+        for c0 in range(0, b.shape[0], tile):
+            bc = b[c0:c0 + tile]
+            dot = ar @ bc.t()
+            q = torch.sigmoid(s * dot + bias)
+            da[r0:r0 + tile] += s * (q @ bc)
+            db[c0:c0 + tile] += s * (q.t() @ ar)
+            ds += (q * dot).sum()
+            dbias += q.sum()
+    return ds, dbias
+
+
+def compute_dtype(x):
+    return torch.promote_types(x.dtype, torch.float32)  # bf16/fp16 features: tiles and sums in fp32
+
+
+def as_param_grad(g, like):
+    return g.reshape(like.shape).to(like.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- tiled (one rank)
