@@ -122,7 +122,6 @@ def run_suite(encode_image: Callable, encode_text: Callable, tokenizer, entries:
     import torch
 
     from evaclip.data.transforms import eval_transform
-    from evaclip.zeroshot import open_dataset
     from evaclip.zeroshot import evaluate as eval_one
 
     results = []
@@ -133,23 +132,12 @@ def run_suite(encode_image: Callable, encode_text: Callable, tokenizer, entries:
         root = dataset_root(e, datasets_root)
         base = {"dataset": e.name, "model": model_name, "pretrained": pretrained, "task": e.task, "language": "en",
                 **(extra or {})}
-        try:
-            evalset = open_dataset(e.layout, root, e.split)
-        except (FileNotFoundError, NotADirectoryError) as err:
-            if strict:
-                raise FileNotFoundError(f"dataset {e.name}: {err}") from None
-            log(f"  {e.name}: missing ({root})")
+        evalset = _open_or_missing(e, root, strict, log)
+        if evalset is None:
             results.append(_done(dict(base, metrics={}, status="missing", path=root), out_dir))
             continue
         transform = eval_transform(image_size, mean, std, e.transform, interpolation)
-        cache_file = None
-        classifier = None
-        if classifier_cache and e.task == "zeroshot_classification":
-            cache_file = os.path.join(classifier_cache, f"{e.name}.pt")
-            # every rank must take the same path (building the classifier is itself sharded): use the cache
-            # only when all of them see it
-            if all(gather(os.path.exists(cache_file))):
-                classifier = torch.load(cache_file, map_location=device, weights_only=True)
+        cache_file, classifier = _cached_classifier(classifier_cache, e, gather, device)
         bar = progress_factory(e.name) if progress_factory else None
         t0 = time.time()
         try:
@@ -168,7 +156,6 @@ def run_suite(encode_image: Callable, encode_text: Callable, tokenizer, entries:
             if bar is not None:
                 bar.close()
         if cache_file and clf is not None and classifier is None and writer:
-            os.makedirs(classifier_cache, exist_ok=True)
             with atomic_write(cache_file, "wb") as f:  # another rank or run never reads half a file
                 torch.save(clf.cpu(), f)
         skipped = dict(evalset.skipped) if evalset.skipped else {}
@@ -177,6 +164,34 @@ def run_suite(encode_image: Callable, encode_text: Callable, tokenizer, entries:
         results.append(_done(dict(base, metrics=metrics, status="ok", skipped=skipped,
                                   seconds=round(time.time() - t0, 2)), out_dir))
     return results
+
+
+def _open_or_missing(e: DatasetEntry, root: str, strict: bool, log):
+    """The dataset's reader, or None when it is missing (an error under ``strict``)."""
+    from evaclip.zeroshot import open_dataset
+
+    try:
+        return open_dataset(e.layout, root, e.split)
+    except (FileNotFoundError, NotADirectoryError) as err:
+        if strict:
+            raise FileNotFoundError(f"dataset {e.name}: {err}") from None
+        log(f"  {e.name}: missing ({root})")
+        return None
+
+
+def _cached_classifier(classifier_cache: Optional[str], e: DatasetEntry, gather, device) -> tuple:
+    """(the cache file of this dataset's zero-shot classifier or None, the classifier when every rank has it)."""
+    import torch
+
+    if not classifier_cache or e.task != "zeroshot_classification":
+        return None, None
+    os.makedirs(classifier_cache, exist_ok=True)
+    cache_file = os.path.join(classifier_cache, f"{e.name}.pt")
+    # every rank must take the same path (building the classifier is itself sharded): use the cache only when
+    # all of them see it
+    if all(gather(os.path.exists(cache_file))):
+        return cache_file, torch.load(cache_file, map_location=device, weights_only=True)
+    return cache_file, None
 
 
 def _done(result: Dict, out_dir: Optional[str]) -> Dict:

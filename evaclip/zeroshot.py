@@ -281,35 +281,47 @@ def evaluate(encode_image: Callable, encode_text: Callable, tokenizer, evalset: 
     becomes the total over the ranks."""
     batches = _prefetch(_batches(evalset.samples(shard), transform, batch_size, workers))
     if evalset.task == CLASSIFICATION:
-        names = classnames or evalset.classnames
-        tpls = templates or evalset.templates
-        if not names or not tpls:
-            raise ValueError("classification needs class names and templates")
-        if classifier is None:
-            classifier = build_classifier(encode_text, tokenizer, names, tpls, device, shard=shard, gather=gather)
-        logits, targets, index = [], [], []
-        for images, labels in batches:
-            f = F.normalize(encode_image(images.to(device)).float(), dim=-1)
-            logits.append((100.0 * f @ classifier).cpu())
-            index += [i for i, _ in labels]
-            targets += [t for _, t in labels]
-            if progress:
-                progress(len(labels))
-        parts = gather((index, torch.cat(logits) if logits else torch.zeros(0, classifier.shape[1]), targets,
-                        dict(evalset.skipped)))
-        _total_skips(evalset, parts)
-        index = [i for p in parts for i in p[0]]
-        if not index:
-            raise ValueError("no readable image in the dataset")
-        perm = torch.argsort(torch.tensor(index))  # back to the dataset's order
-        logits_all = torch.cat([p[1] for p in parts])[perm]
-        flat = [t for p in parts for t in p[2]]
-        targets = [flat[k] for k in perm.tolist()]
-        top = max(targets)
-        if top >= len(names) or min(targets) < 0:
-            raise ValueError(f"{len(names)} class names but the labels go up to {top}: the class-names file does "
-                             "not match the dataset")
-        return classification_metrics(logits_all, torch.tensor(targets)), classifier
+        return _classify(encode_image, encode_text, tokenizer, evalset, batches, device, templates, classnames,
+                         classifier, progress, shard, gather)
+    return _retrieve(encode_image, encode_text, tokenizer, evalset, batches, device, progress, gather), None
+
+
+def _classify(encode_image, encode_text, tokenizer, evalset: EvalSet, batches, device, templates, classnames,
+              classifier, progress, shard, gather):
+    """Zero-shot classification: the metrics and the classifier (class embeddings averaged over templates)."""
+    names = classnames or evalset.classnames
+    tpls = templates or evalset.templates
+    if not names or not tpls:
+        raise ValueError("classification needs class names and templates")
+    if classifier is None:
+        classifier = build_classifier(encode_text, tokenizer, names, tpls, device, shard=shard, gather=gather)
+    logits, targets, index = [], [], []
+    for images, labels in batches:
+        f = F.normalize(encode_image(images.to(device)).float(), dim=-1)
+        logits.append((100.0 * f @ classifier).cpu())
+        index += [i for i, _ in labels]
+        targets += [t for _, t in labels]
+        if progress:
+            progress(len(labels))
+    parts = gather((index, torch.cat(logits) if logits else torch.zeros(0, classifier.shape[1]), targets,
+                    dict(evalset.skipped)))
+    _total_skips(evalset, parts)
+    index = [i for p in parts for i in p[0]]
+    if not index:
+        raise ValueError("no readable image in the dataset")
+    perm = torch.argsort(torch.tensor(index))  # back to the dataset's order
+    logits_all = torch.cat([p[1] for p in parts])[perm]
+    flat = [t for p in parts for t in p[2]]
+    targets = [flat[k] for k in perm.tolist()]
+    top = max(targets)
+    if top >= len(names) or min(targets) < 0:
+        raise ValueError(f"{len(names)} class names but the labels go up to {top}: the class-names file does "
+                         "not match the dataset")
+    return classification_metrics(logits_all, torch.tensor(targets)), classifier
+
+
+def _retrieve(encode_image, encode_text, tokenizer, evalset: EvalSet, batches, device, progress, gather):
+    """Image-text retrieval metrics (recall@k both ways), every caption of an image counted as its match."""
     img_emb, txt_emb, index, n_caps = [], [], [], []
     for images, caps in batches:
         img_emb.append(F.normalize(encode_image(images.to(device)).float(), dim=-1).cpu())
@@ -333,7 +345,7 @@ def evaluate(encode_image: Callable, encode_text: Callable, tokenizer, evalset: 
         raise ValueError("no readable image in the dataset")
     pieces.sort(key=lambda p: p[0])
     owner = torch.tensor([k for k, (_, _, t) in enumerate(pieces) for _ in range(t.shape[0])])
-    return retrieval_metrics(torch.stack([p[1] for p in pieces]), torch.cat([p[2] for p in pieces]), owner), None
+    return retrieval_metrics(torch.stack([p[1] for p in pieces]), torch.cat([p[2] for p in pieces]), owner)
 
 
 def _total_skips(evalset: EvalSet, parts) -> None:

@@ -149,7 +149,7 @@ def test_resume_with_other_worker_count_is_refused(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ faults
-def _truncate(path, fraction):
+def truncate_file(path, fraction):
     data = open(path, "rb").read()
     open(path, "wb").write(data[: int(len(data) * fraction)])
 
@@ -179,7 +179,7 @@ def test_corrupt_data_is_skipped_and_counted_exactly(tmp_path):
     extra = tmp_path / "bad" / "00005.tar"  # the truncated shard
     write_shards(tmp_path / "t", "t", 1, per)
     os.replace(tmp_path / "t" / "00000.tar", extra)
-    _truncate(str(extra), 0.55)
+    truncate_file(str(extra), 0.55)
     kept_from_truncated = _readable_samples(str(extra))
     assert 0 < kept_from_truncated < per
     stream = stream_for(str(tmp_path / "bad" / "{00000..00005}.tar"), resampled=False, epochs=1, mb=7)
@@ -232,7 +232,7 @@ print("ok")
 def test_shard_reader_keeps_samples_before_damage(tmp_path):
     pattern = write_shards(tmp_path / "d", "k", 1, 20)
     path = expand_pattern(pattern)[0]
-    _truncate(path, 0.5)
+    truncate_file(path, 0.5)
     got = []
     with pytest.raises(ShardError):
         for s in iter_tar_samples(path):

@@ -6,15 +6,15 @@ import torch
 from evaclip.losses import ContrastiveLoss
 from evaclip.optim import Lamb
 
-from tests.test_losses import _feats, reference_clip_loss
-from tests.test_optim import HP, _problem, reference_lamb
+from tests.test_losses import make_feats, reference_clip_loss
+from tests.test_optim import HP, lamb_problem, reference_lamb
 
 pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.parametrize("impl", ["local", "tiled", "ring"])
 def test_gpu_contrastive_loss_matches_float64_reference(impl):
-    img, txt, s = _feats(256, 64)
+    img, txt, s = make_feats(256, 64)
     ref = reference_clip_loss(img, txt, s)
     ref_g = torch.autograd.grad(ref, [img, txt, s])
     ic, tc, sc = (t.detach().cuda().requires_grad_() for t in (img, txt, s))
@@ -25,7 +25,7 @@ def test_gpu_contrastive_loss_matches_float64_reference(impl):
 
 
 def test_gpu_lamb_matches_paper_reference():
-    params, grads = _problem()
+    params, grads = lamb_problem()
     ref = reference_lamb(params, grads, **HP)
     ps = [p.clone().cuda().requires_grad_() for p in params]
     opt = Lamb(ps, **HP)

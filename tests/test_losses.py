@@ -21,7 +21,7 @@ def reference_clip_loss(img, txt, scale):
     return (i2t + t2i) / 2
 
 
-def _feats(g, d, dtype=torch.float32, seed=0):
+def make_feats(g, d, dtype=torch.float32, seed=0):
     gen = torch.Generator().manual_seed(seed)
     img = F.normalize(torch.randn(g, d, generator=gen, dtype=dtype), dim=-1).requires_grad_()
     txt = F.normalize(torch.randn(g, d, generator=gen, dtype=dtype), dim=-1).requires_grad_()
@@ -34,7 +34,7 @@ def _grads(loss, ts):
 
 
 def test_naive_matches_float64_reference():
-    img, txt, s = _feats(48, 16, torch.float64)
+    img, txt, s = make_feats(48, 16, torch.float64)
     ref = reference_clip_loss(img, txt, s)
     got = clip_loss_naive(img, txt, s)
     assert abs(ref.item() - got.item()) < 1e-12
@@ -48,7 +48,7 @@ def test_local_and_tiled_equal_naive_fp32(world, impl):
     """Rank r computes its rows with labels offset by r*b; the mean over ranks is the global loss, and the
     summed gradients are the global gradients (what all-gather-with-grad + averaging produce)."""
     g, d = 64, 32
-    img, txt, s = _feats(g, d)
+    img, txt, s = make_feats(g, d)
     ref = clip_loss_naive(img, txt, s)
     g_ref = _grads(ref, [img, txt, s])
     b = g // world
@@ -67,7 +67,7 @@ def test_local_and_tiled_equal_naive_fp32(world, impl):
 
 @pytest.mark.parametrize("tile", [1, 7, 64, 1000])
 def test_tiled_any_tile_size_float64(tile):
-    img, txt, s = _feats(40, 8, torch.float64)
+    img, txt, s = make_feats(40, 8, torch.float64)
     ref = reference_clip_loss(img, txt, s)
     got = clip_loss_tiled(img, txt, img, txt, s, 0, tile=tile)
     assert abs(got.item() - ref.item()) < 1e-12
@@ -76,7 +76,7 @@ def test_tiled_any_tile_size_float64(tile):
 
 
 def test_tiled_bf16_features_computed_in_fp32():
-    img, txt, s = _feats(32, 16)
+    img, txt, s = make_feats(32, 16)
     ref = clip_loss_naive(img, txt, s)
     ib, tb = img.detach().bfloat16().requires_grad_(), txt.detach().bfloat16().requires_grad_()
     got = clip_loss_tiled(ib, tb, ib, tb, s, 0, tile=8)
@@ -86,7 +86,7 @@ def test_tiled_bf16_features_computed_in_fp32():
 
 
 def test_siglip_matches_reference():
-    img, txt, s = _feats(12, 8, torch.float64)
+    img, txt, s = make_feats(12, 8, torch.float64)
     bias = torch.tensor([-10.0], dtype=torch.float64, requires_grad=True)
     got = siglip_loss(img, txt, s, bias, 0)
     logits = s * img @ txt.t() + bias
@@ -113,7 +113,7 @@ def reference_siglip_loss(img, txt, s, bias):
 @pytest.mark.parametrize("tile", [1, 7, 64, 1000])
 def test_ring_on_one_rank_any_tile_size_float64(tile):
     """The ring of one rank (its own block only) against the float64 references, for CLIP and SigLIP."""
-    img, txt, s = _feats(23, 8, torch.float64)
+    img, txt, s = make_feats(23, 8, torch.float64)
     bias = torch.tensor([-3.0], dtype=torch.float64, requires_grad=True)
     ref, got = reference_clip_loss(img, txt, s), clip_loss_ring(img, txt, s, tile=tile)
     assert abs(got.item() - ref.item()) < 1e-12
@@ -128,7 +128,7 @@ def test_ring_on_one_rank_any_tile_size_float64(tile):
 @pytest.mark.parametrize("tile", [1, 5, 64])
 def test_tiled_siglip_rows_of_a_rank_float64(tile):
     """Tiled SigLIP of one rank's rows (offset diagonal) == the b x G SigLIP, value and every gradient."""
-    img, txt, s = _feats(24, 8, torch.float64)
+    img, txt, s = make_feats(24, 8, torch.float64)
     bias = torch.tensor([-3.0], dtype=torch.float64, requires_grad=True)
     rows = slice(8, 16)
     ref = siglip_loss(img[rows], txt, s, bias, 8)
@@ -140,7 +140,7 @@ def test_tiled_siglip_rows_of_a_rank_float64(tile):
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
 def test_ring_and_tiled_bf16_features_accumulate_in_fp32(kind):
-    img, txt, s = _feats(32, 16)
+    img, txt, s = make_feats(32, 16)
     bias = torch.tensor([-3.0], requires_grad=True)
     ib, tb = img.detach().bfloat16().requires_grad_(), txt.detach().bfloat16().requires_grad_()
     if kind == "clip":
@@ -155,7 +155,7 @@ def test_ring_and_tiled_bf16_features_accumulate_in_fp32(kind):
 
 
 def test_module_single_process_impls_agree():
-    img, txt, s = _feats(16, 8)
+    img, txt, s = make_feats(16, 8)
     vals = [ContrastiveLoss("clip", impl, tile_size=3)(img, txt, s).item()
             for impl in ("naive", "local", "tiled", "ring")]
     assert max(vals) - min(vals) < 1e-6 * max(vals)  # fp32: a loss of ~24 summed in another order

@@ -33,7 +33,7 @@ def reference_lamb(params, grads_per_step, lr, betas, eps, weight_decay, trust_c
     return w
 
 
-def _problem(seed=0, steps=20):
+def lamb_problem(seed=0, steps=20):
     gen = torch.Generator().manual_seed(seed)
     shapes = [(6, 5), (11,), (4, 4, 3), (1,), (3,)]
     params = [torch.randn(s, generator=gen) for s in shapes]
@@ -43,7 +43,7 @@ def _problem(seed=0, steps=20):
 
 
 def test_lamb_equals_paper_reference():
-    params, grads = _problem()
+    params, grads = lamb_problem()
     ref = reference_lamb(params, grads, **HP)
     ps = [p.clone().requires_grad_() for p in params]
     opt = Lamb(ps, **HP)
@@ -62,7 +62,7 @@ def _run_partitioned_lamb(world, pad, reduce: bool, monkeypatch):
 
     import torch.distributed as dist
 
-    params, grads = _problem(1)
+    params, grads = lamb_problem(1)
     numels = [p.numel() for p in params]
     offsets, pos = [], 0
     for n in numels:

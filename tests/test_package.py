@@ -216,3 +216,54 @@ def test_the_layering_holds_and_an_upward_import_breaks_it(tmp_path):
     assert r.returncode != 0 and "0 kept, 2 broken" in r.stdout, r.stdout[-3000:]
     assert "evaclip.files -> evaclip.train.trainer" in r.stdout
     assert "evaclip.train.healing -> evaclip.train.trainer" in r.stdout
+
+
+def _python_files(*roots):
+    import pathlib
+
+    return [p for r in roots for p in sorted(pathlib.Path(REPO, r).rglob("*.py"))]
+
+
+def test_no_module_over_400_lines_and_no_function_over_60_unless_it_says_why():
+    """Issue 26's size rule over evaclip/: a module is at most 400 lines; a function at most 60, or its docstring
+    holds "Long because" and the reason."""
+    import ast
+
+    too_long = []
+    for p in _python_files("evaclip"):
+        src = p.read_text()
+        if src.count("\n") > 400:
+            too_long.append(f"{p.relative_to(REPO)}: {src.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > 60 and "Long because" not in (ast.get_docstring(node) or ""):
+                    too_long.append(f"{p.relative_to(REPO)}:{node.lineno} {node.name}: {n} lines")
+    assert not too_long, too_long
+
+
+def test_no_private_name_crosses_a_module():
+    """No ``from <our module> import _name`` and no ``<our module>._name`` outside the module that defines it,
+    in evaclip/, tests/ and bench/ (third-party privates are the peers' business, and named where used)."""
+    import ast
+
+    ours = ("evaclip", "tests", "bench")
+    crossing = []
+    for p in _python_files(*ours):
+        tree = ast.parse(p.read_text())
+        modules = {}  # local name -> our module it is bound to
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ours:
+                for a in node.names:
+                    if a.name.startswith("_") and not a.name.startswith("__") and a.name != "_shim":
+                        crossing.append(f"{p.relative_to(REPO)}:{node.lineno} from {node.module} import {a.name}")
+                    modules[a.asname or a.name] = f"{node.module}.{a.name}"
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name.split(".")[0] in ours:
+                        modules[a.asname or a.name.split(".")[0]] = a.name
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules
+                    and node.attr.startswith("_") and not node.attr.startswith("__")):
+                crossing.append(f"{p.relative_to(REPO)}:{node.lineno} {node.value.id}.{node.attr}")
+    assert not crossing, crossing

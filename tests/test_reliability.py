@@ -510,10 +510,10 @@ def test_12_negative_weights_are_an_error(tmp_path):
 
 
 def test_12_a_truncated_shard_is_counted_as_truncated_not_unreadable(tmp_path):
-    from tests.test_data import _truncate, stream_for
+    from tests.test_data import truncate_file, stream_for
 
     pattern = write_shards(str(tmp_path / "t"), "t", 1, 100)
-    _truncate(str(tmp_path / "t" / "00000.tar"), 0.55)
+    truncate_file(str(tmp_path / "t" / "00000.tar"), 0.55)
     s = stream_for(pattern, resampled=False, epochs=1, mb=10)
     batches = list(s)
     counts = batches[-1]["__state__"]["counts"]

@@ -44,7 +44,7 @@ def add_parser(sub) -> None:
 
 
 def cmd_eval(args) -> int:
-    from evaclip.evalsuite import compare, load_suite, run_suite, write_results
+    from evaclip.evalsuite import compare, load_suite, run_suite
 
     if args.compare:
         print(compare(args.compare))
@@ -90,6 +90,14 @@ def cmd_eval(args) -> int:
         edist.shutdown()
         if rank != 0:
             return 0
+    _report(results, args, seconds, world)
+    return 0
+
+
+def _report(results, args, seconds: float, world: int) -> None:
+    """The results table and files, what was missing or failed, and the --require-acc1 check."""
+    from evaclip.evalsuite import write_results
+
     print(write_results(results, args.out))
     print(f"evaluated in {seconds:.1f} s on {world} process{'es' if world > 1 else ''}")
     missing = [r["dataset"] for r in results if r["status"] == "missing"]
@@ -103,4 +111,3 @@ def cmd_eval(args) -> int:
         if low:
             raise UserError(f"top-1 below the required {100 * args.require_acc1:.2f}%: {', '.join(low)}")
         print(f"top-1 >= {100 * args.require_acc1:.2f}% on every classification set: ok")
-    return 0

@@ -14,6 +14,31 @@ def derive(cfg: ExperimentConfig, world_size: int = 1) -> Derived:
     """Check the values against each other and compute the derived ones once. What the config names in other
     files (the model file, the recipe, the suite, the DeepSpeed overlay) is checked by the preflight
     (``evaclip.preflight.resolve``, the entry point), which calls this."""
+    _check_values(cfg, world_size)
+    global_batch = cfg.data.micro_batch_size * world_size * cfg.engine.accum_steps
+    if cfg.run.steps > 0:
+        steps = cfg.run.steps
+    elif cfg.run.train_samples > 0:
+        steps = math.ceil(cfg.run.train_samples / global_batch)
+    else:
+        raise ConfigError("run: set run.steps or run.train_samples")
+    if cfg.schedule.warmup_steps >= steps and steps > 1:
+        raise ConfigError(f"schedule.warmup_steps ({cfg.schedule.warmup_steps}) must be below the {steps} steps")
+    unmasked = cfg.schedule.unmasked_tuning_samples
+    unmasked_from = steps - math.ceil(unmasked / global_batch) if unmasked > 0 else steps
+    return Derived(
+        world_size=world_size,
+        global_batch=global_batch,
+        steps=steps,
+        warmup_steps=cfg.schedule.warmup_steps,
+        train_samples=steps * global_batch,
+        unmasked_from_step=max(0, unmasked_from),
+        run_dir=os.path.join(cfg.run.output_dir, cfg.run.name),
+    )
+
+
+def _check_values(cfg: ExperimentConfig, world_size: int) -> None:
+    """Ranges and combinations of values; an error names the key."""
     for key, v in [("data.micro_batch_size", cfg.data.micro_batch_size), ("engine.accum_steps", cfg.engine.accum_steps),
                    ("checkpoint.keep_last", cfg.checkpoint.keep_last), ("log.every_steps", cfg.log.every_steps),
                    ("checkpoint.every_steps", cfg.checkpoint.every_steps)]:
@@ -62,26 +87,6 @@ def derive(cfg: ExperimentConfig, world_size: int = 1) -> Derived:
         raise ConfigError("optim.betas, optim.trust_clip and data.crop_scale take two numbers each")
     if cfg.objective.kind == "mim":
         _check_mim(cfg)
-    global_batch = cfg.data.micro_batch_size * world_size * cfg.engine.accum_steps
-    if cfg.run.steps > 0:
-        steps = cfg.run.steps
-    elif cfg.run.train_samples > 0:
-        steps = math.ceil(cfg.run.train_samples / global_batch)
-    else:
-        raise ConfigError("run: set run.steps or run.train_samples")
-    if cfg.schedule.warmup_steps >= steps and steps > 1:
-        raise ConfigError(f"schedule.warmup_steps ({cfg.schedule.warmup_steps}) must be below the {steps} steps")
-    unmasked = cfg.schedule.unmasked_tuning_samples
-    unmasked_from = steps - math.ceil(unmasked / global_batch) if unmasked > 0 else steps
-    return Derived(
-        world_size=world_size,
-        global_batch=global_batch,
-        steps=steps,
-        warmup_steps=cfg.schedule.warmup_steps,
-        train_samples=steps * global_batch,
-        unmasked_from_step=max(0, unmasked_from),
-        run_dir=os.path.join(cfg.run.output_dir, cfg.run.name),
-    )
 
 
 def _check_mim(cfg: ExperimentConfig) -> None:

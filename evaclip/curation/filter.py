@@ -240,11 +240,105 @@ def _copy_kept(url: str, match: Callable[[str], Optional[Dict]], add) -> int:
     return n
 
 
+class _Copier:
+    """Pass 2: selects each table's rows and copies the kept samples into the new shards, counting per source."""
+
+    def __init__(self, out: str, shard_size: int, by: str, min_value, max_value, cuts, where: str, hist):
+        self.by, self.min_value, self.max_value, self.cuts, self.where, self.hist = by, min_value, max_value, cuts, \
+            where, hist
+        self.add, self.close, self.state = _shard_writer(out, shard_size)
+        self.total: Counter = Counter()
+        self.kept: Counter = Counter()
+        self.digest = hashlib.sha1()
+
+    def selected(self, t):
+        """{(source, key): the row's extra columns} of the kept rows, and the table's shard column (or None)."""
+        import numpy as np
+
+        keep = _row_mask(t, self.by, self.min_value, self.max_value, self.cuts, self.where)
+        if self.hist is not None:
+            self.hist.add(*_values_sources(t, self.by), keep)
+        srcs = t.column("source").to_pylist() if "source" in t.column_names else [""] * t.num_rows
+        self.total.update(srcs)
+        extra = [c for c in t.column_names if c not in ("key", "source", "shard", "caption", "step")]
+        cols = {c: t.column(c).to_pylist() for c in extra}
+        keys = t.column("key").to_pylist()
+        return {(srcs[j], keys[j]): {c: cols[c][j] for c in extra} for j in np.nonzero(keep)[0]}, \
+            (t.column("shard").to_pylist() if "shard" in t.column_names else None)
+
+    def copy(self, url: str, wanted: Dict, src=None) -> None:
+        """Copy the samples of ``url`` that ``wanted`` holds (removing them from it)."""
+        by_key = {}
+        for s_, k_ in wanted:
+            by_key[k_] = None if k_ in by_key else (s_, k_)
+        done = set()
+
+        def match(key):
+            k = (src, key) if (src, key) in wanted else by_key.get(key)
+            if k is None or k in done:
+                return None
+            done.add(k)
+            return wanted[k]
+        _copy_kept(url, match, self.add)
+        for k in done:
+            wanted.pop(k)
+            self.kept[k[0]] += 1
+            self.digest.update(f"{k[0]}/{k[1]}\n".encode())
+
+    def from_tables(self, files: Sequence[str], progress=None) -> int:
+        """A table at a time: its rows come from the shard(s) it names. Returns the kept samples not found."""
+        missing = 0
+        for f in files:
+            wanted, shard_col = self.selected(_read(f))
+            for url in dict.fromkeys(shard_col):
+                self.copy(url, wanted)
+            missing += len(wanted)
+            if progress:
+                progress(1)
+        return missing
+
+    def from_sources(self, whole, shards: str, root: str, progress=None) -> int:
+        """Per-sample loss tables (no shard column): the samples are looked up in ``shards``."""
+        wanted, _ = self.selected(whole)
+        for src, urls in expand_sources(shards, root):
+            for url in urls:
+                self.copy(url, wanted, src)
+                if progress:
+                    progress(1)
+        return len(wanted)
+
+
+def _first_pass(files, columns, whole, by: str, top, bottom):
+    """The --by column and the sources only: the per-source cuts of --top / --bottom and the histogram's range."""
+    import numpy as np
+
+    parts = [_values_sources(whole, by)] if whole is not None else \
+        [_values_sources(_read(f, [c for c in (by, "source") if c in columns]), by) for f in files]
+    values, sources = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    cuts = _fraction_cuts(values, sources, top, bottom) if top is not None or bottom is not None else {}
+    lo, hi = (float(values.min()), float(values.max())) if len(values) else (0.0, 1.0)
+    return cuts, lo, hi
+
+
+def _write_recipe(out: str, name: str, n_shards: int, n_kept: int, n_tables: int, criteria: Dict) -> tuple:
+    """recipe.toml pointing at the new shards; (its path, the shard pattern)."""
+    recipe_name = name or os.path.basename(os.path.abspath(out))
+    recipe = os.path.join(out, "recipe.toml")
+    pattern = "{00000..%05d}.tar" % (n_shards - 1) if n_shards > 1 else "00000.tar"
+    with open(recipe, "w") as f:
+        f.write(f"# Written by `evaclip data filter` from {n_tables} tables: {json.dumps(criteria)}\n"
+                f"#   evaclip train <experiment> data.recipe={recipe}\n"
+                f"name = {json.dumps(recipe_name)}\ndescription = {json.dumps('filtered: ' + json.dumps(criteria))}\n\n"
+                f"[[source]]\nname = {json.dumps(recipe_name)}\nshards = {json.dumps(pattern)}\n"
+                f"samples = {n_kept}\n")
+    return recipe, pattern
+
+
 def filter_tables(tables: Sequence[str], out: str, by: str = "score", min_value=None, max_value=None, top=None,
                   bottom=None, where: str = "", shards: str = "", root: str = "", shard_size: int = 10000,
                   name: str = "", force: bool = False, progress=None) -> Dict:
     """Select samples from score / loss tables and copy them into new shards; see the comment above."""
-    import numpy as np
+    import pyarrow as pa
 
     from evaclip.data.tools import stats
 
@@ -257,107 +351,36 @@ def filter_tables(tables: Sequence[str], out: str, by: str = "score", min_value=
     if loss_tables and not shards:
         raise UserError("these tables have no shard column (per-sample loss tables): pass --shards <recipe or "
                         "pattern> where the samples are")
-    import pyarrow as pa
-
     whole = _aggregate_by_key(pa.concat_tables([_read(f) for f in files])) if loss_tables else None
-    # pass 1: the --by column and the sources only
     has_by = by in (whole.column_names if whole is not None else columns)
-    cuts, lo, hi = {}, 0.0, 1.0
-    if has_by:
-        parts = [_values_sources(whole, by)] if whole is not None else \
-            [_values_sources(_read(f, [c for c in (by, "source") if c in columns]), by) for f in files]
-        values, sources = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-        if top is not None or bottom is not None:
-            cuts = _fraction_cuts(values, sources, top, bottom)
-        lo, hi = (float(values.min()), float(values.max())) if len(values) else (0.0, 1.0)
-        del values, sources, parts
-    hist = _Histogram(lo, hi)
+    cuts, lo, hi = _first_pass(files, columns, whole, by, top, bottom) if has_by else ({}, 0.0, 1.0)
     if os.path.isdir(out) and force:
         import shutil
 
         shutil.rmtree(out)
     os.makedirs(out, exist_ok=True)
-    add, close, state = _shard_writer(out, shard_size)
-    total: Counter = Counter()
-    kept: Counter = Counter()
-    digest = hashlib.sha1()
-
-    def selected(t):
-        keep = _row_mask(t, by, min_value, max_value, cuts, where)
-        if has_by:
-            hist.add(*_values_sources(t, by), keep)
-        srcs = t.column("source").to_pylist() if "source" in t.column_names else [""] * t.num_rows
-        total.update(srcs)
-        extra = [c for c in t.column_names if c not in ("key", "source", "shard", "caption", "step")]
-        cols = {c: t.column(c).to_pylist() for c in extra}
-        keys = t.column("key").to_pylist()
-        return {(srcs[j], keys[j]): {c: cols[c][j] for c in extra} for j in np.nonzero(keep)[0]}, \
-            (t.column("shard").to_pylist() if "shard" in t.column_names else None)
-
-    def copy(url, wanted, src=None):
-        by_key = {}
-        for s_, k_ in wanted:
-            by_key[k_] = None if k_ in by_key else (s_, k_)
-        done = set()
-
-        def match(key):
-            k = (src, key) if (src, key) in wanted else by_key.get(key)
-            if k is None or k in done:
-                return None
-            done.add(k)
-            return wanted[k]
-        _copy_kept(url, match, add)
-        return done
-
-    missing = 0
-    if whole is None:  # pass 2, a table at a time: its rows come from the shard(s) it names
-        for f in files:
-            wanted, shard_col = selected(_read(f))
-            for url in dict.fromkeys(shard_col):
-                for k in copy(url, wanted):
-                    wanted.pop(k)
-                    kept[k[0]] += 1
-                    digest.update(f"{k[0]}/{k[1]}\n".encode())
-            missing += len(wanted)
-            if progress:
-                progress(1)
-    else:
-        wanted, _ = selected(whole)
-        for src, urls in expand_sources(shards, root):
-            for url in urls:
-                for k in copy(url, wanted, src):
-                    wanted.pop(k)
-                    kept[k[0]] += 1
-                    digest.update(f"{k[0]}/{k[1]}\n".encode())
-                if progress:
-                    progress(1)
-        missing = len(wanted)
-    close()
+    copier = _Copier(out, shard_size, by, min_value, max_value, cuts, where, _Histogram(lo, hi) if has_by else None)
+    missing = copier.from_tables(files, progress) if whole is None else \
+        copier.from_sources(whole, shards, root, progress)
+    copier.close()
+    total, kept = copier.total, copier.kept
     n_kept = sum(kept.values())
     if missing:
         raise UserError(f"{missing} kept samples were not found in their shards: the tables do not match the shards"
                         f" (nothing in {out} is usable)")
     if not n_kept:
         raise UserError(f"nothing is kept by these criteria ({sum(total.values()):,} rows); nothing written")
-    n_shards = len(state["counts"])
-    recipe_name = name or os.path.basename(os.path.abspath(out))
-    recipe = os.path.join(out, "recipe.toml")
-    pattern = "{00000..%05d}.tar" % (n_shards - 1) if n_shards > 1 else "00000.tar"
+    n_shards = len(copier.state["counts"])
     criteria = {k: v for k, v in {"by": by, "min": min_value, "max": max_value, "top": top, "bottom": bottom,
                                   "where": where or None}.items() if v is not None}
-    with open(recipe, "w") as f:
-        f.write(f"# Written by `evaclip data filter` from {len(files)} tables: {json.dumps(criteria)}\n"
-                f"#   evaclip train <experiment> data.recipe={recipe}\n"
-                f"name = {json.dumps(recipe_name)}\ndescription = {json.dumps('filtered: ' + json.dumps(criteria))}\n\n"
-                f"[[source]]\nname = {json.dumps(recipe_name)}\nshards = {json.dumps(pattern)}\n"
-                f"samples = {n_kept}\n")
-    plot = hist.save(os.path.join(out, "histogram.png"), by, cuts, min_value, max_value) if has_by else ""
+    recipe, pattern = _write_recipe(out, name, n_shards, n_kept, len(files), criteria)
+    plot = copier.hist.save(os.path.join(out, "histogram.png"), by, cuts, min_value, max_value) if has_by else ""
     man = stats(os.path.join(out, pattern), out=os.path.join(out, "manifest.parquet"))
     per_source = {s: {"total": total[s], "kept": kept[s], "cut": next(iter(cuts.get(s, {}).values()), min_value)}
                   for s in total}
     summary = {"kept": n_kept, "dropped": sum(total.values()) - n_kept, "shards": n_shards, "per_source": per_source,
                "criteria": criteria, "tables": len(files), "recipe": recipe, "histogram": plot,
-               "manifest": man["manifest"], "keys_sha1": digest.hexdigest()}
+               "manifest": man["manifest"], "keys_sha1": copier.digest.hexdigest()}
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary

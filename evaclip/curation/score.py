@@ -129,34 +129,12 @@ def score(source: str, root: str, enc, out: str, batch_size: int = 256, workers:
                 if os.path.exists(path):
                     res["done_before"] += 1
                     continue
-                cols = {c: [] for c in ("key", "caption", "image_bytes", "width", "height", "score", "embedding")}
-                skips: Counter = Counter()
                 try:
-                    chunk: List[Dict] = []
-                    for raw in _with_end(iter_tar_samples(url)):
-                        if raw is not None:
-                            chunk.append(raw)
-                        if chunk and (len(chunk) == batch_size or raw is None):
-                            prepared = (list(pool.map(lambda r: _prepare(r, transform), chunk)) if pool
-                                        else [_prepare(r, transform) for r in chunk])
-                            chunk = []
-                            ok = [(img, row) for img, row in prepared if img is not None]
-                            skips.update(row for img, row in prepared if img is None)
-                            if not ok:
-                                continue
-                            sc, emb = encode([img for img, _ in ok], [row["caption"] for _, row in ok])
-                            for (_, row), s, e in zip(ok, sc.tolist(), emb):
-                                for c in ("key", "caption", "image_bytes", "width", "height"):
-                                    cols[c].append(row[c])
-                                cols["score"].append(s)
-                                if embeddings:
-                                    cols["embedding"].append(e.numpy())
-                            if progress:
-                                progress(len(ok))
+                    cols, skips, dim = _score_shard(url, transform, pool, encode, batch_size, embeddings, progress)
                 except ShardError as e:
                     res["unreadable"].append({"shard": url, "error": str(e)})  # no table: a rerun retries it
                     continue
-                _write_table(path, cols, name, url, dict(skips), emb.shape[1] if embeddings and cols["key"] else 0)
+                _write_table(path, cols, name, url, dict(skips), dim)
                 res["scored_shards"] += 1
                 res["samples"] += len(cols["key"])
                 res["skipped"].update(skips)
@@ -167,6 +145,37 @@ def score(source: str, root: str, enc, out: str, batch_size: int = 256, workers:
     res["seconds"] = time.time() - t0
     res["pairs_per_s"] = res["samples"] / max(res["seconds"], 1e-9)
     return res
+
+
+def _score_shard(url: str, transform, pool, encode, batch_size: int, embeddings: bool, progress) -> tuple:
+    """One shard's table columns, its skip counts and the embedding width (0 without embeddings); ShardError
+    when the shard cannot be read."""
+    cols = {c: [] for c in ("key", "caption", "image_bytes", "width", "height", "score", "embedding")}
+    skips: Counter = Counter()
+    dim = 0
+    chunk: List[Dict] = []
+    for raw in _with_end(iter_tar_samples(url)):
+        if raw is not None:
+            chunk.append(raw)
+        if chunk and (len(chunk) == batch_size or raw is None):
+            prepared = (list(pool.map(lambda r: _prepare(r, transform), chunk)) if pool
+                        else [_prepare(r, transform) for r in chunk])
+            chunk = []
+            ok = [(img, row) for img, row in prepared if img is not None]
+            skips.update(row for img, row in prepared if img is None)
+            if not ok:
+                continue
+            sc, emb = encode([img for img, _ in ok], [row["caption"] for _, row in ok])
+            for (_, row), s, e in zip(ok, sc.tolist(), emb):
+                for c in ("key", "caption", "image_bytes", "width", "height"):
+                    cols[c].append(row[c])
+                cols["score"].append(s)
+                if embeddings:
+                    cols["embedding"].append(e.numpy())
+            dim = emb.shape[1] if embeddings else 0
+            if progress:
+                progress(len(ok))
+    return cols, skips, dim
 
 
 def _with_end(it):
