@@ -106,25 +106,14 @@ class ImageTextStream(IterableDataset):
                     usable = self._usable(it, counts, streams, worker, started, len(images), seen)
                     if usable is None:
                         break  # finite stream: a last, short batch
-                    src, raw, img, cap = usable
                     seen = True
-                    images.append(img)
-                    texts.append(cap)
-                    keys.append(raw["__key__"])
-                    sources.append(spec.names[src])
-                    per_source[spec.names[src]] += 1
+                    self._take(usable, images, texts, keys, sources, per_source)
             if not images:
                 return
             batches += 1
-            batch = {"text": self.tokenizer(texts)} if self.tokenizer is not None else {}
-            yield {
-                "image": torch.stack(images),
-                **batch,
-                "key": keys,
-                "source": sources,
-                "__state__": {"worker": worker, "num_workers": num_workers, "batches": batches,
-                              "stream": mixed.state(), "counts": dict(counts), "per_source": dict(per_source)},
-            }
+            yield self._batch(images, texts, keys, sources,
+                              {"worker": worker, "num_workers": num_workers, "batches": batches,
+                               "stream": mixed.state(), "counts": dict(counts), "per_source": dict(per_source)})
 
     def _iter_logical(self, worker: int, num_workers: int):
         """Logical streams: one piece per data step, ``stream_share`` samples from each stream this worker owns;
@@ -157,29 +146,39 @@ class ImageTextStream(IterableDataset):
                         usable = self._usable(it, counts, sources, worker, started, len(images), seen, aug_step=step)
                         if usable is None:
                             break  # finite stream: a last, short piece
-                        src, raw, img, cap = usable
                         seen = True
-                        images.append(img)
-                        texts.append(cap)
-                        keys.append(raw["__key__"])
-                        names.append(spec.names[src])
+                        self._take(usable, images, texts, keys, names, per_source)
                         ids.append(lid)
-                        per_source[spec.names[src]] += 1
                         got += 1
             if not images:
                 return
             step += 1
-            batch = {"text": self.tokenizer(texts)} if self.tokenizer is not None else {}
-            yield {
-                "image": torch.stack(images),
-                **batch,
-                "key": keys,
-                "source": names,
-                "stream_id": ids,
-                "__state__": {"worker": worker, "num_workers": num_workers, "step": step,
-                              "streams": {lid: {"stream": v[0].state(), "counts": dict(v[2]), "per_source": dict(v[3])}
-                                          for lid, v in streams.items()}},
-            }
+            yield self._batch(images, texts, keys, names,
+                              {"worker": worker, "num_workers": num_workers, "step": step,
+                               "streams": {lid: {"stream": v[0].state(), "counts": dict(v[2]),
+                                                 "per_source": dict(v[3])} for lid, v in streams.items()}},
+                              stream_ids=ids)
+
+    def _take(self, usable, images, texts, keys, names, per_source: Counter) -> None:
+        """Add one usable sample (source index, raw, image, caption) to the batch being assembled."""
+        src, raw, img, cap = usable
+        images.append(img)
+        texts.append(cap)
+        keys.append(raw["__key__"])
+        names.append(self.spec.names[src])
+        per_source[self.spec.names[src]] += 1
+
+    def _batch(self, images, texts, keys, sources, state: Dict, stream_ids=None) -> Dict:
+        """The one batch layout both stream modes yield: images, tokens (CLIP), keys, sources, the logical stream
+        of each sample (logical streams), and the worker's position."""
+        batch = {"image": torch.stack(images)}
+        if self.tokenizer is not None:
+            batch["text"] = self.tokenizer(texts)
+        batch.update(key=keys, source=sources)
+        if stream_ids is not None:
+            batch["stream_id"] = stream_ids
+        batch["__state__"] = state
+        return batch
 
     def _usable(self, it, counts: Counter, sources, worker: int, started: float, have: int, seen: bool,
                 aug_step: Optional[int] = None):
