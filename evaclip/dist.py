@@ -39,8 +39,11 @@ _MONITOR = None  # a gloo group for monitored barriers (NCCL has none); the defa
 _COLLECTIVE_TIMEOUT_S = 1800.0
 
 
-def init_distributed(device: torch.device, timeout_min: int = 180, collective_timeout_s: float = 1800.0) -> None:
-    """Initialise the default process group when launched with several processes (nccl on GPU, gloo on CPU).
+def init_distributed(device: torch.device, timeout_min: int = 180, collective_timeout_s: float = 1800.0,
+                     single: bool = False) -> None:
+    """Initialise the default process group when launched with several processes (nccl on GPU, gloo on CPU);
+    ``single``: also for one process (DeepSpeed needs a group, and left to find one itself in a plain process
+    it tries MPI discovery and dies on a missing mpi4py), on a free local port unless MASTER_PORT is set.
 
     ``collective_timeout_s`` bounds the barriers after rank-local work (eval, checkpoints, the end of the
     run): a rank that does not arrive makes the others stop with a message naming it, instead of waiting
@@ -48,8 +51,11 @@ def init_distributed(device: torch.device, timeout_min: int = 180, collective_ti
     global _MONITOR, _COLLECTIVE_TIMEOUT_S
     _COLLECTIVE_TIMEOUT_S = float(collective_timeout_s)
     r, local, w = env_world()
-    if w == 1 or is_initialized():
+    if (w == 1 and not single) or is_initialized():
         return
+    if w == 1 and "MASTER_ADDR" not in os.environ:
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if "MASTER_ADDR" not in os.environ:  # Slurm without torchrun: the first node of the job is the master
         os.environ["MASTER_ADDR"] = os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
@@ -59,6 +65,14 @@ def init_distributed(device: torch.device, timeout_min: int = 180, collective_ti
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_min))
     _MONITOR = dist.new_group(backend="gloo") if backend != "gloo" else None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 _RANKS_RE = re.compile(r"[Rr]anks? ([\d, ]+) failed to pass monitoredBarrier")

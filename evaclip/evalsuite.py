@@ -137,12 +137,13 @@ def run_suite(encode_image: Callable, encode_text: Callable, tokenizer, entries:
             results.append(_done(dict(base, metrics={}, status="missing", path=root), out_dir))
             continue
         transform = eval_transform(image_size, mean, std, e.transform, interpolation)
-        cache_file, classifier = _cached_classifier(classifier_cache, e, gather, device)
+        names, tpls = _eval_file(e.classnames) or evalset.classnames, _eval_file(e.templates) or evalset.templates
+        cache_file, classifier = _cached_classifier(classifier_cache, e, names, tpls, gather, device)
         bar = progress_factory(e.name) if progress_factory else None
         t0 = time.time()
         try:
             metrics, clf = eval_one(encode_image, encode_text, tokenizer, evalset, transform, device, batch_size,
-                                    templates=_eval_file(e.templates), classnames=_eval_file(e.classnames),
+                                    templates=tpls, classnames=names,
                                     classifier=classifier, progress=bar.update if bar is not None else None,
                                     workers=workers, shard=shard, gather=gather)
         except Exception as err:  # noqa: BLE001 - one bad dataset must not cost the others their results
@@ -179,14 +180,19 @@ def _open_or_missing(e: DatasetEntry, root: str, strict: bool, log):
         return None
 
 
-def _cached_classifier(classifier_cache: Optional[str], e: DatasetEntry, gather, device) -> tuple:
-    """(the cache file of this dataset's zero-shot classifier or None, the classifier when every rank has it)."""
+def _cached_classifier(classifier_cache: Optional[str], e: DatasetEntry, names, templates, gather, device) -> tuple:
+    """(the cache file of this dataset's zero-shot classifier or None, the classifier when every rank has it).
+    ``classifier_cache`` is keyed by the weights; the file name adds the class names and templates, so editing
+    either builds a new classifier (the old one was reused: 32.81% reported where the truth was 0%)."""
+    import hashlib
+
     import torch
 
     if not classifier_cache or e.task != "zeroshot_classification":
         return None, None
     os.makedirs(classifier_cache, exist_ok=True)
-    cache_file = os.path.join(classifier_cache, f"{e.name}.pt")
+    prompts = hashlib.sha1(json.dumps([list(names or []), list(templates or [])]).encode()).hexdigest()[:16]
+    cache_file = os.path.join(classifier_cache, f"{e.name}-{prompts}.pt")
     # every rank must take the same path (building the classifier is itself sharded): use the cache only when
     # all of them see it
     if all(gather(os.path.exists(cache_file))):

@@ -76,6 +76,10 @@ def build_classifier(encode_text: Callable, tokenizer, classnames: Sequence[str]
 
     Sharded (``shard`` = (rank, world), ``gather`` = an all-gather of objects): each rank encodes the classes
     c with c % world == rank and every rank assembles the same whole classifier."""
+    bad = [t for t in templates if "{c}" not in t]
+    if bad:  # every class would get the same prompt: a classifier at chance, reported as a result
+        raise ValueError(f"zero-shot template {bad[0]!r} has no {{c}} (the class name's place), "
+                         f"{len(bad)} of {len(templates)} templates")
     rank, world = shard
     mine = list(range(rank, len(classnames), world))
     texts = [t.format(c=classnames[c]) for c in mine for t in templates]

@@ -251,6 +251,9 @@ def test_where_is_parsed_never_run(tmp_path):
     for bad in ("__import__('os').system('true')", "score.real > 0", "nope > 1", "[1][0] > 0", "score >"):
         with pytest.raises(UserError):
             select(t, where=bad)
+    for not_a_condition in ("score", "score * 2", "1", "'x'"):  # issue 32 (12): these kept every row
+        with pytest.raises(UserError, match="is not a condition"):
+            select(t, where=not_a_condition)
 
 
 @pytest.mark.parametrize("impl,accum", [("local", 1), ("tiled", 2)])

@@ -140,3 +140,15 @@ def test_kill_during_save_keeps_previous_latest(synth_dir, tmp_path):
     second = tr.save()  # the next save succeeds and cleans the leftovers
     assert latest_checkpoint(tr.run_dir) == second and second.endswith("step-00000003")
     assert not [d for d in os.listdir(os.path.join(tr.run_dir, "checkpoints")) if d.startswith(".tmp-")]
+
+
+def test_deepspeed_in_one_plain_process_trains(synth_dir, tmp_path):
+    """`evaclip train EXP engine.kind=deepspeed` started without torchrun (as a user first tries DeepSpeed): the
+    run makes its own one-process group; it used to die in DeepSpeed's MPI discovery (no mpi4py)."""
+    from tests.conftest import run_cli
+
+    assert "WORLD_SIZE" not in os.environ and "RANK" not in os.environ  # a plain process, not under torchrun
+    r = run_cli(["train", "demo_cpu", *tiny_overrides(synth_dir, str(tmp_path), "ds1", steps=2),
+                 "engine.kind=deepspeed"], env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert latest_checkpoint(str(tmp_path / "ds1")).endswith("step-00000002")

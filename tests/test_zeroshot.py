@@ -1,6 +1,7 @@
 """Zero-shot metrics against hand-computed values; the runner against clip_benchmark on the same files;
 suites with missing datasets; open_clip models through the same runner; classifier caching."""
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -59,6 +60,13 @@ def test_prompt_ensemble_classifier():
     e = F.normalize(torch.tensor([[2.0, 1.0], [4.0, 1.0]]), dim=-1).mean(0)
     assert torch.allclose(W[:, 0], e / e.norm())
     assert torch.allclose(W.norm(dim=0), torch.ones(2))
+
+
+def test_a_template_without_the_class_placeholder_is_an_error():
+    """Issue 32 (12): templates without {c} gave every class the same prompt, chance accuracy and an ok status."""
+    tok = lambda texts: torch.tensor([[float(len(t)), 1.0] for t in texts])  # noqa: E731
+    with pytest.raises(ValueError, match=r"has no \{c\}"):
+        build_classifier(lambda t: t.float(), tok, ["ab", "abcd"], ["{c}", "a photo"], torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +138,14 @@ def test_classifier_cache_is_reused(synth_dir, export_dir, tmp_path, monkeypatch
     monkeypatch.setattr(zeroshot, "build_classifier", lambda *a, **k: calls.append(1) or real(*a, **k))
     assert cli.main(args) == 0
     assert not calls and json.load(open(tmp_path / "synth_shapes.json"))["metrics"] == first
+    # issue 32 (3): other class names (here: the same names in another order, so every label now means another
+    # class) build a new classifier; the cached one used to be reused with the old figure
+    data = tmp_path / "renamed"
+    shutil.copytree(os.path.join(synth_dir, "zeroshot"), data)
+    names = (data / "synth_shapes" / "classnames.txt").read_text().splitlines()
+    (data / "synth_shapes" / "classnames.txt").write_text("\n".join(names[1:] + names[:1]) + "\n")
+    assert cli.main(args[:-4] + ["--datasets-root", str(data), "--out", str(tmp_path)]) == 0
+    assert calls and json.load(open(tmp_path / "synth_shapes.json"))["metrics"] != first
 
 
 def test_compare_table(tmp_path):

@@ -54,4 +54,10 @@ def parse_where(text: str, columns: Sequence[str]):
         raise UserError(f"--where {text!r}: {ast.unparse(node)!r} is not allowed (columns, numbers, 'strings', "
                         "comparisons, and / or / not, + - * /)")
 
+    boolean = isinstance(tree, (ast.BoolOp, ast.Compare)) or (
+        isinstance(tree, ast.UnaryOp) and isinstance(tree.op, ast.Not)) or (
+        isinstance(tree, ast.Constant) and isinstance(tree.value, bool))
+    if not boolean:  # a number or a column would be cast to true/false row by row: keep everything, say nothing
+        raise UserError(f"--where {text!r} is not a condition: compare a column (e.g. 'score > 0.25'), and combine "
+                        "with and / or / not")
     return conv(tree)

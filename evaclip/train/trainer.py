@@ -64,7 +64,8 @@ class Trainer:
         self.run_dir = derived.run_dir
         # 1. distributed (first: which rank logs is known only once the process group is up)
         self.device = pick_device(cfg.run.device)
-        edist.init_distributed(self.device, collective_timeout_s=cfg.run.collective_timeout_s)
+        edist.init_distributed(self.device, collective_timeout_s=cfg.run.collective_timeout_s,
+                               single=cfg.engine.kind == "deepspeed")
         self.log = log if edist.is_main() else (lambda *a, **k: None)
         if edist.world_size() != derived.world_size:
             raise RuntimeError(f"resolved for {derived.world_size} processes but running with {edist.world_size()}")
