@@ -231,10 +231,13 @@ def compare(files: List[str]) -> str:
     """A side-by-side markdown table of the headline metric of result JSON files (one column per file)."""
     rows: Dict[str, List[Optional[float]]] = {}
     for i, path in enumerate(files):
-        with open(path) as f:
-            data = json.load(f)
-        for r in data if isinstance(data, list) else [data]:
-            rows.setdefault(r["dataset"], [None] * len(files))[i] = headline(r)
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            for r in data if isinstance(data, list) else [data]:
+                rows.setdefault(r["dataset"], [None] * len(files))[i] = headline(r)
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ConfigError(f"--compare {path}: not an evaluation result file ({type(e).__name__}: {e})") from None
     lines = ["| dataset | " + " | ".join(os.path.basename(f) for f in files) + " |", "|---|" + "---|" * len(files)]
     for ds, vals in rows.items():
         lines.append(f"| {ds} | " + " | ".join("-" if v is None else f"{100 * v:.2f}" for v in vals) + " |")

@@ -327,3 +327,24 @@ def test_score_counts_corrupt_samples_as_training_does_and_stores_embeddings(tmp
     assert json.loads(t.schema.metadata[b"evaclip.skipped"]) == res["skipped"]
     emb = torch.tensor(t.column("embedding").to_pylist(), dtype=torch.float32)
     assert torch.allclose(emb.norm(dim=-1), torch.ones(9), atol=1e-2)  # the normalised image embeddings
+
+
+def test_filter_refuses_an_out_that_is_or_holds_an_input_even_with_force(curate_data, scored, tmp_path):
+    """Issue 32 (1): --out equal to the tables' folder, to the shards' folder or to a parent of either, --force
+    included, used to delete the inputs before writing; now a one-line error, and every input is unchanged."""
+    import hashlib
+
+    from evaclip.curation.filter import filter_tables
+    from evaclip.errors import UserError
+
+    def digest(folder):
+        return {f: hashlib.sha1(open(os.path.join(d, f), "rb").read()).hexdigest()
+                for d, _, fs in os.walk(folder) for f in fs}
+
+    before = digest(scored), digest(curate_data["mixed_dir"])
+    for out in (scored, curate_data["mixed_dir"], str(curate_data["root"]), os.path.join(scored, "kept")):
+        with pytest.raises(UserError, match="would overwrite an input"):
+            filter_tables([scored], out, min_value=0.0, force=True)
+    assert (digest(scored), digest(curate_data["mixed_dir"])) == before
+    res = filter_tables([scored], str(tmp_path / "kept"), min_value=-1.0)  # elsewhere: fine (cosine >= -1: all)
+    assert res["kept"] == 600

@@ -47,6 +47,8 @@ def cmd_train(args) -> int:
     if not args.experiment:
         raise UserError("evaclip train needs an experiment: a built-in name (e.g. demo_cpu) or a TOML file")
     cfg = load_config(args.experiment, args.overrides)
+    if args.world_size < 0:
+        raise UserError(f"--world-size must be >= 1, got {args.world_size}")
     world = args.world_size or edist.env_world()[2]
     if args.print_run_dir:
         print(os.path.join(cfg.run.output_dir, cfg.run.name))

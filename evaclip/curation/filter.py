@@ -334,6 +334,26 @@ def _write_recipe(out: str, name: str, n_shards: int, n_kept: int, n_tables: int
     return recipe, pattern
 
 
+def _check_out_is_no_input(out: str, paths: Sequence[str], columns, shards: str, root: str) -> None:
+    """Refuse an --out that is, holds or lies inside an input (the tables and their folders, the shards): --force
+    replaces --out whole, and it used to delete the score tables and the shards before writing a byte."""
+    from evaclip.data.shards import is_local
+
+    inputs = list(paths)
+    if "shard" in columns:
+        tables = [p for p in paths if p.endswith(".parquet")]
+        inputs += sorted({u for f in tables for u in _read(f, ["shard"]).column("shard").to_pylist()})
+    if shards:
+        inputs += [u for _, urls in expand_sources(shards, root) for u in urls]
+    target = os.path.realpath(out)
+    for path in inputs:
+        if not is_local(path):
+            continue
+        here = os.path.realpath(path)
+        if here == target or os.path.commonpath([here, target]) in (here, target):
+            raise UserError(f"--out {out} would overwrite an input ({path}): write the filtered shards elsewhere")
+
+
 def filter_tables(tables: Sequence[str], out: str, by: str = "score", min_value=None, max_value=None, top=None,
                   bottom=None, where: str = "", shards: str = "", root: str = "", shard_size: int = 10000,
                   name: str = "", force: bool = False, progress=None) -> Dict:
@@ -351,6 +371,7 @@ def filter_tables(tables: Sequence[str], out: str, by: str = "score", min_value=
     if loss_tables and not shards:
         raise UserError("these tables have no shard column (per-sample loss tables): pass --shards <recipe or "
                         "pattern> where the samples are")
+    _check_out_is_no_input(out, list(tables) + files, columns, shards, root)
     whole = _aggregate_by_key(pa.concat_tables([_read(f) for f in files])) if loss_tables else None
     has_by = by in (whole.column_names if whole is not None else columns)
     cuts, lo, hi = _first_pass(files, columns, whole, by, top, bottom) if has_by else ({}, 0.0, 1.0)

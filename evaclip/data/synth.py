@@ -23,7 +23,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from evaclip.files import atomic_write
+from evaclip.files import ConfigError, atomic_write
 
 COLOURS: Dict[str, Tuple[int, int, int]] = {
     "red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 70, 230), "yellow": (240, 220, 30),
@@ -187,6 +187,10 @@ def _write_benchmark(out: str, items, names, templates, shards: int, kind: str) 
 def write_all(out: str, shards: int = 20, per_shard: int = 1000, image_size: int = 64, seed: int = 0,
               eval_per_class: int = 20, retrieval_images: int = 200, progress=None) -> Dict[str, str]:
     """Training shards + both zero-shot sets + a recipe matching what was written."""
+    for name, n in (("--shards", shards), ("--per-shard", per_shard), ("--image-size", image_size),
+                    ("--eval-per-class", eval_per_class), ("--retrieval-images", retrieval_images)):
+        if n < 1:
+            raise ConfigError(f"data synth {name} must be >= 1, got {n}")
     train = write_train(os.path.join(out, "train"), shards, per_shard, image_size, seed, progress)
     zs = write_zeroshot_classification(os.path.join(out, "zeroshot", "synth_shapes"), eval_per_class, image_size, seed)
     rt = write_zeroshot_retrieval(os.path.join(out, "zeroshot", "synth_retrieval"), retrieval_images, image_size, seed)
