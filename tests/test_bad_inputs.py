@@ -47,3 +47,26 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(tmp_path, capsys, argv
     last = err[-1] if err else ""
     assert "Traceback" not in "\n".join(err) and last.startswith("evaclip ") and names in last, err
     assert _digest(inputs(tmp_path)) == before
+
+
+def test_a_stale_deepspeed_build_lock_is_named_not_waited_on(tmp_path, monkeypatch):
+    """Issue 32 (16): a DeepSpeed op build killed midway leaves ``lock``; later runs waited on it forever. A lock
+    whose builder is long gone (older than STALE_LOCK_S) is now an error naming the file; a fresh one is left to
+    its build. The extensions folder defaults to this Python environment's."""
+    import sys
+    import time
+
+    from evaclip.engine.deepspeed_engine import STALE_LOCK_S, check_extension_builds
+    from evaclip.errors import UserError
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    assert check_extension_builds() == os.path.join(sys.prefix, "torch_extensions")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text("")
+    assert check_extension_builds() == str(tmp_path)  # a build in progress: not ours to judge
+    old = time.time() - STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    with pytest.raises(UserError, match="lock is 1[01] minutes old"):
+        check_extension_builds()

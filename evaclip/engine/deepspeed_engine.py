@@ -8,7 +8,7 @@ import contextlib
 import json
 import os
 import types
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -16,7 +16,7 @@ from evaclip import dist as edist
 from evaclip.engine.base import TORCH_STATE, StepInfo, saved_zero_world
 from evaclip.engine.ds_compat import load_hp_state
 from evaclip.engine.zero_lamb import install_lamb_layouts
-from evaclip.errors import CheckpointError, ConfigError
+from evaclip.errors import CheckpointError, ConfigError, UserError
 from evaclip.files import deep_merge, find
 from evaclip.optim import Lamb
 from evaclip.safe_load import deepspeed_loads
@@ -55,6 +55,7 @@ class DeepSpeedEngine:
     name = "deepspeed"
 
     def __init__(self, model, optimizer, engine_cfg, device: torch.device, ds_config: Dict):
+        check_extension_builds()
         import deepspeed
 
         self.cfg, self.device = engine_cfg, device
@@ -221,6 +222,33 @@ class DeepSpeedEngine:
 
 OVERLAY_FORBIDDEN = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                       "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")
+
+
+STALE_LOCK_S = 600.0  # a JIT build of DeepSpeed's ops takes ~30-60 s here; a lock this old lost its builder
+
+
+def check_extension_builds(now: Optional[float] = None) -> str:
+    """Where DeepSpeed JIT-builds its ops: ``TORCH_EXTENSIONS_DIR``, by default inside this Python environment
+    (not the home folder's cache shared by every environment). A build killed midway leaves its ``lock`` file, on
+    which every later run waits forever without a word (torch's FileBaton): such a lock, older than
+    ``STALE_LOCK_S``, is an error naming it. Returns the folder."""
+    import sys
+    import time
+
+    root = os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    now = time.time() if now is None else now
+    for folder, _, files in os.walk(root):
+        if "lock" in files:
+            lock = os.path.join(folder, "lock")
+            try:
+                age = now - os.path.getmtime(lock)
+            except OSError:
+                continue  # the build just finished
+            if age > STALE_LOCK_S:
+                raise UserError(f"{lock} is {age / 60:.0f} minutes old: a DeepSpeed op build was killed "
+                                      "midway and every run would wait on it forever; delete it (no build is "
+                                      "running) and start again")
+    return root
 
 
 def check_overlay(value: str) -> None:
