@@ -124,8 +124,7 @@ def run_suite(encode_image: Callable, encode_text: Callable, tokenizer, entries:
     from evaclip.data.transforms import eval_transform
     from evaclip.zeroshot import evaluate as eval_one
 
-    results = []
-    writer = shard[0] == 0
+    results, writer = [], shard[0] == 0
     out_dir = out_dir if writer else None
     gather = gather or (lambda obj: [obj])
     for e in entries:
@@ -143,9 +142,9 @@ def run_suite(encode_image: Callable, encode_text: Callable, tokenizer, entries:
         t0 = time.time()
         try:
             metrics, clf = eval_one(encode_image, encode_text, tokenizer, evalset, transform, device, batch_size,
-                                    templates=tpls, classnames=names,
-                                    classifier=classifier, progress=bar.update if bar is not None else None,
-                                    workers=workers, shard=shard, gather=gather)
+                                    templates=tpls, classnames=names, classifier=classifier,
+                                    progress=bar.update if bar is not None else None, workers=workers, shard=shard,
+                                    gather=gather)
         except Exception as err:  # noqa: BLE001 - one bad dataset must not cost the others their results
             if strict:
                 raise

@@ -12,5 +12,5 @@ filter  keeps samples by a threshold, a top / bottom fraction per source (DataCo
         (``log.sample_loss``) are valid input too.
 
 Modules: ``score`` (tables of scores per shard), ``where`` (the expression language of ``--where``), ``filter``
-(selection, cuts per source, the copy into new shards).
+(selection, cuts per source, the copy into new shards), ``histogram`` (its plot).
 """

@@ -15,6 +15,7 @@ from evaclip.data.shards import ShardError, iter_tar_samples
 from evaclip.data.tools import expand_sources
 from evaclip.errors import UserError
 from evaclip.files import atomic_write, replace_file
+from evaclip.curation.histogram import Histogram
 from evaclip.curation.where import parse_where
 
 
@@ -140,51 +141,6 @@ def _mask(table, expr):
 
     got = ds.dataset(table).to_table(columns={"m": expr}).column("m").to_numpy(zero_copy_only=False)
     return np.asarray(got, dtype=bool)
-
-
-class _Histogram:
-    """Per-source kept / dropped counts of the --by column over fixed bins (memory: the bins, not the rows)."""
-
-    def __init__(self, lo: float, hi: float, bins: int = 60):
-        import numpy as np
-
-        self.edges = np.linspace(lo, hi if hi > lo else lo + 1e-6, bins + 1)
-        self.counts: Dict[str, Dict[str, "np.ndarray"]] = {}
-
-    def add(self, values, sources, keep) -> None:
-        import numpy as np
-
-        for src in np.unique(sources):
-            sel = sources == src
-            c = self.counts.setdefault(str(src), {"kept": np.zeros(len(self.edges) - 1), "dropped": np.zeros(len(self.edges) - 1)})
-            c["kept"] += np.histogram(values[sel & keep], self.edges)[0]
-            c["dropped"] += np.histogram(values[sel & ~keep], self.edges)[0]
-
-    def save(self, path: str, by: str, cuts: Dict, min_value, max_value) -> str:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        names = sorted(self.counts) or [""]
-        fig, axes = plt.subplots(len(names), 1, figsize=(7, 2.6 * len(names)), squeeze=False)
-        width = self.edges[1] - self.edges[0]
-        for ax, src in zip(axes[:, 0], names):
-            c = self.counts.get(src, {})
-            for what, colour in (("kept", "tab:green"), ("dropped", "tab:red")):
-                if what in c:
-                    ax.bar(self.edges[:-1], c[what], width=width, align="edge", color=colour, alpha=0.65,
-                           label=f"{what} ({int(c[what].sum()):,})")
-            marks = [v for v in (min_value, max_value, *cuts.get(src, {}).values()) if v is not None]
-            for v in marks:
-                if abs(v) != float("inf"):
-                    ax.axvline(v, color="black", linestyle="--", label=f"cut {v:.4g}")
-            ax.set_title(f"{src or 'all'}: {by}")
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        return path
 
 
 def _shard_writer(out: str, shard_size: int):
@@ -380,7 +336,7 @@ def filter_tables(tables: Sequence[str], out: str, by: str = "score", min_value=
 
         shutil.rmtree(out)
     os.makedirs(out, exist_ok=True)
-    copier = _Copier(out, shard_size, by, min_value, max_value, cuts, where, _Histogram(lo, hi) if has_by else None)
+    copier = _Copier(out, shard_size, by, min_value, max_value, cuts, where, Histogram(lo, hi) if has_by else None)
     missing = copier.from_tables(files, progress) if whole is None else \
         copier.from_sources(whole, shards, root, progress)
     copier.close()
