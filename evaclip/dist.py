@@ -81,13 +81,8 @@ _RANKS_RE = re.compile(r"[Rr]anks? ([\d, ]+) failed to pass monitoredBarrier")
 def barrier(what: str = "a barrier", timeout_s: Optional[float] = None) -> None:
     """Wait for every rank, at most ``timeout_s`` (default: ``collective_timeout_s``); a rank that does not
     arrive stops this one with ``TrainingStopped`` naming ``what`` was awaited and the missing rank(s)."""
-    global _MONITOR
-    if not is_initialized() or dist.get_world_size() == 1:
+    if not is_initialized() or dist.get_world_size() == 1:  # one process (a group DeepSpeed made included)
         return
-    if _MONITOR is None and dist.get_backend() != "gloo":
-        # a group someone else created (DeepSpeed, on a one-process-per-node launch we did not initialise):
-        # monitored barriers exist on gloo alone. Every rank reaches every barrier, so this collective is safe.
-        _MONITOR = dist.new_group(backend="gloo")
     t = float(timeout_s or _COLLECTIVE_TIMEOUT_S)
     try:
         dist.monitored_barrier(group=_MONITOR, timeout=timedelta(seconds=t), wait_all_ranks=True)

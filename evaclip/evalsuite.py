@@ -119,7 +119,6 @@ def run_suite(encode_image: Callable, encode_text: Callable, tokenizer, entries:
     Sharded over ranks (``shard`` = (rank, world), ``gather`` = an all-gather of objects; every rank calls
     with the same arguments): each dataset is split across the ranks, every rank gets the same results, and
     rank 0 alone writes files."""
-    import torch
 
     from evaclip.data.transforms import eval_transform
     from evaclip.zeroshot import evaluate as eval_one
@@ -156,8 +155,7 @@ def run_suite(encode_image: Callable, encode_text: Callable, tokenizer, entries:
             if bar is not None:
                 bar.close()
         if cache_file and clf is not None and classifier is None and writer:
-            with atomic_write(cache_file, "wb") as f:  # another rank or run never reads half a file
-                torch.save(clf.cpu(), f)
+            _save_classifier(cache_file, clf)
         skipped = dict(evalset.skipped) if evalset.skipped else {}
         if skipped:
             log(f"  {e.name}: skipped {sum(skipped.values())} unreadable samples {skipped}")
@@ -189,7 +187,6 @@ def _cached_classifier(classifier_cache: Optional[str], e: DatasetEntry, names, 
 
     if not classifier_cache or e.task != "zeroshot_classification":
         return None, None
-    os.makedirs(classifier_cache, exist_ok=True)
     prompts = hashlib.sha1(json.dumps([list(names or []), list(templates or [])]).encode()).hexdigest()[:16]
     cache_file = os.path.join(classifier_cache, f"{e.name}-{prompts}.pt")
     # every rank must take the same path (building the classifier is itself sharded): use the cache only when
@@ -197,6 +194,14 @@ def _cached_classifier(classifier_cache: Optional[str], e: DatasetEntry, names, 
     if all(gather(os.path.exists(cache_file))):
         return cache_file, torch.load(cache_file, map_location=device, weights_only=True)
     return cache_file, None
+
+
+def _save_classifier(cache_file: str, clf) -> None:
+    import torch
+
+    os.makedirs(os.path.dirname(cache_file), exist_ok=True)
+    with atomic_write(cache_file, "wb") as f:  # another rank or run never reads half a file
+        torch.save(clf.cpu(), f)
 
 
 def _done(result: Dict, out_dir: Optional[str]) -> Dict:
