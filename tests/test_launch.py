@@ -73,6 +73,17 @@ def test_train_sbatch_on_a_cpu_allocation_runs_cpu_processes(tmp_path):
         assert _opt(cmd, "--nproc-per-node") == want and "run.device=cpu" in cmd and _opt(cmd, "--nnodes") == "2"
 
 
+def test_train_sbatch_on_a_long_node_list_takes_the_first_node(tmp_path):
+    """A node list longer than a pipe's buffer: the rendezvous is the first node and the script exits 0 (a
+    `scontrol ... | head -n 1` under pipefail failed with SIGPIPE, 141, when scontrol was still writing)."""
+    env = _fake_slurm_env(tmp_path, nodes=12000, gpus=0)
+    r = subprocess.run(["bash", "launch/slurm/train.sbatch", "demo_cpu"], cwd=REPO, env=env, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    cmd = shlex.split(r.stdout.strip().splitlines()[1])
+    assert _opt(cmd, "--rdzv-endpoint") == "gpu-node001:24242" and _opt(cmd, "--nnodes") == "12000"
+
+
 def test_eval_sbatch_renders(tmp_path):
     env = _fake_slurm_env(tmp_path, nodes=1)
     r = subprocess.run(["bash", "launch/slurm/eval.sbatch", "runs/x", "eval/suites/retrieval.toml", "/data/cb"],

@@ -31,7 +31,10 @@ fi
 export OMP_NUM_THREADS
 
 # the rendezvous: the first node of the allocation; a port of this job's own (jobs may share a node)
-MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# (the whole list is read, then cut: `| head -n 1` under `set -o pipefail` fails the script with SIGPIPE (141) when
+# scontrol is still writing a long node list as head exits)
+_hosts=$(scontrol show hostnames "$SLURM_JOB_NODELIST")
+MASTER_ADDR=${_hosts%%$'\n'*}
 MASTER_PORT=${MASTER_PORT:-$(( 20000 + ${SLURM_JOB_ID:-0} % 20000 ))}
 # DeepSpeed JIT-builds its CPU ops on first use: beside the Python environment, as `make setup` does (sbatch runs
 # outside make); a shared, writable folder on a real cluster
