@@ -134,6 +134,13 @@ def save_checkpoint(engine, run_dir: str, step: int, meta: Dict, rank_state: Dic
     """Write a complete checkpoint for ``step`` (collective: every rank calls it)."""
     root, tag = ckpt_root(run_dir), tag_for(step)
     tmp, final = os.path.join(root, f".tmp-{tag}"), os.path.join(root, tag)
+    # no checkpoint holds non-finite weights: it would push good ones out of keep_last. Each rank checks what it
+    # holds (under ZeRO-3 its partitions live in the engine; the trainer also saves only after a finite step)
+    bad = _non_finite(engine.model.named_parameters())
+    if edist.all_reduce_sum(torch.tensor([float(len(bad))], device=engine.device)).item() > 0:
+        raise TrainingStopped(f"step {step}: non-finite weights ({', '.join(bad[:4]) or 'on another rank'}); no "
+                              f"checkpoint written, the kept ones in {root} are from before (resume from them with "
+                              "a lower lr, or enable spike.enabled to roll back automatically)")
     try:
         if edist.is_main():
             os.makedirs(root, exist_ok=True)
@@ -152,10 +159,11 @@ def save_checkpoint(engine, run_dir: str, step: int, meta: Dict, rank_state: Dic
             with atomic_write(os.path.join(root, "latest")) as f:
                 f.write(tag + "\n")
             prune(root, keep_last)
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except (OSError, RuntimeError) as e:
+        if edist.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)  # a failed save leaves no partial folder behind
+        if not _disk_full(e, root):
             raise
-        shutil.rmtree(tmp, ignore_errors=True)
         free = shutil.disk_usage(root).free if os.path.isdir(root) else 0
         raise TrainingStopped(
             f"disk full while saving checkpoint step {step} to {root} ({free / 2**30:.1f} GiB free): a save needs room "
@@ -163,6 +171,18 @@ def save_checkpoint(engine, run_dir: str, step: int, meta: Dict, rank_state: Dic
             "command (it resumes from the last complete checkpoint)") from None
     edist.barrier(f"checkpoint step {step} (renamed into place)")
     return final
+
+
+def _disk_full(e: BaseException, root: str) -> bool:
+    """ENOSPC / EDQUOT, as an OSError or as torch.save's RuntimeError: its zip writer loses the errno (seen on a
+    full tmpfs: "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"), so a writer failure with
+    under 256 MiB left on the disk counts as full too."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(e)
+    if any(s in text for s in ("No space left", "errno 28", "Disk quota")):
+        return True
+    return "inline_container" in text and os.path.isdir(root) and shutil.disk_usage(root).free < 256 * 2 ** 20
 
 
 def complete_checkpoints(root: str) -> List[str]:

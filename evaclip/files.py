@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import os
 import re
 import shutil
@@ -155,7 +156,8 @@ def _check_value(key: str, value: Any, tp: Any, f: Optional[dataclasses.Field]) 
             raise ConfigError(f"{key}: expected a list of {inner.__name__}, got {value!r}")
         if dataclasses.is_dataclass(inner):  # arrays of tables ([[source]] in recipes)
             return [from_dict(inner, v, f"{key}[{i}].") for i, v in enumerate(value)]
-        return [_check_value(f"{key}[{i}]", v, inner, None) for i, v in enumerate(value)]
+        return [_check_bounds(f"{key}[{i}]", _check_value(f"{key}[{i}]", v, inner, None), f)
+                for i, v in enumerate(value)]
     if origin in (dict, Dict) or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a table, got {value!r}")
@@ -163,6 +165,8 @@ def _check_value(key: str, value: Any, tp: Any, f: Optional[dataclasses.Field]) 
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         value = float(value)
+        if not math.isfinite(value):  # a NaN compares false with every bound: it would turn a guard off
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
     elif tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
@@ -175,6 +179,23 @@ def _check_value(key: str, value: Any, tp: Any, f: Optional[dataclasses.Field]) 
     choices = f.metadata.get("choices") if f is not None else None
     if choices and value not in choices:
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+    return _check_bounds(key, value, f)
+
+
+def _check_bounds(key: str, value: Any, f: Optional[dataclasses.Field]) -> Any:
+    """The field's range (metadata ``bounds``: gt / ge / lt / le, and an ``unset`` sentinel that is also allowed)."""
+    bounds = f.metadata.get("bounds") if f is not None else None
+    if not bounds or not isinstance(value, (int, float)) or isinstance(value, bool):
+        return value
+    if "unset" in bounds and value == bounds["unset"]:
+        return value
+    ops = {"gt": (">", lambda a, b: a > b), "ge": (">=", lambda a, b: a >= b), "lt": ("<", lambda a, b: a < b),
+           "le": ("<=", lambda a, b: a <= b)}
+    wrong = [f"{sym} {bounds[k]}" for k, (sym, ok) in ops.items() if k in bounds and not ok(value, bounds[k])]
+    if wrong:
+        want = " and ".join(f"{sym} {bounds[k]}" for k, (sym, _) in ops.items() if k in bounds)
+        also = f" (or {bounds['unset']}: {bounds.get('unset_means', 'unset')})" if "unset" in bounds else ""
+        raise ConfigError(f"{key} must be {want}{also}, got {value!r}")
     return value
 
 

@@ -8,11 +8,14 @@ config key. ``config.derive`` checks the values against each other and computes 
 from __future__ import annotations
 
 import dataclasses
+import os
+from typing import List
 
+from evaclip.checkpoint import resume_candidates
 from evaclip.config import Derived, ExperimentConfig, derive
 from evaclip.data.recipes import load_recipe
 from evaclip.engine import check_overlay
-from evaclip.errors import ConfigError
+from evaclip.errors import CheckpointError, ConfigError
 from evaclip.evalsuite import load_suite
 from evaclip.models.registry import get_variant
 
@@ -25,8 +28,10 @@ def _named(key: str, check, *args):
         raise ConfigError(f"{key}: {e}") from None
 
 
-def resolve(cfg: ExperimentConfig, world_size: int = 1) -> Derived:
-    """Check the files the config names, then derive the run's values (global batch, steps, run dir, ...)."""
+def resolve(cfg: ExperimentConfig, world_size: int = 1, inputs_here: bool = True) -> Derived:
+    """Check the files the config names, then derive the run's values (global batch, steps, run dir, ...).
+    ``inputs_here=False`` (a --dry-run, maybe on another machine than the cluster's): the weights and
+    checkpoints to start from need not exist here (``missing_inputs`` lists them)."""
     variant = _named("model.name", get_variant, cfg.model.name, cfg.model.model_dir)
     derived = derive(cfg, world_size)
     if cfg.data.recipe:
@@ -38,4 +43,27 @@ def resolve(cfg: ExperimentConfig, world_size: int = 1) -> Derived:
         _named("eval.suite", load_suite, cfg.eval.suite)
     if cfg.engine.deepspeed_overlay:
         check_overlay(cfg.engine.deepspeed_overlay)
+    missing = missing_inputs(cfg) if inputs_here else []
+    if missing:
+        raise ConfigError(missing[0])
     return dataclasses.replace(derived, image_size=variant.image_size, context_length=variant.context_length)
+
+
+def missing_inputs(cfg: ExperimentConfig) -> List[str]:
+    """The weights and checkpoints a run starts from that do not exist, a line each naming the key (a missing one
+    failed minutes in, after the data and the model were built); what they hold is checked when they are read."""
+    m, out = cfg.model, []
+    for key, path in [("model.init", m.init), ("model.vision.init", m.vision.init), ("model.text.init", m.text.init),
+                      ("model.text.hf_path", m.text.hf_path if m.text.kind == "hf" else ""),
+                      ("mim.teacher_weights", cfg.mim.teacher_weights),
+                      ("mim.teacher", "" if cfg.mim.teacher.startswith("open_clip:") else cfg.mim.teacher)]:
+        if path and "://" not in path and not os.path.exists(path):
+            out.append(f"{key}: no such file or folder: {path}")
+    if cfg.checkpoint.resume not in ("auto", "none") and not os.path.exists(cfg.checkpoint.resume):
+        out.append(f"checkpoint.resume: no such checkpoint: {cfg.checkpoint.resume}")
+    elif cfg.checkpoint.resume not in ("auto", "none"):
+        try:
+            resume_candidates(cfg.checkpoint.resume, "")
+        except CheckpointError as e:
+            out.append(str(e))
+    return out

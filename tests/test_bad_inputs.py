@@ -24,13 +24,85 @@ def _not_a_result(tmp_path):
     return [str(p)]
 
 
+def _file(t, name, text):
+    p = t / name
+    p.write_text(text)
+    return str(p)
+
+
+def _dry(*overrides):
+    """``train demo_cpu --dry-run`` with overrides: the config checks, no run."""
+    return lambda t: ["train", "demo_cpu", "--dry-run", "data.root=x", *overrides]
+
+
+def _none(t):
+    return []
+
+
+# a config value and the key its error must name (issue 32 point 13: NaN / inf / out-of-range values passed
+# --dry-run and then misbehaved, a NaN threshold turning its guard off)
+CONFIG_VALUES = [
+    ("optim.lr", "nan"), ("optim.lr", "-1"), ("optim.lr", "0"), ("optim.lr", "inf"), ("optim.eps", "0"),
+    ("optim.eps", "nan"), ("optim.betas", "[0.9,1.0]"), ("optim.betas", "[-0.1,0.9]"), ("optim.weight_decay", "-0.1"),
+    ("optim.trust_clip", "[5.0,1.0]"), ("optim.visual.lr", "-2"), ("optim.visual.layer_decay", "0"),
+    ("optim.text.layer_decay", "1.5"), ("model.init_temperature", "0"), ("model.init_temperature", "nan"),
+    ("model.max_logit_scale", "-1"), ("loss.tile_size", "0"), ("data.crop_scale", "[0.0,1.0]"),
+    ("data.crop_scale", "[0.9,1.5]"), ("data.crop_scale", "[0.9,0.5]"), ("data.shuffle_buffer", "0"),
+    ("data.max_skip_fraction", "nan"), ("data.max_skip_fraction", "2"), ("data.batch_timeout_s", "nan"),
+    ("data.batch_timeout_s", "-1"), ("data.micro_batch_size", "0"), ("data.micro_batch_size", "abc"),
+    ("data.streams", "-1"), ("spike.k_mad", "nan"), ("spike.window", "2"), ("spike.lr_scale", "0"),
+    ("schedule.min_lr_ratio", "2"), ("schedule.warmup_steps", "-1"), ("engine.grad_clip", "nan"),
+    ("engine.grad_clip", "-1"), ("engine.max_bad_steps", "0"), ("engine.accum_steps", "0"),
+    ("run.collective_timeout_s", "nan"), ("run.collective_timeout_s", "0"), ("mim.mask_ratio", "1.0"),
+    ("model.vision.patch_dropout", "1.0"), ("checkpoint.keep_last", "0"), ("eval.batch_size", "0"),
+    ("log.every_steps", "0"), ("run.device", "tpu"), ("model.name", "NOPE"), ("eval.suite", "nope"),
+]
+
 CASES = [  # (id, argv from tmp_path, the input files, what the message must name)
+    *[(f"{k}={v}", _dry(f"{k}={v}"), _none, k) for k, v in CONFIG_VALUES],
+    ("unknown-key", _dry("foo.bar=1"), _none, "'foo'"),
+    ("overlay-bad-json", lambda t: _dry(f"engine.deepspeed_overlay={_file(t, 'o.json', '{bad')}")(t),
+     lambda t: [str(t / "o.json")], "o.json"),
+    ("recipe-negative-samples", lambda t: _dry("data.recipe=" + _file(
+        t, "r.toml", 'name = "r"\n[[source]]\nname = "a"\nshards = "a.tar"\nsamples = -5\n'))(t),
+     lambda t: [str(t / "r.toml")], "samples"),
+    ("experiment-bad-toml", lambda t: ["train", _file(t, "e.toml", "x = [1,\n"), "--dry-run"],
+     lambda t: [str(t / "e.toml")], "e.toml"),
+    ("experiment-missing", lambda t: ["train", str(t / "nope.toml"), "--dry-run"], _none, "nope.toml"),
+    ("init-missing", lambda t: ["train", "demo_cpu", "data.root=x", f"model.init={t / 'w.pt'}"], _none,
+     "model.init"),
+    ("resume-not-a-checkpoint", lambda t: ["train", "demo_cpu", "data.root=x", f"checkpoint.resume={t}"], _none,
+     "checkpoint.resume"),
     ("world-size-negative", lambda t: ["train", "demo_cpu", "--dry-run", "--world-size", "-1", "data.root=x"],
-     lambda t: [], "--world-size"),
-    ("synth-zero-shards", lambda t: ["data", "synth", "--out", str(t / "s"), "--shards", "0"], lambda t: [],
-     "--shards"),
-    ("synth-zero-per-shard", lambda t: ["data", "synth", "--out", str(t / "s"), "--per-shard", "0"], lambda t: [],
+     _none, "--world-size"),
+    ("synth-zero-shards", lambda t: ["data", "synth", "--out", str(t / "s"), "--shards", "0"], _none, "--shards"),
+    ("synth-zero-per-shard", lambda t: ["data", "synth", "--out", str(t / "s"), "--per-shard", "0"], _none,
      "--per-shard"),
+    ("synth-image-size-0", lambda t: ["data", "synth", "--out", str(t / "s"), "--image-size", "0"], _none,
+     "--image-size"),
+    ("synth-out-is-a-file", lambda t: ["data", "synth", "--out", _file(t, "f.txt", "x")],
+     lambda t: [str(t / "f.txt")], "f.txt"),
+    ("preview-nothing-readable", lambda t: ["data", "preview", _file(t, "x.tar", "garbage"), "--out",
+                                            str(t / "p.png")], lambda t: [str(t / "x.tar")], "x.tar"),
+    ("preview-n-0", lambda t: ["data", "preview", "x.tar", "-n", "0"], _none, "-n"),
+    ("score-batch-size-0", lambda t: ["data", "score", "x.tar", "--out", str(t / "o"), "--batch-size", "0"], _none,
+     "--batch-size"),
+    ("filter-top-0", lambda t: ["data", "filter", str(t), "--out", str(t / "o"), "--top", "0"], _none, "--top"),
+    ("filter-bottom-nan", lambda t: ["data", "filter", str(t), "--out", str(t / "o"), "--bottom", "nan"], _none,
+     "--bottom"),
+    ("filter-shard-size-0", lambda t: ["data", "filter", str(t), "--out", str(t / "o"), "--shard-size", "0"],
+     _none, "--shard-size"),
+    ("eval-batch-size-0", lambda t: ["eval", "--suite", "quick", "--batch-size", "0"], _none, "--batch-size"),
+    ("eval-workers-negative", lambda t: ["eval", "--suite", "quick", "--workers", "-1"], _none, "--workers"),
+    ("eval-require-acc1-2", lambda t: ["eval", "--suite", "quick", "--require-acc1", "2"], _none, "--require-acc1"),
+    ("eval-no-suite", lambda t: ["eval", "--checkpoint", str(t)], _none, "--suite"),
+    ("eval-suite-bad-toml", lambda t: ["eval", "--suite", _file(t, "s.toml", "x = [1,\n"), "--checkpoint", str(t)],
+     lambda t: [str(t / "s.toml")], "s.toml"),
+    ("eval-not-a-checkpoint", lambda t: ["eval", "--suite", "quick", "--checkpoint", str(t)], _none, "neither a checkpoint"),
+    ("export-not-a-checkpoint", lambda t: ["export", str(t), "--out", str(t / "x")], _none, "neither a checkpoint"),
+    ("export-tolerance-negative", lambda t: ["export", str(t), "--out", str(t / "x"), "--tolerance", "-1"], _none,
+     "--tolerance"),
+    ("compare-missing", lambda t: ["eval", "--compare", str(t / "gone.json")], _none, "gone.json"),
     ("compare-malformed-json", lambda t: ["eval", "--compare", *_bad_json(t)], lambda t: [str(t / "bad.json")],
      "bad.json"),
     ("compare-not-a-result", lambda t: ["eval", "--compare", *_not_a_result(t)], lambda t: [str(t / "other.json")],
@@ -44,8 +116,9 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(tmp_path, capsys, argv
     before = _digest(inputs(tmp_path))
     assert cli.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    last = err[-1] if err else ""
-    assert "Traceback" not in "\n".join(err) and last.startswith("evaclip ") and names in last, err
+    errors = [x for x in err if " error: " in x]  # argparse prints its usage lines first
+    assert "Traceback" not in "\n".join(err) and len(errors) == 1 and errors[0] == err[-1], err
+    assert err[-1].startswith("evaclip ") and names in err[-1], err
     assert _digest(inputs(tmp_path)) == before
 
 

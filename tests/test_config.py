@@ -1,13 +1,14 @@
 """Config: every shipped experiment/recipe/suite loads; strict errors name the key; derived values; CLI errors."""
 import glob
 import os
+import re
 import tomllib
 
 import pytest
 
 from evaclip.config import (ConfigError, ExperimentConfig, describe, dumps_toml, load_config, load_run_config,
                             parse_override, save_run_config, to_dict)
-from evaclip.preflight import resolve
+from evaclip.preflight import missing_inputs, resolve
 from tests.conftest import REPO, run_cli
 
 from evaclip.files import builtin_names, find
@@ -36,9 +37,13 @@ def test_every_experiment_loads_and_resolves(name):
     cfg = load_config(name, ["data.root=/datasets"])
     if cfg.objective.kind == "mim" and not cfg.mim.teacher:  # mim_demo_cpu names its teacher on the command line
         cfg = load_config(name, ["data.root=/datasets", "mim.teacher=/runs/teacher"])
-    d = resolve(cfg, world_size=8)
+    d = resolve(cfg, world_size=8, inputs_here=False)  # the cluster's init files are not on this machine
     assert d.global_batch == cfg.data.micro_batch_size * 8 * cfg.engine.accum_steps
     assert d.steps > 0 and d.train_samples == d.steps * d.global_batch
+    for line in missing_inputs(cfg):  # ... and are named when the run would start here
+        with pytest.raises(ConfigError, match=re.escape(line)):
+            resolve(cfg, world_size=8)
+        break
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)

@@ -33,13 +33,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # accepted anywhere on the line, not only before the command
-    args, extra = parser.parse_known_args([a for a in argv if a != "--debug"])
+    try:  # argparse exits on --help (0) and on a bad argument (2, usage and one error line): a return code here
+        args, extra = parser.parse_known_args([a for a in argv if a != "--debug"])
+        if extra:  # `train x.toml a=1 --dry-run b=2`: overrides may come after options
+            bad = [a for a in extra if a.startswith("-") or "=" not in a or args.cmd != "train"]
+            if bad:
+                parser.error(f"unrecognized arguments: {' '.join(bad)}")
+            args.overrides = list(args.overrides) + extra
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
     args.debug = debug
-    if extra:  # `train x.toml a=1 --dry-run b=2`: overrides may come after options
-        bad = [a for a in extra if a.startswith("-") or "=" not in a or args.cmd != "train"]
-        if bad:
-            parser.error(f"unrecognized arguments: {' '.join(bad)}")
-        args.overrides = list(args.overrides) + extra
     if not getattr(args, "fn", None) or (args.cmd == "data" and not args.data_cmd):
         parser.print_help() if not getattr(args, "fn", None) else parser.parse_args([args.cmd, "--help"])
         return 2

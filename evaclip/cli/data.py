@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from evaclip.cli.common import FORMATTER, progress
+from evaclip.cli.common import FORMATTER, number, progress
 
 
 def add_parser(sub) -> None:
@@ -13,11 +13,11 @@ def add_parser(sub) -> None:
     dsub = d.add_subparsers(dest="data_cmd", metavar="DATA_COMMAND")
     s = dsub.add_parser("synth", help="write the synthetic captioned-shapes dataset (train shards + zero-shot sets)")
     s.add_argument("--out", default="data/synth")
-    s.add_argument("--shards", type=int, default=20)
-    s.add_argument("--per-shard", type=int, default=1000)
-    s.add_argument("--image-size", type=int, default=64)
-    s.add_argument("--eval-per-class", type=int, default=20)
-    s.add_argument("--retrieval-images", type=int, default=200)
+    s.add_argument("--shards", type=number(int, ge=1), default=20)
+    s.add_argument("--per-shard", type=number(int, ge=1), default=1000)
+    s.add_argument("--image-size", type=number(int, ge=8), default=64)
+    s.add_argument("--eval-per-class", type=number(int, ge=1), default=20)
+    s.add_argument("--retrieval-images", type=number(int, ge=1), default=200)
     s.add_argument("--seed", type=int, default=0)
     from evaclip.data import tools
 
@@ -63,8 +63,8 @@ def add_curation_parsers(dsub) -> None:
     s.add_argument("--model", default="", help="open_clip:<name> (with --pretrained: weights, an export folder or a tag)")
     s.add_argument("--pretrained", default="")
     s.add_argument("--out", required=True, help="folder for the tables (<out>/<source>/<shard>.parquet)")
-    s.add_argument("--batch-size", type=int, default=256)
-    s.add_argument("--workers", type=int, default=2, help="threads decoding images (0: inline)")
+    s.add_argument("--batch-size", type=number(int, ge=1), default=256)
+    s.add_argument("--workers", type=number(int, ge=0), default=2, help="threads decoding images (0: inline)")
     s.add_argument("--device", default="cpu")
     s.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     s.add_argument("--embeddings", action="store_true", help="also store each image embedding (float16) for clustering")
@@ -86,15 +86,15 @@ def add_curation_parsers(dsub) -> None:
     f.add_argument("tables", nargs="+", help="parquet tables or folders of them")
     f.add_argument("--out", required=True, help="folder for the new shards, manifest.parquet, recipe.toml, summary")
     f.add_argument("--by", default="score", help="the column the thresholds and fractions apply to (default: score)")
-    f.add_argument("--min-score", "--min", dest="min", type=float, default=None, help="keep rows with --by >= this")
-    f.add_argument("--max", type=float, default=None, help="keep rows with --by <= this")
-    f.add_argument("--top", type=float, default=None, metavar="FRAC", help="keep the highest FRAC of each source")
-    f.add_argument("--bottom", type=float, default=None, metavar="FRAC", help="keep the lowest FRAC of each source")
+    f.add_argument("--min-score", "--min", dest="min", type=number(float), default=None, help="keep rows with --by >= this")
+    f.add_argument("--max", type=number(float), default=None, help="keep rows with --by <= this")
+    f.add_argument("--top", type=number(float, gt=0, le=1), default=None, metavar="FRAC", help="keep the highest FRAC of each source")
+    f.add_argument("--bottom", type=number(float, gt=0, le=1), default=None, metavar="FRAC", help="keep the lowest FRAC of each source")
     f.add_argument("--where", default="", help="an expression over the columns (see above)")
     f.add_argument("--shards", default="", help="recipe or pattern holding the samples, for tables without a "
                    "shard column (per-sample loss tables)")
     f.add_argument("--root", default="", help="value of {root} in --shards")
-    f.add_argument("--shard-size", type=int, default=10000, help="samples per output shard (img2dataset: 10000)")
+    f.add_argument("--shard-size", type=number(int, ge=1), default=10000, help="samples per output shard (img2dataset: 10000)")
     f.add_argument("--name", default="", help="recipe name (default: the --out folder's name)")
     f.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
 

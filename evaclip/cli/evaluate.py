@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import textwrap
 
-from evaclip.cli.common import FORMATTER, progress
+from evaclip.cli.common import FORMATTER, number, progress
 from evaclip.errors import UserError
 
 
@@ -30,15 +30,15 @@ def add_parser(sub) -> None:
     e.add_argument("--suite", help="a built-in suite name (quick, eva27, retrieval) or a suite TOML file")
     e.add_argument("--datasets-root", default="datasets", help="folder holding the datasets (default: datasets)")
     e.add_argument("--out", default="results", help="output folder (default: results)")
-    e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--workers", type=int, default=2, help="threads decoding/transforming images (0: inline)")
+    e.add_argument("--batch-size", type=number(int, ge=1), default=64)
+    e.add_argument("--workers", type=number(int, ge=0), default=2, help="threads decoding/transforming images (0: inline)")
     e.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     e.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     e.add_argument("--strict", action="store_true", help="fail (exit 2) when a dataset is missing")
     e.add_argument("--compare", nargs="+", metavar="JSON", help="print a side-by-side table of result files")
     e.add_argument("--trust-pickle", action="store_true",
                    help="load checkpoint files that hold pickled objects (they can run code: only files you trust)")
-    e.add_argument("--require-acc1", type=float, default=None, metavar="FRAC",
+    e.add_argument("--require-acc1", type=number(float, ge=0, le=1), default=None, metavar="FRAC",
                    help="exit 2 if a classification set's top-1 is below FRAC (e.g. 0.094 = 3x chance of 32 classes)")
     e.set_defaults(fn=cmd_eval)
 

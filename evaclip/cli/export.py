@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import textwrap
 
-from evaclip.cli.common import FORMATTER
+from evaclip.cli.common import FORMATTER, number
 from evaclip.errors import UserError
 
 
@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
     x.add_argument("--tower", choices=["both", "image", "text"], default="both")
     x.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     x.add_argument("--verify", action="store_true", help="reload with open_clip and timm, compare embeddings")
-    x.add_argument("--tolerance", type=float, default=1e-5, help="--verify: max abs difference allowed")
+    x.add_argument("--tolerance", type=number(float, gt=0), default=1e-5, help="--verify: max abs difference allowed")
     x.add_argument("--force", action="store_true", help="replace a non-empty --out folder (whole)")
     x.add_argument("--trust-pickle", action="store_true",
                    help="load checkpoint files that hold pickled objects (they can run code: only files you trust)")

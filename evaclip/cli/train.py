@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import textwrap
 
-from evaclip.cli.common import FORMATTER
+from evaclip.cli.common import FORMATTER, number
 from evaclip.errors import UserError
 
 
@@ -30,7 +31,7 @@ def add_parser(sub) -> None:
     t.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides (any position)")
     t.add_argument("--dry-run", action="store_true", help="print the resolved config, derived values and the "
                    "DeepSpeed config, then exit")
-    t.add_argument("--world-size", type=int, default=0, help="with --dry-run: resolve for this many processes")
+    t.add_argument("--world-size", type=number(int, ge=0), default=0, help="with --dry-run: resolve for this many processes")
     t.add_argument("--help-config", action="store_true", help="list every config key and exit")
     t.add_argument("--print-run-dir", action="store_true", help="print the run directory and exit (scripts)")
     t.set_defaults(fn=cmd_train)
@@ -39,7 +40,7 @@ def add_parser(sub) -> None:
 def cmd_train(args) -> int:
     from evaclip import dist as edist
     from evaclip.config import describe, load_config, to_dict
-    from evaclip.preflight import resolve
+    from evaclip.preflight import missing_inputs, resolve
 
     if args.help_config:
         print("\n".join(describe()))
@@ -47,13 +48,11 @@ def cmd_train(args) -> int:
     if not args.experiment:
         raise UserError("evaclip train needs an experiment: a built-in name (e.g. demo_cpu) or a TOML file")
     cfg = load_config(args.experiment, args.overrides)
-    if args.world_size < 0:
-        raise UserError(f"--world-size must be >= 1, got {args.world_size}")
     world = args.world_size or edist.env_world()[2]
     if args.print_run_dir:
         print(os.path.join(cfg.run.output_dir, cfg.run.name))
         return 0
-    derived = resolve(cfg, world)
+    derived = resolve(cfg, world, inputs_here=not args.dry_run)
     if args.dry_run:
         from evaclip.config import dumps_toml
         from evaclip.engine import deepspeed_config
@@ -67,6 +66,8 @@ def cmd_train(args) -> int:
             print(json.dumps(deepspeed_config(cfg.engine, cfg.data.micro_batch_size, world), indent=2))
         print(f"\nworld size {world}, global batch {derived.global_batch}, {derived.steps} steps, "
               f"{derived.train_samples:,} samples; run dir {derived.run_dir}")
+        for line in missing_inputs(cfg):  # may exist where the run will run; a start here would stop on it
+            print(f"warning: {line} (on this machine)", file=sys.stderr)
         return 0
     from evaclip.train import Trainer
 

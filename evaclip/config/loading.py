@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import typing
 from typing import Any, Dict, List, Optional
@@ -74,8 +75,10 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
     if path:
         path = find("experiment", path)
     data = _read_experiment(path) if path else {}
+    overridden = []
     for o in overrides or []:
         keys, value = parse_override(o)
+        overridden.append(".".join(keys))
         if _field_type(ExperimentConfig, keys) is str and not isinstance(value, str):
             value = o.split("=", 1)[1].strip()  # run.name=nan, model.name=1e3: strings stay strings
         one: Dict[str, Any] = {}
@@ -84,7 +87,9 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
     try:
         return from_dict(ExperimentConfig, data)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+        key = re.split(r"[\[: ]", str(e), maxsplit=1)[0]
+        where = "the command line" if key in overridden else path  # the value's source, not always the file
+        raise ConfigError(f"{where}: {e}" if where else str(e)) from None
 
 
 def to_dict(obj) -> Dict[str, Any]:
@@ -135,6 +140,9 @@ def load_run_config(run_dir: str) -> tuple:
     return from_dict(ExperimentConfig, data), derived
 
 
+_SYM = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+
+
 def describe(cls=ExperimentConfig, prefix: str = "") -> List[str]:
     """Every key with its type, default and help: the text of ``--help-config``."""
     out = []
@@ -148,5 +156,7 @@ def describe(cls=ExperimentConfig, prefix: str = "") -> List[str]:
         else:
             tname = getattr(tp, "__name__", str(tp).replace("typing.", ""))
             default = getattr(inst, f.name)
-            out.append(f"  {prefix}{f.name} ({tname}, default {default!r}): {f.metadata.get('help', '')}")
+            rng = ", ".join(f"{_SYM[k]} {v}" for k, v in f.metadata.get("bounds", {}).items() if k in _SYM)
+            out.append(f"  {prefix}{f.name} ({tname}, default {default!r}{'; ' + rng if rng else ''}): "
+                       f"{f.metadata.get('help', '')}")
     return out

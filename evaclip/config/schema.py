@@ -8,12 +8,16 @@ from typing import List, Optional
 
 
 
-def _f(default, help: str, choices=None, path: Optional[str] = None, keywords: tuple = ()):
+def _f(default, help: str, choices=None, path: Optional[str] = None, keywords: tuple = (), **bounds):
     """A documented field (``evaclip train --help-config`` prints the help). ``path``: the field holds a path
-    (or, for an asset kind, a built-in name) resolved by the rule in ``evaclip.files``."""
+    (or, for an asset kind, a built-in name) resolved by the rule in ``evaclip.files``. ``bounds``: its range
+    (gt / ge / lt / le; ``unset``: a sentinel also allowed), checked on load with every number finite: one
+    validation for --dry-run and the start alike, and no NaN that compares false and turns a guard off."""
     md = {"help": help}
     if choices:
         md["choices"] = tuple(choices)
+    if bounds:
+        md["bounds"] = bounds
     if path:
         md["path"], md["keywords"] = path, tuple(keywords)
     if isinstance(default, (list, dict)):
@@ -26,23 +30,23 @@ class RunConfig:
     name: str = _f("run", "run name; the run directory is <output_dir>/<name>")
     output_dir: str = _f("runs", "parent folder of run directories")
     seed: int = _f(0, "global seed (model init, data order, patch dropout)")
-    train_samples: int = _f(0, "samples to train on; steps = ceil(train_samples / global batch) (or set steps)")
-    steps: int = _f(0, "optimizer steps to train (overrides train_samples when > 0)")
+    train_samples: int = _f(0, "samples to train on; steps = ceil(train_samples / global batch) (or set steps)", ge=0)
+    steps: int = _f(0, "optimizer steps to train (overrides train_samples when > 0)", ge=0)
     device: str = _f("auto", "auto | cpu | cuda", ["auto", "cpu", "cuda"])
     collective_timeout_s: float = _f(1800.0, "bound on the barriers after rank-local work (evaluation on rank 0, "
                                      "checkpoints, the end of the run): a rank that does not arrive stops the "
-                                     "others with a message naming it")
+                                     "others with a message naming it", gt=0)
 
 
 @dataclass
 class VisionConfig:
-    patch_dropout: float = _f(0.0, "FLIP token dropping rate during training (EVA-CLIP E/g+: 0.5)")
+    patch_dropout: float = _f(0.0, "FLIP token dropping rate during training (EVA-CLIP E/g+: 0.5)", ge=0, lt=1)
     attn_impl: str = _f("sdpa", "attention kernel", ["sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_math",
                                                       "sdpa_cudnn", "flash_attn", "math"])
     grad_checkpointing: bool = _f(False, "activation checkpointing per block")
     init: str = _f("", "EVA / EVA-02 MIM checkpoint to start from (original EVA or timm layout)", path="file")
     lock: bool = _f(False, "freeze the image tower")
-    unlocked_layers: int = _f(0, "with lock: leave the last N layer groups trainable")
+    unlocked_layers: int = _f(0, "with lock: leave the last N layer groups trainable", ge=0)
 
 
 @dataclass
@@ -57,7 +61,7 @@ class TextConfig:
     hf_path: str = _f("", "kind=hf: local folder with config.json (+ weights); no downloads", path="file")
     hf_pooler: str = _f("mean", "kind=hf: cls | mean | eos", ["cls", "mean", "eos"])
     lock: bool = _f(False, "freeze the text tower")
-    unlocked_layers: int = _f(0, "with lock: leave the last N layer groups trainable")
+    unlocked_layers: int = _f(0, "with lock: leave the last N layer groups trainable", ge=0)
 
 
 @dataclass
@@ -65,8 +69,8 @@ class ModelConfig:
     name: str = _f("EVA02-Ti-8-64", "model architecture: a built-in name (`evaclip models`), a model TOML file, or "
                   "a file name in model.model_dir", path="model")
     model_dir: str = _f("", "a folder of your own model TOML files; model.name may name one of them", path="file")
-    init_temperature: float = _f(0.07, "initial softmax temperature (logit_scale = ln(1/T))")
-    max_logit_scale: float = _f(100.0, "cap on exp(logit_scale) (EVA-CLIP: 100)")
+    init_temperature: float = _f(0.07, "initial softmax temperature (logit_scale = ln(1/T))", gt=0)
+    max_logit_scale: float = _f(100.0, "cap on exp(logit_scale) (EVA-CLIP: 100)", gt=0)
     init: str = _f("", "a whole CLIP checkpoint to start from (evaclip checkpoint or open_clip export)",
                   path="file")
     use_logit_bias: bool = _f(False, "learned logit bias (SigLIP; needed by loss.kind = 'siglip')")
@@ -85,18 +89,19 @@ class DataConfig:
                   path="file")
     shards: str = _f("", "instead of a recipe: one brace pattern of tar shards (local, pipe:, or URL)",
                     path="file")
-    micro_batch_size: int = _f(32, "samples per rank per micro-step")
-    workers: int = _f(2, "dataloader worker processes per rank")
-    shuffle_buffer: int = _f(1000, "sample shuffle buffer per worker")
+    micro_batch_size: int = _f(32, "samples per rank per micro-step", ge=1)
+    workers: int = _f(2, "dataloader worker processes per rank", ge=0)
+    shuffle_buffer: int = _f(1000, "sample shuffle buffer per worker", ge=1)
     resampled: bool = _f(True, "draw shards with replacement (infinite stream; restart-safe position)")
-    crop_scale: List[float] = _f([0.9, 1.0], "RandomResizedCrop scale range for training")
+    crop_scale: List[float] = _f([0.9, 1.0], "RandomResizedCrop scale range for training", gt=0, le=1)
     max_skip_fraction: float = _f(0.1, "stop with an error when more than this fraction of samples is unusable "
-                                  "(checked every step; an unreadable shard counts as the samples it should hold)")
+                                  "(checked every step; an unreadable shard counts as the samples it should hold)",
+                                  ge=0, le=1)
     batch_timeout_s: float = _f(600.0, "a DataLoader worker that yields no batch for this many seconds stops the "
-                                "run with a message naming it, its shards and its skip counts (0: no bound)")
+                                "run with a message naming it, its shards and its skip counts (0: no bound)", ge=0)
     streams: int = _f(0, "logical data streams: global batch s takes a fixed share from each, whatever the number of "
                       "ranks, workers, micro-batches and accumulation steps (ranks x workers must divide into them; "
-                      "0: ranks x workers of the first launch); fixed for the run, stored in its checkpoints")
+                      "0: ranks x workers of the first launch); fixed for the run, stored in its checkpoints", ge=0)
     log_keys: bool = _f(False, "write the key, source and reading stream of every sample of every step to "
                         "<run>/keys/*.parquet (one row per sample, every rank, at each checkpoint): what the run saw")
     hflip: bool = _f(False, "random horizontal flip in training (MIM: on, as EVA-02; CLIP: off, captions say "
@@ -110,7 +115,7 @@ class LossConfig:
                    "(never materialises logits; for 100k+ batches) | ring (nothing gathered: feature blocks "
                    "pass around the ranks; memory independent of the global batch, for 1M+ batches)",
                    ["naive", "local", "tiled", "ring"])
-    tile_size: int = _f(4096, "impl=tiled|ring: rows and columns per tile")
+    tile_size: int = _f(4096, "impl=tiled|ring: rows and columns per tile", ge=1)
 
 
 @dataclass
@@ -128,27 +133,29 @@ class MIMConfig:
                               "needs model.trust_pickle)", path="file")
     teacher_layer: int = _f(-1, "the teacher block whose patch features are the targets (-1: the last, after its "
                             "final norm; an intermediate block's output goes through that norm too)")
-    mask_ratio: float = _f(0.4, "fraction of patches masked per image (exact count, BEiT block-wise; EVA-02: 0.4)")
-    min_block_patches: int = _f(4, "smallest masking block, in patches (BEiT: 16 on a 14 x 14 grid)")
-    min_aspect: float = _f(0.3, "block aspect ratios are drawn log-uniformly in [min_aspect, 1 / min_aspect]")
+    mask_ratio: float = _f(0.4, "fraction of patches masked per image (exact count, BEiT block-wise; EVA-02: 0.4)",
+                            gt=0, lt=1)
+    min_block_patches: int = _f(4, "smallest masking block, in patches (BEiT: 16 on a 14 x 14 grid)", ge=1)
+    min_aspect: float = _f(0.3, "block aspect ratios are drawn log-uniformly in [min_aspect, 1 / min_aspect]",
+                            gt=0, le=1)
     loss_on: str = _f("masked", "positions the loss covers: masked (EVA / EVA-02) | all", ["masked", "all"])
 
 
 @dataclass
 class TowerOptimConfig:
-    lr: float = _f(-1.0, "learning rate of this tower (-1: optim.lr)")
-    weight_decay: float = _f(-1.0, "weight decay of this tower (-1: optim.weight_decay)")
-    layer_decay: float = _f(1.0, "layer-wise lr decay: lr * ld ** (num_layers + 1 - layer_id)")
+    lr: float = _f(-1.0, "learning rate of this tower (-1: optim.lr)", gt=0, unset=-1.0)
+    weight_decay: float = _f(-1.0, "weight decay of this tower (-1: optim.weight_decay)", ge=0, unset=-1.0)
+    layer_decay: float = _f(1.0, "layer-wise lr decay: lr * ld ** (num_layers + 1 - layer_id)", gt=0, le=1)
 
 
 @dataclass
 class OptimConfig:
     name: str = _f("lamb", "lamb | adamw", ["lamb", "adamw"])
-    lr: float = _f(5e-4, "peak learning rate (towers may override)")
-    weight_decay: float = _f(0.05, "decoupled weight decay (not on biases, norms, pos/cls, logit_scale)")
-    betas: List[float] = _f([0.9, 0.98], "Adam/LAMB betas")
-    eps: float = _f(1e-6, "Adam/LAMB epsilon")
-    trust_clip: List[float] = _f([0.0, 10.0], "LAMB trust-ratio clamp [min, max]")
+    lr: float = _f(5e-4, "peak learning rate (towers may override)", gt=0)
+    weight_decay: float = _f(0.05, "decoupled weight decay (not on biases, norms, pos/cls, logit_scale)", ge=0)
+    betas: List[float] = _f([0.9, 0.98], "Adam/LAMB betas", ge=0, lt=1)
+    eps: float = _f(1e-6, "Adam/LAMB epsilon", gt=0)
+    trust_clip: List[float] = _f([0.0, 10.0], "LAMB trust-ratio clamp [min, max]", ge=0)
     bias_correction: bool = _f(True, "LAMB bias correction")
     visual: TowerOptimConfig = field(default_factory=TowerOptimConfig)
     text: TowerOptimConfig = field(default_factory=TowerOptimConfig)
@@ -157,10 +164,10 @@ class OptimConfig:
 @dataclass
 class ScheduleConfig:
     name: str = _f("cosine", "cosine | constant | const_cooldown", ["cosine", "constant", "const_cooldown"])
-    warmup_steps: int = _f(0, "linear warmup steps")
-    min_lr_ratio: float = _f(0.0, "final lr as a fraction of peak (cosine)")
-    cooldown_steps: int = _f(0, "const_cooldown: steps of linear decay to min lr at the end")
-    unmasked_tuning_samples: int = _f(0, "last N samples with patch dropout 0 (FLIP unmasked tuning)")
+    warmup_steps: int = _f(0, "linear warmup steps", ge=0)
+    min_lr_ratio: float = _f(0.0, "final lr as a fraction of peak (cosine)", ge=0, le=1)
+    cooldown_steps: int = _f(0, "const_cooldown: steps of linear decay to min lr at the end", ge=0)
+    unmasked_tuning_samples: int = _f(0, "last N samples with patch dropout 0 (FLIP unmasked tuning)", ge=0)
 
 
 @dataclass
@@ -168,11 +175,11 @@ class EngineConfig:
     kind: str = _f("torch", "torch (plain, single process or DDP-free CPU) | deepspeed", ["torch", "deepspeed"])
     precision: str = _f("fp32", "fp32 | bf16 | fp16 (fp16: dynamic loss scaling)", ["fp32", "bf16", "fp16"])
     zero_stage: int = _f(0, "DeepSpeed ZeRO stage 0-3", [0, 1, 2, 3])
-    grad_clip: float = _f(0.0, "global grad-norm clip (0 = off; EVA-CLIP: 5.0)")
-    accum_steps: int = _f(1, "micro-steps per optimizer step (feature-cached, exact for contrastive loss)")
+    grad_clip: float = _f(0.0, "global grad-norm clip (0 = off; EVA-CLIP: 5.0)", ge=0)
+    accum_steps: int = _f(1, "micro-steps per optimizer step (feature-cached, exact for contrastive loss)", ge=1)
     deepspeed_overlay: str = _f("", "JSON merged over the generated DeepSpeed config: a built-in name (zero1, "
                                 "zero2, zero3, offload) or a .json file", path="overlay")
-    max_bad_steps: int = _f(10, "consecutive non-finite steps before the run stops")
+    max_bad_steps: int = _f(10, "consecutive non-finite steps before the run stops", ge=1)
     compile: bool = _f(False, "torch.compile the towers")
 
 
@@ -180,21 +187,22 @@ class EngineConfig:
 class SpikeConfig:
     enabled: bool = _f(False, "self-healing: on a loss spike restore the newest checkpoint from before it and skip "
                        "the data window that caused it (PaLM / OPT did this by hand)")
-    window: int = _f(100, "steps in the robust loss statistic (median and MAD of the last N losses)")
-    k_mad: float = _f(8.0, "a spike is a loss above median + k_mad x MAD ...")
-    patience: int = _f(3, "... for this many consecutive steps")
-    max_nonfinite: int = _f(3, "non-finite steps in a row that also count as a spike (below engine.max_bad_steps)")
+    window: int = _f(100, "steps in the robust loss statistic (median and MAD of the last N losses)", ge=5)
+    k_mad: float = _f(8.0, "a spike is a loss above median + k_mad x MAD ...", gt=0)
+    patience: int = _f(3, "... for this many consecutive steps", ge=1)
+    max_nonfinite: int = _f(3, "non-finite steps in a row that also count as a spike (below engine.max_bad_steps)",
+                        ge=1)
     skip_samples: int = _f(0, "samples to skip from the spike's first step on (0: those of the steps seen while "
-                           "it was being confirmed)")
-    lr_scale: float = _f(1.0, "lr multiplier after a rollback ...")
-    lr_scale_steps: int = _f(0, "... for this many steps from the spike's first step")
-    max_rollbacks: int = _f(3, "stop the run with a message after this many rollbacks")
+                           "it was being confirmed)", ge=0)
+    lr_scale: float = _f(1.0, "lr multiplier after a rollback ...", gt=0)
+    lr_scale_steps: int = _f(0, "... for this many steps from the spike's first step", ge=0)
+    max_rollbacks: int = _f(3, "stop the run with a message after this many rollbacks", ge=1)
 
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = _f(1000, "save every N optimizer steps (and at the end)")
-    keep_last: int = _f(3, "checkpoints kept (older ones deleted)")
+    every_steps: int = _f(1000, "save every N optimizer steps (and at the end)", ge=1)
+    keep_last: int = _f(3, "checkpoints kept (older ones deleted)", ge=1)
     resume: str = _f("auto", "auto (newest valid checkpoint in the run dir; damaged ones are skipped) | none | "
                      "<checkpoint dir>", path="file", keywords=("auto", "none"))
     allow_changes: List[str] = _f([], "settings a resume may change (e.g. [\"data.root\"]); others must match "
@@ -207,15 +215,15 @@ class CheckpointConfig:
 class EvalConfig:
     suite: str = _f("", "zero-shot suite run during training and at the end: a built-in name (quick, eva27, "
                    "retrieval) or a suite TOML file", path="suite")
-    every_steps: int = _f(0, "evaluate every N steps (0: only at the end)")
+    every_steps: int = _f(0, "evaluate every N steps (0: only at the end)", ge=0)
     datasets_root: str = _f("", "folder holding the suite's datasets ({root} stands for data.root)", path="file")
-    batch_size: int = _f(64, "eval batch size")
-    workers: int = _f(2, "threads decoding/transforming eval images (0: inline)")
+    batch_size: int = _f(64, "eval batch size", ge=1)
+    workers: int = _f(2, "threads decoding/transforming eval images (0: inline)", ge=0)
 
 
 @dataclass
 class LogConfig:
-    every_steps: int = _f(10, "log metrics every N steps")
+    every_steps: int = _f(10, "log metrics every N steps", ge=1)
     tensorboard: bool = _f(True, "write tensorboard events (if tensorboard is installed)")
     wandb: bool = _f(False, "log to Weights & Biases (if installed)")
     plot: bool = _f(True, "write plots.png (loss, lr, zero-shot) into the run dir")

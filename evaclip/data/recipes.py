@@ -22,7 +22,7 @@ _PATH = {"path": "file"}  # relative to the recipe file (evaclip.files); {root} 
 class SourceSpec:
     name: str = ""
     shards: str = field(default="", metadata=_PATH)  # brace pattern; {root} is replaced by data.root
-    samples: int = 0  # total samples (from img2dataset stats or `evaclip data stats`)
+    samples: int = field(default=0, metadata={"bounds": {"ge": 0}})  # total samples (from img2dataset stats or `evaclip data stats`)
     weight: float = -1.0  # sampling weight (> 0); omitted everywhere: proportional to samples
     manifest: str = field(default="", metadata=_PATH)  # optional parquet manifest written by `evaclip data stats`
     licence: str = ""

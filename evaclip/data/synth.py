@@ -191,6 +191,8 @@ def write_all(out: str, shards: int = 20, per_shard: int = 1000, image_size: int
                     ("--eval-per-class", eval_per_class), ("--retrieval-images", retrieval_images)):
         if n < 1:
             raise ConfigError(f"data synth {name} must be >= 1, got {n}")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"data synth --out {out}: exists and is not a folder")
     train = write_train(os.path.join(out, "train"), shards, per_shard, image_size, seed, progress)
     zs = write_zeroshot_classification(os.path.join(out, "zeroshot", "synth_shapes"), eval_per_class, image_size, seed)
     rt = write_zeroshot_retrieval(os.path.join(out, "zeroshot", "synth_retrieval"), retrieval_images, image_size, seed)

@@ -7,6 +7,7 @@ from collections import Counter
 from typing import Dict, List, Tuple
 
 from evaclip.data.shards import ShardError, count_tar_samples, expand_pattern, is_local, iter_tar_samples
+from evaclip.errors import ConfigError
 
 
 def add_parsers(dsub) -> None:
@@ -119,9 +120,12 @@ def preview(source: str, root: str = "", n: int = 16, out: str = "preview.png") 
 
     from evaclip.data.transforms import IMAGE_EXTS
 
-    samples = []
+    if n < 1:
+        raise ConfigError(f"data preview -n must be >= 1, got {n}")
+    samples, tried = [], 0
     for _, urls in expand_sources(source, root):
         for url in urls:
+            tried += 1
             try:
                 for raw in iter_tar_samples(url):
                     samples.append(raw)
@@ -133,6 +137,9 @@ def preview(source: str, root: str = "", n: int = 16, out: str = "preview.png") 
                 break
         if len(samples) >= n:
             break
+    if not samples:
+        raise ConfigError(f"data preview: no readable sample in {source} ({tried} shard(s) tried; "
+                          "`evaclip data verify` says why)")
     cell, cols = 160, 4
     rows = (len(samples) + cols - 1) // cols
     sheet = Image.new("RGB", (cols * cell, rows * (cell + 48)), "white")

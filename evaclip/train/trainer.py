@@ -278,7 +278,7 @@ class Trainer:
             if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and self.step < d.steps:
                 self.logger.log(self.step, self.evaluate())
             stop = self.stops.asked(self.device)
-            if (self.step % cfg.checkpoint.every_steps == 0 and self.step < d.steps) or stop:
+            if ((self.step % cfg.checkpoint.every_steps == 0 and self.step < d.steps) or stop) and self._may_save():
                 self.save()
             if stop:
                 if bar:
@@ -289,8 +289,17 @@ class Trainer:
             bar.close()
         return self._finish()
 
+    def _may_save(self) -> bool:
+        """Checkpoints only after a finite step: weights a non-finite step left are never kept."""
+        if self.bad_steps:
+            self.log(f"step {self.step}: checkpoint skipped, the last step was non-finite")
+        return not self.bad_steps
+
     def _finish(self) -> Dict:
         """The last checkpoint, the final evaluation and the plots; the run's summary."""
+        if not self._may_save():
+            raise TrainingStopped(f"the run ended on {self.bad_steps} non-finite step(s) in a row (the last: step "
+                                  f"{self.step}); no final checkpoint written (the kept ones are from finite steps)")
         final = self.save()
         last_eval = self.evaluate()
         if last_eval:
