@@ -1,6 +1,7 @@
 """Issue 32's fault cases that need a run (the command-line table is tests/test_bad_inputs.py): each test
 reproduces one case as the issue describes it and checks nothing is lost or silently wrong."""
 import os
+from typing import Tuple
 
 import pytest
 import torch
@@ -48,3 +49,67 @@ def test_13_non_finite_weights_are_never_checkpointed_and_the_run_fails_naming_t
         tr.train()
     latest = latest_checkpoint(tr.run_dir)
     assert (latest and os.path.basename(latest)) == kept
+
+
+class _Lin(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2)
+        self.register_buffer("buf", torch.arange(4.0))
+        self.mask = torch.ones(2)  # a tensor attribute, neither parameter nor buffer: not in a state dict
+
+    def forward(self, x):
+        return self.lin(x) + self.mask.sum() + self.buf.sum()
+
+
+class _Scripted(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.sub = _Lin()
+        self.scale = torch.nn.Parameter(torch.tensor(2.0, dtype=torch.float64))
+        self.blocks = torch.nn.Sequential(torch.nn.Linear(2, 2).half(), torch.nn.ReLU())
+
+    def forward(self, x):
+        return self.blocks(self.sub(x).half()).double() * self.scale
+
+
+class _ActsOnLoad(torch.nn.Module):
+    """Its __setstate__, TorchScript that torch.jit.load runs, zeroes the stored weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("w", torch.ones(3))
+
+    @torch.jit.export
+    def __getstate__(self):
+        return (self.w, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: Tuple[torch.Tensor, bool]):
+        self.w = state[0] * 0
+        self.training = state[1]
+
+    def forward(self, x):
+        return x * self.w
+
+
+def test_6_torchscript_weights_are_read_without_running_the_archive(tmp_path):
+    """Issue 32 (6): TorchScript archives were opened with torch.jit.load, which runs the archive's code. Now
+    their parameters and buffers are read from the zip: the same tensors as torch.jit.load's state dict (dtypes,
+    strides, no plain tensor attributes); an archive whose state only its own code can restore is refused, and
+    loads (running its code) only with the trust opt-in."""
+    from evaclip.errors import UnsafeFileError
+    from evaclip.safe_load import load_torch
+
+    path = str(tmp_path / "ts.pt")
+    torch.jit.script(_Scripted()).save(path)
+    ours, ref = load_torch(path, "model.init"), torch.jit.load(path).state_dict()
+    assert sorted(ours) == sorted(ref) and "sub.mask" not in ours
+    for k, v in ref.items():
+        assert ours[k].dtype == v.dtype and ours[k].stride() == v.stride() and torch.equal(ours[k], v), k
+    acts = str(tmp_path / "acts.pt")
+    torch.jit.script(_ActsOnLoad()).save(acts)
+    assert torch.jit.load(acts).state_dict()["w"].eq(0).all()  # its code ran
+    with pytest.raises(UnsafeFileError, match=r"acts.pt: TorchScript class .*_ActsOnLoad.* own code.*trust_pickle"):
+        load_torch(acts, "model.init")
+    assert load_torch(acts, "model.init", trust_pickle=True)["w"].eq(0).all()
