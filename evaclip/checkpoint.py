@@ -27,10 +27,11 @@ import torch
 
 from evaclip import dist as edist
 from evaclip.errors import CheckpointError, TrainingStopped
-from evaclip.files import atomic_write, replace_dir
+from evaclip.files import atomic_write, fsync_dir, replace_dir
 from evaclip.safe_load import load_torch
 
 META, MANIFEST = "meta.json", "manifest.json"
+ROLLED_BACK = "rolled-back-"  # prefix of the checkpoints a rollback set aside
 _OPT_IN = "checkpoint.trust_pickle=true (or --trust-pickle)"
 
 
@@ -196,9 +197,26 @@ def prune(root: str, keep_last: int) -> None:
     tags = complete_checkpoints(root)
     for t in tags[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(os.path.join(root, t), ignore_errors=True)
+    for d in os.listdir(root):  # set aside by a rollback: kept until the kept checkpoints are all newer
+        if d.startswith(ROLLED_BACK) and tags and d[len(ROLLED_BACK):] < tags[-keep_last:][0]:
+            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
     for d in os.listdir(root):  # leftovers of interrupted saves
         if d.startswith(".tmp-"):
             shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+
+
+def rewind(run_dir: str, ckpt: str) -> List[str]:
+    """After a rollback to ``ckpt`` (rank 0): ``latest`` names it again and the newer checkpoints are set aside as
+    ``rolled-back-<tag>`` (not resumed, kept for a look until pruned); returns those set aside."""
+    root, tag = ckpt_root(run_dir), os.path.basename(ckpt.rstrip("/"))
+    with atomic_write(os.path.join(root, "latest")) as f:
+        f.write(tag + "\n")
+    newer = [t for t in complete_checkpoints(root) if t > tag]
+    for t in newer:
+        shutil.rmtree(os.path.join(root, ROLLED_BACK + t), ignore_errors=True)
+        os.replace(os.path.join(root, t), os.path.join(root, ROLLED_BACK + t))
+    fsync_dir(root)
+    return newer
 
 
 def candidates(run_dir: str) -> List[str]:

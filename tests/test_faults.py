@@ -113,3 +113,17 @@ def test_6_torchscript_weights_are_read_without_running_the_archive(tmp_path):
     with pytest.raises(UnsafeFileError, match=r"acts.pt: TorchScript class .*_ActsOnLoad.* own code.*trust_pickle"):
         load_torch(acts, "model.init")
     assert load_torch(acts, "model.init", trust_pickle=True)["w"].eq(0).all()
+
+
+def test_17_no_checkpoint_to_roll_back_to_names_what_was_kept_and_both_settings():
+    """Issue 32 (17): the advice when a spike has no checkpoint before it named checkpoint.keep_last wrongly (only
+    every_steps, or only keep_last, can be the cause depending on the run): it lists the kept steps and both."""
+    from evaclip.config import ExperimentConfig
+    from evaclip.train.healing import Healing
+
+    cfg = ExperimentConfig().spike
+    cfg.enabled = True
+    h = Healing(cfg, global_batch=8)
+    with pytest.raises(TrainingStopped, match=r"spike at step 9 .*\(kept: 10, 11\).*every_steps.*keep_last"):
+        h.targets(9, ["b", "a"], {"a": 10, "b": 11}.get)
+    assert h.targets(10, ["b", "a"], {"a": 10, "b": 11}.get) == ["a"]

@@ -167,21 +167,28 @@ def _source_trainer(window_in_data: bool):
     return SourceTrainer
 
 
+def _spike_run(tmp_path, window_in_data, name, every=3, patch=None):
+    """The spike test's run (``patch(trainer)`` may plant a crash); returns (trainer, summary, log lines)."""
+    cfg = load_config(None, [
+        'data.shards="unused.tar"', f"run.output_dir={tmp_path}", f"run.name={name}", "run.steps=18",
+        f"data.micro_batch_size={MB}", "data.workers=0", "log.progress=false", "log.tensorboard=false",
+        "log.plot=false", "log.every_steps=1", "schedule.name=constant", "optim.lr=1e-3", "optim.eps=1e-3",
+        "engine.grad_clip=0", f"checkpoint.every_steps={every}", "checkpoint.keep_last=20",
+        "spike.enabled=true", "spike.window=5", "spike.k_mad=6", "spike.patience=2",
+        f"spike.skip_samples={(P1 - P0) * MB}"])
+    logs = []
+    tr = _source_trainer(window_in_data)(cfg, resolve(cfg, 1), log=logs.append)
+    if patch:
+        patch(tr)
+    summary = tr.train()
+    return tr, summary, logs
+
+
 def test_a_loss_spike_rolls_back_skips_the_window_and_ends_as_a_run_without_it(tmp_path):
     import json
 
     def run(window_in_data, name):
-        cfg = load_config(None, [
-            'data.shards="unused.tar"', f"run.output_dir={tmp_path}", f"run.name={name}", "run.steps=18",
-            f"data.micro_batch_size={MB}", "data.workers=0", "log.progress=false", "log.tensorboard=false",
-            "log.plot=false", "log.every_steps=1", "schedule.name=constant", "optim.lr=1e-3", "optim.eps=1e-3",
-            "engine.grad_clip=0", "checkpoint.every_steps=3", "checkpoint.keep_last=10",
-            "spike.enabled=true", "spike.window=5", "spike.k_mad=6", "spike.patience=2",
-            f"spike.skip_samples={(P1 - P0) * MB}"])
-        logs = []
-        tr = _source_trainer(window_in_data)(cfg, resolve(cfg, 1), log=logs.append)
-        summary = tr.train()
-        return tr, summary, logs
+        return _spike_run(tmp_path, window_in_data, name)
 
     tr, summary, logs = run(True, "spiky")
     ref, ref_summary, _ = run(False, "clean")
@@ -195,3 +202,32 @@ def test_a_loss_spike_rolls_back_skips_the_window_and_ends_as_a_run_without_it(t
     recs = [json.loads(x) for x in open(os.path.join(tr.run_dir, "metrics.jsonl"))]
     assert any(r.get("rollback/spike_step") == P0 for r in recs)
     assert tr.data.order_hash == ref.data.order_hash  # the same samples were trained on, in the same order
+
+
+class _Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("where", ["before the checkpoints are set back", "right after the rollback"])
+def test_a_crash_during_or_after_a_rollback_resumes_it(tmp_path, monkeypatch, where):
+    """Issue 32 (2): a crash right after a rollback resumed the checkpoint from after the spike (still ``latest``)
+    and forgot the rollback. Now the rollback is recorded before training goes on: the rerun resumes the
+    checkpoint rolled back to, skips the same data, rolls back no more, and ends as the run without the spike."""
+    import evaclip.train.trainer as trainer_mod
+
+    def plant(tr):
+        if where == "right after the rollback":
+            tr.data.reopen = lambda: (_ for _ in ()).throw(_Crash())
+        else:
+            monkeypatch.setattr(trainer_mod, "rewind", lambda *a: (_ for _ in ()).throw(_Crash()))
+
+    with pytest.raises(_Crash):  # checkpoints every step: some are from after the spike's first step
+        _spike_run(tmp_path, True, "crashy", every=1, patch=plant)
+    monkeypatch.undo()
+    tr, summary, logs = _spike_run(tmp_path, True, "crashy", every=1)
+    ref, _, _ = _spike_run(tmp_path, False, "clean", every=1)
+    assert len(summary["rollbacks"]) == 1 and summary["rollbacks"][0]["spike_step"] == P0, logs
+    assert not any("rolled back to" in x for x in logs), logs  # the rerun did not meet the spike again
+    assert any("resumed from" in x and f"at step {summary['rollbacks'][0]['rolled_back_to']} " in x for x in logs)
+    a, b = tr.model.state_dict(), ref.model.state_dict()
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-6

@@ -1,14 +1,22 @@
 """Self-healing bookkeeping (``[spike]``): when a run must roll back, to which checkpoints, which data to skip
-afterwards and the lr scaled for a while; its state rides in every checkpoint's metadata.
+afterwards and the lr scaled for a while; its state rides in every checkpoint's metadata, and a rollback is
+also written to the run's ``rollbacks.json`` before training goes on (``record``), so that a crash right after
+it neither resumes a checkpoint from after the spike nor forgets the rollback (``abandoned``, ``load_state_dict``).
 
 The trainer performs a rollback (it owns the engine, the data and the logs); this module decides and remembers.
 """
 from __future__ import annotations
 
+import json
+import os
 from typing import Callable, Dict, List, Optional
 
+from evaclip.checkpoint import read_meta
 from evaclip.errors import TrainingStopped
+from evaclip.files import atomic_write
 from evaclip.train.spike import SpikeDetector
+
+RECORD = "rollbacks.json"  # in the run dir: the healing state as of the newest rollback
 
 
 class Healing:
@@ -45,10 +53,14 @@ class Healing:
         if len(self.rollbacks) >= self.cfg.max_rollbacks:
             raise TrainingStopped(f"loss spike at step {first} after {len(self.rollbacks)} rollbacks "
                                   f"(spike.max_rollbacks = {self.cfg.max_rollbacks}); stopping: look at the data and the lr")
-        before = [p for p, s in ((p, step_of(p)) for p in checkpoints) if s is not None and s <= first]
+        steps = [(p, step_of(p)) for p in checkpoints]
+        before = [p for p, s in steps if s is not None and s <= first]
         if not before:
-            raise TrainingStopped(f"loss spike at step {first} but no checkpoint from before it to roll back to "
-                                  "(lower checkpoint.every_steps)")
+            kept = sorted(s for _, s in steps if s is not None)
+            raise TrainingStopped(f"loss spike at step {first} but no checkpoint from before it to roll back to (kept: "
+                                  f"{', '.join(map(str, kept)) or 'none'}): lower checkpoint.every_steps so one is "
+                                  "saved between spikes, and raise checkpoint.keep_last above the checkpoints saved "
+                                  "while a spike is confirmed (spike.patience steps)")
         return before
 
     def rolled_back(self, first: int, detected: int, to_step: int, checkpoint: str) -> Dict:
@@ -69,8 +81,51 @@ class Healing:
         return {"rollbacks": self.rollbacks, "skip_windows": {str(k): v for k, v in self.skip_windows.items()},
                 "lr_window": self.lr_window}
 
-    def load_state_dict(self, meta: Dict) -> None:
-        """From a checkpoint's metadata (keys absent in older checkpoints keep their defaults)."""
+    def load_state_dict(self, meta: Dict, run_dir: Optional[str] = None) -> None:
+        """From a checkpoint's metadata (keys absent in older checkpoints keep their defaults), or from the run's
+        rollback record when that knows more rollbacks (written after this checkpoint: its rollback went to it)."""
+        record = read_record(run_dir) if run_dir else {}
+        if len(record.get("rollbacks", [])) > len(meta.get("rollbacks", [])):
+            meta = record
         self.rollbacks = list(meta.get("rollbacks", self.rollbacks))
         self.skip_windows = {int(k): v for k, v in meta.get("skip_windows", {}).items()}
         self.lr_window = list(meta.get("lr_window", self.lr_window))
+
+    def record(self, run_dir: str) -> None:
+        """Write the state with its newest rollback to the run's record, before training goes on (rank 0)."""
+        with atomic_write(os.path.join(run_dir, RECORD)) as f:
+            f.write(json.dumps(self.state_dict(), indent=2))
+
+
+def read_record(run_dir: str) -> Dict:
+    try:
+        with open(os.path.join(run_dir, RECORD)) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {}
+
+
+def abandoned(run_dir: str, meta: Dict) -> Optional[Dict]:
+    """The recorded rollback that went back past this checkpoint without it knowing (a checkpoint of the timeline
+    the rollback abandoned, as left by a crash right after it), else None."""
+    known = len(meta.get("rollbacks", []))  # rollbacks only append: a checkpoint knows a prefix of the record
+    for e in read_record(run_dir).get("rollbacks", [])[known:]:
+        if meta.get("step", 0) > e["rolled_back_to"]:
+            return e
+    return None
+
+
+def without_abandoned(run_dir: str, paths: List[str], log: Callable) -> List[str]:
+    """The resume candidates less the checkpoints a recorded rollback abandoned (see ``abandoned``)."""
+    out = []
+    for p in paths:
+        try:
+            e = abandoned(run_dir, read_meta(p))
+        except (OSError, ValueError):
+            e = None  # unreadable: the load reports it
+        if e is None:
+            out.append(p)
+        else:
+            log(f"not resuming {p}: written after the loss spike at step {e['spike_step']} that the run rolled "
+                f"back from (to step {e['rolled_back_to']})")
+    return out

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional
 import torch
 
 from evaclip import dist as edist
-from evaclip.checkpoint import (candidates, load_checkpoint, read_meta, resume_candidates, rng_state,
+from evaclip.checkpoint import (candidates, load_checkpoint, read_meta, resume_candidates, rewind, rng_state,
                                 save_checkpoint, set_rng_state)
 from evaclip.config import Derived, ExperimentConfig, save_run_config, to_dict
 from evaclip.engine import build_engine, pick_device
@@ -30,7 +30,7 @@ from evaclip.models.convert import init_from_files
 from evaclip.train.objectives import build_objective
 from evaclip.train.data import TrainData, logical_streams
 from evaclip.train.evaluation import Evaluator
-from evaclip.train.healing import Healing
+from evaclip.train.healing import Healing, without_abandoned
 from evaclip.train.preemption import REQUEUE_EXIT_CODE, StopRequests
 from evaclip.train.resume import check_resume_settings, resume_settings
 from evaclip.optim import build_optimizer
@@ -76,6 +76,8 @@ class Trainer:
         optimizer = build_optimizer(model, cfg.optim)
         # 5. a resume must keep the settings its checkpoint was written with: checked before anything is written
         resume = resume_candidates(cfg.checkpoint.resume, self.run_dir)
+        if cfg.checkpoint.resume == "auto":  # not those a recorded rollback left behind (a crash right after it)
+            resume = without_abandoned(self.run_dir, resume, self.log)
         streams = self._check_resume(resume)
         # 6. engine, schedule
         if edist.is_main():
@@ -141,7 +143,7 @@ class Trainer:
         ckpt, meta, rank_state = load_checkpoint(self.engine, resume, self.cfg.checkpoint.trust_pickle, self.log)
         self.step, self.samples_seen = meta["step"], meta["samples_seen"]
         self._restore_rank_state(ckpt, meta, rank_state)
-        self.healing.load_state_dict(meta)
+        self.healing.load_state_dict(meta, self.run_dir)
         w = meta.get("world_size")
         elastic = "" if rank_state is not None else f", written by {w} rank{'s' if w != 1 else ''}"
         self.log(f"resumed from {ckpt} at step {self.step} ({self.samples_seen} samples{elastic})")
@@ -351,6 +353,12 @@ class Trainer:
             if row_log is not None:
                 row_log.truncate(self.step)
         event = self.healing.rolled_back(first, detected, self.step, ckpt)
+        if edist.is_main():  # durable before training goes on: a crash from here on resumes this rollback
+            self.healing.record(self.run_dir)
+            aside = rewind(self.run_dir, ckpt)
+            if aside:
+                self.log(f"set aside the checkpoints from after the spike: {', '.join(aside)} (as rolled-back-*)")
+        edist.barrier(f"rollback to step {self.step}")
         self.bad_steps = 0
         self.data.reopen()
         n, skip, most = len(self.healing.rollbacks), event["skip_samples"], self.cfg.spike.max_rollbacks
