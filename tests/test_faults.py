@@ -127,3 +127,50 @@ def test_17_no_checkpoint_to_roll_back_to_names_what_was_kept_and_both_settings(
     with pytest.raises(TrainingStopped, match=r"spike at step 9 .*\(kept: 10, 11\).*every_steps.*keep_last"):
         h.targets(9, ["b", "a"], {"a": 10, "b": 11}.get)
     assert h.targets(10, ["b", "a"], {"a": 10, "b": 11}.get) == ["a"]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_14_7_shards_of_undecodable_images_stop_at_once_with_the_reason_at_any_worker_count(synth_dir, tmp_path,
+                                                                                          workers):
+    """Issue 32 (14): shards with captions but only undecodable images made `evaclip train` wait silently (the
+    batch bound, 10 minutes by default, never reached in the 90 and 300 s tried); (7) with data.workers=2 the
+    user saw "Caught TrainingStopped in DataLoader worker process 0", not the reason. Now the run stops after
+    UNUSABLE_LIMIT unusable samples in a row with the reason and the skip counts, whatever the worker count."""
+    import time
+
+    from tests.test_data import write_shards
+
+    pattern = write_shards(str(tmp_path / "bad"), "b", 2, 20, corrupt={(s, i) for s in range(2) for i in range(20)})
+    tr = _trainer(synth_dir, tmp_path, "undecodable", steps=3, extra=[
+        'data.recipe=""', f"data.shards={pattern}", f"data.workers={workers}"])
+    t0 = time.time()
+    with pytest.raises(TrainingStopped) as e:
+        tr.train()
+    msg = str(e.value)
+    assert time.time() - t0 < 60 and "\n" not in msg and "Caught" not in msg, msg
+    assert "rank 0 worker" in msg and "are all unusable" in msg and "'decode_error': 64" in msg, msg
+
+
+def test_9_a_signal_during_a_long_skip_ends_it(synth_dir, tmp_path):
+    """Issue 32 (9): a huge spike.skip_samples ignored SIGTERM while it skipped. A signal that comes more than
+    STALLED_WAIT_S into a skip ends it at once with a message (no checkpoint: the skip is not a step)."""
+    import signal
+    import threading
+    import time
+
+    from evaclip.train.preemption import STALLED_WAIT_S
+
+    tr = _trainer(synth_dir, tmp_path, "skip", steps=3)
+    tr.data.open()
+    tr.stops.install()
+    timer = threading.Timer(STALLED_WAIT_S + 1, os.kill, (os.getpid(), signal.SIGTERM))
+    try:
+        timer.start()
+        t0 = time.time()
+        with pytest.raises(TrainingStopped, match=r"received SIGTERM after \d+ s waiting while skipping 1000000000 "):
+            tr.data.skip(10 ** 9)
+        assert time.time() - t0 < STALLED_WAIT_S + 15
+    finally:
+        timer.cancel()
+        tr.stops.restore()
+        tr.data.close()

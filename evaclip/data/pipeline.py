@@ -44,7 +44,8 @@ from evaclip.data.topology import owned_streams, stream_share
 from evaclip.errors import TrainingStopped
 
 
-NO_CAPTION_LIMIT = 64  # samples without a caption before a stream with no usable one is called image-only
+UNUSABLE_LIMIT = 64  # unusable samples in a row, none usable yet, before a stream is called broken (one cause
+# named: no caption -> image-only shards); past the first usable one, data.batch_timeout_s and the skip fraction
 
 
 class ImageTextStream(IterableDataset):
@@ -184,10 +185,10 @@ class ImageTextStream(IterableDataset):
                 aug_step: Optional[int] = None):
         """The next usable sample of one stream, (source index, raw, image, caption), or None when a finite stream
         ends; unusable samples are skipped and counted. Stops the run past ``data.batch_timeout_s`` (``started``:
-        when the batch began, ``have``: its samples so far), or when a stream's first samples all lack a caption
-        and this worker has ``seen`` none usable yet (image-only shards under CLIP). ``aug_step`` (logical
+        when the batch began, ``have``: its samples so far), or after ``UNUSABLE_LIMIT`` unusable samples in a row
+        while this worker has ``seen`` none usable yet (undecodable images, image-only shards under CLIP). ``aug_step`` (logical
         streams): the augmentation is seeded from (seed, data step, key)."""
-        spec = self.spec
+        spec, in_a_row = self.spec, 0
         while True:
             if spec.batch_timeout_s and time.monotonic() - started > spec.batch_timeout_s:
                 raise TrainingStopped(self._stalled(worker, sources, counts, have))
@@ -201,16 +202,20 @@ class ImageTextStream(IterableDataset):
                 img, cap = decode_sample(raw, self.transform, self.min_side, self.tokenizer is not None)
             except SkipSample as s:
                 counts[s.reason] += 1
-                if s.reason == "missing_caption" and counts[s.reason] >= NO_CAPTION_LIMIT and not seen:
-                    raise TrainingStopped(self._no_captions(worker, sources, counts[s.reason])) from None
+                in_a_row += 1
+                if in_a_row >= UNUSABLE_LIMIT and not seen:
+                    raise TrainingStopped(self._unusable(worker, sources, counts, in_a_row, s.reason)) from None
                 continue
             return src, raw, img, cap
 
-    def _no_captions(self, worker: int, sources, n: int) -> str:
-        return (f"rank {self.spec.rank} worker {worker}: the first {n} samples of "
-                f"{', '.join(st.current_url or '-' for st in sources)} have no caption (.txt): image-only shards; "
-                "CLIP training needs image-text pairs (for masked image modeling of the image tower set "
-                "objective.kind = 'mim')")
+    def _unusable(self, worker: int, sources, counts: Counter, n: int, reason: str) -> str:
+        head = (f"rank {self.spec.rank} worker {worker}: the first {n} samples of "
+                f"{', '.join(st.current_url or '-' for st in sources)}")
+        if reason == "missing_caption" and counts[reason] >= n:
+            return (f"{head} have no caption (.txt): image-only shards; CLIP training needs image-text pairs (for "
+                    "masked image modeling of the image tower set objective.kind = 'mim')")
+        skips = {k: v for k, v in counts.items() if v and k != LOST_IN_SHARDS}
+        return f"{head} are all unusable (skipped: {skips}); `evaclip data verify` on them says why"
 
     def _stalled(self, worker: int, streams, counts: Counter, have: int) -> str:
         spec = self.spec

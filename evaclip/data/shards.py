@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
+import subprocess
 import tarfile
 from typing import Dict, Iterator, List, Tuple
 
@@ -45,7 +47,42 @@ def is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:")
 
 
-_GOPEN_SCHEMES = ("pipe:", "http://", "https://", "file://")
+_GOPEN_SCHEMES = ("http://", "https://", "file://")
+
+
+def _die_with_parent() -> None:  # in the child, before exec (Linux): SIGKILL when its reader dies
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class PipeStream:
+    """``pipe:cmd``: the shell command's stdout. The command dies with the process reading it (a stopped run's
+    ``curl`` / ``aws s3 cp`` / a blocked read are not left behind: a killed DataLoader worker took none of them
+    with it), and a command that fails is an error (OSError) where its output ends."""
+
+    def __init__(self, cmd: str):
+        self.cmd = cmd
+        # a plain command runs without a shell, so that it is the child the death signal is set on (a shell may
+        # fork it instead of exec'ing it); a pipeline needs the shell (its own children may then outlive it)
+        plain = not any(c in cmd for c in "|&;<>()$`*?[]{}~\n")
+        self.proc = subprocess.Popen(shlex.split(cmd) if plain else cmd, shell=not plain, stdout=subprocess.PIPE,
+                                     preexec_fn=_die_with_parent)
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.proc.stdout.read(n)
+        if not data and n != 0 and self.proc.wait() != 0:
+            raise OSError(f"pipe command failed with exit code {self.proc.returncode}: {self.cmd}")
+        return data
+
+    def close(self) -> None:
+        self.proc.stdout.close()
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
 
 
 def open_stream(url: str):
@@ -53,6 +90,8 @@ def open_stream(url: str):
     fsspec knows (``s3://``, ``gs://``, ``hf://`` ... with the matching fsspec backend installed)."""
     if is_local(url):
         return open(url, "rb")
+    if url.startswith("pipe:"):
+        return PipeStream(url[len("pipe:"):])
     if url.startswith(_GOPEN_SCHEMES):
         from webdataset.gopen import gopen
 

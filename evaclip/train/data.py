@@ -2,7 +2,9 @@
 checkpoint, so a resume continues with the next sample) and a running hash of the data order."""
 from __future__ import annotations
 
+import contextlib
 import math
+import time
 import zlib
 from typing import Dict, Iterator, List, Optional
 
@@ -58,6 +60,7 @@ class TrainData:
         self.order_hash = 0  # running CRC of the sample keys consumed: the data order, comparable across runs
         self.state: Optional[DataState] = None
         self.iterator: Optional[Iterator] = None
+        self.waiting: Optional[tuple] = None  # (since, what) while the run waits for data: a signal may end it
 
     def open(self) -> None:
         """Build the stream and the DataLoader, starting at ``positions``."""
@@ -86,13 +89,18 @@ class TrainData:
         self.close()
         self.open()
 
-    def next_batch(self) -> Dict:
+    def _next(self) -> Dict:
+        """The loader's next batch; a worker's error arrives as the loader's "Caught X in DataLoader worker process
+        N" and its traceback text (whatever X, TrainingStopped included): it becomes its own message again."""
         try:
-            batch = next(self.iterator)
-        except TrainingStopped:
-            raise
-        except Exception as e:  # noqa: BLE001 - a worker's error arrives wrapped in the loader's traceback text
+            return next(self.iterator)
+        except Exception as e:  # noqa: BLE001
+            if isinstance(e, TrainingStopped) and "Original Traceback" not in str(e):
+                raise  # from this process (data.workers = 0): already the message
             raise TrainingStopped(f"data (rank {edist.rank()}): {worker_error(e, self.cfg.batch_timeout_s)}") from None
+
+    def next_batch(self) -> Dict:
+        batch = self._next()
         state = batch.pop("__state__")
         self.state.update(state)
         self.order_hash = zlib.crc32(",".join(batch["key"]).encode(), self.order_hash)
@@ -101,10 +109,22 @@ class TrainData:
             [f"rank{edist.rank()}/worker{state['worker']}"] * len(batch["key"])
         return batch
 
+    @contextlib.contextmanager
+    def _wait(self, what: str):
+        self.waiting = (time.monotonic(), what)
+        try:
+            yield
+        finally:
+            self.waiting = None
+
     def next_step(self) -> List[Dict]:
         """The micro-batches of one optimizer step. Logical streams: one piece from each DataLoader worker (in
         the loader's worker order) joined into this rank's share of the global batch, cut into accum_steps
         micro-batches; per-worker streams: accum_steps loader batches."""
+        with self._wait("for data"):
+            return self._next_step()
+
+    def _next_step(self) -> List[Dict]:
         if not self.num_streams:
             return [self.next_batch() for _ in range(self.accum_steps)]
         pieces = [self.next_batch() for _ in range(max(1, self.cfg.workers))]
@@ -120,9 +140,9 @@ class TrainData:
             batches = math.ceil(n / self.global_batch) * max(1, self.cfg.workers)
         else:
             batches = math.ceil(n / (self.cfg.micro_batch_size * edist.world_size()))
-        for _ in range(batches):
-            batch = next(self.iterator)
-            self.state.update(batch.pop("__state__"))
+        with self._wait(f"while skipping {n} samples"):
+            for _ in range(batches):
+                self.state.update(self._next().pop("__state__"))
 
     def check_skips(self) -> None:
         """Stop when more than ``data.max_skip_fraction`` of the samples were unusable. Summed over ranks, so every

@@ -1,6 +1,7 @@
 """Stopping a run cleanly: SIGTERM / SIGINT / SIGUSR1 to a trainer process, or a file ``<run dir>/STOP``, make
 the run finish its step, checkpoint, write ``<run dir>/REQUEUE`` and exit with ``REQUEUE_EXIT_CODE``; the launcher
-(launch/slurm/train.sbatch) then requeues the job, which resumes from that checkpoint."""
+(launch/slurm/train.sbatch) then requeues the job, which resumes from that checkpoint. A signal that comes while
+the run has waited more than ``STALLED_WAIT_S`` for data (or skips a spike's window) ends it at once, no save."""
 from __future__ import annotations
 
 import os
@@ -12,18 +13,20 @@ from typing import Callable, Dict, Optional
 import torch
 
 from evaclip import dist as edist
+from evaclip.errors import TrainingStopped
 
 REQUEUE_EXIT_CODE = 85  # the trainer exits with this code after a preemption save
 STOP_FILE = "STOP"  # created in the run dir (e.g. by the sbatch script's pre-timeout trap): save and exit
 REQUEUE_FILE = "REQUEUE"  # written by the trainer on such an exit; the sbatch script then requeues the job
+STALLED_WAIT_S = 5.0  # a signal after this long in a data wait (or a skip) ends it: the step may never come
 SIGNAL_REPEAT_S = 2.0  # a stop signal repeated within this many seconds is one request (see StopRequests.install)
 
 
 class StopRequests:
     """The stop requests of one run: signal handlers while it trains, the STOP file, the REQUEUE marker."""
 
-    def __init__(self, run_dir: str, log: Callable[[str], None]):
-        self.run_dir, self.log = run_dir, log
+    def __init__(self, run_dir: str, log: Callable[[str], None], waiting: Callable[[], Optional[tuple]] = lambda: None):
+        self.run_dir, self.log, self.waiting = run_dir, log, waiting
         self.signal: Optional[int] = None
         self._signal_at = 0.0
         self._old: Optional[Dict] = None
@@ -46,7 +49,11 @@ class StopRequests:
                       file=sys.stderr, flush=True)
                 os._exit(128 + signum)
             self.signal, self._signal_at = signum, now
-            self.log(f"received {signal.Signals(signum).name}: finishing this step, saving, exiting for requeue "
+            name, wait = signal.Signals(signum).name, self.waiting()
+            if wait is not None and now - wait[0] > STALLED_WAIT_S:  # the step may never come: end the wait now
+                raise TrainingStopped(f"received {name} after {now - wait[0]:.0f} s waiting {wait[1]}: stopping "
+                                      "without a checkpoint (the last complete one is kept; rerun to resume from it)")
+            self.log(f"received {name}: finishing this step, saving, exiting for requeue "
                      f"(send it again, {SIGNAL_REPEAT_S:g} s or more later, to exit at once)")
 
         self._old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}

@@ -106,7 +106,7 @@ class Trainer:
         self.evaluator = Evaluator(cfg.eval, cfg.model, self.variant, cfg.data.root, self.run_dir, self.device, self.log)
         self.logger = MetricLogger(self.run_dir, cfg.log, enabled=edist.is_main(), run_name=cfg.run.name,
                                    config=to_dict(cfg))
-        self.stops = StopRequests(self.run_dir, self.log)
+        self.stops = StopRequests(self.run_dir, self.log, waiting=lambda: self.data.waiting)
 
     def _build_model(self):
         """The objective (``self.objective``) and the model it trains, initialised from files and towers locked."""
