@@ -28,6 +28,27 @@ class Encoders:
     extra: Dict = field(default_factory=dict)  # step / checkpoint of an evaclip run
 
 
+def check_open_clip_folder(folder: str) -> None:
+    """A ``--pretrained`` folder holds a whole CLIP: open_clip builds a model from its config alone and leaves
+    whatever weights are missing at random init (a MIM or image-tower export scored as a random CLIP)."""
+    import json
+
+    if os.path.isdir(os.path.join(folder, "checkpoints")) or os.path.exists(os.path.join(folder, "manifest.json")):
+        raise UserError(f"--pretrained {folder} is an evaclip run or checkpoint: pass it as --checkpoint")
+    cfg_path = os.path.join(folder, "open_clip_config.json")
+    if not os.path.exists(cfg_path):
+        raise UserError(f"--pretrained {folder}: no open_clip_config.json (not an open_clip export folder)")
+    with open(cfg_path) as f:
+        record = json.load(f).get("evaclip", {}).get("model", {})
+    if "mim" in record:
+        raise UserError(f"--pretrained {folder} is the image tower of a masked-image-modeling run (no text tower): "
+                        "evaluate or score the CLIP trained from it")
+    if not any(os.path.exists(os.path.join(folder, n)) for n in ("open_clip_model.safetensors",
+                                                                  "open_clip_pytorch_model.bin")):
+        raise UserError(f"--pretrained {folder} holds no whole-model weights (open_clip_model.safetensors): an "
+                        "export of one tower (--tower image / text) cannot score image-text pairs")
+
+
 def load_encoders(checkpoint: str = "", model: str = "", pretrained: str = "", device: str = "cpu",
                   trust_pickle: bool = False) -> Encoders:
     """``checkpoint``: an evaclip run dir or checkpoint dir; or ``model`` = "open_clip:<name>" with
@@ -66,6 +87,7 @@ def load_encoders(checkpoint: str = "", model: str = "", pretrained: str = "", d
         if name not in open_clip.list_models() and not (pretrained and os.path.isdir(pretrained)):
             raise UserError(f"--model open_clip:{name}: open_clip has no such model (open_clip.list_models())")
         if pretrained and os.path.isdir(pretrained):
+            check_open_clip_folder(pretrained)
             m, _, _ = open_clip.create_model_and_transforms(f"local-dir:{pretrained}")
             tok = open_clip.get_tokenizer(f"local-dir:{pretrained}")
         else:

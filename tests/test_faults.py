@@ -174,3 +174,21 @@ def test_9_a_signal_during_a_long_skip_ends_it(synth_dir, tmp_path):
         timer.cancel()
         tr.stops.restore()
         tr.data.close()
+
+
+@pytest.mark.parametrize("expr,says", [("score / 0 > 1", "divide by zero"), ("s < 1", "no kernel"),
+                                       ("(" * 300 + "score > 1" + ")" * 300, "nested"),
+                                       ("not " * 3000 + "score > 1", "characters; at most")])
+def test_17_where_expressions_that_fail_are_one_line_errors(expr, says):
+    """Issue 32 (17): --where dividing by zero (integer columns), comparing a string with a number, or nested
+    too deep ended in a traceback (ArrowInvalid, RecursionError)."""
+    import pyarrow as pa
+
+    from evaclip.curation.filter import _mask
+    from evaclip.curation.where import parse_where
+    from evaclip.errors import UserError
+
+    t = pa.table({"score": [1, 2], "s": ["a", "b"]})
+    with pytest.raises(UserError, match=says) as e:
+        _mask(t, parse_where(expr, t.column_names))
+    assert str(e.value).startswith("--where") and "\n" not in str(e.value)

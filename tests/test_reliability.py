@@ -428,6 +428,30 @@ def test_6_tower_only_exports_load_as_their_readme_says(small_run, tmp_path):
     assert (oc.eval().encode_text(tok) - ours.encode_text(tok, normalize=False)).abs().max() < 1e-5
 
 
+def test_6_a_pretrained_folder_must_hold_a_whole_clip(small_run, tmp_path):
+    """Issue 32 (5): an export of one tower (or of a MIM run), or an evaclip run dir, given as --pretrained was
+    built by open_clip from its config with the missing weights at random init, and evaluated or used for scoring
+    as a CLIP. Now each is a one-line error saying what the folder holds; a whole export still loads."""
+    from evaclip.encoders import load_encoders
+    from evaclip.errors import UserError
+    from evaclip.export.open_clip import export_open_clip
+
+    sd, meta = load_weights(small_run)
+    for tower, says in [("image", "no whole-model weights"), ("text", "no whole-model weights")]:
+        export_open_clip(sd, meta["model"], str(tmp_path / tower), tower=tower)
+        with pytest.raises(UserError, match=says):
+            load_encoders(model="open_clip:x", pretrained=str(tmp_path / tower))
+    with pytest.raises(UserError, match="is an evaclip run or checkpoint: pass it as --checkpoint"):
+        load_encoders(model="open_clip:x", pretrained=small_run)
+    mim = json.loads((tmp_path / "image" / "open_clip_config.json").read_text())
+    mim["evaclip"]["model"]["mim"] = {"teacher": "t"}  # what a MIM run's export records
+    (tmp_path / "image" / "open_clip_config.json").write_text(json.dumps(mim))
+    with pytest.raises(UserError, match="masked-image-modeling"):
+        load_encoders(model="open_clip:x", pretrained=str(tmp_path / "image"))
+    export_open_clip(sd, meta["model"], str(tmp_path / "both"))
+    assert load_encoders(model="open_clip:x", pretrained=str(tmp_path / "both")).image_size == 64
+
+
 # ------------------------------------------------------------------------------------------------ 7 disk full
 def test_7_disk_full_during_a_save_is_one_clear_error_and_the_rerun_resumes(synth_dir, tmp_path):
     import errno

@@ -33,6 +33,9 @@ def cmd_export(args) -> int:
     from evaclip.export.open_clip import check_target, export_open_clip, verify_export
     from evaclip.models import record_variant
 
+    if args.verify and (args.tower != "both" or args.dtype != "fp32"):  # before anything is written
+        raise UserError("--verify compares fp32 embeddings of a full export: use --tower both --dtype fp32 (or "
+                        "leave --verify out)")
     check_target(args.out, args.force)  # before a consolidation that can take minutes
     ckpt = find_checkpoint(args.source)
     print(f"consolidating {ckpt} ...", flush=True)
@@ -49,8 +52,6 @@ def cmd_export(args) -> int:
     for k, p in written.items():
         print(f"  {k}: {p}")
     if args.verify:
-        if args.tower != "both" or args.dtype != "fp32":
-            raise UserError("--verify compares fp32 embeddings of a full export: use --tower both --dtype fp32")
         diffs = verify_export(args.out, sd, meta["model"])
         print("open_clip reload, max |embedding difference| vs the trained model: "
               + ", ".join(f"{k} {d:.2e}" for k, d in diffs.items()))

@@ -137,9 +137,13 @@ def select(table, by: str = "score", min_value=None, max_value=None, top=None, b
 
 def _mask(table, expr):
     import numpy as np
+    import pyarrow as pa
     import pyarrow.dataset as ds
 
-    got = ds.dataset(table).to_table(columns={"m": expr}).column("m").to_numpy(zero_copy_only=False)
+    try:
+        got = ds.dataset(table).to_table(columns={"m": expr}).column("m").to_numpy(zero_copy_only=False)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:  # integer / 0, 'a' < 1
+        raise UserError(f"--where: {str(e).splitlines()[0]}") from None
     return np.asarray(got, dtype=bool)
 
 

@@ -10,16 +10,21 @@ from evaclip.errors import UserError
 _CMP = {ast.Lt: "less", ast.LtE: "less_equal", ast.Gt: "greater", ast.GtE: "greater_equal", ast.Eq: "equal",
         ast.NotEq: "not_equal"}
 _ARITH = {ast.Add: "add", ast.Sub: "subtract", ast.Mult: "multiply", ast.Div: "divide"}
+MAX_CHARS = 10_000
 
 
 def parse_where(text: str, columns: Sequence[str]):
     """A pyarrow compute expression from a small, safe expression language (parsed with ``ast``, never run)."""
     import pyarrow.compute as pc
 
+    if len(text) > MAX_CHARS:
+        raise UserError(f"--where: {len(text)} characters; at most {MAX_CHARS}")
     try:
         tree = ast.parse(text, mode="eval").body
     except SyntaxError as e:
-        raise UserError(f"--where {text!r}: {e.msg}") from None
+        raise UserError(f"--where {text[:80]!r}: {e.msg}") from None
+    except (RecursionError, MemoryError):
+        raise UserError(f"--where {text[:80]!r}...: nested too deeply") from None
 
     def conv(node):
         if isinstance(node, ast.BoolOp):
@@ -60,4 +65,7 @@ def parse_where(text: str, columns: Sequence[str]):
     if not boolean:  # a number or a column would be cast to true/false row by row: keep everything, say nothing
         raise UserError(f"--where {text!r} is not a condition: compare a column (e.g. 'score > 0.25'), and combine "
                         "with and / or / not")
-    return conv(tree)
+    try:
+        return conv(tree)
+    except RecursionError:
+        raise UserError(f"--where {text[:80]!r}...: nested too deeply") from None
