@@ -276,3 +276,48 @@ def replace_dir(tmp: str, final: str) -> None:
         shutil.rmtree(final)
     os.replace(tmp, final)
     fsync_dir(os.path.dirname(os.path.abspath(final)))
+
+
+@contextlib.contextmanager
+def exclusive(lock: str, what: str) -> Iterator[None]:
+    """One writer at a time: ``lock`` is created exclusively (holding this host and pid) and removed at the end. A
+    second writer gets a UserError naming ``what`` and the holder; a lock whose process is gone (same host) is
+    taken over."""
+    import socket
+
+    from evaclip.errors import UserError
+
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                host, pid = open(lock).read().split()
+            except (OSError, ValueError):
+                host, pid = "", "0"
+            if host == socket.gethostname() and not _alive(int(pid)):
+                os.remove(lock)  # its writer was killed
+                continue
+            raise UserError(f"{what} is being written by another process ({host or '?'} pid {pid}; lock {lock}); "
+                            "wait for it, or delete the lock if that process is gone") from None
+    else:
+        raise UserError(f"{what}: could not take the lock {lock}")
+    with os.fdopen(fd, "w") as f:
+        f.write(me)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(lock)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid > 0

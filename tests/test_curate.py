@@ -348,3 +348,34 @@ def test_filter_refuses_an_out_that_is_or_holds_an_input_even_with_force(curate_
     assert (digest(scored), digest(curate_data["mixed_dir"])) == before
     res = filter_tables([scored], str(tmp_path / "kept"), min_value=-1.0)  # elsewhere: fine (cosine >= -1: all)
     assert res["kept"] == 600
+
+
+def test_a_second_filter_of_the_same_out_is_refused_and_a_failed_one_keeps_the_old_out(curate_data, scored,
+                                                                                       tmp_path):
+    """Issue 32 (11): two filters writing the same --out at once mixed their outputs. Now the second is refused
+    while the first holds the lock (a lock left by a killed filter is taken over), and a filter that fails, --force
+    included, leaves the previous --out whole (it was deleted before the new one was written)."""
+    import socket
+    import subprocess
+
+    from evaclip.curation.filter import filter_tables
+    from evaclip.errors import UserError
+
+    out = str(tmp_path / "kept")
+    first = filter_tables([scored], out, min_value=-1.0)
+    before = sorted(os.listdir(out))
+    holder = subprocess.Popen(["sleep", "60"])  # a live writer holding the lock
+    try:
+        (tmp_path / "kept.lock").write_text(f"{socket.gethostname()} {holder.pid}")
+        with pytest.raises(UserError, match=rf"--out {out} is being written by another process .*pid {holder.pid}"):
+            filter_tables([scored], out, min_value=0.0, force=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(os.listdir(out)) == before  # untouched by the refused filter
+    with pytest.raises(UserError, match="nothing is kept"):  # the lock of a dead writer is taken over
+        filter_tables([scored], out, min_value=2.0, force=True)
+    assert sorted(os.listdir(out)) == before and not os.path.exists(out + ".lock")
+    assert not [d for d in os.listdir(tmp_path) if ".tmp-" in d]
+    again = filter_tables([scored], out, min_value=-1.0, force=True)
+    assert again["keys_sha1"] == first["keys_sha1"] and again["manifest"] == os.path.join(out, "manifest.parquet")

@@ -184,11 +184,31 @@ def test_17_where_expressions_that_fail_are_one_line_errors(expr, says):
     too deep ended in a traceback (ArrowInvalid, RecursionError)."""
     import pyarrow as pa
 
-    from evaclip.curation.filter import _mask
-    from evaclip.curation.where import parse_where
+    from evaclip.curation.filter import select
     from evaclip.errors import UserError
 
     t = pa.table({"score": [1, 2], "s": ["a", "b"]})
     with pytest.raises(UserError, match=says) as e:
-        _mask(t, parse_where(expr, t.column_names))
+        select(t, where=expr)
     assert str(e.value).startswith("--where") and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("edit", ["weight", "source"])
+def test_10_a_recipe_edited_before_a_resume_is_refused_with_the_difference(synth_dir, tmp_path, edit):
+    """Issue 32 (10): a recipe edited between a checkpoint and its resume was accepted silently (the saved data
+    positions then point into other shards) or ended in an IndexError (a source added). Now the resume is refused
+    naming data.recipe_sources with the old and new values, and nothing is written to the run."""
+    from evaclip.errors import CheckpointError
+
+    recipe = tmp_path / "recipe.toml"
+    text = open(os.path.join(synth_dir, "recipe.toml")).read()
+    recipe.write_text(text)
+    _trainer(synth_dir, tmp_path, "edited", steps=2, extra=[f"data.recipe={recipe}"]).train()
+    if edit == "weight":
+        recipe.write_text(text + "weight = 2.0\n")
+    else:
+        recipe.write_text(text + '\n[[source]]\nname = "more"\nshards = "{root}/train/00000.tar"\nsamples = 100\n')
+    before = sorted(os.listdir(os.path.join(tmp_path, "edited")))
+    with pytest.raises(CheckpointError, match=r"other settings: data.recipe_sources \(\[\[.*\]\] -> \[\[.*\]\]\)"):
+        _trainer(synth_dir, tmp_path, "edited", steps=4, extra=[f"data.recipe={recipe}"])
+    assert sorted(os.listdir(os.path.join(tmp_path, "edited"))) == before

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tarfile
 from collections import Counter
 from typing import Callable, Dict, List, Optional, Sequence
@@ -14,7 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 from evaclip.data.shards import ShardError, iter_tar_samples
 from evaclip.data.tools import expand_sources
 from evaclip.errors import UserError
-from evaclip.files import atomic_write, replace_file
+from evaclip.files import atomic_write, exclusive, replace_dir, replace_file
 from evaclip.curation.histogram import Histogram
 from evaclip.curation.where import parse_where
 
@@ -287,7 +288,7 @@ def _write_recipe(out: str, name: str, n_shards: int, n_kept: int, n_tables: int
     pattern = "{00000..%05d}.tar" % (n_shards - 1) if n_shards > 1 else "00000.tar"
     with open(recipe, "w") as f:
         f.write(f"# Written by `evaclip data filter` from {n_tables} tables: {json.dumps(criteria)}\n"
-                f"#   evaclip train <experiment> data.recipe={recipe}\n"
+                "#   evaclip train <experiment> data.recipe=<the path of this file>\n"
                 f"name = {json.dumps(recipe_name)}\ndescription = {json.dumps('filtered: ' + json.dumps(criteria))}\n\n"
                 f"[[source]]\nname = {json.dumps(recipe_name)}\nshards = {json.dumps(pattern)}\n"
                 f"samples = {n_kept}\n")
@@ -317,29 +318,41 @@ def _check_out_is_no_input(out: str, paths: Sequence[str], columns, shards: str,
 def filter_tables(tables: Sequence[str], out: str, by: str = "score", min_value=None, max_value=None, top=None,
                   bottom=None, where: str = "", shards: str = "", root: str = "", shard_size: int = 10000,
                   name: str = "", force: bool = False, progress=None) -> Dict:
-    """Select samples from score / loss tables and copy them into new shards; see the comment above."""
-    import pyarrow as pa
-
-    from evaclip.data.tools import stats
-
+    """Select samples from score / loss tables and copy them into new shards; see the comment above. One filter at
+    a time writes an --out (a lock beside it); the shards are built in a hidden folder next to it and swapped in
+    whole at the end, so a failed or killed filter leaves the old --out as it was (--force included)."""
     files = _table_files(tables)
     columns = _columns(files)
     _check_criteria(columns, by, min_value, max_value, top, bottom, where)
     if os.path.isdir(out) and os.listdir(out) and not force:
         raise UserError(f"--out {out} is not empty (pass --force to replace it)")
-    loss_tables = "shard" not in columns
-    if loss_tables and not shards:
+    if "shard" not in columns and not shards:
         raise UserError("these tables have no shard column (per-sample loss tables): pass --shards <recipe or "
                         "pattern> where the samples are")
     _check_out_is_no_input(out, list(tables) + files, columns, shards, root)
-    whole = _aggregate_by_key(pa.concat_tables([_read(f) for f in files])) if loss_tables else None
+    final = os.path.abspath(out)
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    with exclusive(final + ".lock", f"--out {out}"):
+        tmp = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        try:
+            summary = _build(files, columns, tmp, by, min_value, max_value, top, bottom, where, shards, root,
+                             shard_size, name or os.path.basename(final), progress)
+            replace_dir(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return _publish(final, summary)
+
+
+def _build(files, columns, out, by, min_value, max_value, top, bottom, where, shards, root, shard_size, name,
+           progress) -> Dict:
+    """The new shards, recipe and histogram in ``out`` (the hidden folder); the summary so far."""
+    import pyarrow as pa
+
+    whole = None if "shard" in columns else _aggregate_by_key(pa.concat_tables([_read(f) for f in files]))
     has_by = by in (whole.column_names if whole is not None else columns)
     cuts, lo, hi = _first_pass(files, columns, whole, by, top, bottom) if has_by else ({}, 0.0, 1.0)
-    if os.path.isdir(out) and force:
-        import shutil
-
-        shutil.rmtree(out)
-    os.makedirs(out, exist_ok=True)
     copier = _Copier(out, shard_size, by, min_value, max_value, cuts, where, Histogram(lo, hi) if has_by else None)
     missing = copier.from_tables(files, progress) if whole is None else \
         copier.from_sources(whole, shards, root, progress)
@@ -348,20 +361,29 @@ def filter_tables(tables: Sequence[str], out: str, by: str = "score", min_value=
     n_kept = sum(kept.values())
     if missing:
         raise UserError(f"{missing} kept samples were not found in their shards: the tables do not match the shards"
-                        f" (nothing in {out} is usable)")
+                        " (nothing written)")
     if not n_kept:
         raise UserError(f"nothing is kept by these criteria ({sum(total.values()):,} rows); nothing written")
     n_shards = len(copier.state["counts"])
     criteria = {k: v for k, v in {"by": by, "min": min_value, "max": max_value, "top": top, "bottom": bottom,
                                   "where": where or None}.items() if v is not None}
-    recipe, pattern = _write_recipe(out, name, n_shards, n_kept, len(files), criteria)
+    _, pattern = _write_recipe(out, name, n_shards, n_kept, len(files), criteria)
     plot = copier.hist.save(os.path.join(out, "histogram.png"), by, cuts, min_value, max_value) if has_by else ""
-    man = stats(os.path.join(out, pattern), out=os.path.join(out, "manifest.parquet"))
     per_source = {s: {"total": total[s], "kept": kept[s], "cut": next(iter(cuts.get(s, {}).values()), min_value)}
                   for s in total}
-    summary = {"kept": n_kept, "dropped": sum(total.values()) - n_kept, "shards": n_shards, "per_source": per_source,
-               "criteria": criteria, "tables": len(files), "recipe": recipe, "histogram": plot,
-               "manifest": man["manifest"], "keys_sha1": copier.digest.hexdigest()}
-    with open(os.path.join(out, "summary.json"), "w") as f:
+    return {"kept": n_kept, "dropped": sum(total.values()) - n_kept, "shards": n_shards, "per_source": per_source,
+            "criteria": criteria, "tables": len(files), "recipe": "recipe.toml",
+            "histogram": os.path.basename(plot) if plot else "", "pattern": pattern,
+            "keys_sha1": copier.digest.hexdigest()}
+
+
+def _publish(final: str, summary: Dict) -> Dict:
+    """After the swap: the manifest of the shards where they now are, and summary.json with the final paths."""
+    from evaclip.data.tools import stats
+
+    man = stats(os.path.join(final, summary.pop("pattern")), out=os.path.join(final, "manifest.parquet"))
+    summary.update(recipe=os.path.join(final, summary["recipe"]), manifest=man["manifest"],
+                   histogram=os.path.join(final, summary["histogram"]) if summary["histogram"] else "")
+    with atomic_write(os.path.join(final, "summary.json")) as f:
         json.dump(summary, f, indent=2)
     return summary

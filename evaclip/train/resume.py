@@ -18,13 +18,19 @@ RESUME_KEYS = ("model.name", "model.model_dir", "model.text.kind", "model.use_lo
 
 
 def resume_settings(cfg: ExperimentConfig, world_size: int) -> Dict:
-    """The values of ``RESUME_KEYS`` for this run (recorded in every checkpoint's meta)."""
+    """The values of ``RESUME_KEYS`` for this run (recorded in every checkpoint's meta), and the recipe's sources
+    as they are now: a recipe file edited between a checkpoint and its resume (shards, sizes, weights, sources
+    added or removed) changes the data the saved positions point into."""
     flat = {"world_size": world_size}
     for key in RESUME_KEYS[:-1]:
         node = cfg
         for part in key.split("."):
             node = getattr(node, part)
         flat[key] = list(node) if isinstance(node, (list, tuple)) else node
+    if cfg.data.recipe:
+        from evaclip.data.recipes import load_recipe
+
+        flat["data.recipe_sources"] = [[s.name, s.shards, s.samples, s.weight] for s in load_recipe(cfg.data.recipe).source]
     return flat
 
 
