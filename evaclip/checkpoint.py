@@ -328,13 +328,14 @@ def find_checkpoint(path: str, log: Callable = print) -> str:
     raise FileNotFoundError(f"{path}: neither a checkpoint nor a run dir with checkpoints")
 
 
-def load_weights(path: str, trust_pickle: bool = False, log: Callable = print) -> Tuple[Dict[str, torch.Tensor], Dict]:
+def load_weights(path: str, trust_pickle: bool = False, log: Callable = print,
+                 opt_in: str = _OPT_IN) -> Tuple[Dict[str, torch.Tensor], Dict]:
     """Full fp32 model weights and meta of a verified checkpoint (or a run dir's newest valid one), whatever
-    engine wrote it; non-finite weights are refused."""
+    engine wrote it; non-finite weights are refused. ``opt_in``: the setting a refusal names (the caller's)."""
     from evaclip.engine import read_weights
 
     ckpt = find_checkpoint(path, log)
-    sd = read_weights(ckpt, trust_pickle)
+    sd = read_weights(ckpt, trust_pickle, opt_in)
     bad = _non_finite(sd.items())
     if bad:
         raise CheckpointError(f"{ckpt}: non-finite weights in {', '.join(bad[:6])}; use an earlier checkpoint")

@@ -321,3 +321,17 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return pid > 0
+
+
+def sampled_digest(path: str, chunk: int = 1 << 20) -> str:
+    """A cheap content identity of a (large) weights file: sha1 of its size, first and last MiB. Another file, or
+    this one rewritten, gives another digest without reading gigabytes."""
+    import hashlib
+
+    size = os.path.getsize(path)
+    h = hashlib.sha1(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(chunk))
+        f.seek(max(0, size - chunk))
+        h.update(f.read(chunk))
+    return h.hexdigest()[:16]

@@ -169,7 +169,8 @@ def _deepspeed_globals():
 
 
 @contextlib.contextmanager
-def deepspeed_loads(path: str, what: str = "checkpoint", trust_pickle: bool = False):
+def deepspeed_loads(path: str, what: str = "checkpoint", trust_pickle: bool = False,
+                    opt_in: str = "checkpoint.trust_pickle=true (or --trust-pickle)"):
     """Make DeepSpeed's own ``torch.load`` calls weights-only inside this block (unless ``trust_pickle``)."""
     import pickle
 
@@ -184,7 +185,7 @@ def deepspeed_loads(path: str, what: str = "checkpoint", trust_pickle: bool = Fa
         with torch.serialization.safe_globals(_deepspeed_globals()):
             yield
     except pickle.UnpicklingError as e:
-        raise _refusal(path, what, e, "checkpoint.trust_pickle=true (or --trust-pickle)") from None
+        raise _refusal(path, what, e, opt_in) from None
     finally:
         if old is None:
             os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)

@@ -335,3 +335,26 @@ def test_shipped_mim_experiments_name_a_known_teacher_and_build_their_student():
     n = sum(p.numel() for p in student.visual.trunk.parameters())
     assert student.mim_head.out_features == width and 80e6 < n < 95e6  # EVA-02-B: 86M
     assert load_config("eva02_clip_b16_from_mim").model.vision.init == "/runs/eva02_mim_b16_in21k"
+
+
+def test_a_mim_resume_refuses_another_teacher_and_a_teacher_that_does_not_fit_is_named(synth_dir, mim_teacher,
+                                                                                        tmp_path):
+    """Issue 32 (5): a MIM resume quietly took other teacher weights (a teacher run's newer checkpoint, a
+    re-exported folder), regressing other targets from the same step on; (17) weights of another architecture
+    for an open_clip teacher were a load_state_dict traceback."""
+    import shutil
+
+    from evaclip.errors import CheckpointError
+    from evaclip.export.open_clip import export_open_clip
+    from evaclip.models import create_model, model_record
+
+    teacher = str(tmp_path / "teacher")
+    shutil.copytree(mim_teacher, teacher)
+    mim_trainer(synth_dir, tmp_path, teacher, "t", 2, ["checkpoint.every_steps=2"]).train()
+    torch.manual_seed(7)  # other weights, same architecture, same folder
+    export_open_clip(create_model(mcfg()).state_dict(), model_record(mcfg()), teacher, replace=True)
+    with pytest.raises(CheckpointError, match=r"other settings: mim.teacher_identity \(export \w+ -> export \w+\)"):
+        mim_trainer(synth_dir, tmp_path, teacher, "t", 4, ["checkpoint.every_steps=2"])
+    weights = os.path.join(mim_teacher, "open_clip_model.safetensors")
+    with pytest.raises(ConfigError, match=r"mim.teacher_weights: .* does not fit the teacher's architecture"):
+        mim_trainer(synth_dir, tmp_path, "open_clip:ViT-B-32", "vit", 2, [f"mim.teacher_weights={weights}"])

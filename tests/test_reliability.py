@@ -111,8 +111,11 @@ def test_1_checkpoints_with_pickled_code_are_refused_by_resume_eval_and_export(s
     st["evil"] = _Payload(str(marker))
     torch.save(st, os.path.join(ckpt, "engine_state.pt"))
     _rewrite_manifest(ckpt)
-    with pytest.raises(UnsafeFileError, match="engine_state.pt holds more than tensors"):
+    with pytest.raises(UnsafeFileError, match="engine_state.pt holds more than tensors.*checkpoint.trust_pickle"):
         trainer(synth_dir, tmp_path, "copy", steps=6, extra=[f"checkpoint.resume={ckpt}"])
+    # the same checkpoint as an init: the refusal names the init's opt-in (issue 32, 17: it named the resume's)
+    with pytest.raises(UnsafeFileError, match=r"holds more than tensors.*set model.trust_pickle=true$"):
+        trainer(synth_dir, tmp_path, "init", extra=[f"model.init={ckpt}"])
     for args in (["eval", "--checkpoint", ckpt, "--suite", "quick", "--datasets-root", str(tmp_path)],
                  ["export", ckpt, "--out", str(tmp_path / "e")]):
         line = one_line_error(run_cli(args))

@@ -88,17 +88,17 @@ def saved_zero_world(ckpt_dir: str) -> int:
     return sum(1 for f in os.listdir(ckpt_dir) if ZERO_SHARD.fullmatch(f))
 
 
-def read_weights(ckpt_dir: str, trust_pickle: bool = False) -> Dict[str, torch.Tensor]:
+def read_weights(ckpt_dir: str, trust_pickle: bool = False, opt_in: str = OPT_IN) -> Dict[str, torch.Tensor]:
     """Full fp32 model weights from a checkpoint directory written by either engine.
 
     DeepSpeed ZeRO-1/2/3 checkpoints are consolidated with DeepSpeed's own ``zero_to_fp32`` utilities (fp32
     master weights, not the bf16/fp16 copies); every file is loaded weights-only (``safe_load``)."""
     plain = os.path.join(ckpt_dir, TORCH_STATE)
     if os.path.exists(plain):
-        sd = load_torch(plain, "checkpoint", trust_pickle, OPT_IN)["model"]
+        sd = load_torch(plain, "checkpoint", trust_pickle, opt_in)["model"]
         return {k: v.float() for k, v in sd.items()}
     parent, tag = os.path.split(ckpt_dir.rstrip("/"))
-    with deepspeed_loads(ckpt_dir, "checkpoint", trust_pickle):
+    with deepspeed_loads(ckpt_dir, "checkpoint", trust_pickle, opt_in):
         if any(f.endswith("optim_states.pt") and "zero_pp_rank" in f for f in os.listdir(ckpt_dir)):
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

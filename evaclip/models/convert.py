@@ -166,7 +166,8 @@ def load_into(module: torch.nn.Module, sd: Dict[str, torch.Tensor], what: str, s
     return LoadReport(what, missing, unexpected, len(sd) - len(unexpected))
 
 
-def read_state_dict(path: str, what: str = "weights", trust_pickle: bool = False) -> Dict[str, torch.Tensor]:
+def read_state_dict(path: str, what: str = "weights", trust_pickle: bool = False,
+                    opt_in: str = "model.trust_pickle=true") -> Dict[str, torch.Tensor]:
     """A state dict from .safetensors, .pt/.pth/.bin (weights-only: a file holding pickled objects is refused
     unless ``trust_pickle``), OpenAI's TorchScript archives, an open_clip / evaclip export folder, or an evaclip
     run or checkpoint directory (its newest valid checkpoint, consolidated whatever engine wrote it)."""
@@ -178,11 +179,11 @@ def read_state_dict(path: str, what: str = "weights", trust_pickle: bool = False
         from evaclip.checkpoint import is_checkpoint, load_weights
 
         if is_checkpoint(path) or os.path.isdir(os.path.join(path, "checkpoints")):  # an evaclip run (e.g. MIM)
-            return load_weights(path, trust_pickle)[0]
+            return load_weights(path, trust_pickle, opt_in=opt_in)[0]
         for name in ("open_clip_model.safetensors", "model.safetensors", "open_clip_pytorch_model.bin",
                      "pytorch_model.bin", os.path.join("timm_image_tower", "model.safetensors")):
             if os.path.exists(os.path.join(path, name)):
-                return read_state_dict(os.path.join(path, name), what, trust_pickle)
+                return read_state_dict(os.path.join(path, name), what, trust_pickle, opt_in)
         raise FileNotFoundError(f"{what}: {path} holds no open_clip_model.safetensors / model.safetensors / *.bin")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{what}: {path} does not exist")
@@ -190,7 +191,7 @@ def read_state_dict(path: str, what: str = "weights", trust_pickle: bool = False
         from safetensors.torch import load_file
 
         return load_file(path)
-    return unwrap_checkpoint(load_torch(path, what, trust_pickle))
+    return unwrap_checkpoint(load_torch(path, what, trust_pickle, opt_in))
 
 
 def whole_model_from_checkpoint(sd: Dict, model) -> Dict[str, torch.Tensor]:

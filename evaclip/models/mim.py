@@ -95,6 +95,7 @@ class Teacher(nn.Module):
         super().__init__()
         self.net, self._features = net, features
         self.image_size, self.grid, self.width, self.name = image_size, tuple(grid), width, name
+        self.identity = ""  # set by load_teacher: changes with the teacher's weights (a resume checks it)
         self._stats = (tuple(float(v) for v in mean), tuple(float(v) for v in std))
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
@@ -178,10 +179,34 @@ def _open_clip_teacher(model, layer: int, where: str) -> Teacher:
 
 
 def load_teacher(cfg, trust_pickle: bool = False, log: Callable = print) -> Teacher:
-    """The teacher ``mim.teacher`` names (``cfg`` is the ``[mim]`` section); every file is read weights-only."""
+    """The teacher ``mim.teacher`` names (``cfg`` is the ``[mim]`` section); every file is read weights-only.
+    Its ``identity`` names the weights (a checkpoint's manifest, a file's content digest)."""
+    teacher, identity = _load_teacher(cfg, trust_pickle, log)
+    teacher.identity = identity
+    return teacher
+
+
+def _fit(model, sd, what: str, path: str) -> None:
+    """``load_state_dict``, a mismatch (a teacher of another architecture) one line naming the setting."""
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise ConfigError(f"{what}: {path} does not fit the teacher's architecture ({first} ...)") from None
+
+
+def _weights_file(folder: str) -> str:
+    for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+        if os.path.exists(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return folder
+
+
+def _load_teacher(cfg, trust_pickle: bool, log: Callable):
     import json
 
-    from evaclip.checkpoint import is_checkpoint, load_weights
+    from evaclip.checkpoint import checkpoint_identity, is_checkpoint, load_weights
+    from evaclip.files import sampled_digest
     from evaclip.models.convert import read_state_dict
 
     src, layer = cfg.teacher, cfg.teacher_layer
@@ -191,8 +216,8 @@ def load_teacher(cfg, trust_pickle: bool = False, log: Callable = print) -> Teac
         name = src[len("open_clip:"):]
         model = open_clip.create_model(name, pretrained=None)
         sd = read_state_dict(cfg.teacher_weights, "mim.teacher_weights", trust_pickle)
-        model.load_state_dict(sd)
-        return _open_clip_teacher(model, layer, src)
+        _fit(model, sd, "mim.teacher_weights", cfg.teacher_weights)
+        return _open_clip_teacher(model, layer, src), f"{src} {sampled_digest(cfg.teacher_weights)}"
     if not os.path.exists(src):
         raise ConfigError(f"mim.teacher: {src} does not exist (an evaclip run dir or checkpoint, an export folder, "
                           "or open_clip:<name>)")
@@ -200,15 +225,17 @@ def load_teacher(cfg, trust_pickle: bool = False, log: Callable = print) -> Teac
     if os.path.isdir(src) and os.path.exists(config):  # an export folder
         with open(config) as f:
             record = json.load(f).get("evaclip", {}).get("model")
+        identity = f"export {sampled_digest(_weights_file(src))}" if _weights_file(src) != src else src
         if record is not None:
-            return _evaclip_teacher(read_state_dict(src, "mim.teacher", trust_pickle), record, layer, src)
+            return _evaclip_teacher(read_state_dict(src, "mim.teacher", trust_pickle), record, layer, src), identity
         import open_clip
 
         model = open_clip.create_model(f"local-dir:{src}", pretrained=None)
-        model.load_state_dict(read_state_dict(src, "mim.teacher", trust_pickle))
-        return _open_clip_teacher(model, layer, src)
+        _fit(model, read_state_dict(src, "mim.teacher", trust_pickle), "mim.teacher", src)
+        return _open_clip_teacher(model, layer, src), identity
     if is_checkpoint(src) or os.path.isdir(os.path.join(src, "checkpoints")):
-        sd, meta = load_weights(src, trust_pickle, log)
-        return _evaclip_teacher(sd, meta["model"], layer, meta["checkpoint"])
+        sd, meta = load_weights(src, trust_pickle, log, opt_in="model.trust_pickle=true")
+        return _evaclip_teacher(sd, meta["model"], layer, meta["checkpoint"]), \
+            f"checkpoint {checkpoint_identity(meta['checkpoint'])}"
     raise ConfigError(f"mim.teacher: {src} is neither an evaclip run / checkpoint nor an export folder "
                       "(open_clip_config.json)")

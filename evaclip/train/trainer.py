@@ -134,7 +134,8 @@ class Trainer:
                 continue
             break
         streams = logical_streams(self.cfg.data, saved, edist.world_size(), self.derived.global_batch)
-        self.settings = dict(resume_settings(self.cfg, edist.world_size()), **{"data.num_streams": streams})
+        self.settings = dict(resume_settings(self.cfg, edist.world_size()), **self.objective.resume_settings(),
+                             **{"data.num_streams": streams})
         if saved is not None:
             check_resume_settings(saved, self.settings, self.cfg.checkpoint.allow_changes, saved_in)
         return streams

@@ -34,6 +34,10 @@ class Objective(Protocol):
     def build_model(self) -> torch.nn.Module:
         """The trained model, built after the run's seed is set (same init on every rank)."""
 
+    def resume_settings(self) -> Dict:
+        """What a resume must find unchanged beyond the config (e.g. the identity of a frozen teacher's weights):
+        recorded in every checkpoint and compared like the config's resume settings."""
+
     def forward_backward(self, engine, micro: List[Dict], step: int) -> Forward:
         """Forward and backward over the micro-batches of optimizer step ``step`` (0-based), through ``engine``;
         the last backward is the accumulation boundary."""

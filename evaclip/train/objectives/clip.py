@@ -49,6 +49,9 @@ class ClipObjective:
     def build_model(self) -> torch.nn.Module:
         return create_model(self.model_cfg, self.variant)
 
+    def resume_settings(self) -> Dict:
+        return {}
+
     def drop_noise(self, model, micro: Dict, step: int) -> Optional[torch.Tensor]:
         """Per-sample token-dropping scores [b, N] from (seed, step, key): which patches a sample keeps does
         not depend on the batch, micro-batch or rank it is in (None without dropping, or without keys)."""

@@ -44,6 +44,11 @@ class MimObjective:
                  f"teacher {self.teacher.name} (width {self.teacher.width}, grid {self.teacher.grid})")
         return model
 
+    def resume_settings(self) -> Dict:
+        """The teacher's weights (a run dir's newest checkpoint changes as that run goes on): a resume that
+        would regress other targets is refused."""
+        return {"mim.teacher_identity": self.teacher.identity}
+
     def forward_backward(self, engine, micro: List[Dict], step: int) -> Forward:
         """Per micro-batch: teacher targets (no grad), the student on the masked images, backward."""
         dev, m, v = self.device, self.cfg, self.variant
