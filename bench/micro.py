@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from bench.common import timeit
+from bench.common import summarize, timeit
 
 
 def optimizer_step(reps: int = 5, model: str = "EVA02-B-16"):
@@ -180,3 +180,46 @@ def mim_step(export_dir: str, reps: int = 5, batch: int = 64, student: str = "EV
     return {"student": student, "teacher": teacher.name.split(" (")[0], "batch": batch,
             "with_teacher": with_t, "without_teacher": without, "masks": masks,
             "teacher_share": 1 - without["median"] / with_t["median"]}
+
+
+def filter_identity_cost(shards: str, export_dir: str, reps: int = 5):
+    """``evaclip data filter`` on the demo data (score tables of the synthetic 64 px shards, every sample kept):
+    with its check that each shard is the one scored (size and sampled content digest per shard, issue 32) and
+    with the check's digest replaced by the recorded value, to isolate its cost."""
+    import shutil
+    import tempfile
+
+    from evaclip.curation import filter as filt
+    from evaclip.curation.score import score
+    from evaclip.encoders import load_encoders
+
+    tmp = tempfile.mkdtemp()
+    try:
+        score(shards, "", load_encoders(model="open_clip:tiny", pretrained=export_dir), os.path.join(tmp, "s"),
+              batch_size=64, workers=0)
+        real = filt.shard_identity
+        recorded = {u: real(u) for u in filt.expand_sources(shards, "")[0][1]}
+
+        def run(check: bool):
+            def go():
+                shutil.rmtree(os.path.join(tmp, "out"), ignore_errors=True)
+                if not check:  # the value the table recorded, without touching the shard
+                    filt.shard_identity = recorded.__getitem__
+                try:
+                    counts["kept"] = filt.filter_tables([os.path.join(tmp, "s")], os.path.join(tmp, "out"),
+                                                        min_value=-1.0)["kept"]
+                finally:
+                    filt.shard_identity = real
+            return go
+
+        counts = {}
+        # interleaved, so that drifts of the shared machine fall on both
+        with_check, without = [], []
+        for _ in range(2 * reps):
+            without.append(timeit(run(False), 1, 0)["median"])
+            with_check.append(timeit(run(True), 1, 0)["median"])
+        with_check, without = summarize(with_check[2:]), summarize(without[2:])  # the first two: warm-up
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"samples": counts["kept"], "with_check": with_check, "without_check": without,
+            "overhead": with_check["median"] / without["median"] - 1}

@@ -27,7 +27,7 @@ import torch
 
 from evaclip import dist as edist
 from evaclip.errors import CheckpointError, TrainingStopped
-from evaclip.files import atomic_write, fsync_dir, replace_dir
+from evaclip.files import atomic_write, replace_dir
 from evaclip.safe_load import load_torch
 
 META, MANIFEST = "meta.json", "manifest.json"
@@ -213,9 +213,7 @@ def rewind(run_dir: str, ckpt: str) -> List[str]:
         f.write(tag + "\n")
     newer = [t for t in complete_checkpoints(root) if t > tag]
     for t in newer:
-        shutil.rmtree(os.path.join(root, ROLLED_BACK + t), ignore_errors=True)
-        os.replace(os.path.join(root, t), os.path.join(root, ROLLED_BACK + t))
-    fsync_dir(root)
+        replace_dir(os.path.join(root, t), os.path.join(root, ROLLED_BACK + t))
     return newer
 
 

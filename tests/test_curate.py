@@ -6,6 +6,7 @@ import io
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -379,3 +380,33 @@ def test_a_second_filter_of_the_same_out_is_refused_and_a_failed_one_keeps_the_o
     assert not [d for d in os.listdir(tmp_path) if ".tmp-" in d]
     again = filter_tables([scored], out, min_value=-1.0, force=True)
     assert again["keys_sha1"] == first["keys_sha1"] and again["manifest"] == os.path.join(out, "manifest.parquet")
+
+
+def test_filter_refuses_a_replaced_shard_and_tables_of_two_models(curate_data, demo_model, tmp_path):
+    """Issue 32 (4): data filter matched samples by key alone: a shard replaced after scoring (here: the same keys
+    with the original, unshuffled captions) was copied with exit 0, and tables of two models were merged (scores
+    on two scales). Now each table records the shard it scored (bytes and a content digest) and the model: a
+    replaced shard and a mix of models (unless --mixed-models) are one-line errors naming them."""
+    import dataclasses
+
+    from evaclip.curation.filter import filter_tables
+    from evaclip.curation.score import score
+    from evaclip.encoders import load_encoders
+    from evaclip.errors import UserError
+
+    shards = tmp_path / "shards"
+    shutil.copytree(curate_data["mixed_dir"], shards)
+    pattern = str(shards / "{00000..00002}.tar")
+    enc = load_encoders(demo_model)
+    score(pattern, "", enc, str(tmp_path / "a"), batch_size=64, workers=0)
+    score(pattern, "", dataclasses.replace(enc, identity="other-weights"), str(tmp_path / "b"), batch_size=64,
+          workers=0)
+    with pytest.raises(UserError, match=r"scored by 2 models .*other-weights.*--mixed-models"):
+        filter_tables([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "ab"), min_value=-1.0)
+    both = filter_tables([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "ab"), min_value=-1.0,
+                         mixed_models=True)
+    assert both["kept"] == 1200
+    shutil.copy(os.path.join(curate_data["root"], "held", "clean", "00001.tar"), shards / "00001.tar")
+    with pytest.raises(UserError, match=r"00001.tar is not the shard .* scored .*score it again"):
+        filter_tables([str(tmp_path / "a")], str(tmp_path / "kept"), min_value=-1.0)
+    assert not os.path.exists(tmp_path / "kept")

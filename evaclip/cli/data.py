@@ -97,6 +97,8 @@ def add_curation_parsers(dsub) -> None:
     f.add_argument("--shard-size", type=number(int, ge=1), default=10000, help="samples per output shard (img2dataset: 10000)")
     f.add_argument("--name", default="", help="recipe name (default: the --out folder's name)")
     f.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    f.add_argument("--mixed-models", action="store_true",
+                   help="accept tables scored by different models (their scores are on different scales)")
 
 
 def run_curation(args) -> int:
@@ -123,7 +125,8 @@ def run_curation(args) -> int:
 
         res = filter_tables(args.tables, args.out, by=args.by, min_value=args.min, max_value=args.max, top=args.top,
                             bottom=args.bottom, where=args.where, shards=args.shards, root=args.root,
-                            shard_size=args.shard_size, name=args.name, force=args.force)
+                            shard_size=args.shard_size, name=args.name, force=args.force,
+                            mixed_models=args.mixed_models)
         for src, c in res["per_source"].items():
             print(f"  {src}: kept {c['kept']:,} of {c['total']:,} ({100 * c['kept'] / max(c['total'], 1):.1f}%)"
                   + (f", cut at {c['cut']:.4g}" if c.get("cut") is not None else ""))

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import io
 import json
 import os
 import shutil
-import tarfile
 from collections import Counter
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
-from evaclip.data.shards import ShardError, iter_tar_samples
+from evaclip.curation.score import MODEL_KEY, SHARD_KEY
+from evaclip.data.shards import shard_identity
 from evaclip.data.tools import expand_sources
 from evaclip.errors import UserError
-from evaclip.files import atomic_write, exclusive, replace_dir, replace_file
+from evaclip.files import atomic_write, exclusive, replace_dir
 from evaclip.curation.histogram import Histogram
+from evaclip.curation.shard_writer import copy_kept, shard_writer
 from evaclip.curation.where import parse_where
 
 
@@ -56,6 +56,21 @@ def _read(path: str, columns=None):
 
     t = pq.read_table(path, columns=columns)
     return t.drop_columns([c for c in ("embedding",) if c in t.column_names])
+
+
+def _metadata(path: str) -> Dict[str, str]:
+    import pyarrow.parquet as pq
+
+    md = pq.read_schema(path).metadata or {}
+    return {k.decode("utf-8", "replace"): v.decode("utf-8", "replace") for k, v in md.items()}
+
+
+def _check_models(files: Sequence[str]) -> None:
+    """Score tables of different models (or weights) hold scores on different scales: not one filter's input."""
+    models = sorted({m for m in (_metadata(f).get(MODEL_KEY) for f in files) if m})
+    if len(models) > 1:
+        raise UserError(f"the tables were scored by {len(models)} models ({'; '.join(models[:3])}): their scores are "
+                        "on different scales; filter each model's tables on their own, or pass --mixed-models")
 
 
 def _aggregate_by_key(table):
@@ -148,66 +163,13 @@ def _mask(table, expr):
     return np.asarray(got, dtype=bool)
 
 
-def _shard_writer(out: str, shard_size: int):
-    """Write samples (dict of ext -> bytes) into out/00000.tar, 00001.tar, ... with img2dataset's _stats.json."""
-    state = {"tar": None, "n": 0, "index": -1, "counts": []}
-
-    def close():
-        if state["tar"] is not None:
-            state["tar"].close()
-            name = os.path.join(out, f"{state['index']:05d}")
-            replace_file(name + ".tar.tmp", name + ".tar")
-            with atomic_write(name + "_stats.json") as f:
-                json.dump({"count": state["n"], "successes": state["n"], "failed_to_download": 0}, f)
-            state["counts"].append(state["n"])
-            state["tar"] = None
-
-    def add(key: str, files: Dict[str, bytes]):
-        if state["tar"] is None or state["n"] >= shard_size:
-            close()
-            state["index"] += 1
-            state["n"] = 0
-            state["tar"] = tarfile.open(os.path.join(out, f"{state['index']:05d}.tar.tmp"), "w")
-        for ext, data in files.items():
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            state["tar"].addfile(info, io.BytesIO(data))
-        state["n"] += 1
-
-    return add, close, state
-
-
-def _copy_kept(url: str, match: Callable[[str], Optional[Dict]], add) -> int:
-    """Copy the samples of ``url`` for which ``match(key)`` gives their metadata; returns how many."""
-    n = 0
-    try:
-        for raw in iter_tar_samples(url):
-            extra = match(raw["__key__"])
-            if extra is None:
-                continue
-            members = {e: v for e, v in raw.items() if not e.startswith("__")}  # copied byte for byte
-            meta = {}
-            if "json" in members:
-                try:
-                    meta = json.loads(members["json"])
-                except ValueError:
-                    meta = {}
-            meta.update({c: v for c, v in extra.items() if v is not None})
-            members["json"] = json.dumps(meta).encode()
-            add(raw["__key__"], members)
-            n += 1
-    except ShardError as e:
-        raise UserError(f"cannot read {url} to copy its kept samples: {e}") from None
-    return n
-
-
 class _Copier:
     """Pass 2: selects each table's rows and copies the kept samples into the new shards, counting per source."""
 
     def __init__(self, out: str, shard_size: int, by: str, min_value, max_value, cuts, where: str, hist):
         self.by, self.min_value, self.max_value, self.cuts, self.where, self.hist = by, min_value, max_value, cuts, \
             where, hist
-        self.add, self.close, self.state = _shard_writer(out, shard_size)
+        self.add, self.close, self.state = shard_writer(out, shard_size)
         self.total: Counter = Counter()
         self.kept: Counter = Counter()
         self.digest = hashlib.sha1()
@@ -240,18 +202,24 @@ class _Copier:
                 return None
             done.add(k)
             return wanted[k]
-        _copy_kept(url, match, self.add)
+        copy_kept(url, match, self.add)
         for k in done:
             wanted.pop(k)
             self.kept[k[0]] += 1
             self.digest.update(f"{k[0]}/{k[1]}\n".encode())
 
     def from_tables(self, files: Sequence[str], progress=None) -> int:
-        """A table at a time: its rows come from the shard(s) it names. Returns the kept samples not found."""
+        """A table at a time: its rows come from the shard(s) it names, which must be the shard it scored (a
+        replaced shard, matched by key alone, gave other images and captions). Returns the kept samples not found."""
         missing = 0
         for f in files:
             wanted, shard_col = self.selected(_read(f))
+            scored = _metadata(f).get(SHARD_KEY, "")
             for url in dict.fromkeys(shard_col):
+                now = shard_identity(url) if scored else ""
+                if now != scored:
+                    raise UserError(f"{url} is not the shard {f} scored (bytes:digest {scored} then, {now or 'gone'} "
+                                    "now): score it again (evaclip data score)")
                 self.copy(url, wanted)
             missing += len(wanted)
             if progress:
@@ -317,13 +285,15 @@ def _check_out_is_no_input(out: str, paths: Sequence[str], columns, shards: str,
 
 def filter_tables(tables: Sequence[str], out: str, by: str = "score", min_value=None, max_value=None, top=None,
                   bottom=None, where: str = "", shards: str = "", root: str = "", shard_size: int = 10000,
-                  name: str = "", force: bool = False, progress=None) -> Dict:
+                  name: str = "", force: bool = False, progress=None, mixed_models: bool = False) -> Dict:
     """Select samples from score / loss tables and copy them into new shards; see the comment above. One filter at
     a time writes an --out (a lock beside it); the shards are built in a hidden folder next to it and swapped in
     whole at the end, so a failed or killed filter leaves the old --out as it was (--force included)."""
     files = _table_files(tables)
     columns = _columns(files)
     _check_criteria(columns, by, min_value, max_value, top, bottom, where)
+    if not mixed_models:
+        _check_models(files)
     if os.path.isdir(out) and os.listdir(out) and not force:
         raise UserError(f"--out {out} is not empty (pass --force to replace it)")
     if "shard" not in columns and not shards:

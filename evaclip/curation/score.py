@@ -10,12 +10,13 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, List, Optional, Tuple
 
-from evaclip.data.shards import ShardError, iter_tar_samples
+from evaclip.data.shards import ShardError, iter_tar_samples, shard_identity
 from evaclip.data.tools import expand_sources
 from evaclip.errors import UserError
 from evaclip.files import atomic_write
 
 SCORE_CONFIG = "score.json"
+MODEL_KEY, SHARD_KEY = "evaclip.model", "evaclip.shard"  # a table's metadata: what scored what
 
 
 def parse_part(spec: str) -> Tuple[int, int]:
@@ -73,7 +74,8 @@ def _prepare(raw: Dict, transform) -> Tuple:
     return img, {"key": raw["__key__"], "caption": caption, "image_bytes": len(raw[ext]), "width": w, "height": h}
 
 
-def _write_table(path: str, cols: Dict, source: str, url: str, skips: Dict, embed_dim: int) -> None:
+def _write_table(path: str, cols: Dict, source: str, url: str, skips: Dict, embed_dim: int, identity: Dict) -> None:
+    """One shard's table; its metadata: the skip counts and ``identity`` (the model and the shard scored)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -88,7 +90,7 @@ def _write_table(path: str, cols: Dict, source: str, url: str, skips: Dict, embe
 
         flat = np.concatenate(cols["embedding"]).astype(np.float16).reshape(-1) if n else np.zeros(0, np.float16)
         fields["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float16()), embed_dim)
-    table = pa.table(fields).replace_schema_metadata({"evaclip.skipped": json.dumps(skips)})
+    table = pa.table(fields).replace_schema_metadata({"evaclip.skipped": json.dumps(skips), **identity})
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with atomic_write(path, "wb") as f:  # a table exists only once its shard is complete
         pq.write_table(table, f)
@@ -129,12 +131,14 @@ def score(source: str, root: str, enc, out: str, batch_size: int = 256, workers:
                 if os.path.exists(path):
                     res["done_before"] += 1
                     continue
+                shard = shard_identity(url)  # before the read: a shard replaced meanwhile does not match
                 try:
                     cols, skips, dim = _score_shard(url, transform, pool, encode, batch_size, embeddings, progress)
                 except ShardError as e:
                     res["unreadable"].append({"shard": url, "error": str(e)})  # no table: a rerun retries it
                     continue
-                _write_table(path, cols, name, url, dict(skips), dim)
+                _write_table(path, cols, name, url, dict(skips), dim, {MODEL_KEY: f"{enc.name} {enc.identity}",
+                                                                      SHARD_KEY: shard})
                 res["scored_shards"] += 1
                 res["samples"] += len(cols["key"])
                 res["skipped"].update(skips)

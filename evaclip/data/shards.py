@@ -85,6 +85,16 @@ class PipeStream:
         self.proc.wait()
 
 
+def shard_identity(url: str) -> str:
+    """``<bytes>:<sampled content digest>`` of a local shard ("" for a remote one): recorded with what is derived
+    from a shard (score tables), so that a shard replaced since is not taken for the one scored."""
+    if not is_local(url) or not os.path.exists(url):
+        return ""
+    from evaclip.files import sampled_digest
+
+    return f"{os.path.getsize(url)}:{sampled_digest(url)}"
+
+
 def open_stream(url: str):
     """Binary stream for a local path, ``pipe:cmd``, http(s) (webdataset's gopen), or any other URL scheme
     fsspec knows (``s3://``, ``gs://``, ``hf://`` ... with the matching fsspec backend installed)."""

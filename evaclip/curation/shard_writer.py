@@ -1,0 +1,66 @@
+"""The filter's output: new img2dataset-style shards (``shard_writer``: numbered tars, each published whole with
+its ``_stats.json``) and the copy of kept samples from an input shard, byte for byte (``copy_kept``)."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from typing import Callable, Dict, Optional
+
+from evaclip.data.shards import ShardError, iter_tar_samples
+from evaclip.errors import UserError
+from evaclip.files import atomic_write, replace_file
+
+
+def shard_writer(out: str, shard_size: int):
+    """Write samples (dict of ext -> bytes) into out/00000.tar, 00001.tar, ... with img2dataset's _stats.json."""
+    state = {"tar": None, "n": 0, "index": -1, "counts": []}
+
+    def close():
+        if state["tar"] is not None:
+            state["tar"].close()
+            name = os.path.join(out, f"{state['index']:05d}")
+            replace_file(name + ".tar.tmp", name + ".tar")
+            with atomic_write(name + "_stats.json") as f:
+                json.dump({"count": state["n"], "successes": state["n"], "failed_to_download": 0}, f)
+            state["counts"].append(state["n"])
+            state["tar"] = None
+
+    def add(key: str, files: Dict[str, bytes]):
+        if state["tar"] is None or state["n"] >= shard_size:
+            close()
+            state["index"] += 1
+            state["n"] = 0
+            state["tar"] = tarfile.open(os.path.join(out, f"{state['index']:05d}.tar.tmp"), "w")
+        for ext, data in files.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            state["tar"].addfile(info, io.BytesIO(data))
+        state["n"] += 1
+
+    return add, close, state
+
+
+def copy_kept(url: str, match: Callable[[str], Optional[Dict]], add) -> int:
+    """Copy the samples of ``url`` for which ``match(key)`` gives their metadata; returns how many."""
+    n = 0
+    try:
+        for raw in iter_tar_samples(url):
+            extra = match(raw["__key__"])
+            if extra is None:
+                continue
+            members = {e: v for e, v in raw.items() if not e.startswith("__")}  # copied byte for byte
+            meta = {}
+            if "json" in members:
+                try:
+                    meta = json.loads(members["json"])
+                except ValueError:
+                    meta = {}
+            meta.update({c: v for c, v in extra.items() if v is not None})
+            members["json"] = json.dumps(meta).encode()
+            add(raw["__key__"], members)
+            n += 1
+    except ShardError as e:
+        raise UserError(f"cannot read {url} to copy its kept samples: {e}") from None
+    return n
