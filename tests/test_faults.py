@@ -212,3 +212,31 @@ def test_10_a_recipe_edited_before_a_resume_is_refused_with_the_difference(synth
     with pytest.raises(CheckpointError, match=r"other settings: data.recipe_sources \(\[\[.*\]\] -> \[\[.*\]\]\)"):
         _trainer(synth_dir, tmp_path, "edited", steps=4, extra=[f"data.recipe={recipe}"])
     assert sorted(os.listdir(os.path.join(tmp_path, "edited"))) == before
+
+
+def test_17_a_full_disk_is_one_line_for_every_command(tmp_path, capsys, monkeypatch):
+    """Issue 32 (17): a full disk during data synth / score / filter / export was an OSError traceback. Here on a
+    real 1 MiB tmpfs (or, where none can be mounted, the writer patched to raise ENOSPC as a full disk does)."""
+    import errno
+    import subprocess
+
+    from evaclip import cli
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+                             capture_output=True).returncode == 0
+    if not mounted:
+        from evaclip.data import synth
+
+        def full(*a, **k):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(synth, "write_train", full)
+    try:
+        assert cli.main(["data", "synth", "--out", str(disk / "s"), "--shards", "4", "--per-shard", "500"]) == 2
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+    err = [x for x in capsys.readouterr().err.splitlines() if " error: " in x]
+    assert len(err) == 1 and "disk full" in err[0] and "No space left on device" in err[0], err

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import textwrap
@@ -56,6 +57,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     except BrokenPipeError:  # `evaclip models | head`: the reader left; stop writing quietly (Python's advice)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:
+        if args.debug or e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # a full disk (filter, score, export, synth): one line; every writer publishes whole files (files.py), so
+        # what it had finished stays and a rerun resumes or starts again
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"evaclip {args.cmd}: error: disk full{where} ({e.strerror}); free space and run the same command again",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         if args.debug:
             raise
