@@ -410,3 +410,27 @@ def test_filter_refuses_a_replaced_shard_and_tables_of_two_models(curate_data, d
     with pytest.raises(UserError, match=r"00001.tar is not the shard .* scored .*score it again"):
         filter_tables([str(tmp_path / "a")], str(tmp_path / "kept"), min_value=-1.0)
     assert not os.path.exists(tmp_path / "kept")
+
+
+def test_a_second_scorer_of_the_same_part_is_refused(curate_data, demo_model, tmp_path):
+    """Issue 32 (11): two processes given the same --part of one --out wrote the same tables at once. A lock per
+    part: the second is a one-line error naming the part and the holder; other parts are free."""
+    import socket
+
+    from evaclip.curation.score import score
+    from evaclip.encoders import load_encoders
+    from evaclip.errors import UserError
+
+    out = tmp_path / "scores"
+    out.mkdir()
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        (out / ".part-0-of-2.lock").write_text(f"{socket.gethostname()} {holder.pid}")
+        enc = load_encoders(demo_model)
+        with pytest.raises(UserError, match=rf"part 0/2 is being written by another process .*pid {holder.pid}"):
+            score(curate_data["mixed"], "", enc, str(out), workers=0, part=(0, 2))
+        assert score(curate_data["mixed"], "", enc, str(out), workers=0, part=(1, 2))["scored_shards"] == 1
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (out / ".part-1-of-2.lock").exists()

@@ -2,6 +2,7 @@
 atomically when its shard is done (a rerun skips finished shards); ``--part i/n`` splits the shards."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -13,7 +14,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 from evaclip.data.shards import ShardError, iter_tar_samples, shard_identity
 from evaclip.data.tools import expand_sources
 from evaclip.errors import UserError
-from evaclip.files import atomic_write
+from evaclip.files import atomic_write, exclusive
 
 SCORE_CONFIG = "score.json"
 MODEL_KEY, SHARD_KEY = "evaclip.model", "evaclip.shard"  # a table's metadata: what scored what
@@ -110,6 +111,9 @@ def score(source: str, root: str, enc, out: str, batch_size: int = 256, workers:
                         "image_size": enc.image_size, "embeddings": embeddings, "precision": "bf16" if bf16 else "fp32"})
     transform = eval_transform(enc.image_size, enc.mean, enc.std, interpolation=enc.interpolation)
     dev = torch.device(device)
+    # one writer per part: a second process given the same part (a repeated --part, a rank run twice) is refused
+    lock = contextlib.ExitStack()
+    lock.enter_context(exclusive(os.path.join(out, f".part-{i}-of-{n}.lock"), f"--out {out} part {i}/{n}"))
     pool = ThreadPoolExecutor(workers) if workers > 0 else None
     res = {"scored_shards": 0, "done_before": 0, "samples": 0, "skipped": Counter(), "unreadable": []}
     t0 = time.time()
@@ -145,6 +149,7 @@ def score(source: str, root: str, enc, out: str, batch_size: int = 256, workers:
     finally:
         if pool is not None:
             pool.shutdown()
+        lock.close()
     res["skipped"] = dict(res["skipped"])
     res["seconds"] = time.time() - t0
     res["pairs_per_s"] = res["samples"] / max(res["seconds"], 1e-9)
