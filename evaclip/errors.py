@@ -20,3 +20,10 @@ class CheckpointError(UserError, RuntimeError):
 
 class TrainingStopped(UserError, RuntimeError):
     """The run cannot continue (too many non-finite steps, unusable data, a stalled input pipeline ...)."""
+
+
+class StopInterrupt(BaseException):
+    """A stop signal ending a data wait that may never end (train/preemption.py). A BaseException, as
+    KeyboardInterrupt is: the ``except Exception`` that counts a corrupt image as a skipped sample must not swallow
+    it (it did: a SIGTERM landing in an image decode became one more skipped sample and the skip went on).
+    The wait turns it into TrainingStopped; the CLI prints it as one line if it escapes elsewhere."""

@@ -151,25 +151,44 @@ def test_14_7_shards_of_undecodable_images_stop_at_once_with_the_reason_at_any_w
     assert "rank 0 worker" in msg and "are all unusable" in msg and "'decode_error': 64" in msg, msg
 
 
-def test_9_a_signal_during_a_long_skip_ends_it(synth_dir, tmp_path):
-    """Issue 32 (9): a huge spike.skip_samples ignored SIGTERM while it skipped. A signal that comes more than
-    STALLED_WAIT_S into a skip ends it at once with a message (no checkpoint: the skip is not a step)."""
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("signal_at", ["late", "early", "in_a_decode"])
+def test_9_a_signal_during_a_long_skip_ends_it(synth_dir, tmp_path, monkeypatch, signal_at):
+    """Issue 32 (9): a huge spike.skip_samples ignored SIGTERM while it skipped. A signal more than STALLED_WAIT_S
+    into a skip ends it at once ("late"); one that came earlier ends it once the skip has lasted that long
+    ("early"; it used to be forgotten until the skip ended); one landing inside an image decode is not counted as
+    a corrupt image ("in_a_decode"; it was, and the skip went on: CI hung here). No checkpoint: a skip is no step."""
     import signal
     import threading
     import time
 
-    from evaclip.train.preemption import STALLED_WAIT_S
+    from evaclip.data import samples
+    from evaclip.train import preemption
 
+    monkeypatch.setattr(preemption, "STALLED_WAIT_S", 2.0)
     tr = _trainer(synth_dir, tmp_path, "skip", steps=3)
     tr.data.open()
     tr.stops.install()
-    timer = threading.Timer(STALLED_WAIT_S + 1, os.kill, (os.getpid(), signal.SIGTERM))
+    timer = threading.Timer({"late": 3.0, "early": 0.3}.get(signal_at, 0), os.kill, (os.getpid(), signal.SIGTERM))
+    if signal_at == "in_a_decode":
+        decode, decoded = samples.decode_image, []
+
+        def decode_then_signal(*a):  # the handler runs inside samples.decode's `except Exception` block
+            decoded.append(1)
+            if len(decoded) == 50:
+                monkeypatch.setattr(preemption, "STALLED_WAIT_S", 0.0)
+                os.kill(os.getpid(), signal.SIGTERM)
+            return decode(*a)
+
+        monkeypatch.setattr(samples, "decode_image", decode_then_signal)
     try:
-        timer.start()
+        if signal_at != "in_a_decode":
+            timer.start()
         t0 = time.time()
         with pytest.raises(TrainingStopped, match=r"received SIGTERM after \d+ s waiting while skipping 1000000000 "):
-            tr.data.skip(10 ** 9)
-        assert time.time() - t0 < STALLED_WAIT_S + 15
+            tr.data.skip(10 ** 9, tick=tr.stops.check_wait)
+        assert time.time() - t0 < 2.0 + 15
+        assert tr.data.state.skip_counts().get("decode_error", 0) == 0
     finally:
         timer.cancel()
         tr.stops.restore()

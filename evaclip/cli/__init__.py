@@ -10,7 +10,7 @@ from typing import List, Optional
 
 from evaclip.cli import data, evaluate, export, models, train
 from evaclip.cli.common import FORMATTER
-from evaclip.errors import UserError
+from evaclip.errors import StopInterrupt, UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +65,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         where = f" writing {e.filename}" if e.filename else ""
         print(f"evaclip {args.cmd}: error: disk full{where} ({e.strerror}); free space and run the same command again",
               file=sys.stderr)
+        return 2
+    except StopInterrupt as e:  # a stop signal into a data wait, escaped before the wait could convert it
+        if args.debug:
+            raise
+        print(f"evaclip {args.cmd}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if args.debug:

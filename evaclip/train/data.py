@@ -6,7 +6,7 @@ import contextlib
 import math
 import time
 import zlib
-from typing import Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 
@@ -18,7 +18,7 @@ from evaclip.data.loader import make_loader, stop_workers
 from evaclip.data.pipeline import DataState, ImageTextStream
 from evaclip.data.streams import build_stream_spec
 from evaclip.data.topology import check_streams
-from evaclip.errors import ConfigError, TrainingStopped
+from evaclip.errors import ConfigError, StopInterrupt, TrainingStopped
 from evaclip.train.resume import same_ranks_only
 
 
@@ -111,9 +111,13 @@ class TrainData:
 
     @contextlib.contextmanager
     def _wait(self, what: str):
-        self.waiting = (time.monotonic(), what)
+        """While the run waits for data: ``waiting`` says since when and for what (a stop signal's handler reads
+        it), and a StopInterrupt the handler raised into the wait leaves it as TrainingStopped."""
         try:
+            self.waiting = (time.monotonic(), what)
             yield
+        except StopInterrupt as e:
+            raise TrainingStopped(str(e)) from None
         finally:
             self.waiting = None
 
@@ -133,15 +137,17 @@ class TrainData:
         m = self.cfg.micro_batch_size
         return [{k: v[j * m:(j + 1) * m] for k, v in whole.items()} for j in range(self.accum_steps)]
 
-    def skip(self, n: int) -> None:
+    def skip(self, n: int, tick: Callable[[], None] = lambda: None) -> None:
         """Consume ``n`` samples without training on them (a loss spike's window): the position moves on, the
-        order hash does not. Logical streams skip whole data steps (the pieces of ceil(n / global batch) steps)."""
+        order hash does not. Logical streams skip whole data steps (the pieces of ceil(n / global batch) steps).
+        ``tick`` runs between batches (the trainer's: end a long skip once a stop signal came)."""
         if self.num_streams:
             batches = math.ceil(n / self.global_batch) * max(1, self.cfg.workers)
         else:
             batches = math.ceil(n / (self.cfg.micro_batch_size * edist.world_size()))
         with self._wait(f"while skipping {n} samples"):
             for _ in range(batches):
+                tick()
                 self.state.update(self._next().pop("__state__"))
 
     def check_skips(self) -> None:

@@ -13,7 +13,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from evaclip import dist as edist
-from evaclip.errors import TrainingStopped
+from evaclip.errors import StopInterrupt, TrainingStopped
 
 REQUEUE_EXIT_CODE = 85  # the trainer exits with this code after a preemption save
 STOP_FILE = "STOP"  # created in the run dir (e.g. by the sbatch script's pre-timeout trap): save and exit
@@ -49,14 +49,21 @@ class StopRequests:
                       file=sys.stderr, flush=True)
                 os._exit(128 + signum)
             self.signal, self._signal_at = signum, now
-            name, wait = signal.Signals(signum).name, self.waiting()
-            if wait is not None and now - wait[0] > STALLED_WAIT_S:  # the step may never come: end the wait now
-                raise TrainingStopped(f"received {name} after {now - wait[0]:.0f} s waiting {wait[1]}: stopping "
-                                      "without a checkpoint (the last complete one is kept; rerun to resume from it)")
-            self.log(f"received {name}: finishing this step, saving, exiting for requeue "
+            self.check_wait(StopInterrupt)  # a stalled wait: end it now (not TrainingStopped, see StopInterrupt)
+            self.log(f"received {signal.Signals(signum).name}: finishing this step, saving, exiting for requeue "
                      f"(send it again, {SIGNAL_REPEAT_S:g} s or more later, to exit at once)")
 
         self._old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+
+    def check_wait(self, error: type = TrainingStopped) -> None:
+        """Raise ``error`` when a stop signal has come and the run has waited for data (or skipped a spike's
+        window) more than ``STALLED_WAIT_S``: the step may never come. Called by the handler and, for a signal that
+        came early in a long skip, between the batches the skip reads."""
+        wait, now = self.waiting(), time.monotonic()
+        if self.signal is None or wait is None or now - wait[0] <= STALLED_WAIT_S:
+            return
+        raise error(f"received {signal.Signals(self.signal).name} after {now - wait[0]:.0f} s waiting {wait[1]}: "
+                    "stopping without a checkpoint (the last complete one is kept; rerun to resume from it)")
 
     def restore(self) -> None:
         """Give the caller (a notebook, a test process, a wrapper script) its own handlers back."""

@@ -371,7 +371,7 @@ class Trainer:
     def _skip_data(self, step: int) -> None:
         """Consume, without training on them, the samples a rollback marked for skipping at ``step``."""
         n = self.healing.skip_windows[step]  # kept: a later rollback to before this step must skip it again
-        self.data.skip(n)
+        self.data.skip(n, tick=self.stops.check_wait)
         self.log(f"step {step}: skipped {n} samples (the window of a loss spike)")
 
     def _lr_metrics(self, factor: float) -> Dict[str, float]:
