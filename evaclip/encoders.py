@@ -43,8 +43,9 @@ def check_open_clip_folder(folder: str) -> None:
     if "mim" in record:
         raise UserError(f"--pretrained {folder} is the image tower of a masked-image-modeling run (no text tower): "
                         "evaluate or score the CLIP trained from it")
-    if not any(os.path.exists(os.path.join(folder, n)) for n in ("open_clip_model.safetensors",
-                                                                  "open_clip_pytorch_model.bin")):
+    from evaclip.models.convert import WHOLE_MODEL_FILES, weights_file
+
+    if weights_file(folder, WHOLE_MODEL_FILES) is None:
         raise UserError(f"--pretrained {folder} holds no whole-model weights (open_clip_model.safetensors): an "
                         "export of one tower (--tower image / text) cannot score image-text pairs")
 

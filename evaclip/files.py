@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import operator
 import os
 import re
 import shutil
@@ -189,14 +190,23 @@ def _check_bounds(key: str, value: Any, f: Optional[dataclasses.Field]) -> Any:
         return value
     if "unset" in bounds and value == bounds["unset"]:
         return value
-    ops = {"gt": (">", lambda a, b: a > b), "ge": (">=", lambda a, b: a >= b), "lt": ("<", lambda a, b: a < b),
-           "le": ("<=", lambda a, b: a <= b)}
-    wrong = [f"{sym} {bounds[k]}" for k, (sym, ok) in ops.items() if k in bounds and not ok(value, bounds[k])]
-    if wrong:
-        want = " and ".join(f"{sym} {bounds[k]}" for k, (sym, _) in ops.items() if k in bounds)
-        also = f" (or {bounds['unset']}: {bounds.get('unset_means', 'unset')})" if "unset" in bounds else ""
-        raise ConfigError(f"{key} must be {want}{also}, got {value!r}")
+    if out_of_range(value, bounds):
+        also = f" (or {bounds['unset']}: unset)" if "unset" in bounds else ""
+        raise ConfigError(f"{key} must be {range_text(bounds)}{also}, got {value!r}")
     return value
+
+
+_RANGE_OPS = {"gt": (">", operator.gt), "ge": (">=", operator.ge), "lt": ("<", operator.lt), "le": ("<=", operator.le)}
+
+
+def range_text(bounds: Dict[str, Any]) -> str:
+    """A range (``bounds``: gt / ge / lt / le; other keys ignored) as a person reads it: ``>= 1 and < 5``."""
+    return " and ".join(f"{sym} {bounds[k]}" for k, (sym, _) in _RANGE_OPS.items() if bounds.get(k) is not None)
+
+
+def out_of_range(value: float, bounds: Dict[str, Any]) -> bool:
+    """Whether ``value`` breaks any of ``bounds`` (gt / ge / lt / le; None or absent: no bound)."""
+    return any(bounds.get(k) is not None and not ok(value, bounds[k]) for k, (_, ok) in _RANGE_OPS.items())
 
 
 def from_dict(cls, data: Dict[str, Any], prefix: str = ""):

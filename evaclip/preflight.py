@@ -59,11 +59,14 @@ def missing_inputs(cfg: ExperimentConfig) -> List[str]:
                       ("mim.teacher", "" if cfg.mim.teacher.startswith("open_clip:") else cfg.mim.teacher)]:
         if path and "://" not in path and not os.path.exists(path):
             out.append(f"{key}: no such file or folder: {path}")
-    if cfg.checkpoint.resume not in ("auto", "none") and not os.path.exists(cfg.checkpoint.resume):
-        out.append(f"checkpoint.resume: no such checkpoint: {cfg.checkpoint.resume}")
-    elif cfg.checkpoint.resume not in ("auto", "none"):
-        try:
-            resume_candidates(cfg.checkpoint.resume, "")
-        except CheckpointError as e:
-            out.append(str(e))
+    resume = cfg.checkpoint.resume
+    if resume in ("auto", "none"):
+        return out
+    if not os.path.exists(resume):
+        out.append(f"checkpoint.resume: no such checkpoint: {resume}")
+        return out
+    try:
+        resume_candidates(resume, "")
+    except CheckpointError as e:
+        out.append(str(e))
     return out

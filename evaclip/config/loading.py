@@ -10,7 +10,8 @@ import typing
 from typing import Any, Dict, List, Optional
 
 from evaclip.config.schema import Derived, ExperimentConfig
-from evaclip.files import ConfigError, atomic_write, deep_merge, find, from_dict, read_toml, resolve_paths
+from evaclip.files import (ConfigError, atomic_write, deep_merge, find, from_dict, range_text, read_toml,
+                           resolve_paths)
 
 
 
@@ -140,9 +141,6 @@ def load_run_config(run_dir: str) -> tuple:
     return from_dict(ExperimentConfig, data), derived
 
 
-_SYM = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
-
-
 def describe(cls=ExperimentConfig, prefix: str = "") -> List[str]:
     """Every key with its type, default and help: the text of ``--help-config``."""
     out = []
@@ -156,7 +154,7 @@ def describe(cls=ExperimentConfig, prefix: str = "") -> List[str]:
         else:
             tname = getattr(tp, "__name__", str(tp).replace("typing.", ""))
             default = getattr(inst, f.name)
-            rng = ", ".join(f"{_SYM[k]} {v}" for k, v in f.metadata.get("bounds", {}).items() if k in _SYM)
+            rng = range_text(f.metadata.get("bounds", {}))
             out.append(f"  {prefix}{f.name} ({tname}, default {default!r}{'; ' + rng if rng else ''}): "
                        f"{f.metadata.get('help', '')}")
     return out

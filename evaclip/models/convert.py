@@ -166,6 +166,19 @@ def load_into(module: torch.nn.Module, sd: Dict[str, torch.Tensor], what: str, s
     return LoadReport(what, missing, unexpected, len(sd) - len(unexpected))
 
 
+# an export folder's weights, in the order they are looked for: the whole model (open_clip's names, then Hugging
+# Face's), then the image tower alone (an export with --tower image)
+WHOLE_MODEL_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+WEIGHTS_FILES = (*WHOLE_MODEL_FILES, "model.safetensors", "pytorch_model.bin", "timm_image_tower/model.safetensors")
+
+
+def weights_file(folder: str, names: Tuple[str, ...] = WEIGHTS_FILES) -> Optional[str]:
+    """The first of ``names`` present in ``folder`` (its path), or None."""
+    import os
+
+    return next((os.path.join(folder, n) for n in names if os.path.exists(os.path.join(folder, n))), None)
+
+
 def read_state_dict(path: str, what: str = "weights", trust_pickle: bool = False,
                     opt_in: str = "model.trust_pickle=true") -> Dict[str, torch.Tensor]:
     """A state dict from .safetensors, .pt/.pth/.bin (weights-only: a file holding pickled objects is refused
@@ -180,10 +193,9 @@ def read_state_dict(path: str, what: str = "weights", trust_pickle: bool = False
 
         if is_checkpoint(path) or os.path.isdir(os.path.join(path, "checkpoints")):  # an evaclip run (e.g. MIM)
             return load_weights(path, trust_pickle, opt_in=opt_in)[0]
-        for name in ("open_clip_model.safetensors", "model.safetensors", "open_clip_pytorch_model.bin",
-                     "pytorch_model.bin", os.path.join("timm_image_tower", "model.safetensors")):
-            if os.path.exists(os.path.join(path, name)):
-                return read_state_dict(os.path.join(path, name), what, trust_pickle, opt_in)
+        found = weights_file(path)
+        if found is not None:
+            return read_state_dict(found, what, trust_pickle, opt_in)
         raise FileNotFoundError(f"{what}: {path} holds no open_clip_model.safetensors / model.safetensors / *.bin")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{what}: {path} does not exist")

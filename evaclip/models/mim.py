@@ -195,19 +195,12 @@ def _fit(model, sd, what: str, path: str) -> None:
         raise ConfigError(f"{what}: {path} does not fit the teacher's architecture ({first} ...)") from None
 
 
-def _weights_file(folder: str) -> str:
-    for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
-        if os.path.exists(os.path.join(folder, name)):
-            return os.path.join(folder, name)
-    return folder
-
-
 def _load_teacher(cfg, trust_pickle: bool, log: Callable):
     import json
 
     from evaclip.checkpoint import checkpoint_identity, is_checkpoint, load_weights
     from evaclip.files import sampled_digest
-    from evaclip.models.convert import read_state_dict
+    from evaclip.models.convert import WHOLE_MODEL_FILES, read_state_dict, weights_file
 
     src, layer = cfg.teacher, cfg.teacher_layer
     if src.startswith("open_clip:"):
@@ -225,7 +218,8 @@ def _load_teacher(cfg, trust_pickle: bool, log: Callable):
     if os.path.isdir(src) and os.path.exists(config):  # an export folder
         with open(config) as f:
             record = json.load(f).get("evaclip", {}).get("model")
-        identity = f"export {sampled_digest(_weights_file(src))}" if _weights_file(src) != src else src
+        whole = weights_file(src, WHOLE_MODEL_FILES)
+        identity = f"export {sampled_digest(whole)}" if whole else src
         if record is not None:
             return _evaclip_teacher(read_state_dict(src, "mim.teacher", trust_pickle), record, layer, src), identity
         import open_clip
