@@ -1,4 +1,4 @@
-"""``evaclip`` command line: train, eval, export, data, models. Thin: parse, build, call; a module per command."""
+"""``evaclip`` command line: train, eval, export, data, models, plan. Thin: parse, build, call; a module per command."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +8,7 @@ import sys
 import textwrap
 from typing import List, Optional
 
-from evaclip.cli import data, evaluate, export, models, train
+from evaclip.cli import data, evaluate, export, models, plan, train
 from evaclip.cli.common import FORMATTER
 from evaclip.errors import StopInterrupt, UserError
 
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         """))
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
-    for command in (train, evaluate, export, data, models):
+    for command in (train, evaluate, export, data, models, plan):
         command.add_parser(sub)
     return p
 
@@ -36,8 +36,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     debug = "--debug" in argv  # accepted anywhere on the line, not only before the command
     try:  # argparse exits on --help (0) and on a bad argument (2, usage and one error line): a return code here
         args, extra = parser.parse_known_args([a for a in argv if a != "--debug"])
-        if extra:  # `train x.toml a=1 --dry-run b=2`: overrides may come after options
-            bad = [a for a in extra if a.startswith("-") or "=" not in a or args.cmd != "train"]
+        if extra:  # `train x.toml a=1 --dry-run b=2` (or plan): overrides may come after options
+            bad = [a for a in extra if a.startswith("-") or "=" not in a or args.cmd not in ("train", "plan")]
             if bad:
                 parser.error(f"unrecognized arguments: {' '.join(bad)}")
             args.overrides = list(args.overrides) + extra

@@ -32,6 +32,9 @@ def add_parser(sub) -> None:
     t.add_argument("--dry-run", action="store_true", help="print the resolved config, derived values and the "
                    "DeepSpeed config, then exit")
     t.add_argument("--world-size", type=number(int, ge=0), default=0, help="with --dry-run: resolve for this many processes")
+    t.add_argument("--gpu", default="", metavar="KIND", help="with --dry-run: also plan the run on this GPU kind "
+                   "(a100-40gb, a100-80gb, h100-80gb, h200): memory by part, fits or not, speed (`evaclip plan` "
+                   "for nodes and --json)")
     t.add_argument("--help-config", action="store_true", help="list every config key and exit")
     t.add_argument("--print-run-dir", action="store_true", help="print the run directory and exit (scripts)")
     t.set_defaults(fn=cmd_train)
@@ -68,6 +71,13 @@ def cmd_train(args) -> int:
               f"{derived.train_samples:,} samples; run dir {derived.run_dir}")
         for line in missing_inputs(cfg):  # may exist where the run will run; a start here would stop on it
             print(f"warning: {line} (on this machine)", file=sys.stderr)
+        if args.gpu:
+            from evaclip.cli.plan import results_dir
+            from evaclip.models import get_variant
+            from evaclip.plan import plan, render
+
+            print("\n# plan (evaclip plan)\n" + render(plan(cfg, get_variant(cfg.model.name, cfg.model.model_dir),
+                                                           args.gpu, 1, world, results_dir())))
         return 0
     from evaclip.train import Trainer
 

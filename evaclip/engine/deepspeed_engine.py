@@ -49,6 +49,20 @@ def deepspeed_config(engine_cfg, micro_batch_size: int, world_size: int) -> Dict
     return cfg
 
 
+DEFAULT_BUCKET = 500_000_000  # DeepSpeed's reduce / allgather / prefetch bucket default (elements; its config docs)
+
+
+def bucket_elements(engine_cfg, micro_batch_size: int, world_size: int) -> int:
+    """Elements of DeepSpeed's communication buckets alive during backward, the memory peak: the gradient reduce
+    bucket, and at stage 3 the parameter prefetch bucket (stages 1-2 all-gather weights in the optimizer step, when
+    the activations are gone). As the generated config and its overlay set them; 0 without ZeRO."""
+    if engine_cfg.kind != "deepspeed" or engine_cfg.zero_stage == 0:
+        return 0
+    z = deepspeed_config(engine_cfg, micro_batch_size, world_size).get("zero_optimization", {})
+    prefetch = int(z.get("stage3_prefetch_bucket_size", DEFAULT_BUCKET)) if engine_cfg.zero_stage == 3 else 0
+    return int(z.get("reduce_bucket_size", DEFAULT_BUCKET)) + prefetch
+
+
 class DeepSpeedEngine:
     """DeepSpeed under torchrun / Slurm: ZeRO 0-3, bf16 / fp16, clipping; LAMB kept exact under partitioning."""
 

@@ -49,6 +49,24 @@ def check_attn_impl(impl: str) -> None:
         )
 
 
+class _FusedOnMeta(torch.autograd.Function):
+    """A fused kernel's memory on the meta device (the planner's trace, evaclip/plan): it keeps q, k, v, the
+    output and one fp32 log-sum-exp per row for backward, never the [N, N] probabilities (FlashAttention-2, Dao
+    2023, Alg. 1-2; torch's flash and memory-efficient SDPA kernels keep the same). Shapes only: no numbers."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = torch.empty_like(q)
+        lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)  # [B, H, N]
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
 def attention(
     q: torch.Tensor,  # [B, H, N, D]
     k: torch.Tensor,  # [B, H, N, D]
@@ -57,6 +75,8 @@ def attention(
     is_causal: bool = False,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:  # [B, H, N, D]
+    if q.device.type == "meta" and impl not in ("math", "sdpa_math"):  # on a GPU every other impl runs fused
+        return _FusedOnMeta.apply(q, k, v)
     if impl == "sdpa" or (impl in HALF_ONLY and q.is_cuda and q.dtype == torch.float32):
         # fp32 inputs reach a kernel that takes fp16 / bf16 only when a model runs outside autocast (evaluating
         # fp32 weights): SDPA's own choice runs them, where the pinned kernel would fail ("No available kernel")

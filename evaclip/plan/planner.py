@@ -1,0 +1,168 @@
+"""Whether an experiment fits a GPU and how fast it runs, before it is queued: memory by part (plan/memory.py),
+the model's own activations and FLOPs (plan/trace.py), step time (plan/speed.py), and what to change."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Dict, List, Optional
+
+import torch
+
+from evaclip.config import derive
+from evaclip.engine import bucket_elements
+from evaclip.errors import ConfigError
+from evaclip.plan import memory, speed
+from evaclip.plan.trace import count_flops, trace_towers
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclasses.dataclass
+class Setting:
+    """The knobs a suggestion may turn; the rest of the run is fixed."""
+
+    micro_batch: int
+    accum: int
+    zero: int
+    checkpointing: bool
+
+
+class Planner:
+    """One experiment on ``nodes`` x ``gpus_per_node`` GPUs of one kind. The meta-device traces are taken once per
+    checkpointing setting; activations grow linearly with the micro-batch, so other micro-batches scale them."""
+
+    def __init__(self, cfg, variant, g: speed.GPU, nodes: int, gpus_per_node: int, results_dir: str = ""):
+        if cfg.objective.kind != "clip":
+            raise ConfigError(f"objective.kind = {cfg.objective.kind!r}: evaclip plan covers the CLIP objective "
+                              "so far (the MIM teacher's memory is not planned yet)")
+        self.cfg, self.variant, self.gpu, self.nodes = cfg, variant, g, nodes
+        self.ranks = nodes * gpus_per_node
+        self.global_batch = cfg.data.micro_batch_size * self.ranks * cfg.engine.accum_steps
+        self.dtype = DTYPES[cfg.engine.precision]
+        self.results_dir = results_dir
+        self._traces: Dict[bool, Dict] = {}
+
+    def _trace(self, checkpointing: bool):
+        if checkpointing not in self._traces:
+            m = self.cfg.model
+            model_cfg = dataclasses.replace(
+                m, vision=dataclasses.replace(m.vision, grad_checkpointing=checkpointing),
+                text=dataclasses.replace(m.text, grad_checkpointing=checkpointing))
+            self._traces[checkpointing] = trace_towers(model_cfg, self.variant, 1, self.dtype)
+        return self._traces[checkpointing]
+
+    def parts(self, s: Setting) -> Dict[str, int]:
+        """Bytes per GPU by part at setting ``s``."""
+        c, towers = self.cfg, self._trace(s.checkpointing)
+        trainable = sum(t.trainable for t in towers.values())
+        frozen = sum(t.params for t in towers.values()) - trainable
+        states = memory.model_states(trainable, frozen, c.engine.kind, c.engine.precision, s.zero, self.ranks)
+        out = {"weights": states.weights, "gradients": states.gradients, "optimizer states": states.optimizer}
+        for name, t in towers.items():  # traced at micro-batch 1
+            out[f"activations ({'image' if name == 'visual' else 'text'})"] = \
+                (t.saved_bytes + t.recompute_bytes) * s.micro_batch
+        out["loss buffers"] = memory.loss_buffers(c.loss.impl, self.global_batch, s.micro_batch,
+                                                  self.variant.embed_dim, c.loss.tile_size)
+        engine = dataclasses.replace(c.engine, zero_stage=s.zero, accum_steps=s.accum)
+        out["communication buckets"] = memory.buckets(c.engine.precision, trainable,
+                                                      bucket_elements(engine, s.micro_batch, self.ranks))
+        return out
+
+    def fits(self, s: Setting) -> bool:
+        return memory.total(self.parts(s)) <= self.gpu.memory_gib * memory.GiB
+
+    def largest_micro_batch(self, s: Setting) -> int:
+        """The largest micro-batch that fits at ``s``'s other knobs (0: none does), at most G / ranks."""
+        lo, hi = 0, max(1, self.global_batch // self.ranks)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.fits(dataclasses.replace(s, micro_batch=mid)):
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def current(self) -> Setting:
+        c = self.cfg
+        return Setting(c.data.micro_batch_size, c.engine.accum_steps,
+                       c.engine.zero_stage if c.engine.kind == "deepspeed" else 0,
+                       c.model.vision.grad_checkpointing or c.model.text.grad_checkpointing)
+
+    def keeping_batch(self, s: Setting, largest: int) -> Setting:
+        """``s`` at the largest micro-batch up to ``largest`` that divides this GPU's samples per step, with the
+        accumulation that keeps the global batch exactly (``largest`` itself when no divisor is at least half)."""
+        per_gpu = s.micro_batch * s.accum
+        mb = next((m for m in range(largest, 0, -1) if per_gpu % m == 0), 1)
+        if mb * 2 < largest:
+            mb = largest
+        return dataclasses.replace(s, micro_batch=mb, accum=math.ceil(per_gpu / mb))
+
+    def speed(self, s: Setting) -> Dict:
+        c = self.cfg
+        flops = count_flops(dataclasses.replace(c.model, vision=dataclasses.replace(
+            c.model.vision, grad_checkpointing=s.checkpointing)), self.variant, c.model.vision.patch_dropout)
+        measured = speed.measured_mfu(self.results_dir, self.gpu.name, c.model.vision.patch_dropout,
+                                      c.engine.compile) if self.results_dir else None
+        mfu = measured or self.gpu.mfu
+        towers = self._trace(s.checkpointing)
+        comm = speed.comm_bytes(s.zero, c.engine.kind, c.engine.precision, sum(t.trainable for t in towers.values()),
+                                self.global_batch, self.variant.embed_dim, self.ranks)
+        t = speed.step_seconds(flops["train"], s.micro_batch * s.accum, self.gpu, mfu, comm, self.nodes)
+        steps = derive(c, self.ranks).steps  # run.steps, or train_samples / global batch
+        return {"flops_per_sample_forward_full": flops["forward_full"], "flops_per_sample_train": flops["train"],
+                "mfu": mfu, "mfu_source": "measured (bench/results)" if measured else "assumed (GPU table)",
+                "comm_bytes_per_step": comm, **t, "samples_per_s": self.global_batch / t["step_s"],
+                "wall_hours": t["step_s"] * steps / 3600, "gpu_hours": t["step_s"] * steps * self.ranks / 3600}
+
+    def suggestions(self, s: Setting) -> List[str]:
+        """One-line changes: what makes the run fit, or what is cheaper while it still fits."""
+        out: List[str] = []
+        fits = self.fits(s)
+        if not fits:
+            out += self._to_fit(s)
+        elif s.checkpointing and self.fits(dataclasses.replace(s, checkpointing=False)):
+            out.append("model.vision.grad_checkpointing=false model.text.grad_checkpointing=false also fits "
+                       "(no recomputation: about a third less compute per step)")
+        if fits and self.cfg.engine.kind == "deepspeed":
+            lower = next((z for z in range(s.zero) if self.fits(dataclasses.replace(s, zero=z))), None)
+            if lower is not None:
+                out.append(f"engine.zero_stage={lower} also fits (less communication per step)")
+        parts = self.parts(s)
+        if self.cfg.loss.impl in ("naive", "local") and parts["loss buffers"] > 0.1 * self.gpu.memory_gib * memory.GiB:
+            out.append(f"loss.impl=tiled (or ring): the {self.cfg.loss.impl} loss holds "
+                       f"{parts['loss buffers'] / memory.GiB:.1f} GiB at this global batch")
+        return out
+
+    def _to_fit(self, s: Setting) -> List[str]:
+        out = []
+        for ckpt in ([s.checkpointing] if s.checkpointing else [False, True]):  # smaller micro-batches, or recompute
+            t = dataclasses.replace(s, checkpointing=ckpt)
+            mb = self.largest_micro_batch(t)
+            if mb:
+                k = self.keeping_batch(t, mb)
+                flags = " model.vision.grad_checkpointing=true model.text.grad_checkpointing=true" if ckpt and \
+                    not s.checkpointing else ""
+                out.append(f"data.micro_batch_size={k.micro_batch} engine.accum_steps={k.accum}{flags} fits "
+                           f"(global batch {k.micro_batch * k.accum * self.ranks})")
+        if self.cfg.engine.kind == "deepspeed" and s.zero < 3:
+            higher = next((z for z in range(s.zero + 1, 4) if self.fits(dataclasses.replace(s, zero=z))), None)
+            if higher is not None:
+                out.append(f"engine.zero_stage={higher} fits at this micro-batch")
+        return out or ["nothing tried fits: a larger GPU, more GPUs with ZeRO-3, or a smaller model"]
+
+
+def plan(cfg, variant, gpu_name: str, nodes: int, gpus_per_node: int, results_dir: Optional[str] = None) -> Dict:
+    """The whole plan as plain data (what ``evaclip plan --json`` prints)."""
+    g = speed.gpu(gpu_name)
+    p = Planner(cfg, variant, g, nodes, gpus_per_node, results_dir or "")
+    s = p.current()
+    parts = p.parts(s)
+    peak = memory.total(parts)
+    return {"model": variant.name, "gpu": g.name, "gpu_memory_gib": g.memory_gib, "nodes": nodes,
+            "gpus_per_node": gpus_per_node, "global_batch": p.global_batch, "micro_batch": s.micro_batch,
+            "accum_steps": s.accum, "engine": cfg.engine.kind, "zero_stage": s.zero, "precision": cfg.engine.precision,
+            "grad_checkpointing": s.checkpointing, "patch_dropout": cfg.model.vision.patch_dropout,
+            "loss_impl": cfg.loss.impl, "parts_bytes": parts, "cuda_context_bytes": memory.CUDA_CONTEXT_BYTES,
+            "fragmentation_margin": memory.FRAGMENTATION, "peak_bytes": peak,
+            "fits": peak <= g.memory_gib * memory.GiB, "largest_micro_batch": p.largest_micro_batch(s),
+            "speed": p.speed(s), "suggestions": p.suggestions(s)}

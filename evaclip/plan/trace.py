@@ -1,0 +1,119 @@
+"""What one micro-batch of the real model holds and costs, found by running its forward and backward on the meta
+device (shapes only: no memory, no arithmetic; seconds even for EVA02-E-14-plus at micro-batch 1024).
+
+* activations: the bytes of the tensors autograd saves for backward (``saved_tensors_hooks``), per tower, each
+  storage counted once and the parameters left out (they are the weights). Token dropping, gradient
+  checkpointing and the attention kernel act on it as they do in training: the same modules run. On the meta
+  device a fused attention kernel keeps what it keeps on a GPU (models/attention.py ``_FusedOnMeta``).
+* FLOPs: torch's ``FlopCounterMode`` over the same forward (and backward), with attention written out as matmuls
+  (``math``) so it is counted; two FLOPs per multiply-add, the convention of open_clip's model profile.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict
+
+import torch
+
+TOWERS = ("visual", "text")
+
+
+@dataclasses.dataclass
+class TowerTrace:
+    """One tower at one micro-batch: what autograd keeps, and the extra a checkpointed block holds in backward."""
+
+    params: int  # all parameters
+    trainable: int  # those the optimizer updates (a locked tower: only its unlocked layers)
+    saved_bytes: int  # tensors saved for backward over the whole forward
+    recompute_bytes: int  # with gradient checkpointing: one block's activations, alive while it is recomputed
+
+
+def build(model_cfg, variant, dtype: torch.dtype, attn_impl: str = ""):
+    """The model on the meta device in the dtype it computes in, locked as the trainer locks it."""
+    from evaclip.models import create_model
+
+    if attn_impl:
+        model_cfg = dataclasses.replace(model_cfg, vision=dataclasses.replace(model_cfg.vision, attn_impl=attn_impl),
+                                        text=dataclasses.replace(model_cfg.text, attn_impl=attn_impl))
+    model = create_model(model_cfg, variant, device="meta", load_hf_weights=False).to(dtype)
+    for tower, section in (("visual", model_cfg.vision), ("text", model_cfg.text)):
+        if section.lock:
+            model.lock_tower(tower, section.unlocked_layers)
+    return model.train()
+
+
+def _inputs(variant, batch: int, dtype: torch.dtype):
+    image = torch.zeros(batch, 3, variant.image_size, variant.image_size, device="meta", dtype=dtype)
+    text = torch.zeros(batch, variant.context_length, dtype=torch.long, device="meta")
+    return image, text
+
+
+def _encode(model, tower: str, image, text):
+    return model.encode_image(image) if tower == "visual" else model.encode_text(text)
+
+
+def saved_bytes(model, tower: str, image, text) -> int:
+    """Bytes autograd saves for backward in ``tower``'s forward: each storage once, parameters excluded."""
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    seen: Dict[int, int] = {}
+
+    def pack(t):
+        key = t.untyped_storage()._cdata  # views of one tensor share it: counted once, as memory holds them
+        if key not in params:
+            seen[key] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _encode(model, tower, image, text)
+    return sum(seen.values())
+
+
+def _towers(model) -> Dict[str, torch.nn.Module]:
+    return {"visual": model.visual, "text": model.text}
+
+
+def trace_towers(model_cfg, variant, batch: int, dtype: torch.dtype) -> Dict[str, TowerTrace]:
+    """Each tower's parameters and activations at micro-batch ``batch`` (meta device)."""
+    model = build(model_cfg, variant, dtype)
+    image, text = _inputs(variant, batch, dtype)
+    out = {}
+    for tower, module in _towers(model).items():
+        ckpt = (model_cfg.vision if tower == "visual" else model_cfg.text).grad_checkpointing
+        saved = saved_bytes(model, tower, image, text)
+        recompute = 0
+        if ckpt:  # backward recomputes one block at a time: its activations come back while it runs
+            model.set_grad_checkpointing(False, False)
+            full = saved_bytes(model, tower, image, text)
+            model.set_grad_checkpointing(model_cfg.vision.grad_checkpointing, model_cfg.text.grad_checkpointing)
+            recompute = max(0, full - saved) // _depth(variant, tower)
+        out[tower] = TowerTrace(params=sum(p.numel() for p in module.parameters()),
+                                trainable=sum(p.numel() for p in module.parameters() if p.requires_grad),
+                                saved_bytes=saved, recompute_bytes=recompute)
+    return out
+
+
+def _depth(variant, tower: str) -> int:
+    """Blocks in ``tower`` (timm Eva's ``depth``, the text transformer's ``layers``)."""
+    return max(1, int(variant.vision.get("depth", 1)) if tower == "visual" else int(variant.text.get("layers", 1)))
+
+
+def count_flops(model_cfg, variant, patch_dropout: float) -> Dict[str, float]:
+    """FLOPs per sample: ``forward_full`` (image + text forward, no token dropping: what open_clip's profile
+    lists) and ``train`` (forward + backward at ``patch_dropout``, the trainable towers' backward only)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build(dataclasses.replace(model_cfg, vision=dataclasses.replace(model_cfg.vision, patch_dropout=0.0)),
+                  variant, torch.float32, attn_impl="math")
+    image, text = _inputs(variant, 1, torch.float32)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model.eval()(image, text)
+    forward_full = fc.get_total_flops()
+    model = build(dataclasses.replace(model_cfg, vision=dataclasses.replace(model_cfg.vision,
+                                                                             patch_dropout=patch_dropout)),
+                  variant, torch.float32, attn_impl="math")
+    with FlopCounterMode(display=False) as fc:
+        out = model(image, text)
+        loss = out["image_features"].sum() + out["text_features"].sum()
+        if loss.requires_grad:
+            loss.backward()
+    return {"forward_full": float(forward_full), "train": float(fc.get_total_flops())}
