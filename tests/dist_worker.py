@@ -9,6 +9,7 @@
 weights (and, with checkpoint.*, a checkpoint). ``loss``: the CLIP and SigLIP loss (every impl) and their
 feature / temperature / bias gradients, per rank. The reference runs in the test process. ``nanstep``: a NaN
 gradient under DeepSpeed is reported as a skipped step (engine contract), per ZeRO stage and precision.
+``states OUT.pt shard.tar STAGE PRECISION``: the bytes of the tensors the DeepSpeed engine holds (issue 31's plan).
 """
 import os
 import sys
@@ -168,6 +169,46 @@ def main_nanstep(out: str, shard: str):
     edist.shutdown()
 
 
+def live_tensor_bytes() -> int:
+    """Bytes of every tensor alive in this process (each storage once): what the engine holds, measured."""
+    import gc
+
+    gc.collect()
+    seen = {}
+    for o in gc.get_objects():
+        if isinstance(o, torch.Tensor) and o.device.type == "cpu" and not o.is_meta:
+            st = o.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
+
+
+def main_states(out: str, shard: str, stage: int, prec: str):
+    """The real DeepSpeed engine's tensors on this rank at one ZeRO stage and precision: after the second step's
+    backward (weights, gradients, optimizer states) and after its step, less what was alive before the trainer was
+    built (one configuration a process: DeepSpeed keeps references to an engine once built)."""
+    from evaclip.config import load_config
+    from evaclip.preflight import resolve
+    from evaclip.train import Trainer
+
+    base = live_tensor_bytes()
+    cfg = load_config(None, train_overrides(shard, os.path.dirname(out), [
+        "engine.kind=deepspeed", f"engine.zero_stage={stage}", f"engine.precision={prec}", "optim.name=lamb",
+        'eval.suite=""']))
+    tr = Trainer(cfg, resolve(cfg, edist.env_world()[2]), log=lambda *a, **k: None)
+    run_steps(tr, edist.rank(), edist.world_size(), steps=1)
+    real_step, seen = tr.engine.step, {}
+
+    def measured_step():
+        seen["backward"] = live_tensor_bytes() - base
+        return real_step()
+
+    tr.engine.step = measured_step
+    run_steps(tr, edist.rank(), edist.world_size(), steps=1)
+    seen["step"] = live_tensor_bytes() - base
+    torch.save(seen, f"{out}.rank{edist.rank()}")
+    edist.shutdown()
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
     if mode == "train":
@@ -176,5 +217,7 @@ if __name__ == "__main__":
         main_nanstep(out, sys.argv[3])
     elif mode == "loss":
         main_loss(out)
+    elif mode == "states":
+        main_states(out, sys.argv[3], int(sys.argv[4]), sys.argv[5])
     else:
         raise SystemExit(f"unknown mode {mode}")

@@ -8,7 +8,7 @@ import contextlib
 import json
 import os
 import types
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -61,6 +61,22 @@ def bucket_elements(engine_cfg, micro_batch_size: int, world_size: int) -> int:
     z = deepspeed_config(engine_cfg, micro_batch_size, world_size).get("zero_optimization", {})
     prefetch = int(z.get("stage3_prefetch_bucket_size", DEFAULT_BUCKET)) if engine_cfg.zero_stage == 3 else 0
     return int(z.get("reduce_bucket_size", DEFAULT_BUCKET)) + prefetch
+
+
+def zero_held_grad_elements(group_numels: List[List[int]], ranks: int) -> int:
+    """Gradient elements a ZeRO-1/2 rank holds at the end of backward (the optimizer's ``averaged_gradients``): the
+    whole gradients of the parameters that overlap its share of each group's flat buffer; the most over ranks."""
+    worst = 0
+    for r in range(ranks):
+        held = 0
+        for numels in group_numels:
+            share = -(-sum(numels) // ranks)
+            lo, hi, off = r * share, (r + 1) * share, 0
+            for n in numels:
+                held += n if off < hi and off + n > lo else 0
+                off += n
+        worst = max(worst, held)
+    return worst
 
 
 class DeepSpeedEngine:

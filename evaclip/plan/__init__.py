@@ -39,6 +39,9 @@ def render(p: Dict) -> str:
     lines.append(f"  {'fragmentation margin':<24}{_gib(sum(p['parts_bytes'].values()) * p['fragmentation_margin'])}"
                  f"  ({100 * p['fragmentation_margin']:.0f}%, stated)")
     lines.append(f"  {'CUDA context':<24}{_gib(p['cuda_context_bytes'])}  (stated)")
+    if p["step_only_gradient_bytes"]:
+        lines.append(f"  {'(step: fp32 gradients)':<24}{_gib(p['step_only_gradient_bytes'])}  (built in the optimizer "
+                     "step, after the activations are freed)")
     verdict = "fits" if p["fits"] else "DOES NOT FIT"
     share = p["global_batch"] // (p["nodes"] * p["gpus_per_node"])
     lines += [f"  {'peak':<24}{_gib(p['peak_bytes'])}  of {p['gpu_memory_gib']:g} GiB: {verdict}",

@@ -17,33 +17,35 @@ FRAGMENTATION = 0.10  # the caching allocator's fragmentation margin over the te
 @dataclasses.dataclass
 class ModelStates:
     weights: int
-    gradients: int
+    gradients: int  # held at the end of backward, with the activations (the usual peak)
     optimizer: int
+    step_gradients: int = 0  # built by the optimizer step only, when the activations are gone
 
 
-def model_states(trainable: int, frozen: int, engine: str, precision: str, zero: int, ranks: int) -> ModelStates:
+def model_states(trainable: int, frozen: int, engine: str, precision: str, zero: int, ranks: int,
+                 held_grads: int = 0) -> ModelStates:
     """Weights, gradients and optimizer states per GPU (LAMB and AdamW both keep two fp32 moments per parameter).
 
-    ZeRO (Rajbhandari et al. 2020, Fig. 1; DeepSpeed's ``estimate_zero2/3_model_states_mem_needs``): stage 1
-    partitions the optimizer states over N ranks, stage 2 the gradients too, stage 3 the weights too. Under
-    DeepSpeed a 16-bit run keeps the model in 16 bit and, per parameter, an fp32 master copy and an fp32 gradient
-    next to the 16-bit one (DeepSpeed's estimator: 2 + 18/N bytes per parameter at stage 2). ZeRO 1-2 keep an fp32
-    copy of their partition even in fp32 (the optimizer steps on it). The plain engine keeps fp32 weights and
-    gradients whatever the precision (bf16 is autocast) and has no partitions.
+    ZeRO (Rajbhandari et al. 2020, Fig. 1): stage 1 partitions the optimizer states over N ranks, stage 2 the
+    gradients too, stage 3 the weights too. What DeepSpeed holds (read from its optimizers after a backward,
+    tests/test_plan.py): 16-bit runs keep the model in 16 bit and an fp32 master copy (ZeRO 1-2 keep their fp32
+    partition in fp32 runs too); at stages 1-2 a rank holds, at the end of backward, the whole gradients of the
+    parameters that overlap its partition of each parameter group (``held_grads`` elements: the engine's
+    ``zero_held_grad_elements``; about P / N for a large model) and builds its fp32 gradient partition only in the
+    step (DeepSpeed's estimator counts that one too: 2 + 18 / N bytes per parameter at stage 2). The plain engine
+    keeps fp32 weights and gradients whatever the precision (bf16 is autocast) and has no partitions.
     """
-    half = precision in ("bf16", "fp16")
     p, f, n = trainable, frozen, max(1, ranks)
     if engine == "torch":
         return ModelStates(weights=4 * (p + f), gradients=4 * p, optimizer=8 * p)
-    w = 2 if half else 4
-    weights = w * (p + f) // (n if zero == 3 else 1)
-    if half:  # 16-bit gradients and their fp32 counterpart (partitioned from stage 2 on)
-        grads = (2 * p + 4 * p) // n if zero >= 2 else 2 * p + (4 * p // n if zero == 1 else 4 * p)
-    else:
-        grads = 4 * p // (n if zero >= 2 else 1)
-    master = 4 * p if half or zero >= 1 else 0  # fp32 weights the optimizer updates
-    optimizer = (master + 8 * p) // (n if zero >= 1 else 1)
-    return ModelStates(weights=weights, gradients=grads, optimizer=optimizer)
+    w = 2 if precision in ("bf16", "fp16") else 4
+    if zero == 0:
+        return ModelStates(weights=w * (p + f), gradients=w * p, optimizer=(4 if w == 2 else 0) * p + 8 * p)
+    part = -(-p // n)  # each rank's share of the flat parameters, rounded up
+    if zero in (1, 2):
+        return ModelStates(weights=w * (p + f), gradients=w * (held_grads or part), optimizer=12 * part,
+                           step_gradients=4 * part)
+    return ModelStates(weights=w * -(-(p + f) // n), gradients=(w + 4) * part, optimizer=12 * part)
 
 
 def loss_buffers(impl: str, global_batch: int, micro_batch: int, dim: int, tile: int) -> int:
@@ -69,6 +71,9 @@ def buckets(precision: str, trainable: int, elements: int) -> int:
     return width * min(elements, trainable)
 
 
-def total(parts: Dict[str, int]) -> int:
-    """The peak per GPU: the parts' sum plus the fragmentation margin, plus the CUDA context."""
-    return int(sum(parts.values()) * (1 + FRAGMENTATION)) + CUDA_CONTEXT_BYTES
+def total(parts: Dict[str, int], step_only: int = 0) -> int:
+    """The peak per GPU: the larger of the backward's parts and the step's (model states and what the step
+    builds, the activations gone), plus the fragmentation margin, plus the CUDA context."""
+    states = sum(parts.get(k, 0) for k in ("weights", "gradients", "optimizer states"))
+    peak = max(sum(parts.values()), states + step_only)
+    return int(peak * (1 + FRAGMENTATION)) + CUDA_CONTEXT_BYTES

@@ -9,10 +9,11 @@ from typing import Dict, List, Optional
 import torch
 
 from evaclip.config import derive
-from evaclip.engine import bucket_elements
+from evaclip.engine import bucket_elements, zero_held_grad_elements
 from evaclip.errors import ConfigError
+from evaclip.optim import param_groups
 from evaclip.plan import memory, speed
-from evaclip.plan.trace import count_flops, trace_towers
+from evaclip.plan.trace import build, count_flops, trace_towers
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -41,6 +42,8 @@ class Planner:
         self.dtype = DTYPES[cfg.engine.precision]
         self.results_dir = results_dir
         self._traces: Dict[bool, Dict] = {}
+        self._groups = [[p.numel() for p in g["params"]]  # the optimizer's groups, as the engine flattens them
+                        for g in param_groups(build(cfg.model, variant, self.dtype), cfg.optim)]
 
     def _trace(self, checkpointing: bool):
         if checkpointing not in self._traces:
@@ -51,12 +54,18 @@ class Planner:
             self._traces[checkpointing] = trace_towers(model_cfg, self.variant, 1, self.dtype)
         return self._traces[checkpointing]
 
-    def parts(self, s: Setting) -> Dict[str, int]:
-        """Bytes per GPU by part at setting ``s``."""
+    def states(self, s: Setting) -> memory.ModelStates:
         c, towers = self.cfg, self._trace(s.checkpointing)
         trainable = sum(t.trainable for t in towers.values())
         frozen = sum(t.params for t in towers.values()) - trainable
-        states = memory.model_states(trainable, frozen, c.engine.kind, c.engine.precision, s.zero, self.ranks)
+        held = zero_held_grad_elements(self._groups, self.ranks) if c.engine.kind == "deepspeed" else 0
+        return memory.model_states(trainable, frozen, c.engine.kind, c.engine.precision, s.zero, self.ranks, held)
+
+    def parts(self, s: Setting) -> Dict[str, int]:
+        """Bytes per GPU by part at setting ``s``, at the end of backward (the step's own peak: ``peak``)."""
+        c, towers = self.cfg, self._trace(s.checkpointing)
+        trainable = sum(t.trainable for t in towers.values())
+        states = self.states(s)
         out = {"weights": states.weights, "gradients": states.gradients, "optimizer states": states.optimizer}
         for name, t in towers.items():  # traced at micro-batch 1
             out[f"activations ({'image' if name == 'visual' else 'text'})"] = \
@@ -68,8 +77,11 @@ class Planner:
                                                       bucket_elements(engine, s.micro_batch, self.ranks))
         return out
 
+    def peak(self, s: Setting) -> int:
+        return memory.total(self.parts(s), self.states(s).step_gradients)
+
     def fits(self, s: Setting) -> bool:
-        return memory.total(self.parts(s)) <= self.gpu.memory_gib * memory.GiB
+        return self.peak(s) <= self.gpu.memory_gib * memory.GiB
 
     def largest_micro_batch(self, s: Setting) -> int:
         """The largest micro-batch that fits at ``s``'s other knobs (0: none does), at most G / ranks."""
@@ -157,12 +169,13 @@ def plan(cfg, variant, gpu_name: str, nodes: int, gpus_per_node: int, results_di
     p = Planner(cfg, variant, g, nodes, gpus_per_node, results_dir or "")
     s = p.current()
     parts = p.parts(s)
-    peak = memory.total(parts)
+    peak = p.peak(s)
     return {"model": variant.name, "gpu": g.name, "gpu_memory_gib": g.memory_gib, "nodes": nodes,
             "gpus_per_node": gpus_per_node, "global_batch": p.global_batch, "micro_batch": s.micro_batch,
             "accum_steps": s.accum, "engine": cfg.engine.kind, "zero_stage": s.zero, "precision": cfg.engine.precision,
             "grad_checkpointing": s.checkpointing, "patch_dropout": cfg.model.vision.patch_dropout,
-            "loss_impl": cfg.loss.impl, "parts_bytes": parts, "cuda_context_bytes": memory.CUDA_CONTEXT_BYTES,
+            "loss_impl": cfg.loss.impl, "parts_bytes": parts,
+            "step_only_gradient_bytes": p.states(s).step_gradients, "cuda_context_bytes": memory.CUDA_CONTEXT_BYTES,
             "fragmentation_margin": memory.FRAGMENTATION, "peak_bytes": peak,
             "fits": peak <= g.memory_gib * memory.GiB, "largest_micro_batch": p.largest_micro_batch(s),
             "speed": p.speed(s), "suggestions": p.suggestions(s)}
