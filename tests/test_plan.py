@@ -137,7 +137,8 @@ def test_published_runs_are_planned_as_fitting(experiment, nodes):
 def test_an_oversized_run_does_not_fit_and_its_suggestion_does():
     """EVA02-E-14-plus without checkpointing at micro-batch 1024 on a 40 GB GPU: does not fit; the first
     suggestion, applied as overrides, is planned as fitting with the same global batch."""
-    over = ["model.vision.grad_checkpointing=false", "model.text.grad_checkpointing=false", "data.micro_batch_size=1024"]
+    over = ["model.vision.grad_checkpointing=false", "model.text.grad_checkpointing=false",
+            "data.micro_batch_size=1024"]
     cfg = load_config("eva02_clip_e14_plus", over)
     v = get_variant(cfg.model.name)
     p = plan(cfg, v, "a100-40gb", 32, 8)

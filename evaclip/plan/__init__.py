@@ -21,6 +21,10 @@ def _gib(n: float) -> str:
     return f"{n / GiB:8.2f} GiB"
 
 
+def _on(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
 def render(p: Dict) -> str:
     """The plan as a table a person reads."""
     s = p["speed"]
@@ -29,7 +33,8 @@ def render(p: Dict) -> str:
         f"global batch {p['global_batch']} = micro-batch {p['micro_batch']} x {p['nodes'] * p['gpus_per_node']} "
         f"GPUs x {p['accum_steps']} accumulation",
         f"{p['engine']}{' ZeRO-' + str(p['zero_stage']) if p['engine'] == 'deepspeed' else ''}, {p['precision']}, "
-        f"token drop {p['patch_dropout']:g}, checkpointing {'on' if p['grad_checkpointing'] else 'off'}, "
+        f"token drop {p['patch_dropout']:g}, checkpointing: image {_on(p['grad_checkpointing']['image'])}, "
+        f"text {_on(p['grad_checkpointing']['text'])}, "
         f"loss {p['loss_impl']}",
         "",
         "memory per GPU",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -25,7 +25,7 @@ class Setting:
     micro_batch: int
     accum: int
     zero: int
-    checkpointing: bool
+    checkpointing: Tuple[bool, bool]  # (image tower, text tower)
 
 
 class Planner:
@@ -41,17 +41,18 @@ class Planner:
         self.global_batch = cfg.data.micro_batch_size * self.ranks * cfg.engine.accum_steps
         self.dtype = DTYPES[cfg.engine.precision]
         self.results_dir = results_dir
-        self._traces: Dict[bool, Dict] = {}
+        self._traces: Dict[Tuple[bool, bool], Dict] = {}
         self._groups = [[p.numel() for p in g["params"]]  # the optimizer's groups, as the engine flattens them
                         for g in param_groups(build(cfg.model, variant, self.dtype), cfg.optim)]
 
-    def _trace(self, checkpointing: bool):
+    def _model_cfg(self, checkpointing: Tuple[bool, bool]):
+        m = self.cfg.model
+        return dataclasses.replace(m, vision=dataclasses.replace(m.vision, grad_checkpointing=checkpointing[0]),
+                                   text=dataclasses.replace(m.text, grad_checkpointing=checkpointing[1]))
+
+    def _trace(self, checkpointing: Tuple[bool, bool]):
         if checkpointing not in self._traces:
-            m = self.cfg.model
-            model_cfg = dataclasses.replace(
-                m, vision=dataclasses.replace(m.vision, grad_checkpointing=checkpointing),
-                text=dataclasses.replace(m.text, grad_checkpointing=checkpointing))
-            self._traces[checkpointing] = trace_towers(model_cfg, self.variant, 1, self.dtype)
+            self._traces[checkpointing] = trace_towers(self._model_cfg(checkpointing), self.variant, 1, self.dtype)
         return self._traces[checkpointing]
 
     def states(self, s: Setting) -> memory.ModelStates:
@@ -98,7 +99,7 @@ class Planner:
         c = self.cfg
         return Setting(c.data.micro_batch_size, c.engine.accum_steps,
                        c.engine.zero_stage if c.engine.kind == "deepspeed" else 0,
-                       c.model.vision.grad_checkpointing or c.model.text.grad_checkpointing)
+                       (c.model.vision.grad_checkpointing, c.model.text.grad_checkpointing))
 
     def keeping_batch(self, s: Setting, largest: int) -> Setting:
         """``s`` at the largest micro-batch up to ``largest`` that divides this GPU's samples per step, with the
@@ -111,8 +112,8 @@ class Planner:
 
     def speed(self, s: Setting) -> Dict:
         c = self.cfg
-        flops = count_flops(dataclasses.replace(c.model, vision=dataclasses.replace(
-            c.model.vision, grad_checkpointing=s.checkpointing)), self.variant, c.model.vision.patch_dropout)
+        flops = count_flops(self._model_cfg(s.checkpointing), self.variant,  # checkpointing: + the recompute
+                            c.model.vision.patch_dropout)
         measured = speed.measured_mfu(self.results_dir, self.gpu.name, c.model.vision.patch_dropout,
                                       c.engine.compile) if self.results_dir else None
         mfu = measured or self.gpu.mfu
@@ -132,7 +133,7 @@ class Planner:
         fits = self.fits(s)
         if not fits:
             out += self._to_fit(s)
-        elif s.checkpointing and self.fits(dataclasses.replace(s, checkpointing=False)):
+        elif any(s.checkpointing) and self.fits(dataclasses.replace(s, checkpointing=(False, False))):
             out.append("model.vision.grad_checkpointing=false model.text.grad_checkpointing=false also fits "
                        "(no recomputation: about a third less compute per step)")
         if fits and self.cfg.engine.kind == "deepspeed":
@@ -147,13 +148,14 @@ class Planner:
 
     def _to_fit(self, s: Setting) -> List[str]:
         out = []
-        for ckpt in ([s.checkpointing] if s.checkpointing else [False, True]):  # smaller micro-batches, or recompute
+        both = (True, True)
+        for ckpt in ([s.checkpointing] if s.checkpointing == both else [s.checkpointing, both]):  # or recompute
             t = dataclasses.replace(s, checkpointing=ckpt)
             mb = self.largest_micro_batch(t)
             if mb:
                 k = self.keeping_batch(t, mb)
-                flags = " model.vision.grad_checkpointing=true model.text.grad_checkpointing=true" if ckpt and \
-                    not s.checkpointing else ""
+                flags = " model.vision.grad_checkpointing=true model.text.grad_checkpointing=true" if \
+                    ckpt != s.checkpointing else ""
                 out.append(f"data.micro_batch_size={k.micro_batch} engine.accum_steps={k.accum}{flags} fits "
                            f"(global batch {k.micro_batch * k.accum * self.ranks})")
         if self.cfg.engine.kind == "deepspeed" and s.zero < 3:
@@ -173,7 +175,8 @@ def plan(cfg, variant, gpu_name: str, nodes: int, gpus_per_node: int, results_di
     return {"model": variant.name, "gpu": g.name, "gpu_memory_gib": g.memory_gib, "nodes": nodes,
             "gpus_per_node": gpus_per_node, "global_batch": p.global_batch, "micro_batch": s.micro_batch,
             "accum_steps": s.accum, "engine": cfg.engine.kind, "zero_stage": s.zero, "precision": cfg.engine.precision,
-            "grad_checkpointing": s.checkpointing, "patch_dropout": cfg.model.vision.patch_dropout,
+            "grad_checkpointing": {"image": s.checkpointing[0], "text": s.checkpointing[1]},
+            "patch_dropout": cfg.model.vision.patch_dropout,
             "loss_impl": cfg.loss.impl, "parts_bytes": parts,
             "step_only_gradient_bytes": p.states(s).step_gradients, "cuda_context_bytes": memory.CUDA_CONTEXT_BYTES,
             "fragmentation_margin": memory.FRAGMENTATION, "peak_bytes": peak,
