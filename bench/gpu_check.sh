@@ -59,6 +59,12 @@ for engine in ${ENGINES:-deepspeed}; do  # `ENGINES="deepspeed torch"` also runs
     checkpoint.every_steps=1000 log.every_steps=5 log.progress=false spike.enabled=false "${extra[@]}" \
     2>&1 | tee "$OUT/train_$engine.log" || status=1
   cp "/tmp/runs/gpu_$engine/metrics.jsonl" "$OUT/train_metrics_$engine.jsonl" 2>/dev/null || status=1
+  # the plan of the same run, to set beside its measured peak (sys/max_mem_allocated_gib in the metrics)
+  python3 -m evaclip.cli plan launch/experiments/eva02_clip_b16.toml --gpu "${PLAN_GPU:-h200}" --nodes 1 \
+    --gpus-per-node 1 --json engine.kind="$engine" run.steps="$STEPS" schedule.warmup_steps=5 model.name="$MODEL" \
+    model.vision.init= model.text.init= model.vision.patch_dropout=0.5 model.vision.attn_impl=sdpa_flash \
+    model.text.attn_impl=sdpa_flash engine.precision=bf16 data.recipe='"/tmp/synth/recipe.toml"' data.root=/tmp/synth \
+    data.micro_batch_size="$TRAIN_BATCH" "${extra[@]}" > "$OUT/plan_$engine.json" || status=1
 done
 echo "== done ($(date -u +%T)), status $status"
 exit $status

@@ -104,6 +104,14 @@ def dataset_root(entry: DatasetEntry, datasets_root: str) -> str:
     return os.path.join(datasets_root, entry.path or f"wds_{entry.name}")
 
 
+def within(context: Callable, fn: Callable) -> Callable:
+    """``fn`` run inside a fresh ``context()`` at each call: an encoder in the precision it is evaluated in."""
+    def run(x):
+        with context():
+            return fn(x)
+    return run
+
+
 def run_suite(encode_image: Callable, encode_text: Callable, tokenizer, entries: List[DatasetEntry],
               datasets_root: str, image_size: int, mean, std, device, batch_size: int = 64, strict: bool = False,
               classifier_cache: Optional[str] = None, model_name: str = "", pretrained: str = "",

@@ -44,7 +44,7 @@ def add_parser(sub) -> None:
 
 
 def cmd_eval(args) -> int:
-    from evaclip.evalsuite import compare, load_suite, run_suite
+    from evaclip.evalsuite import compare, load_suite, run_suite, within
 
     if args.compare:
         print(compare(args.compare))
@@ -69,16 +69,13 @@ def cmd_eval(args) -> int:
 
     amp = args.precision == "bf16"
 
-    def wrap(fn):
-        def run(x):
-            with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=amp):
-                return fn(x)
-        return run
+    def amp_context():
+        return torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=amp)
 
     # the text classifier depends on the weights: keyed by the checkpoint's identity (step + manifest checksum)
     cache = os.path.join(args.out, ".classifier_cache", enc.identity)
-    results = run_suite(wrap(enc.encode_image), wrap(enc.encode_text), enc.tokenizer, entries, args.datasets_root,
-                        enc.image_size, enc.mean, enc.std, torch.device(device), args.batch_size,
+    results = run_suite(within(amp_context, enc.encode_image), within(amp_context, enc.encode_text), enc.tokenizer,
+                        entries, args.datasets_root, enc.image_size, enc.mean, enc.std, torch.device(device), args.batch_size,
                         strict=args.strict, classifier_cache=cache, model_name=enc.name, pretrained=enc.pretrained,
                         workers=args.workers, interpolation=enc.interpolation,
                         progress_factory=(lambda n: progress(None, n, "img")) if rank == 0 else None,

@@ -9,7 +9,7 @@ import torch
 
 from evaclip import dist as edist
 from evaclip.data.transforms import make_tokenizer
-from evaclip.evalsuite import load_suite, run_suite, write_results
+from evaclip.evalsuite import load_suite, run_suite, within, write_results
 from evaclip.models import create_model
 
 
@@ -40,15 +40,10 @@ class Evaluator:
                 model.to(self.device).eval()
                 dtype = torch.float32
         if edist.is_main() or gather is not None:
-            def in_precision(fn):  # evaluate in the precision the model trains in
-                def run(x):
-                    with engine.autocast():
-                        return fn(x)
-                return run
-
             v, c = self.variant, self.cfg
-            results = run_suite(in_precision(lambda x: model.encode_image(x.to(dtype), normalize=False)),
-                                in_precision(lambda t: model.encode_text(t, normalize=False)),
+            # evaluated in the precision the model trains in
+            results = run_suite(within(engine.autocast, lambda x: model.encode_image(x.to(dtype), normalize=False)),
+                                within(engine.autocast, lambda t: model.encode_text(t, normalize=False)),
                                 make_tokenizer(v.context_length, self.model_cfg.text.kind, self.model_cfg.text.hf_path),
                                 self.entries, self.datasets_root, v.image_size, v.mean, v.std,
                                 self.device, c.batch_size, model_name=v.name,

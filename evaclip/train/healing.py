@@ -49,7 +49,6 @@ class Healing:
     def targets(self, first: int, checkpoints: List[str], step_of: Callable[[str], Optional[int]]) -> List[str]:
         """The checkpoints a rollback from a spike at ``first`` may restore, newest first; a stop with the reason
         when the run has rolled back too often or has none from before the spike."""
-        self.pending = None
         if len(self.rollbacks) >= self.cfg.max_rollbacks:
             raise TrainingStopped(f"loss spike at step {first} after {len(self.rollbacks)} rollbacks "
                                   f"(spike.max_rollbacks = {self.cfg.max_rollbacks}); stopping: look at the data and the lr")
@@ -65,8 +64,9 @@ class Healing:
 
     def rolled_back(self, first: int, detected: int, to_step: int, checkpoint: str) -> Dict:
         """Record a rollback to ``to_step``: the data from ``first`` on is skipped, the lr window opens, the
-        detector forgets the steps being redone. Returns the event."""
+        detector forgets the steps being redone; the pending rollback is done. Returns the event."""
         c = self.cfg
+        self.pending = None
         skip = c.skip_samples or (detected + 1 - first) * self.global_batch
         self.skip_windows[first] = self.skip_windows.get(first, 0) + skip
         if c.lr_scale != 1.0 and c.lr_scale_steps > 0:
