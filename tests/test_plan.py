@@ -182,7 +182,7 @@ def test_the_projects_own_gpu_measurement_replaces_the_assumed_mfu():
     torch.compile, 29.3% at drop 0 with it; a GPU kind with no measurement keeps the table's assumption."""
     import os
 
-    from evaclip.cli.plan import results_dir
+    from evaclip.plan.speed import bench_results_dir as results_dir
     from evaclip.plan.speed import measured_mfu
 
     assert os.path.isdir(results_dir())

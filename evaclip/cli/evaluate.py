@@ -75,7 +75,8 @@ def cmd_eval(args) -> int:
     # the text classifier depends on the weights: keyed by the checkpoint's identity (step + manifest checksum)
     cache = os.path.join(args.out, ".classifier_cache", enc.identity)
     results = run_suite(within(amp_context, enc.encode_image), within(amp_context, enc.encode_text), enc.tokenizer,
-                        entries, args.datasets_root, enc.image_size, enc.mean, enc.std, torch.device(device), args.batch_size,
+                        entries, args.datasets_root, enc.image_size, enc.mean, enc.std, torch.device(device),
+                        args.batch_size,
                         strict=args.strict, classifier_cache=cache, model_name=enc.name, pretrained=enc.pretrained,
                         workers=args.workers, interpolation=enc.interpolation,
                         progress_factory=(lambda n: progress(None, n, "img")) if rank == 0 else None,

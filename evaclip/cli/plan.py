@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import textwrap
 
 from evaclip.cli.common import FORMATTER, number
@@ -36,13 +35,6 @@ def add_parser(sub) -> None:
     p.set_defaults(fn=cmd_plan)
 
 
-def results_dir() -> str:
-    """bench/results of a source checkout (the project's GPU measurements), or "" in an installed package."""
-    here = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "bench",
-                        "results")
-    return here if os.path.isdir(here) else ""
-
-
 def cmd_plan(args) -> int:
     from evaclip.config import load_config
     from evaclip.models import get_variant
@@ -50,6 +42,6 @@ def cmd_plan(args) -> int:
 
     cfg = load_config(args.experiment, args.overrides)
     variant = get_variant(cfg.model.name, cfg.model.model_dir)
-    p = plan(cfg, variant, args.gpu, args.nodes, args.gpus_per_node, results_dir())
+    p = plan(cfg, variant, args.gpu, args.nodes, args.gpus_per_node)
     print(json.dumps(p, indent=2) if args.json else render(p))
     return 0

@@ -72,12 +72,11 @@ def cmd_train(args) -> int:
         for line in missing_inputs(cfg):  # may exist where the run will run; a start here would stop on it
             print(f"warning: {line} (on this machine)", file=sys.stderr)
         if args.gpu:
-            from evaclip.cli.plan import results_dir
             from evaclip.models import get_variant
             from evaclip.plan import plan, render
 
             print("\n# plan (evaclip plan)\n" + render(plan(cfg, get_variant(cfg.model.name, cfg.model.model_dir),
-                                                           args.gpu, 1, world, results_dir())))
+                                                           args.gpu, 1, world)))
         return 0
     from evaclip.train import Trainer
 

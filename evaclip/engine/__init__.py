@@ -19,8 +19,8 @@ from evaclip.engine.deepspeed_engine import (DeepSpeedEngine, bucket_elements, c
                                              zero_held_grad_elements)
 from evaclip.engine.torch_engine import TorchEngine
 
-__all__ = ["Engine", "StepInfo", "bucket_elements", "build_engine", "check_overlay", "deepspeed_config", "pick_device", "read_weights",
-           "zero_held_grad_elements"]
+__all__ = ["Engine", "StepInfo", "bucket_elements", "build_engine", "check_overlay", "deepspeed_config",
+           "pick_device", "read_weights", "zero_held_grad_elements"]
 
 
 def build_engine(model, optimizer, engine_cfg, device: torch.device, micro_batch_size: int,

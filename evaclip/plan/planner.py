@@ -42,8 +42,12 @@ class Planner:
         self.dtype = DTYPES[cfg.engine.precision]
         self.results_dir = results_dir
         self._traces: Dict[Tuple[bool, bool], Dict] = {}
-        self._groups = [[p.numel() for p in g["params"]]  # the optimizer's groups, as the engine flattens them
-                        for g in param_groups(build(cfg.model, variant, self.dtype), cfg.optim)]
+        model = build(cfg.model, variant, self.dtype)  # locked as the trainer locks it
+        groups = [[p.numel() for p in g["params"]]  # the optimizer's groups, as the engine flattens them
+                  for g in param_groups(model, cfg.optim)]
+        self.trainable = sum(map(sum, groups))
+        self.frozen = sum(p.numel() for p in model.parameters()) - self.trainable
+        self.held_grads = zero_held_grad_elements(groups, self.ranks) if cfg.engine.kind == "deepspeed" else 0
 
     def _model_cfg(self, checkpointing: Tuple[bool, bool]):
         m = self.cfg.model
@@ -56,16 +60,13 @@ class Planner:
         return self._traces[checkpointing]
 
     def states(self, s: Setting) -> memory.ModelStates:
-        c, towers = self.cfg, self._trace(s.checkpointing)
-        trainable = sum(t.trainable for t in towers.values())
-        frozen = sum(t.params for t in towers.values()) - trainable
-        held = zero_held_grad_elements(self._groups, self.ranks) if c.engine.kind == "deepspeed" else 0
-        return memory.model_states(trainable, frozen, c.engine.kind, c.engine.precision, s.zero, self.ranks, held)
+        c = self.cfg
+        return memory.model_states(self.trainable, self.frozen, c.engine.kind, c.engine.precision, s.zero, self.ranks,
+                                   self.held_grads)
 
     def parts(self, s: Setting) -> Dict[str, int]:
         """Bytes per GPU by part at setting ``s``, at the end of backward (the step's own peak: ``peak``)."""
         c, towers = self.cfg, self._trace(s.checkpointing)
-        trainable = sum(t.trainable for t in towers.values())
         states = self.states(s)
         out = {"weights": states.weights, "gradients": states.gradients, "optimizer states": states.optimizer}
         for name, t in towers.items():  # traced at micro-batch 1
@@ -74,7 +75,7 @@ class Planner:
         out["loss buffers"] = memory.loss_buffers(c.loss.impl, self.global_batch, s.micro_batch,
                                                   self.variant.embed_dim, c.loss.tile_size)
         engine = dataclasses.replace(c.engine, zero_stage=s.zero, accum_steps=s.accum)
-        out["communication buckets"] = memory.buckets(c.engine.precision, trainable,
+        out["communication buckets"] = memory.buckets(c.engine.precision, self.trainable,
                                                       bucket_elements(engine, s.micro_batch, self.ranks))
         return out
 
@@ -117,9 +118,8 @@ class Planner:
         measured = speed.measured_mfu(self.results_dir, self.gpu.name, c.model.vision.patch_dropout,
                                       c.engine.compile) if self.results_dir else None
         mfu = measured or self.gpu.mfu
-        towers = self._trace(s.checkpointing)
-        comm = speed.comm_bytes(s.zero, c.engine.kind, c.engine.precision, sum(t.trainable for t in towers.values()),
-                                self.global_batch, self.variant.embed_dim, self.ranks)
+        comm = speed.comm_bytes(s.zero, c.engine.kind, c.engine.precision, self.trainable, self.global_batch,
+                                self.variant.embed_dim, self.ranks)
         t = speed.step_seconds(flops["train"], s.micro_batch * s.accum, self.gpu, mfu, comm, self.nodes)
         steps = derive(c, self.ranks).steps  # run.steps, or train_samples / global batch
         return {"flops_per_sample_forward_full": flops["forward_full"], "flops_per_sample_train": flops["train"],
@@ -166,9 +166,11 @@ class Planner:
 
 
 def plan(cfg, variant, gpu_name: str, nodes: int, gpus_per_node: int, results_dir: Optional[str] = None) -> Dict:
-    """The whole plan as plain data (what ``evaclip plan --json`` prints)."""
+    """The whole plan as plain data (what ``evaclip plan --json`` prints). ``results_dir``: where this project's GPU
+    measurements are (None: the source checkout's bench/results)."""
     g = speed.gpu(gpu_name)
-    p = Planner(cfg, variant, g, nodes, gpus_per_node, results_dir or "")
+    p = Planner(cfg, variant, g, nodes, gpus_per_node,
+                speed.bench_results_dir() if results_dir is None else results_dir)
     s = p.current()
     parts = p.parts(s)
     peak = p.peak(s)

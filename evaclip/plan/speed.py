@@ -40,6 +40,13 @@ def gpu(name: str) -> GPU:
 _MFU_ROW = re.compile(r"^\|\s*([0-9.]+)\s*\|\s*(on|off)\s*\|.*\|\s*([0-9.]+)%\s*\|\s*$")
 
 
+def bench_results_dir() -> str:
+    """bench/results of a source checkout (the project's GPU measurements), or "" in an installed package."""
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "bench",
+                        "results")
+    return here if os.path.isdir(here) else ""
+
+
 def measured_mfu(results_dir: str, device: str, patch_dropout: float, compiled: bool) -> Optional[float]:
     """The MFU this project measured (bench/gpu_mfu.py's table in the newest ``gpu-*.md`` naming ``device``) at the
     nearest token-drop rate with the same compile setting, or None."""

@@ -22,8 +22,6 @@ TOWERS = ("visual", "text")
 class TowerTrace:
     """One tower at one micro-batch: what autograd keeps, and the extra a checkpointed block holds in backward."""
 
-    params: int  # all parameters
-    trainable: int  # those the optimizer updates (a locked tower: only its unlocked layers)
     saved_bytes: int  # tensors saved for backward over the whole forward
     recompute_bytes: int  # with gradient checkpointing: one block's activations, alive while it is recomputed
 
@@ -68,16 +66,12 @@ def saved_bytes(model, tower: str, image, text) -> int:
     return sum(seen.values())
 
 
-def _towers(model) -> Dict[str, torch.nn.Module]:
-    return {"visual": model.visual, "text": model.text}
-
-
 def trace_towers(model_cfg, variant, batch: int, dtype: torch.dtype) -> Dict[str, TowerTrace]:
-    """Each tower's parameters and activations at micro-batch ``batch`` (meta device)."""
+    """Each tower's activations at micro-batch ``batch`` (meta device)."""
     model = build(model_cfg, variant, dtype)
     image, text = _inputs(variant, batch, dtype)
     out = {}
-    for tower, module in _towers(model).items():
+    for tower in TOWERS:
         ckpt = (model_cfg.vision if tower == "visual" else model_cfg.text).grad_checkpointing
         saved = saved_bytes(model, tower, image, text)
         recompute = 0
@@ -86,9 +80,7 @@ def trace_towers(model_cfg, variant, batch: int, dtype: torch.dtype) -> Dict[str
             full = saved_bytes(model, tower, image, text)
             model.set_grad_checkpointing(model_cfg.vision.grad_checkpointing, model_cfg.text.grad_checkpointing)
             recompute = max(0, full - saved) // _depth(variant, tower)
-        out[tower] = TowerTrace(params=sum(p.numel() for p in module.parameters()),
-                                trainable=sum(p.numel() for p in module.parameters() if p.requires_grad),
-                                saved_bytes=saved, recompute_bytes=recompute)
+        out[tower] = TowerTrace(saved_bytes=saved, recompute_bytes=recompute)
     return out
 
 
