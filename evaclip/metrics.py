@@ -121,7 +121,7 @@ def plot_run(run_dir: str, out: Optional[str] = None) -> Optional[str]:
 
 class StepRowLog:
     """Rows keyed by training step (one per sample), a parquet file per rank and checkpoint interval under
-    <run>/<folder>/: ``log.sample_loss`` (step, key, source, loss) and ``data.log_keys`` (step, key, source,
+    <run>/<folder>/: ``log.sample_loss`` (step, key, source, shard_id, loss) and ``data.log_keys`` (step, key, source,
     stream).
 
     Rows are buffered and written just before a checkpoint is (``flush``), so a kill after a checkpoint loses
@@ -191,18 +191,19 @@ class StepRowLog:
 
 
 class SampleLossLog(StepRowLog):
-    """``log.sample_loss``: each sample's contrastive loss, <run>/sample_loss/ (input for `evaclip data filter`)."""
+    """``log.sample_loss``: each sample's contrastive loss, <run>/sample_loss/ (input for `evaclip data filter`), and
+    the identity of the shard it was read from (``shard_id``, bytes:digest), which `data filter --shards` checks."""
 
-    COLUMNS = {"key": "string", "source": "string", "loss": "float32"}
+    COLUMNS = {"key": "string", "source": "string", "shard_id": "string", "loss": "float32"}
 
     def __init__(self, run_dir: str, rank: int, start_step: int, world_size: int = 1):
         super().__init__(run_dir, "sample_loss", rank, start_step, world_size)
 
-    def add(self, step: int, keys, sources, losses) -> None:
+    def add(self, step: int, keys, sources, shards, losses) -> None:
         losses = losses.detach().float().cpu().tolist()
         if len(keys) != len(losses):
             raise ValueError(f"sample loss log: {len(keys)} keys for {len(losses)} losses at step {step}")
-        self._add(step, key=keys, source=sources if sources is not None else [""] * len(keys), loss=losses)
+        self._add(step, key=keys, source=sources, shard_id=shards, loss=losses)
 
 
 class KeyLog(StepRowLog):

@@ -2,6 +2,7 @@
 
 The model is the demo experiment trained briefly on its own synthetic data; the scored set is a held-out
 synthetic shard in which a known 30% of the captions were moved to other images."""
+import glob
 import io
 import json
 import os
@@ -295,6 +296,37 @@ def test_sample_loss_tables_filter_through_their_shards(synth_dir, tmp_path):
     res = filter_tables([str(tmp_path / "sl")], str(tmp_path / "out"), by="loss", bottom=0.75, shards=pattern)
     got = {s["__key__"] for s in iter_tar_samples(str(tmp_path / "out" / "00000.tar"))}
     assert got == set(keys[:int(round(0.75 * len(keys)))]) and res["kept"] == len(got)
+
+
+def test_a_runs_sample_loss_table_copies_only_out_of_the_shards_it_read(synth_dir, tmp_path):
+    """Issue 32 (4): loss tables record the identity of each sample's shard. --shards at a copy of the same bytes
+    works; at a copy whose shard holds the same keys with other captions it is a one-line error (it copied them)."""
+    from evaclip.config import load_config
+    from evaclip.curation.filter import filter_tables
+    from evaclip.errors import UserError
+    from evaclip.preflight import resolve
+    from evaclip.train import Trainer
+
+    cfg = load_config("demo_cpu", tiny_overrides(synth_dir, str(tmp_path), "ids", steps=2, extra=["log.sample_loss=true"]))
+    run = Trainer(cfg, resolve(cfg, 1), log=lambda *a, **k: None).train()["run_dir"]
+    copy = tmp_path / "copy"
+    shutil.copytree(os.path.join(synth_dir, "train"), copy)
+    pattern = str(copy / "{00000..00003}.tar")
+    res = filter_tables([os.path.join(run, "sample_loss")], str(tmp_path / "same"), by="loss", bottom=1.0,
+                        shards=pattern)
+    assert res["kept"] == 16
+    for name in glob.glob1(str(copy), "*.tar"):  # the same keys, other captions
+        with tarfile.open(copy / name) as t:
+            members = [(m, t.extractfile(m).read()) for m in t.getmembers()]
+        with tarfile.open(copy / name, "w") as t:
+            for m, data in members:
+                data = b"another caption" if m.name.endswith(".txt") else data
+                m.size = len(data)
+                t.addfile(m, io.BytesIO(data))
+    with pytest.raises(UserError, match=r"is not the shard the run read it from .*point --shards at the shards"):
+        filter_tables([os.path.join(run, "sample_loss")], str(tmp_path / "other"), by="loss", bottom=1.0,
+                      shards=pattern)
+    assert not os.path.exists(tmp_path / "other")
 
 
 def test_score_and_filter_have_help():

@@ -77,8 +77,8 @@ def _aggregate_by_key(table):
     """Per-sample loss tables hold a row per (step, sample) seen: one row per (source, key), the mean loss."""
     if "step" not in table.column_names:
         return table
-    numeric = [c for c in table.column_names if c not in ("step", "key", "source", "shard")]
-    keys = [c for c in ("source", "key", "shard") if c in table.column_names]
+    numeric = [c for c in table.column_names if c not in ("step", "key", "source", "shard", "shard_id")]
+    keys = [c for c in ("source", "key", "shard", "shard_id") if c in table.column_names]
     agg = table.group_by(keys).aggregate([(c, "mean") for c in numeric])
     return agg.rename_columns([c[:-len("_mean")] if c.endswith("_mean") else c for c in agg.column_names])
 
@@ -189,8 +189,10 @@ class _Copier:
         return {(srcs[j], keys[j]): {c: cols[c][j] for c in extra} for j in np.nonzero(keep)[0]}, \
             (t.column("shard").to_pylist() if "shard" in t.column_names else None)
 
-    def copy(self, url: str, wanted: Dict, src=None) -> None:
-        """Copy the samples of ``url`` that ``wanted`` holds (removing them from it)."""
+    def copy(self, url: str, wanted: Dict, src=None, identity: str = "") -> None:
+        """Copy the samples of ``url`` that ``wanted`` holds (removing them from it). A row that recorded the
+        identity of the shard it was read from (``shard_id``: per-sample loss tables) is copied only out of that
+        shard: a key met in a shard of other content is an error, not a silent copy of another image."""
         by_key = {}
         for s_, k_ in wanted:
             by_key[k_] = None if k_ in by_key else (s_, k_)
@@ -200,8 +202,13 @@ class _Copier:
             k = (src, key) if (src, key) in wanted else by_key.get(key)
             if k is None or k in done:
                 return None
+            extra = dict(wanted[k])
+            read_from = extra.pop("shard_id", "")
+            if read_from and identity and read_from != identity:
+                raise UserError(f"{url} holds sample {key} but is not the shard the run read it from (bytes:digest "
+                                f"{read_from} then, {identity} now): point --shards at the shards the run trained on")
             done.add(k)
-            return wanted[k]
+            return extra
         copy_kept(url, match, self.add)
         for k in done:
             wanted.pop(k)
@@ -231,7 +238,7 @@ class _Copier:
         wanted, _ = self.selected(whole)
         for src, urls in expand_sources(shards, root):
             for url in urls:
-                self.copy(url, wanted, src)
+                self.copy(url, wanted, src, shard_identity(url))
                 if progress:
                     progress(1)
         return len(wanted)

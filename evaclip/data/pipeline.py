@@ -16,7 +16,7 @@ Per DataLoader worker (one stream per rank x worker, all deterministic in (seed,
   6. decode          PIL (JPEG draft mode); a missing image/caption, empty caption or undecodable image is
                      skipped and counted per reason
   7. transform       RandomResizedCrop + normalise; the augmentation RNG is re-seeded per batch
-  8. tokenize, batch ``micro_batch_size`` samples -> {image, text, key, source, __state__}
+  8. tokenize, batch ``micro_batch_size`` samples -> {image, text, key, source, shard, __state__}
 
 Bounded: a worker that assembles no batch within ``batch_timeout_s`` (every sample skipped, shards that
 never end) stops with a message naming the worker, the shards it is reading and its skip counts.
@@ -38,6 +38,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from evaclip.data.samples import SKIP_REASONS, SkipSample, decode_sample
+from evaclip.data.shards import shard_identity
 from evaclip.data.streams import (LOST_IN_SHARDS, MixedStream, ShardSequence, SourceStream, StreamSpec,
                                   stream_seed)
 from evaclip.data.topology import owned_streams, stream_share
@@ -58,6 +59,7 @@ class ImageTextStream(IterableDataset):
         self.transform, self.tokenizer, self.min_side = transform, tokenizer, min_side
         self.resume: Dict[int, Dict] = {}  # stream id -> state, set before iterating
         self.offset = 0  # stream served by DataLoader worker 0 (see set_state)
+        self._identities: Dict[str, str] = {}  # shard url -> shard_identity, per worker
         self.step = 0  # logical streams: data steps already served (see set_state)
 
     def set_state(self, worker_states: Optional[Dict[int, Dict]]) -> None:
@@ -101,18 +103,18 @@ class ImageTextStream(IterableDataset):
             # touching the global RNG of the main process when workers = 0
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(stream_seed(spec.seed, "aug", spec.rank, worker, batches))
-                images, texts, keys, sources = [], [], [], []
+                rows = self._rows()
                 started, seen = time.monotonic(), bool(per_source)
-                while len(images) < self.micro_batch_size:
-                    usable = self._usable(it, counts, streams, worker, started, len(images), seen)
+                while len(rows["image"]) < self.micro_batch_size:
+                    usable = self._usable(it, counts, streams, worker, started, len(rows["image"]), seen)
                     if usable is None:
                         break  # finite stream: a last, short batch
                     seen = True
-                    self._take(usable, images, texts, keys, sources, per_source)
-            if not images:
+                    self._take(usable, rows, per_source)
+            if not rows["image"]:
                 return
             batches += 1
-            yield self._batch(images, texts, keys, sources,
+            yield self._batch(rows,
                               {"worker": worker, "num_workers": num_workers, "batches": batches,
                                "stream": mixed.state(), "counts": dict(counts), "per_source": dict(per_source)})
 
@@ -137,45 +139,54 @@ class ImageTextStream(IterableDataset):
             streams[lid] = (mixed, iter(mixed), counts, Counter(st["per_source"]) if st else Counter(), sources)
         step = self.step
         while True:
-            images, texts, keys, names, ids = [], [], [], [], []
+            rows, ids = self._rows(), []
             started, seen = time.monotonic(), any(v[3] for v in streams.values())
             with torch.random.fork_rng(devices=[]):  # per-sample seeds (see _usable); the caller's RNG is left alone
                 for lid in mine:
                     mixed, it, counts, per_source, sources = streams[lid]
                     need, got = stream_share(spec.step_samples, spec.num_streams, lid), 0
                     while got < need:
-                        usable = self._usable(it, counts, sources, worker, started, len(images), seen, aug_step=step)
+                        usable = self._usable(it, counts, sources, worker, started, len(rows["image"]), seen,
+                                              aug_step=step)
                         if usable is None:
                             break  # finite stream: a last, short piece
                         seen = True
-                        self._take(usable, images, texts, keys, names, per_source)
+                        self._take(usable, rows, per_source)
                         ids.append(lid)
                         got += 1
-            if not images:
+            if not rows["image"]:
                 return
             step += 1
-            yield self._batch(images, texts, keys, names,
+            yield self._batch(rows,
                               {"worker": worker, "num_workers": num_workers, "step": step,
                                "streams": {lid: {"stream": v[0].state(), "counts": dict(v[2]),
                                                  "per_source": dict(v[3])} for lid, v in streams.items()}},
                               stream_ids=ids)
 
-    def _take(self, usable, images, texts, keys, names, per_source: Counter) -> None:
-        """Add one usable sample (source index, raw, image, caption) to the batch being assembled."""
+    @staticmethod
+    def _rows() -> Dict[str, list]:
+        return {"image": [], "text": [], "key": [], "source": [], "shard": []}
+
+    def _take(self, usable, rows: Dict[str, list], per_source: Counter) -> None:
+        """Add one usable sample (source index, raw, image, caption) to the batch being assembled; ``shard`` is
+        its shard's identity (size and sampled digest, "" when remote): what per-sample loss tables record, so
+        that `data filter --shards` copies a sample only out of the shard the run read it from."""
         src, raw, img, cap = usable
-        images.append(img)
-        texts.append(cap)
-        keys.append(raw["__key__"])
-        names.append(self.spec.names[src])
+        url = raw.get("__url__", "")
+        if url not in self._identities:
+            self._identities[url] = shard_identity(url) if url else ""
+        for k, v in zip(("image", "text", "key", "source", "shard"),
+                        (img, cap, raw["__key__"], self.spec.names[src], self._identities[url])):
+            rows[k].append(v)
         per_source[self.spec.names[src]] += 1
 
-    def _batch(self, images, texts, keys, sources, state: Dict, stream_ids=None) -> Dict:
-        """The one batch layout both stream modes yield: images, tokens (CLIP), keys, sources, the logical stream
-        of each sample (logical streams), and the worker's position."""
-        batch = {"image": torch.stack(images)}
+    def _batch(self, rows: Dict[str, list], state: Dict, stream_ids=None) -> Dict:
+        """The one batch layout both stream modes yield: images, tokens (CLIP), keys, sources, shard identities,
+        the logical stream of each sample (logical streams), and the worker's position."""
+        batch = {"image": torch.stack(rows["image"])}
         if self.tokenizer is not None:
-            batch["text"] = self.tokenizer(texts)
-        batch.update(key=keys, source=sources)
+            batch["text"] = self.tokenizer(rows["text"])
+        batch.update(key=rows["key"], source=rows["source"], shard=rows["shard"])
         if stream_ids is not None:
             batch["stream_id"] = stream_ids
         batch["__state__"] = state

@@ -172,8 +172,8 @@ class Trainer:
         if skipped is not None:
             return skipped
         if self.sample_log is not None and fwd.sample_losses is not None:
-            self.sample_log.add(self.step + 1, [k for m in micro for k in m["key"]],
-                                [s for m in micro for s in m["source"]], fwd.sample_losses)
+            self.sample_log.add(self.step + 1, *([x for m in micro for x in m[c]] for c in ("key", "source", "shard")),
+                                fwd.sample_losses)
         # each rank's local loss covers its rows; the global loss is their mean
         mean_loss = edist.all_reduce_sum(fwd.loss.clone().reshape(1)) / edist.world_size()
         return {"train/loss": mean_loss.item(), **fwd.metrics, "train/grad_norm": info.grad_norm}
