@@ -38,8 +38,9 @@ class SimulatedRing:
 
     Hop k delivers the block of rank (0 - k) mod world, as a real ring does: each ``start`` allocates the
     receive buffers a real receive would and fills them at memory speed (as a receive writes them) from a
-    small pool of other ranks' blocks made beforehand. ``hops`` < world truncates the ring (the loss then
-    covers hops x b columns; the memory and the time per hop are those of the full ring)."""
+    small pool of other ranks' blocks made beforehand, and holds what it sends until ``finish`` (as
+    ``evaclip.dist.Ring`` does: an asynchronous send reads its buffer). ``hops`` < world truncates the ring
+    (the loss then covers hops x b columns; the memory and the time per hop are those of the full ring)."""
 
     def __init__(self, world: int, hops: int, pool):
         self.rank, self.world, self.hop, self.pool = 0, (hops or world), 0, pool
@@ -48,10 +49,11 @@ class SimulatedRing:
         import torch
 
         self.hop += 1
-        return [torch.empty_like(t).copy_(self.pool[(self.hop + i) % len(self.pool)]) for i, t in enumerate(tensors)]
+        bufs = [torch.empty_like(t).copy_(self.pool[(self.hop + i) % len(self.pool)]) for i, t in enumerate(tensors)]
+        return bufs, list(tensors)
 
     def finish(self, pending):
-        return pending
+        return pending[0]
 
 
 def child(args):

@@ -93,6 +93,53 @@ def test_model_states_are_the_plain_engines_tensors_after_a_step():
     assert abs(want.optimizer - states) <= 0.10 * states, (want.optimizer, states)
 
 
+def _measured_loss_bytes(kind, impl, g, world, dim, tile) -> int:
+    """Peak bytes of one rank's loss forward + backward by torch's MemTracker, set up as bench/loss_memory.py
+    does: the rank's own rows, the gathered [G, D] leaves (not for ring), a simulated ring of ``world`` ranks."""
+    import torch.nn.functional as F
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from bench.loss_memory import SimulatedRing
+    from evaclip import losses
+
+    b, gen = g // world, torch.Generator().manual_seed(0)
+    rows = [F.normalize(torch.randn(n, dim, generator=gen), dim=-1).requires_grad_() for n in (b, b, g, g)]
+    scale, bias = torch.tensor([14.0], requires_grad=True), torch.tensor([-10.0], requires_grad=True)
+    ring = SimulatedRing(world, 0, [F.normalize(torch.randn(b, dim, generator=gen), dim=-1) for _ in range(3)])
+    il, tl, img, txt = rows
+    tracker = MemTracker()
+    if impl != "ring":
+        tracker.track_external(img, txt)
+    with tracker:
+        if impl == "ring":
+            loss = losses.clip_loss_ring(il, tl, scale, tile, ring) if kind == "clip" else \
+                losses.siglip_loss_ring(il, tl, scale, bias, tile, ring)
+        elif kind == "siglip":
+            loss = losses.siglip_loss_tiled(il, txt, scale, bias, 0, tile) if impl == "tiled" else \
+                losses.siglip_loss(il, txt, scale, bias, 0)
+        else:
+            loss = {"naive": lambda: losses.clip_loss_naive(img, txt, scale),
+                    "local": lambda: losses.clip_loss_local(il, tl, img, txt, scale, 0),
+                    "tiled": lambda: losses.clip_loss_tiled(il, tl, img, txt, scale, 0, tile)}[impl]()
+        loss.backward()
+    return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+
+
+# (G, ranks, D, tile): tiles smaller than a rank's rows, larger (b x G' tiles), and [G, D] larger than b x G
+LOSS_SHAPES = [(2048, 8, 64, 64), (4096, 4, 32, 128), (8192, 16, 256, 4096), (16384, 64, 512, 128)]
+
+
+@pytest.mark.parametrize("kind,impl", [("clip", "naive"), ("clip", "local"), ("clip", "tiled"), ("clip", "ring"),
+                                       ("siglip", "local"), ("siglip", "tiled"), ("siglip", "ring")])
+def test_loss_buffers_are_the_losses_peak_as_memtracker_measures_it(kind, impl):
+    from evaclip.plan.memory import loss_buffers
+
+    for g, world, dim, tile in LOSS_SHAPES[:2] if impl == "naive" else LOSS_SHAPES:
+        got = loss_buffers(kind, impl, g, g // world, dim, tile)
+        want = _measured_loss_bytes(kind, impl, g, world, dim, tile)
+        assert abs(got / want - 1) <= 0.10, (g, world, dim, tile, got, want)
+
+
 @pytest.mark.parametrize("name", ["EVA02-B-16", "EVA02-L-14", "EVA02-E-14-plus"])
 @pytest.mark.parametrize("nodes", [1, 8])
 def test_model_states_agree_with_deepspeeds_estimators(name, nodes):

@@ -48,20 +48,38 @@ def model_states(trainable: int, frozen: int, engine: str, precision: str, zero:
     return ModelStates(weights=w * -(-(p + f) // n), gradients=(w + 4) * part, optimizer=12 * part)
 
 
-def loss_buffers(impl: str, global_batch: int, micro_batch: int, dim: int, tile: int) -> int:
-    """The contrastive loss's own memory per rank, fp32, forward and backward (as bench/loss_memory.py measures):
-    naive and local gather both feature sets of the whole batch and keep their gradients (4 x G x D); naive
-    builds G x G logits, local b x G per direction, tiled one t x t tile at a time (log-softmax and its gradient:
-    4 such blocks); ring gathers nothing: its rows, one block in flight and its reply (4 x b x D each way)."""
-    g, b, t = global_batch, micro_batch, min(tile, global_batch)
-    gathered = 4 * g * dim * 4
-    if impl == "naive":
-        return gathered + 4 * g * g * 4
-    if impl == "local":
-        return gathered + 4 * b * g * 4
-    if impl == "tiled":
-        return gathered + 4 * t * t * 4
-    return 3 * 4 * b * dim * 4 + 4 * b * min(t, b) * 4  # ring
+def loss_buffers(kind: str, impl: str, global_batch: int, rows: int, dim: int, tile: int) -> int:
+    """The contrastive loss's memory per rank at its peak, fp32, forward and backward, as bench/loss_memory.py
+    runs it: ``rows`` = b, this rank's rows of the global batch (with accumulation, every micro-batch's: the
+    loss spans the cached step). Counted from the tensors the code keeps alive (evaclip/losses/), held against
+    torch's MemTracker in tests/test_plan.py (within 10%):
+      every impl    the rank's own rows [b, D] x 2 (image, text);
+      naive, local  the gathered features [G, D] x 2 (SigLIP gathers the images too, unused) and, by the end of
+                    backward, their gradients; naive adds 4 G x G (logits, log-softmax both ways, a gradient),
+                    local 4 b x G (two saved log-softmaxes, a gradient and its log-softmax backward) or, later,
+                    3 b x G with a third [G, D] (the first gathered gradient); SigLIP local: 5 b x G
+                    (logits, labels, log-sigmoid and two gradients), only the texts' gradient;
+      tiled         the gathered features and their gradients, the two row gradients [b, D], and a t x t'
+                    tile (t = min(tile, b) rows, t' = min(tile, G) columns) four times (its logits, the
+                    softmax and two temporaries) or one more [b, D] temporary, whichever is larger;
+      ring          nothing gathered: 13 b x D for CLIP (row gradients 2, the block held and the next one 4,
+                    column-gradient accumulators 2, those in flight and their replies 4, a temporary 1), 7 for
+                    SigLIP (only the text blocks travel), and 3 t x t tiles (t = min(tile, b)) or a [b, D]."""
+    g, b, d = global_batch, rows, dim
+    own, gathered = 2 * b * d, 2 * g * d
+    if impl == "ring":
+        t = min(tile, b)
+        elements = own + (13 if kind == "clip" else 7) * b * d + max(b * d, 3 * t * t)
+    elif impl == "tiled":
+        tiles = max(4 * min(tile, b) * min(tile, g), b * d)
+        elements = own + (2 * gathered + 2 * b * d if kind == "clip" else gathered + g * d) + tiles
+    elif kind == "siglip":  # naive and local build the same b x G logits for SigLIP
+        elements = own + gathered + 5 * b * g
+    elif impl == "naive":
+        elements = own + 2 * gathered + 4 * g * g
+    else:
+        elements = own + max(gathered + 4 * b * g, gathered + g * d + 3 * b * g)
+    return 4 * elements
 
 
 def buckets(precision: str, trainable: int, elements: int) -> int:

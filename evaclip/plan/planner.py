@@ -72,8 +72,9 @@ class Planner:
         for name, t in towers.items():  # traced at micro-batch 1
             out[f"activations ({'image' if name == 'visual' else 'text'})"] = \
                 (t.saved_bytes + t.recompute_bytes) * s.micro_batch
-        out["loss buffers"] = memory.loss_buffers(c.loss.impl, self.global_batch, s.micro_batch,
-                                                  self.variant.embed_dim, c.loss.tile_size)
+        out["loss buffers"] = memory.loss_buffers(c.loss.kind, c.loss.impl, self.global_batch,
+                                                  self.global_batch // self.ranks, self.variant.embed_dim,
+                                                  c.loss.tile_size)
         engine = dataclasses.replace(c.engine, zero_stage=s.zero, accum_steps=s.accum)
         out["communication buckets"] = memory.buckets(c.engine.precision, self.trainable,
                                                       bucket_elements(engine, s.micro_batch, self.ranks))
