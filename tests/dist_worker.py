@@ -183,8 +183,9 @@ def live_tensor_bytes() -> int:
 
 
 def main_states(out: str, shard: str, stage: int, prec: str):
-    """The real DeepSpeed engine's tensors on this rank at one ZeRO stage and precision: after the second step's
-    backward (weights, gradients, optimizer states) and after its step, less what was alive before the trainer was
+    """The real DeepSpeed engine's tensors on this rank at one ZeRO stage and precision: at the end of the second
+    step's backward (weights, gradients, optimizer states, communication buckets: ZeRO 1-2 release theirs just
+    before the step, so that moment is caught too) and after its step, less what was alive before the trainer was
     built (one configuration a process: DeepSpeed keeps references to an engine once built)."""
     from evaclip.config import load_config
     from evaclip.preflight import resolve
@@ -203,6 +204,14 @@ def main_states(out: str, shard: str, stage: int, prec: str):
         return real_step()
 
     tr.engine.step = measured_step
+    optimizer = tr.engine.ds.optimizer
+    release = getattr(optimizer, "_release_ipg_buffers", None)
+    if release is not None:  # ZeRO 1-2: the reduce buckets live from the first gradient to here
+        def measured_release():
+            seen["buckets"] = live_tensor_bytes() - base
+            return release()
+
+        optimizer._release_ipg_buffers = measured_release
     run_steps(tr, edist.rank(), edist.world_size(), steps=1)
     seen["step"] = live_tensor_bytes() - base
     torch.save(seen, f"{out}.rank{edist.rank()}")

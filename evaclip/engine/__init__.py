@@ -16,11 +16,11 @@ import torch
 from evaclip import dist as edist
 from evaclip.engine.base import Engine, StepInfo, pick_device, read_weights
 from evaclip.engine.deepspeed_engine import (DeepSpeedEngine, bucket_elements, check_overlay, deepspeed_config,
-                                             zero_held_grad_elements)
+                                             zero3_persistent_elements, zero_held_grad_elements)
 from evaclip.engine.torch_engine import TorchEngine
 
 __all__ = ["Engine", "StepInfo", "bucket_elements", "build_engine", "check_overlay", "deepspeed_config",
-           "pick_device", "read_weights", "zero_held_grad_elements"]
+           "pick_device", "read_weights", "zero3_persistent_elements", "zero_held_grad_elements"]
 
 
 def build_engine(model, optimizer, engine_cfg, device: torch.device, micro_batch_size: int,

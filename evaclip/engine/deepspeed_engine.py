@@ -5,10 +5,12 @@ and written into the run directory."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
+import sys
 import types
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -52,15 +54,35 @@ def deepspeed_config(engine_cfg, micro_batch_size: int, world_size: int) -> Dict
 DEFAULT_BUCKET = 500_000_000  # DeepSpeed's reduce / allgather / prefetch bucket default (elements; its config docs)
 
 
-def bucket_elements(engine_cfg, micro_batch_size: int, world_size: int) -> int:
-    """Elements of DeepSpeed's communication buckets alive during backward, the memory peak: the gradient reduce
-    bucket, and at stage 3 the parameter prefetch bucket (stages 1-2 all-gather weights in the optimizer step, when
-    the activations are gone). As the generated config and its overlay set them; 0 without ZeRO."""
+def bucket_elements(engine_cfg, micro_batch_size: int, world_size: int) -> Tuple[int, int]:
+    """DeepSpeed's communication buffers during backward, the memory peak, as the generated config and its overlay
+    set them (DeepSpeed's defaults otherwise): (elements allocated whole whatever the model's size, elements of
+    stage 3's prefetched parameters, at most the model). With contiguous gradients (the default) ZeRO 1-2 allocate
+    a reduce bucket for the backward, two with overlap_comm (double buffering; off by default below stage 3), and
+    ZeRO-3 one for the run (stage_1_and_2.py ``setup_buckets``, stage3.py "IPG"). (0, 0) without ZeRO."""
     if engine_cfg.kind != "deepspeed" or engine_cfg.zero_stage == 0:
-        return 0
+        return 0, 0
     z = deepspeed_config(engine_cfg, micro_batch_size, world_size).get("zero_optimization", {})
-    prefetch = int(z.get("stage3_prefetch_bucket_size", DEFAULT_BUCKET)) if engine_cfg.zero_stage == 3 else 0
-    return int(z.get("reduce_bucket_size", DEFAULT_BUCKET)) + prefetch
+    stage3 = engine_cfg.zero_stage == 3
+    reduce = int(z.get("reduce_bucket_size", DEFAULT_BUCKET)) if z.get("contiguous_gradients", True) else 0
+    double = not stage3 and z.get("overlap_comm", False)
+    prefetch = int(z.get("stage3_prefetch_bucket_size", DEFAULT_BUCKET)) if stage3 else 0
+    return reduce * (2 if double else 1), prefetch
+
+
+def zero3_persistent_elements(engine_cfg, numels: List[int], world_size: int) -> int:
+    """Parameter elements ZeRO-3 keeps whole on every rank: each parameter of at most
+    ``stage3_param_persistence_threshold`` elements (DeepSpeed's default 1e5), in model order, while their sum stays
+    within ``model_persistence_threshold`` (parameter_offload.py ``mark_persistent_parameters``)."""
+    cfg = dataclasses.replace(engine_cfg, kind="deepspeed", zero_stage=3)
+    z = deepspeed_config(cfg, 1, world_size).get("zero_optimization", {})
+    each = int(z.get("stage3_param_persistence_threshold", 100_000))
+    limit = int(z.get("stage3_model_persistence_threshold", sys.maxsize))
+    total = 0
+    for n in numels:
+        if n <= each and total + n <= limit:
+            total += n
+    return total
 
 
 def zero_held_grad_elements(group_numels: List[List[int]], ranks: int) -> int:

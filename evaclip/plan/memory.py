@@ -23,7 +23,7 @@ class ModelStates:
 
 
 def model_states(trainable: int, frozen: int, engine: str, precision: str, zero: int, ranks: int,
-                 held_grads: int = 0) -> ModelStates:
+                 held_grads: int = 0, persistent: int = 0) -> ModelStates:
     """Weights, gradients and optimizer states per GPU (LAMB and AdamW both keep two fp32 moments per parameter).
 
     ZeRO (Rajbhandari et al. 2020, Fig. 1): stage 1 partitions the optimizer states over N ranks, stage 2 the
@@ -33,7 +33,10 @@ def model_states(trainable: int, frozen: int, engine: str, precision: str, zero:
     parameters that overlap its partition of each parameter group (``held_grads`` elements: the engine's
     ``zero_held_grad_elements``; about P / N for a large model) and builds its fp32 gradient partition only in the
     step (DeepSpeed's estimator counts that one too: 2 + 18 / N bytes per parameter at stage 2). The plain engine
-    keeps fp32 weights and gradients whatever the precision (bf16 is autocast) and has no partitions.
+    keeps fp32 weights and gradients whatever the precision (bf16 is autocast) and has no partitions. ZeRO-3
+    partitions the 16-bit weights too, except ``persistent`` elements (small parameters, kept whole on every rank:
+    the engine's ``zero3_persistent_elements``), keeps its 16-bit gradient partition for the run and, like stages
+    1-2, builds the fp32 one in the step (DeepSpeed's estimator: 18 / N bytes per parameter besides the weights).
     """
     p, f, n = trainable, frozen, max(1, ranks)
     if engine == "torch":
@@ -45,7 +48,9 @@ def model_states(trainable: int, frozen: int, engine: str, precision: str, zero:
     if zero in (1, 2):
         return ModelStates(weights=w * (p + f), gradients=w * (held_grads or part), optimizer=12 * part,
                            step_gradients=4 * part)
-    return ModelStates(weights=w * -(-(p + f) // n), gradients=(w + 4) * part, optimizer=12 * part)
+    whole = min(persistent, p + f)
+    return ModelStates(weights=w * (whole + -(-(p + f - whole) // n)), gradients=w * part, optimizer=12 * part,
+                       step_gradients=4 * part)
 
 
 def loss_buffers(kind: str, impl: str, global_batch: int, rows: int, dim: int, tile: int) -> int:
@@ -82,11 +87,12 @@ def loss_buffers(kind: str, impl: str, global_batch: int, rows: int, dim: int, t
     return 4 * elements
 
 
-def buckets(precision: str, trainable: int, elements: int) -> int:
-    """DeepSpeed's communication buckets alive at the peak (the engine's ``bucket_elements``), in the gradients'
-    dtype; a bucket never holds more than the model."""
+def buckets(precision: str, trainable: int, elements) -> int:
+    """DeepSpeed's communication buffers alive at the peak, in the gradients' dtype: ``elements`` = the engine's
+    ``bucket_elements``, (allocated whole, prefetched parameters: never more than the model)."""
     width = 2 if precision in ("bf16", "fp16") else 4
-    return width * min(elements, trainable)
+    whole, prefetch = elements
+    return width * (whole + min(prefetch, trainable))
 
 
 def total(parts: Dict[str, int], step_only: int = 0) -> int:

@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from evaclip.config import derive
-from evaclip.engine import bucket_elements, zero_held_grad_elements
+from evaclip.engine import bucket_elements, zero3_persistent_elements, zero_held_grad_elements
 from evaclip.errors import ConfigError
 from evaclip.optim import param_groups
 from evaclip.plan import memory, speed
@@ -48,6 +48,7 @@ class Planner:
         self.trainable = sum(map(sum, groups))
         self.frozen = sum(p.numel() for p in model.parameters()) - self.trainable
         self.held_grads = zero_held_grad_elements(groups, self.ranks) if cfg.engine.kind == "deepspeed" else 0
+        self.persistent = zero3_persistent_elements(cfg.engine, [p.numel() for p in model.parameters()], self.ranks)
 
     def _model_cfg(self, checkpointing: Tuple[bool, bool]):
         m = self.cfg.model
@@ -62,7 +63,7 @@ class Planner:
     def states(self, s: Setting) -> memory.ModelStates:
         c = self.cfg
         return memory.model_states(self.trainable, self.frozen, c.engine.kind, c.engine.precision, s.zero, self.ranks,
-                                   self.held_grads)
+                                   self.held_grads, self.persistent)
 
     def parts(self, s: Setting) -> Dict[str, int]:
         """Bytes per GPU by part at setting ``s``, at the end of backward (the step's own peak: ``peak``)."""
