@@ -146,7 +146,12 @@ def resolve_paths(cls, data: Dict[str, Any], base_dir: str) -> Dict[str, Any]:
 
 
 def _check_value(key: str, value: Any, tp: Any, f: Optional[dataclasses.Field]) -> Any:
-    """Validate (and lightly coerce: int -> float) one value against its declared type and choices."""
+    """Validate (and lightly coerce: int -> float; a field's documented ``aliases``, such as an old boolean
+    form, to its value) one value against its declared type and choices."""
+    aliases = f.metadata.get("aliases", ()) if f is not None else ()
+    for old, new in aliases:
+        if type(value) is type(old) and value == old:
+            value = new
     origin = typing.get_origin(tp)
     if origin is typing.Union:  # Optional[X]
         args = [a for a in typing.get_args(tp) if a is not type(None)]

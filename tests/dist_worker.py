@@ -76,7 +76,8 @@ def main_train(out: str, shard: str, overrides):
     with tr.engine.full_weights() as model:
         if edist.is_main():
             torch.save({"weights": {k: v.detach().float().clone() for k, v in model.state_dict().items()},
-                        "losses": losses, "zeroshot": zeroshot}, out)
+                        "losses": losses, "zeroshot": zeroshot,
+                        "graphs": dict(tr.engine.compiler.graphs) if tr.engine.compiler else {}}, out)
     edist.shutdown()
 
 

@@ -8,7 +8,8 @@ from typing import List, Optional
 
 
 
-def _f(default, help: str, choices=None, path: Optional[str] = None, keywords: tuple = (), **bounds):
+def _f(default, help: str, choices=None, path: Optional[str] = None, keywords: tuple = (), aliases: tuple = (),
+       **bounds):
     """A documented field (``evaclip train --help-config`` prints the help). ``path``: the field holds a path
     (or, for an asset kind, a built-in name) resolved by the rule in ``evaclip.files``. ``bounds``: its range
     (gt / ge / lt / le; ``unset``: a sentinel also allowed), checked on load with every number finite: one
@@ -18,6 +19,8 @@ def _f(default, help: str, choices=None, path: Optional[str] = None, keywords: t
         md["choices"] = tuple(choices)
     if bounds:
         md["bounds"] = bounds
+    if aliases:  # (old value, what it means now): e.g. an old boolean form of a setting that grew modes
+        md["aliases"] = tuple(aliases)
     if path:
         md["path"], md["keywords"] = path, tuple(keywords)
     if isinstance(default, (list, dict)):
@@ -180,7 +183,13 @@ class EngineConfig:
     deepspeed_overlay: str = _f("", "JSON merged over the generated DeepSpeed config: a built-in name (zero1, "
                                 "zero2, zero3, offload) or a .json file", path="overlay")
     max_bad_steps: int = _f(10, "consecutive non-finite steps before the run stops", ge=1)
-    compile: bool = _f(False, "torch.compile the towers")
+    compile: str = _f("off", "torch.compile: off | towers (each tower, one graph: fullgraph) | step (the towers, "
+                      "the loss for naive / local, and the plain engine's optimizer step); true / false mean towers / "
+                      "off", ["off", "towers", "step"],
+                      aliases=((True, "towers"), (False, "off"), ("true", "towers"), ("false", "off")))
+    compile_backend: str = _f("inductor", "torch.compile backend: inductor (generated kernels, CPU and GPU) | "
+                              "aot_eager (traced, no code generation: for checking graphs) | eager",
+                              ["inductor", "aot_eager", "eager"])
 
 
 @dataclass

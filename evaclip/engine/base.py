@@ -10,6 +10,8 @@ and the checkpoint file layouts of both engines (known here only: ``read_weights
     engine.save(dir) / load(dir)     engine state (weights, optimizer, loss scaler) into/from a directory; a
                                      ZeRO checkpoint of another number of ranks is re-partitioned on load
     with engine.full_weights():      the unwrapped model with full parameters (ZeRO-3 gathers them)
+    engine.compiler                  ``engine.compile`` on: the ``Compiler`` the objective compiles its pieces
+                                     with (the plain engine compiles its optimizer step itself in "step" mode)
 """
 from __future__ import annotations
 
@@ -17,9 +19,11 @@ import contextlib
 import dataclasses
 import os
 import re
-from typing import Dict, Protocol
+from typing import Dict, Optional, Protocol
 
 import torch
+
+from evaclip.engine.compiling import Compiler
 
 from evaclip import dist as edist
 from evaclip.safe_load import deepspeed_loads, load_torch
@@ -49,6 +53,7 @@ class Engine(Protocol):
     device: torch.device
     input_dtype: torch.dtype  # the dtype images must have (bf16 / fp16 models under DeepSpeed)
     shards_params: bool  # parameters partitioned across ranks (ZeRO-3): one rank cannot run the model alone
+    compiler: Optional[Compiler]  # engine.compile != "off": what the objective compiles its pieces with
 
     def __call__(self, image: torch.Tensor, *inputs) -> Dict[str, torch.Tensor]: ...
 

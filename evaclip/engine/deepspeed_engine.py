@@ -16,6 +16,7 @@ import torch
 
 from evaclip import dist as edist
 from evaclip.engine.base import TORCH_STATE, StepInfo, saved_zero_world
+from evaclip.engine.compiling import Compiler
 from evaclip.engine.ds_compat import load_hp_state
 from evaclip.engine.zero_lamb import install_lamb_layouts
 from evaclip.errors import CheckpointError, ConfigError, UserError
@@ -112,6 +113,8 @@ class DeepSpeedEngine:
 
         self.cfg, self.device = engine_cfg, device
         self.client_optimizer = optimizer
+        # the towers (and in "step" mode the loss) are compiled by the objective; DeepSpeed's optimizer stays eager
+        self.compiler = Compiler(engine_cfg.compile_backend) if engine_cfg.compile != "off" else None
         self._group_params = [list(g["params"]) for g in optimizer.param_groups]  # before DeepSpeed swaps them
         self.ds, self.ds_optimizer, _, _ = deepspeed.initialize(model=model.to(device), optimizer=optimizer,
                                                                 config=ds_config)

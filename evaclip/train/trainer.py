@@ -84,10 +84,8 @@ class Trainer:
             save_run_config(self.run_dir, cfg, derived, {"git_sha": git_sha(), "world_size": edist.world_size()})
         self.engine = build_engine(model, optimizer, cfg.engine, self.device, cfg.data.micro_batch_size, self.run_dir)
         self.model = self.engine.model
-        if cfg.engine.compile:
-            self.model.visual.compile()
-            if self.objective.uses_text:
-                self.model.text.compile()
+        if self.engine.compiler is not None:
+            self.objective.compile(self.model, self.engine.compiler, whole_step=cfg.engine.compile == "step")
         self.scheduler = LrScheduler(optimizer, derived.steps, derived.warmup_steps, cfg.schedule.name,
                                      cfg.schedule.min_lr_ratio, cfg.schedule.cooldown_steps)
         torch.manual_seed(cfg.run.seed * 1000 + edist.rank())  # per-rank dropout / patch-drop stream
@@ -311,7 +309,8 @@ class Trainer:
         self.logger.close()
         return {"run_dir": self.run_dir, "checkpoint": final, "steps": self.step, "samples": self.samples_seen,
                 "zeroshot": last_eval, "plot": plot, "skips": self.data.state.skip_counts(),
-                "rollbacks": self.healing.rollbacks}
+                "rollbacks": self.healing.rollbacks,
+                "compiled_graphs": dict(self.engine.compiler.graphs) if self.engine.compiler is not None else {}}
 
     def _set_lr(self) -> float:
         """The schedule's lr for this step, scaled while a post-rollback window is open; the schedule's factor."""
@@ -336,6 +335,8 @@ class Trainer:
         metrics.update({"train/samples_per_s": sps, "train/patch_dropout": rate,
                         "train/samples_seen": self.samples_seen, "data/order_hash": self.data.order_hash})
         metrics.update({f"data/skipped/{k}": v for k, v in self.data.state.skip_counts().items()})
+        if self.engine.compiler is not None:  # graphs built per compiled piece: a count that grows is recompiling
+            metrics.update(self.engine.compiler.metrics())
         if self.device.type == "cuda":  # the high-water mark since the start, what a plan is checked against
             metrics["sys/max_mem_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
         self.logger.log(self.step, metrics)

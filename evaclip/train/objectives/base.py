@@ -38,6 +38,10 @@ class Objective(Protocol):
         """What a resume must find unchanged beyond the config (e.g. the identity of a frozen teacher's weights):
         recorded in every checkpoint and compared like the config's resume settings."""
 
+    def compile(self, model: torch.nn.Module, compiler, whole_step: bool) -> None:
+        """Compile what this objective runs with ``compiler`` (``engine.compile``): its towers, one graph each;
+        with ``whole_step`` also its loss where the loss can be traced."""
+
     def forward_backward(self, engine, micro: List[Dict], step: int) -> Forward:
         """Forward and backward over the micro-batches of optimizer step ``step`` (0-based), through ``engine``;
         the last backward is the accumulation boundary."""

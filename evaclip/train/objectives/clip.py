@@ -52,6 +52,15 @@ class ClipObjective:
     def resume_settings(self) -> Dict:
         return {}
 
+    def compile(self, model, compiler, whole_step: bool) -> None:
+        """The towers, one graph each (token dropping keeps a fixed count, so shapes are static); with
+        ``whole_step`` the naive and local losses too (the tiled and ring losses are autograd Functions with their
+        own tile loops: they stay eager)."""
+        compiler.module("visual", model.visual)
+        compiler.module("text", model.text)
+        if whole_step and self.loss_fn.impl in ("naive", "local"):
+            self.loss_fn = compiler.function("loss", self.loss_fn)
+
     def drop_noise(self, model, micro: Dict, step: int) -> Optional[torch.Tensor]:
         """Per-sample token-dropping scores [b, N] from (seed, step, key): which patches a sample keeps does
         not depend on the batch, micro-batch or rank it is in (None without dropping, or without keys)."""

@@ -49,6 +49,11 @@ class MimObjective:
         would regress other targets is refused."""
         return {"mim.teacher_identity": self.teacher.identity}
 
+    def compile(self, model, compiler, whole_step: bool) -> None:
+        """The student (image tower and regression head), one graph; the frozen teacher's forward too."""
+        compiler.module("student", model)
+        compiler.module("teacher", self.teacher)
+
     def forward_backward(self, engine, micro: List[Dict], step: int) -> Forward:
         """Per micro-batch: teacher targets (no grad), the student on the masked images, backward."""
         dev, m, v = self.device, self.cfg, self.variant
