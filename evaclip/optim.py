@@ -65,6 +65,14 @@ def flat_layout(numels: List[int], offsets: List[int], part_start: int, part_siz
                       torch.tensor([n for _, n in merged], dtype=torch.long), len(numels), process_group)
 
 
+def _fusable(params, grads) -> bool:
+    """torch's fused Adam kernel takes floating tensors of one dtype on a CPU or CUDA device."""
+    p0 = params[0]
+    return (p0.device.type in ("cpu", "cuda") and p0.is_floating_point()
+            and all(p.dtype == p0.dtype and g.dtype == p0.dtype and p.device == p0.device and not g.is_sparse
+                    for p, g in zip(params, grads)))
+
+
 class Lamb(Optimizer):
     """LAMB with vectorised (foreach) per-tensor math and an exact mode for flat ZeRO partitions."""
 
@@ -91,7 +99,9 @@ class Lamb(Optimizer):
         return r.clamp(lo, hi)
 
     def _adam_direction(self, group, params, grads):
-        """Update m, v in place and return u = m_hat / (sqrt(v_hat) + eps) + wd * w for each param."""
+        """Update m, v in place and return u = m_hat / (sqrt(v_hat) + eps) + wd * w for each param. With bias
+        correction, torch's fused Adam kernel writes m, v and the Adam part of u in one pass over memory (its
+        update with lr = -1 applied to zeros); else, or where it cannot run, the foreach ops below."""
         b1, b2 = group["betas"]
         ms, vs, steps = [], [], []
         for p in params:
@@ -104,6 +114,20 @@ class Lamb(Optimizer):
             ms.append(st["exp_avg"])
             vs.append(st["exp_avg_sq"])
             steps.append(st["step"])
+        if group["bias_correction"] and _fusable(params, grads):
+            upd = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
+            counts = {s: torch.tensor(float(s), device=params[0].device) for s in set(steps)}
+            torch._fused_adam_(upd, grads, ms, vs, [], [counts[s] for s in steps], lr=-1.0, beta1=b1, beta2=b2,
+                               weight_decay=0.0, eps=group["eps"], amsgrad=False, maximize=False)
+        else:
+            upd = self._foreach_direction(group, grads, ms, vs, steps)
+        if group["weight_decay"] != 0:
+            torch._foreach_add_(upd, params, alpha=group["weight_decay"])
+        return upd
+
+    @staticmethod
+    def _foreach_direction(group, grads, ms, vs, steps):
+        b1, b2 = group["betas"]
         torch._foreach_lerp_(ms, grads, 1 - b1)  # m = b1 m + (1 - b1) g
         torch._foreach_mul_(vs, b2)
         torch._foreach_addcmul_(vs, grads, grads, 1 - b2)
@@ -117,8 +141,6 @@ class Lamb(Optimizer):
         torch._foreach_add_(denom, group["eps"])
         upd = torch._foreach_div(ms, c1)
         torch._foreach_div_(upd, denom)
-        if group["weight_decay"] != 0:
-            torch._foreach_add_(upd, params, alpha=group["weight_decay"])
         return upd
 
     @torch.no_grad()
@@ -141,8 +163,7 @@ class Lamb(Optimizer):
                 w_norm = torch.stack(torch._foreach_norm(params))
                 u_norm = torch.stack(torch._foreach_norm(upd))
                 ratio = self._ratio(w_norm, u_norm, lo, hi) * (-group["lr"])
-                torch._foreach_mul_(upd, list(ratio.unbind(0)))
-                torch._foreach_add_(params, upd)
+                torch._foreach_addcmul_(params, upd, list(ratio.unbind(0)))  # w += (-lr r) u, one pass
             else:  # one flat partition: per-tensor norms from per-stretch partial sums, all-reduced
                 (p,), (u,) = params, upd
                 ratio = self._flat_ratio(p, u, flat[1], lo, hi)

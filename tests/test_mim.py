@@ -264,6 +264,18 @@ def test_mim_resume_continues_exactly(synth_dir, mim_teacher, tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0
 
 
+def test_a_compiled_mim_run_equals_the_eager_one(synth_dir, mim_teacher, tmp_path):
+    """engine.compile (aot_eager): the student and the teacher compiled, 4 steps end within 1e-4 of eager, each
+    built once (the teacher's forward runs without grad)."""
+    eager = mim_trainer(synth_dir, tmp_path, mim_teacher, "eager").train()
+    compiled = mim_trainer(synth_dir, tmp_path, mim_teacher, "compiled", extra=[
+        "engine.compile=towers", "engine.compile_backend=aot_eager"]).train()
+    a, _ = load_weights(eager["run_dir"])
+    b, _ = load_weights(compiled["run_dir"])
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-4
+    assert compiled["compiled_graphs"] == {"student": 1, "teacher/no_grad": 1}
+
+
 def _image_only_shards(synth_dir, out_dir):
     """The synthetic shard 0 without its captions (an ImageNet-21K-style image-only shard)."""
     import tarfile
