@@ -9,26 +9,113 @@ from bench.common import summarize, timeit
 
 
 def optimizer_step(reps: int = 5, model: str = "EVA02-B-16"):
-    """One optimizer step over a real model's parameter set (fp32, random gradients): our LAMB (foreach,
-    per-tensor trust ratios) against torch.optim.AdamW (foreach) on the same parameter groups."""
+    """One optimizer step over a real model's parameter set (fp32, random gradients): our LAMB (its Adam part in
+    torch's fused kernel, per-tensor trust ratios) against torch.optim.AdamW, foreach (the issue's peer) and
+    fused (torch's one-pass CPU kernel, for scale), on the same parameter groups. The three step in alternating
+    rounds (each on its own copy of the parameters), so a slow spell of this shared machine falls on all of
+    them; a ratio is the median over rounds of the two steps' times in the same round."""
+    import copy
+    import statistics
+    import time
+
     from evaclip.config import OptimConfig
     from evaclip.models import create_model
     from evaclip.optim import Lamb, param_groups
 
     torch.manual_seed(0)
-    m = create_model(model)
-    for p in m.parameters():
+    base = create_model(model)
+    for p in base.parameters():
         p.grad = torch.randn_like(p) * 1e-3
-    rows = {}
-    for name in ("adamw", "lamb"):
+    opts = {}
+    for name in ("adamw", "adamw_fused", "lamb"):
+        m = copy.deepcopy(base)
+        for p, q in zip(base.parameters(), m.parameters()):
+            q.grad = p.grad.clone()
         groups = param_groups(m, OptimConfig())
-        opt = (torch.optim.AdamW(groups, lr=1e-4, foreach=True) if name == "adamw"
-               else Lamb(groups, lr=1e-4))
-        rows[name] = timeit(opt.step, reps=reps, warmup=1)
-        del opt
-    n = sum(p.numel() for p in m.parameters())
-    return {"model": model, "params": n, "adamw": rows["adamw"], "lamb": rows["lamb"],
-            "lamb_over_adamw": rows["lamb"]["median"] / rows["adamw"]["median"]}
+        opts[name] = (Lamb(groups, lr=1e-4) if name == "lamb" else
+                      torch.optim.AdamW(groups, lr=1e-4, foreach=name == "adamw", fused=name == "adamw_fused" or None))
+        opts[name].step()  # warm-up: the moments allocated
+    del base
+    times = {name: [] for name in opts}
+    for _ in range(reps):
+        for name, opt in opts.items():
+            t = time.perf_counter()
+            opt.step()
+            times[name].append(time.perf_counter() - t)
+    n = sum(p.numel() for g in opts["lamb"].param_groups for p in g["params"])
+
+    def ratio(a, b):
+        return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+    return {"model": model, "params": n, **{k: summarize(v) for k, v in times.items()},
+            "lamb_over_adamw": ratio("lamb", "adamw"), "lamb_over_adamw_fused": ratio("lamb", "adamw_fused")}
+
+
+def small_tower(depth: int = 12):
+    """EVA-02 Small's image tower (timm eva02_small_patch14_224: width 384, 6 heads, 224 px / 14 = 256 patches),
+    seeded, in train mode."""
+    from evaclip.models.eva_vit import Eva
+
+    torch.manual_seed(0)
+    return Eva(img_size=224, patch_size=14, embed_dim=384, depth=depth, num_heads=6, qkv_fused=False,
+               mlp_ratio=4 * 2 / 3, swiglu_mlp=True, scale_mlp=True, scale_attn_inner=True, use_rot_pos_emb=True,
+               ref_feat_shape=(16, 16), num_classes=384).train()
+
+
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+           "aten::_scaled_dot_product_flash_attention_for_cpu_backward", "aten::linear_backward", "aten::convolution_backward",
+           "aten::mkldnn_convolution")
+
+
+def _matmul_share(fn) -> float:
+    """The share of an eager step's operator self-time spent in matrix products (mm / addmm / bmm, SDPA, the
+    patch convolution): what Inductor cannot fuse away, on a CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    mm = sum(e.self_cpu_time_total for e in events if e.key in MATMULS)
+    return mm / total if total else float("nan")
+
+
+def compiled_step(rounds: int = 5, batch: int = 16, depth: int = 12):
+    """Image-tower forward + backward on EVA-02 Small at 224 px (token_drop's geometry), eager against
+    torch.compile (Inductor, one graph, as engine.compile = "towers" builds it), with and without token dropping.
+    Timed in alternating paired rounds (eager, compiled, eager, ...), so a slow spell of this shared machine falls
+    on both; the ratio is the median over rounds of eager / compiled. The compile time is reported apart."""
+    import copy
+    import statistics
+    import time
+
+    from evaclip.engine.compiling import Compiler
+
+    eager = small_tower(depth)
+    x = torch.randn(batch, 3, 224, 224)
+    out = {}
+    for rate in (0.0, 0.5):
+        eager.set_patch_dropout(rate)
+        compiled = copy.deepcopy(eager)
+        Compiler("inductor").module("tower", compiled)
+        noise = torch.rand(batch, eager.patch_embed.num_patches)
+
+        def step(m, noise=noise):
+            m.zero_grad(set_to_none=True)
+            t = time.perf_counter()
+            m(x, noise).square().mean().backward()
+            return time.perf_counter() - t
+
+        t0 = time.perf_counter()
+        step(compiled)
+        compile_s = time.perf_counter() - t0
+        step(eager), step(compiled)  # warm-up
+        pairs = [(step(eager), step(compiled)) for _ in range(rounds)]
+        out[f"drop_{rate}"] = {"eager": summarize([a for a, _ in pairs]), "compiled": summarize([b for _, b in pairs]),
+                               "speedup": statistics.median(a / b for a, b in pairs), "compile_s": compile_s,
+                               "matmul_share": _matmul_share(lambda: step(eager))}
+    out["config"] = "EVA-02 Small (width 384, depth %d, 256 patches of 14 px), batch %d, fp32" % (depth, batch)
+    return out
 
 
 def token_drop(reps: int = 5, batch: int = 16, depth: int = 12):
@@ -36,13 +123,7 @@ def token_drop(reps: int = 5, batch: int = 16, depth: int = 12):
     geometry: width 384, depth 12, 224 px / 14 = 256 patches). The patch embedding runs on every patch
     either way, so the FLOP ratio is ~2.0x for this geometry; on a CPU the measured time ratio can exceed it
     (the full sequence's activations cost memory traffic beyond their FLOPs)."""
-    from evaclip.models.eva_vit import Eva
-
-    torch.manual_seed(0)
-    cfg = dict(img_size=224, patch_size=14, embed_dim=384, depth=depth, num_heads=6, qkv_fused=False,
-               mlp_ratio=4 * 2 / 3, swiglu_mlp=True, scale_mlp=True, scale_attn_inner=True,
-               use_rot_pos_emb=True, ref_feat_shape=(16, 16))
-    tower = Eva(**cfg, num_classes=384).train()
+    tower = small_tower(depth)
     x = torch.randn(batch, 3, 224, 224)
     out = {}
     for rate in (0.0, 0.5):

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from bench.common import REPO, fmt_ms  # noqa: E402
 
-SECTIONS = ("train_step", "token_drop", "loss", "optimizer", "data", "eval", "score", "filter", "mim")
+SECTIONS = ("train_step", "token_drop", "compiled", "loss", "optimizer", "data", "eval", "score", "filter", "mim")
 
 
 def prepare(cache: str, quick: bool):
@@ -60,9 +60,12 @@ def run_all(sections, quick: bool, cache: str):
     if "train_step" in sections:
         batch = 16 if quick else 64
         res["train_step"] = [dict(r, batch=batch) for r in
-                             train_step.run(paths["train_shards"], steps=10 if quick else 30, batch=batch)]
+                             train_step.run(paths["train_shards"], steps=10 if quick else 30, batch=batch,
+                                            compiled=not quick)]
     if "token_drop" in sections:
         res["token_drop"] = micro.token_drop(reps, batch=4 if quick else 16, depth=2 if quick else 12)
+    if "compiled" in sections:
+        res["compiled"] = micro.compiled_step(2 if quick else 5, batch=4 if quick else 16, depth=2 if quick else 12)
     if "loss" in sections:
         res["loss"] = (loss_memory.run(reps, sizes=(1024, 2048), world=8, large=((2048, 64, 0), (8192, 64, 2)),
                                        real=(512, 4)) if quick else loss_memory.run(reps))
@@ -104,6 +107,23 @@ def markdown(res, meta) -> str:
                 continue
             out.append(f"| {r['patch_dropout']} | {fmt_ms(e['step_s'])} | {fmt_ms(o['step_s'])} | "
                        f"{e['samples_per_s']:.1f} | {o['samples_per_s']:.1f} | {_ratio(r['speed_ratio'])} |")
+        out += ["", "evaclip's variants on the same runs (engine.compile = step: towers, loss and optimizer step by "
+                "Inductor, the compile inside the warm-up steps; LAMB eager). Peak share: the step's FLOPs (counted, "
+                "forward + backward) per second over this machine's fp32 matmul rate (a 2048 x 2048 product, "
+                "measured in the same run):", "",
+                "| token drop | compiled step | compiled samples/s | compiled vs open_clip | LAMB step | LAMB / AdamW | "
+                "peak share eager | peak share compiled |", "|---|---|---|---|---|---|---|---|"]
+        for r in res["train_step"]:
+            c, lamb = r.get("evaclip_compiled", {}), r.get("evaclip_lamb", {})
+            if "step_s" not in c or "step_s" not in lamb:
+                out.append(f"| {r['patch_dropout']} | {c.get('error', '')[:80]} | | | {lamb.get('error', '')[:80]} | | "
+                           f"{100 * r.get('evaclip_peak_share', float('nan')):.0f}% | |")
+                continue
+            out.append(f"| {r['patch_dropout']} | {fmt_ms(c['step_s'])} | {c['samples_per_s']:.1f} | "
+                       f"{_ratio(r.get('compiled_ratio', float('nan')))} | {fmt_ms(lamb['step_s'])} | "
+                       f"{r.get('lamb_over_adamw', float('nan')):.2f}x the time | "
+                       f"{100 * r.get('evaclip_peak_share', float('nan')):.0f}% | "
+                       f"{100 * r.get('evaclip_compiled_peak_share', float('nan')):.0f}% |")
         ok = [r for r in res["train_step"] if "speed_ratio" in r]
         if len(ok) == 2:
             ev = ok[0]["evaclip"]["step_s"]["median"] / ok[1]["evaclip"]["step_s"]["median"]
@@ -160,9 +180,27 @@ def markdown(res, meta) -> str:
     if "optimizer" in res:
         o = res["optimizer"]
         out += ["## Optimizer step: LAMB vs torch AdamW", "",
-                f"{o['model']} parameters ({o['params'] / 1e6:.1f}M), fp32, CPU.", "",
-                "| torch AdamW (foreach) | evaclip LAMB | LAMB / AdamW |", "|---|---|---|",
-                f"| {fmt_ms(o['adamw'])} | {fmt_ms(o['lamb'])} | {o['lamb_over_adamw']:.2f}x the time |", ""]
+                f"{o['model']} parameters ({o['params'] / 1e6:.1f}M), fp32, CPU. LAMB's Adam part runs in torch's "
+                "fused Adam kernel; its trust ratios need the whole update before the weights move (norms, then "
+                "one more pass), which a one-pass fused AdamW does not.", "",
+                "| torch AdamW (foreach) | torch AdamW (fused) | evaclip LAMB | LAMB / AdamW foreach | "
+                "LAMB / AdamW fused |", "|---|---|---|---|---|",
+                f"| {fmt_ms(o['adamw'])} | {fmt_ms(o['adamw_fused'])} | {fmt_ms(o['lamb'])} | "
+                f"{o['lamb_over_adamw']:.2f}x the time | {o['lamb_over_adamw_fused']:.2f}x the time |", ""]
+    if "compiled" in res:
+        c = res["compiled"]
+        out += ["## Compiled vs eager: image-tower step", "",
+                f"{c['config']}; forward + backward; eager vs torch.compile (Inductor, fullgraph, as engine.compile "
+                "builds a tower), timed in alternating paired rounds; speed-up = median over rounds of eager / "
+                "compiled. Matmul share: the eager step's operator time in matrix products (mm, addmm, bmm, SDPA, "
+                "the patch convolution), which compilation does not make faster on a CPU.", "",
+                "| token drop | eager | compiled | speed-up | compile time | matmul share (eager) |",
+                "|---|---|---|---|---|---|"]
+        for rate in ("0.0", "0.5"):
+            r = c[f"drop_{rate}"]
+            out.append(f"| {rate} | {fmt_ms(r['eager'])} | {fmt_ms(r['compiled'])} | {_ratio(r['speedup'])} | "
+                       f"{r['compile_s']:.0f} s | {100 * r['matmul_share']:.0f}% |")
+        out.append("")
     if "data" in res:
         out += ["## Input pipeline: evaclip vs open_clip_train.data", "",
                 "256 px JPEG shards; decode + RandomResizedCrop + normalise + tokenize + batch of 64; one thread "

@@ -62,13 +62,19 @@ def _evaclip_runner(a, tmp):
             'data.recipe=""', "data.workers=1", f"data.micro_batch_size={mb}", f"optim.name={a.get('optim', 'adamw')}",
             "optim.lr=1e-3", "schedule.warmup_steps=2", "engine.grad_clip=0", "log.every_steps=1",
             "log.progress=false", "log.tensorboard=false", "log.plot=false", 'eval.suite=""',
-            "checkpoint.every_steps=100000", f"model.vision.patch_dropout={a['patch_dropout']}"]
+            "checkpoint.every_steps=100000", f"model.vision.patch_dropout={a['patch_dropout']}", *a.get("extra", [])]
     r = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=900)
     path = os.path.join(tmp, "ev", "metrics.jsonl")
     if r.returncode != 0 or not os.path.exists(path):
         raise RuntimeError((r.stderr or r.stdout)[-2000:])
     recs = [json.loads(x) for x in open(path) if "train/samples_per_s" in x]
     return [mb / rec["train/samples_per_s"] for rec in recs]
+
+
+# evaclip's variants beside open_clip_train: eager AdamW (the peer's settings), the compiled step (engine.compile =
+# "step": towers, loss and optimizer by Inductor; the compile falls in the warm-up steps), and LAMB (eager)
+VARIANTS = {"evaclip": {}, "evaclip_compiled": {"extra": ["engine.compile=step"]},
+            "evaclip_lamb": {"optim": "lamb"}}
 
 
 def child(a):
@@ -79,17 +85,52 @@ def child(a):
     return {"step_s": {"median": med, "min": min(t), "max": max(t), "n": len(t)}, "samples_per_s": a["batch"] / med}
 
 
-def run(shards: str, steps: int = 30, batch: int = 64):
+def matmul_peak(n: int = 2048, reps: int = 5) -> float:
+    """This machine's fp32 matmul rate (FLOP/s): the best of ``reps`` n x n products, at the bench's threads."""
+    import time
+
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def train_flops(drop: float) -> float:
+    """FLOPs of one training sample of the demo model (forward + backward, counted by the planner's counter)."""
+    from evaclip.config import ModelConfig
+    from evaclip.models import get_variant
+    from evaclip.plan.trace import count_flops
+
+    return count_flops(ModelConfig(name="EVA02-Ti-8-64"), get_variant("EVA02-Ti-8-64"), drop)["train"]
+
+
+def run(shards: str, steps: int = 30, batch: int = 64, compiled: bool = True):
+    """``compiled``: also the compiled variant (minutes of Inductor compiling; --quick leaves it out)."""
     from bench.common import run_child
 
-    rows = []
+    peak, rows = matmul_peak(), []
     for drop in (0.0, 0.5):
         res = {impl: run_child("train_step", {"impl": impl, "shards": shards, "steps": steps, "batch": batch,
-                                              "patch_dropout": drop})
-               for impl in ("evaclip", "open_clip")}
+                                              "patch_dropout": drop, **VARIANTS.get(impl, {})})
+               for impl in (*VARIANTS, "open_clip") if compiled or impl != "evaclip_compiled"}
         row = {"patch_dropout": drop, **res}
-        if all("error" not in v for v in res.values()):
-            row["speed_ratio"] = res["open_clip"]["step_s"]["median"] / res["evaclip"]["step_s"]["median"]
+        med = {k: v["step_s"]["median"] for k, v in res.items() if "error" not in v}
+        if {"evaclip", "open_clip"} <= set(med):
+            row["speed_ratio"] = med["open_clip"] / med["evaclip"]
+        if {"evaclip_compiled", "open_clip"} <= set(med):
+            row["compiled_ratio"] = med["open_clip"] / med["evaclip_compiled"]
+        if {"evaclip", "evaclip_lamb"} <= set(med):
+            row["lamb_over_adamw"] = med["evaclip_lamb"] / med["evaclip"]
+        flops = train_flops(drop)
+        for impl in ("evaclip", "evaclip_compiled"):  # achieved FLOP/s over this machine's fp32 matmul peak
+            if impl in med:
+                row[f"{impl}_peak_share"] = flops * batch / med[impl] / peak
         rows.append(row)
     return rows
 

@@ -86,6 +86,7 @@ class Lamb(Optimizer):
         # keyed by the flat partition tensor itself: DeepSpeed steps one group at a time by swapping
         # param_groups, and load_state_dict rebuilds the group dicts, but the partition tensors persist
         self.layouts: Dict[int, Tuple[torch.Tensor, FlatLayout]] = {}
+        self._kept: Dict[int, torch.Tensor] = {}  # CPU update buffers by parameter (see _update_buffers)
 
     def register_flat(self, flat: torch.Tensor, layout: FlatLayout) -> None:
         """Declare that ``flat`` (a partition DeepSpeed will hand to ``step``) is described by ``layout``."""
@@ -115,7 +116,7 @@ class Lamb(Optimizer):
             vs.append(st["exp_avg_sq"])
             steps.append(st["step"])
         if group["bias_correction"] and _fusable(params, grads):
-            upd = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
+            upd = self._update_buffers(params)
             counts = {s: torch.tensor(float(s), device=params[0].device) for s in set(steps)}
             torch._fused_adam_(upd, grads, ms, vs, [], [counts[s] for s in steps], lr=-1.0, beta1=b1, beta2=b2,
                                weight_decay=0.0, eps=group["eps"], amsgrad=False, maximize=False)
@@ -124,6 +125,21 @@ class Lamb(Optimizer):
         if group["weight_decay"] != 0:
             torch._foreach_add_(upd, params, alpha=group["weight_decay"])
         return upd
+
+    def _update_buffers(self, params) -> List[torch.Tensor]:
+        """Zeroed buffers for the update. On a CPU they are kept from step to step: a fresh buffer this large is
+        page-faulted in on every step (measured: 40% of an EVA02-B-16 LAMB step). A GPU's caching allocator
+        reuses the freed block by itself, so there none is kept (it would add 4 bytes per parameter to the peak)."""
+        if params[0].device.type != "cpu":
+            return [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
+        bufs = []
+        for p in params:
+            buf = self._kept.get(id(p))
+            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype:
+                buf = self._kept[id(p)] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            bufs.append(buf)
+        torch._foreach_zero_(bufs)
+        return bufs
 
     @staticmethod
     def _foreach_direction(group, grads, ms, vs, steps):

@@ -17,17 +17,19 @@ def test_bench_quick(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     (res_file,) = [f for f in os.listdir(tmp_path) if f.endswith("-quick.json")]
     res = json.load(open(tmp_path / res_file))["results"]
-    assert {"train_step", "token_drop", "loss", "optimizer", "data", "eval", "score", "mim"} <= set(res)
+    assert {"train_step", "token_drop", "compiled", "loss", "optimizer", "data", "eval", "score", "mim"} <= set(res)
+    assert res["compiled"]["drop_0.5"]["speedup"] > 0 and 0 < res["compiled"]["drop_0.5"]["matmul_share"] < 1
     assert res["score"]["pairs"] > 0 and res["score"]["ratio"] > 0
     assert res["mim"]["with_teacher"]["median"] > 0 and res["mim"]["without_teacher"]["median"] > 0
     for row in res["train_step"]:
-        assert "speed_ratio" in row, row
+        assert "speed_ratio" in row and "lamb_over_adamw" in row, row
     assert all("error" not in r for r in res["loss"]["rows"]) and all("error" not in r for r in res["data"])
     assert {r["impl"] for r in res["loss"]["rows"] if "time" in r} == {"naive", "local", "tiled", "ring"}
     assert "error" not in res["loss"]["real_ring"] and len(res["loss"]["real_ring"]["real"]["ranks"]) == 4
     assert res["token_drop"]["speedup"] > 1.0
     md = open(tmp_path / res_file.replace(".json", ".md")).read()
     assert "open_clip_train" in md and "clip_benchmark" in md and "Real ring check" in md and "Curation" in md and "MIM step" in md
+    assert "Compiled vs eager" in md
 
 
 def test_gpu_mfu_script_on_cpu(tmp_path):

@@ -42,15 +42,21 @@ def lamb_problem(seed=0, steps=20):
     return params, grads
 
 
-def test_lamb_equals_paper_reference():
-    params, grads = lamb_problem()
-    ref = reference_lamb(params, grads, **HP)
+def run_lamb(params, grads):
+    """Our LAMB from ``params`` over the gradient steps ``grads``; the final tensors."""
     ps = [p.clone().requires_grad_() for p in params]
     opt = Lamb(ps, **HP)
     for g in grads:
         for p, gg in zip(ps, g):
             p.grad = gg.clone()
         opt.step()
+    return ps
+
+
+def test_lamb_equals_paper_reference():
+    params, grads = lamb_problem()
+    ref = reference_lamb(params, grads, **HP)
+    ps = run_lamb(params, grads)
     assert max((a.double() - b).abs().max().item() for a, b in zip(ps, ref)) <= 1e-6
 
 
@@ -64,13 +70,7 @@ def test_the_fused_adam_pass_equals_the_foreach_ops(monkeypatch):
     runs = {}
     for fused in (True, False):
         monkeypatch.setattr(optim, "_fusable", lambda p, g, fused=fused: fused)
-        ps = [p.clone().requires_grad_() for p in params]
-        opt = Lamb(ps, **HP)
-        for g in grads:
-            for p, gg in zip(ps, g):
-                p.grad = gg.clone()
-            opt.step()
-        runs[fused] = ps
+        runs[fused] = run_lamb(params, grads)
     assert max((a - b).abs().max().item() for a, b in zip(runs[True], runs[False])) <= 1e-6
     assert max((a.double() - b).abs().max().item() for a, b in zip(runs[False], ref)) <= 1e-6
 
