@@ -60,7 +60,7 @@ def run_all(sections, quick: bool, cache: str):
     if "train_step" in sections:
         batch = 16 if quick else 64
         res["train_step"] = [dict(r, batch=batch) for r in
-                             train_step.run(paths["train_shards"], steps=10 if quick else 30, batch=batch,
+                             train_step.run(paths["train_shards"], steps=10 if quick else 200, batch=batch,
                                             compiled=not quick)]
     if "token_drop" in sections:
         res["token_drop"] = micro.token_drop(reps, batch=4 if quick else 16, depth=2 if quick else 12)
@@ -96,8 +96,11 @@ def markdown(res, meta) -> str:
            "warm-up, [min-max] spread; ratios > 1 favour evaclip.", ""]
     if "train_step" in res:
         out += ["## Train step: evaclip vs open_clip_train", "",
-                f"EVA02-Ti-8-64 (64 px), fp32, AdamW, batch {res['train_step'][0]['batch']}, 1 data worker, same "
-                "synthetic shards; step time includes data wait.", "",
+                f"{res['train_step'][0].get('model', 'EVA02-Ti-8-64')} (written once as an evaclip model file, given "
+                "to open_clip as the JSON config written from it), fp32, AdamW, batch "
+                f"{res['train_step'][0]['batch']}, {res['train_step'][0].get('steps', 30)} steps in each framework "
+                "(the first 5 are warm-up), 1 data worker, the same synthetic shards; step time includes data wait.",
+                "",
                 "| token drop | evaclip step | open_clip_train step | evaclip samples/s | open_clip samples/s | speed |",
                 "|---|---|---|---|---|---|"]
         for r in res["train_step"]:

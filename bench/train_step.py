@@ -1,6 +1,7 @@
 """Train step: evaclip vs open_clip_train (the trainer shipped in open_clip_torch) on the same tiny EVA-02 CLIP
-(EVA02-Ti-8-64), batch, precision (fp32), optimizer (AdamW), data workers and synthetic shards, with and
-without 50% token dropping. Both log one line per step; the first steps are warm-up.
+(EVA02-Ti-4-32, the shape of open_clip's small EVA test configs, written as an evaclip model file and given to
+open_clip as the JSON config written from it), batch, precision (fp32), optimizer (AdamW), data workers and
+synthetic shards, with and without 50% token dropping. Both log one line per step; the first steps are warm-up.
 
     python -m bench.train_step '{"impl": "open_clip", ...}'   # one run, prints JSON
 """
@@ -27,9 +28,10 @@ def _open_clip_runner(a, tmp):
 
     cfg_dir = os.path.join(tmp, "configs")
     os.makedirs(cfg_dir, exist_ok=True)
-    with open(os.path.join(cfg_dir, "EVA02-Ti-8-64.json"), "w") as f:
-        text = model_record(ModelConfig(name="EVA02-Ti-8-64"))["config"]["text"]
-        json.dump(open_clip_config(get_variant("EVA02-Ti-8-64"), text)["model_cfg"], f)
+    name = a["model"]  # the same model as an open_clip JSON config, written from its evaclip model file
+    with open(os.path.join(cfg_dir, f"{name}.json"), "w") as f:
+        text = model_record(ModelConfig(name=name))["config"]["text"]
+        json.dump(open_clip_config(get_variant(name), text)["model_cfg"], f)
     code = f"""
 import sys, open_clip
 sys.path.insert(0, {REPO!r})
@@ -42,7 +44,7 @@ main(sys.argv[1:])
     steps, mb = a["steps"], a["batch"]
     args = [sys.executable, "-c", code, "--train-data", a["shards"], "--dataset-type", "webdataset",
             "--dataset-resampled", "--train-num-samples", str(steps * mb), "--batch-size", str(mb), "--epochs", "1",
-            "--workers", "1", "--model", "EVA02-Ti-8-64", "--precision", "fp32", "--lr", "1e-3", "--wd", "0.05",
+            "--workers", "1", "--model", a["model"], "--precision", "fp32", "--lr", "1e-3", "--wd", "0.05",
             "--warmup", "2", "--log-every-n-steps", "1", "--save-frequency", "0", "--logs", tmp, "--name", "oc",
             "--report-to", "", "--device", "cpu", "--seed", "0"]
     if a["patch_dropout"]:
@@ -62,7 +64,8 @@ def _evaclip_runner(a, tmp):
             'data.recipe=""', "data.workers=1", f"data.micro_batch_size={mb}", f"optim.name={a.get('optim', 'adamw')}",
             "optim.lr=1e-3", "schedule.warmup_steps=2", "engine.grad_clip=0", "log.every_steps=1",
             "log.progress=false", "log.tensorboard=false", "log.plot=false", 'eval.suite=""',
-            "checkpoint.every_steps=100000", f"model.vision.patch_dropout={a['patch_dropout']}", *a.get("extra", [])]
+            "checkpoint.every_steps=100000", f"model.name={a['model']}", f"model.vision.patch_dropout={a['patch_dropout']}",
+            *a.get("extra", [])]
     r = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=900)
     path = os.path.join(tmp, "ev", "metrics.jsonl")
     if r.returncode != 0 or not os.path.exists(path):
@@ -101,25 +104,26 @@ def matmul_peak(n: int = 2048, reps: int = 5) -> float:
     return 2 * n ** 3 / best
 
 
-def train_flops(drop: float) -> float:
-    """FLOPs of one training sample of the demo model (forward + backward, counted by the planner's counter)."""
+def train_flops(model: str, drop: float) -> float:
+    """FLOPs of one training sample (forward + backward, counted by the planner's counter)."""
     from evaclip.config import ModelConfig
     from evaclip.models import get_variant
     from evaclip.plan.trace import count_flops
 
-    return count_flops(ModelConfig(name="EVA02-Ti-8-64"), get_variant("EVA02-Ti-8-64"), drop)["train"]
+    return count_flops(ModelConfig(name=model), get_variant(model), drop)["train"]
 
 
-def run(shards: str, steps: int = 30, batch: int = 64, compiled: bool = True):
-    """``compiled``: also the compiled variant (minutes of Inductor compiling; --quick leaves it out)."""
+def run(shards: str, steps: int = 200, batch: int = 64, compiled: bool = True, model: str = "EVA02-Ti-4-32"):
+    """Each variant and open_clip_train for ``steps`` steps of ``model`` (default: the shape of open_clip's small EVA
+    test configs); ``compiled``: also the compiled variant (Inductor compiling; --quick leaves it out)."""
     from bench.common import run_child
 
     peak, rows = matmul_peak(), []
     for drop in (0.0, 0.5):
         res = {impl: run_child("train_step", {"impl": impl, "shards": shards, "steps": steps, "batch": batch,
-                                              "patch_dropout": drop, **VARIANTS.get(impl, {})})
+                                              "patch_dropout": drop, "model": model, **VARIANTS.get(impl, {})})
                for impl in (*VARIANTS, "open_clip") if compiled or impl != "evaclip_compiled"}
-        row = {"patch_dropout": drop, **res}
+        row = {"patch_dropout": drop, "model": model, "steps": steps, **res}
         med = {k: v["step_s"]["median"] for k, v in res.items() if "error" not in v}
         if {"evaclip", "open_clip"} <= set(med):
             row["speed_ratio"] = med["open_clip"] / med["evaclip"]
@@ -127,7 +131,7 @@ def run(shards: str, steps: int = 30, batch: int = 64, compiled: bool = True):
             row["compiled_ratio"] = med["open_clip"] / med["evaclip_compiled"]
         if {"evaclip", "evaclip_lamb"} <= set(med):
             row["lamb_over_adamw"] = med["evaclip_lamb"] / med["evaclip"]
-        flops = train_flops(drop)
+        flops = train_flops(model, drop)
         for impl in ("evaclip", "evaclip_compiled"):  # achieved FLOP/s over this machine's fp32 matmul peak
             if impl in med:
                 row[f"{impl}_peak_share"] = flops * batch / med[impl] / peak
