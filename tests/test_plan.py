@@ -236,6 +236,10 @@ def test_the_projects_own_gpu_measurement_replaces_the_assumed_mfu():
     assert measured_mfu(results_dir(), "h200", 0.5, compiled=False) == pytest.approx(0.128)
     assert measured_mfu(results_dir(), "h200", 0.0, compiled=True) == pytest.approx(0.293)
     assert measured_mfu(results_dir(), "a100-40gb", 0.5, compiled=False) is None
+    for compile_, want in (("off", 0.146), ("towers", 0.293)):  # a run's engine.compile picks the row (drop 0)
+        cfg = load_config("eva02_clip_b16", ["model.vision.patch_dropout=0.0", f"engine.compile={compile_}"])
+        planner = Planner(cfg, get_variant(cfg.model.name), GPUS["h200"], 1, 8, results_dir())
+        assert planner.speed(planner.current())["mfu"] == pytest.approx(want), compile_
 
 
 def test_train_dry_run_with_a_gpu_prints_the_plan():

@@ -118,7 +118,7 @@ class Planner:
         flops = count_flops(self._model_cfg(s.checkpointing), self.variant,  # checkpointing: + the recompute
                             c.model.vision.patch_dropout)
         measured = speed.measured_mfu(self.results_dir, self.gpu.name, c.model.vision.patch_dropout,
-                                      c.engine.compile) if self.results_dir else None
+                                      c.engine.compile != "off") if self.results_dir else None
         mfu = measured or self.gpu.mfu
         comm = speed.comm_bytes(s.zero, c.engine.kind, c.engine.precision, self.trainable, self.global_batch,
                                 self.variant.embed_dim, self.ranks)
