@@ -115,7 +115,9 @@ class Lamb(Optimizer):
             ms.append(st["exp_avg"])
             vs.append(st["exp_avg_sq"])
             steps.append(st["step"])
-        if group["bias_correction"] and _fusable(params, grads):
+        # under torch.compile (engine.compile = "step") the foreach ops are traced and fused by the compiler: the
+        # fused kernel is the eager path's fusion
+        if group["bias_correction"] and not torch.compiler.is_compiling() and _fusable(params, grads):
             upd = self._update_buffers(params)
             counts = {s: torch.tensor(float(s), device=params[0].device) for s in set(steps)}
             torch._fused_adam_(upd, grads, ms, vs, [], [counts[s] for s in steps], lr=-1.0, beta1=b1, beta2=b2,
