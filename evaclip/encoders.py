@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Sequence
+from typing import Any, Callable, Dict, Sequence
 
 from evaclip.errors import UserError
 
@@ -26,6 +26,8 @@ class Encoders:
     pretrained: str  # where the weights came from
     identity: str  # changes whenever the weights do (caches and resumable outputs are keyed by it)
     extra: Dict = field(default_factory=dict)  # step / checkpoint of an evaclip run
+    logit_scale: float = 0.0  # exp(learned logit scale): a distillation teacher's temperature
+    module: Any = None  # the model itself (a frozen teacher is checked to stay bit-identical)
 
 
 def check_open_clip_folder(folder: str) -> None:
@@ -74,7 +76,8 @@ def load_encoders(checkpoint: str = "", model: str = "", pretrained: str = "", d
         return Encoders(lambda x: m.encode_image(x, normalize=False), lambda t: m.encode_text(t, normalize=False),
                         make_tokenizer(v.context_length, text["kind"], text["hf_path"]), v.image_size, v.mean, v.std,
                         v.interpolation, v.name, os.path.abspath(checkpoint), checkpoint_identity(meta["checkpoint"]),
-                        {"checkpoint": meta["checkpoint"], "step": meta["step"]})
+                        {"checkpoint": meta["checkpoint"], "step": meta["step"]},
+                        float(m.logit_scale_exp().detach()), m)
     if model and model.startswith("open_clip:"):
         import open_clip
 
@@ -99,12 +102,22 @@ def load_encoders(checkpoint: str = "", model: str = "", pretrained: str = "", d
         size = m.visual.image_size[0] if isinstance(m.visual.image_size, (tuple, list)) else m.visual.image_size
         return Encoders(m.encode_image, m.encode_text, tok, size, cfg.get("mean", OPENAI_CLIP_MEAN),
                         cfg.get("std", OPENAI_CLIP_STD), cfg.get("interpolation", "bicubic"), name, pretrained or "",
-                        _fingerprint(name, pretrained or ""))
+                        _fingerprint(name, pretrained or ""), {}, float(m.logit_scale.detach().exp()), m)
     raise UserError("needs --checkpoint <run dir|checkpoint> or --model open_clip:<name> [--pretrained ...]")
 
 
 def _fingerprint(name: str, pretrained: str) -> str:
+    """The model name and its weights' content (size, first and last MiB): a copy of the same file elsewhere is
+    the same model, the file rewritten another."""
+    from evaclip.files import sampled_digest
+    from evaclip.models.convert import WHOLE_MODEL_FILES, weights_file
+
     stamp = ""
-    if pretrained and os.path.exists(pretrained):
-        stamp = str(os.path.getmtime(pretrained))
-    return hashlib.sha1(f"{name}|{os.path.abspath(pretrained) if pretrained else ''}|{stamp}".encode()).hexdigest()[:16]
+    if pretrained and os.path.isdir(pretrained):
+        whole = weights_file(pretrained, WHOLE_MODEL_FILES)
+        stamp = sampled_digest(whole) if whole else ""
+    elif pretrained and os.path.exists(pretrained):
+        stamp = sampled_digest(pretrained)
+    else:
+        stamp = pretrained  # an open_clip tag
+    return hashlib.sha1(f"{name}|{stamp}".encode()).hexdigest()[:16]

@@ -125,6 +125,41 @@ def main_loss(out: str):
     edist.shutdown()
 
 
+DISTILL_CASES = [(impl, dt, tile) for impl in ("local", "tiled", "ring") for dt, tile in
+                 (("float32", 3), ("float64", 1), ("float64", 64))]
+TEACHER_DIM = 12  # the teacher's embeddings are narrower than the student's: soft CE compares similarities only
+
+
+def distill_inputs(rank: int, dtype):
+    """This rank's student rows (``loss_inputs``) and its teacher rows (another width)."""
+    g = torch.Generator().manual_seed(100 + rank)
+    t_img, t_txt = (torch.nn.functional.normalize(torch.randn(LOSS_ROWS, TEACHER_DIM, generator=g,
+                                                              dtype=torch.float64), dim=-1) for _ in range(2))
+    return (*loss_inputs(rank, dtype), t_img.to(dtype), t_txt.to(dtype))
+
+
+def main_distill(out: str):
+    """Every (impl, dtype, tile) case of the soft-CE distillation loss: this rank's loss and gradients."""
+    from evaclip.losses.distill import DistillLoss
+
+    torch.distributed.init_process_group("gloo")
+    rank, world = edist.rank(), edist.world_size()
+    res = {}
+    for impl, dt, tile in DISTILL_CASES:
+        dtype = getattr(torch, dt)
+        img, txt, t_img, t_txt = distill_inputs(rank, dtype)
+        img, txt = img.requires_grad_(), txt.requires_grad_()
+        scale = torch.tensor([12.0], dtype=dtype, requires_grad=True)
+        loss = DistillLoss("soft_ce", impl, tile)(img, txt, scale, t_img, t_txt, torch.tensor(30.0, dtype=dtype))
+        gi, gt, gs = torch.autograd.grad(loss, [img, txt, scale])
+        torch.distributed.all_reduce(gs)
+        val = loss.detach().clone()
+        torch.distributed.all_reduce(val)
+        res[(impl, dt, tile)] = {"loss": (val / world).item(), "gi": gi, "gt": gt, "scale": gs / world}
+    torch.save({"rank": rank, "res": res}, out.replace(".pt", f".{rank}.pt"))
+    edist.shutdown()
+
+
 class _NanGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
@@ -227,6 +262,8 @@ if __name__ == "__main__":
         main_nanstep(out, sys.argv[3])
     elif mode == "loss":
         main_loss(out)
+    elif mode == "distill":
+        main_distill(out)
     elif mode == "states":
         main_states(out, sys.argv[3], int(sys.argv[4]), sys.argv[5])
     else:

@@ -76,6 +76,21 @@ def _check_values(cfg: ExperimentConfig, world_size: int) -> None:
             raise ConfigError(f"{key} is [min, max]: got [{lo}, {hi}]")
     if cfg.objective.kind == "mim":
         _check_mim(cfg)
+    if cfg.objective.kind == "distill":
+        _check_distill(cfg)
+
+
+def _check_distill(cfg: ExperimentConfig) -> None:
+    d = cfg.distill
+    if not d.teacher:
+        raise ConfigError("objective.kind = 'distill' needs distill.teacher (an evaclip run dir or checkpoint, an "
+                          "open_clip export folder, or open_clip:<name> with distill.teacher_weights)")
+    if d.teacher.startswith("open_clip:") and not d.teacher_weights:
+        raise ConfigError(f"distill.teacher = {d.teacher!r} needs distill.teacher_weights (no downloads)")
+    if cfg.loss.kind == "siglip":
+        # the sigmoid form (binary cross-entropy to the teacher's per-pair probabilities) is not built yet
+        raise ConfigError("objective.kind = 'distill' takes loss.kind = 'clip': distillation into a SigLIP "
+                          "student is not supported")
 
 
 def _check_mim(cfg: ExperimentConfig) -> None:

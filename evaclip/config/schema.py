@@ -124,7 +124,25 @@ class LossConfig:
 @dataclass
 class ObjectiveConfig:
     kind: str = _f("clip", "clip (image-text contrastive, the [loss] section) | mim (masked image modeling of the "
-                   "image tower against a frozen CLIP teacher, the [mim] section; images only)", ["clip", "mim"])
+                   "image tower against a frozen CLIP teacher, the [mim] section; images only) | distill (clip plus "
+                   "distillation from a frozen teacher CLIP, the [distill] section)", ["clip", "mim", "distill"])
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = _f("", "objective.kind=distill: the frozen teacher CLIP: an evaclip run dir or checkpoint, an "
+                      "open_clip export folder, or open_clip:<model name> (with distill.teacher_weights); read "
+                      "weights-only", path="file")
+    teacher_weights: str = _f("", "with teacher = open_clip:<name>: its weights file (.safetensors)", path="file")
+    loss: str = _f("soft_ce", "soft_ce (cross-entropy of the student's similarity distribution over the global "
+                   "batch to the teacher's, both directions: open_clip's distillation) | cosine | mse (each "
+                   "sample's embeddings regressed to the teacher's; equal embedding widths)",
+                   ["soft_ce", "cosine", "mse"])
+    weight: float = _f(1.0, "weight of the distillation term", gt=0)
+    clip_weight: float = _f(1.0, "weight of the contrastive loss on the true pairs beside it (0: distillation "
+                            "alone)", ge=0)
+    temperature: float = _f(0.0, "soft_ce: the teacher's logits are its similarities / temperature (0: times "
+                            "the teacher's own learned logit scale)", ge=0)
 
 
 @dataclass
@@ -249,6 +267,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     mim: MIMConfig = field(default_factory=MIMConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)

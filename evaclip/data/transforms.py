@@ -6,6 +6,7 @@ import math
 from typing import Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -113,3 +114,18 @@ class HFTokenizer:
 def make_tokenizer(context_length: int, text_kind: str = "clip", hf_path: str = ""):
     """The tokenizer that matches the text tower: CLIP BPE, or the HF tower's own."""
     return HFTokenizer(hf_path, context_length) if text_kind == "hf" else Tokenizer(context_length)
+
+
+def reframe(x: torch.Tensor, src_mean, src_std, dst_mean, dst_std, size: int) -> torch.Tensor:
+    """Images [B, 3, H, W] normalised for one model -> normalised and sized for another (a frozen teacher's own
+    preprocessing; resized bicubic, antialiased). Stats are compared as plain numbers: no tensors built and no
+    device sync on every micro-batch when they match."""
+    x = x.float()
+    src = (tuple(map(float, src_mean)), tuple(map(float, src_std)))
+    dst = (tuple(map(float, dst_mean)), tuple(map(float, dst_std)))
+    if src != dst:
+        s_mean, s_std, d_mean, d_std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (*src, *dst))
+        x = (x * s_std + s_mean - d_mean) / d_std
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+    return x

@@ -49,3 +49,17 @@ def siglip_loss(img_loc, txt_all, scale, bias, offset: int, rows: Optional[list]
     if rows is not None:
         rows.append(per.detach())
     return per.sum() / img_loc.shape[0]
+
+
+def soft_ce_local(img_loc, txt_loc, img_all, txt_all, t_img_loc, t_txt_loc, t_img_all, t_txt_all, scale, t_scale,
+                  rows: Optional[list] = None) -> torch.Tensor:
+    """Distillation (open_clip's ``DistillClipLoss``): the cross-entropy of the student's similarity distribution
+    of each of this rank's rows [b, G] to the teacher's, image -> text and text -> image, averaged."""
+    def soft_ce(a, b, c, d):
+        target = (t_scale * c @ d.t()).softmax(dim=1)
+        return -(target * (scale * a @ b.t()).log_softmax(dim=1)).sum(1)
+
+    per = (soft_ce(img_loc, txt_all, t_img_loc, t_txt_all) + soft_ce(txt_loc, img_all, t_txt_loc, t_img_all)) / 2
+    if rows is not None:
+        rows.append(per.detach())
+    return per.mean()

@@ -7,7 +7,8 @@ from typing import Optional
 import torch
 
 from evaclip.dist import Ring
-from evaclip.losses.tiles import as_param_grad, ce_backward, compute_dtype, lse_update, sigmoid_backward, softplus_rows
+from evaclip.losses.tiles import (as_param_grad, ce_backward, compute_dtype, lse_update, sigmoid_backward,
+                                  soft_backward, soft_update, softplus_rows)
 
 
 def _ring_forward(ring, blocks, compute) -> None:
@@ -19,14 +20,15 @@ def _ring_forward(ring, blocks, compute) -> None:
             blocks = ring.finish(pending)
 
 
-def _ring_backward(ring, blocks, compute):
+def _ring_backward(ring, blocks, compute, grads: Optional[int] = None):
     """``compute(blocks, acc)`` adds this rank's column gradients for the blocks it holds into fresh zero
-    accumulators ``acc``; the partial sums of the other ranks arrive meanwhile and are added after. Returns the
-    accumulators of this rank's own blocks, summed over all ranks."""
+    accumulators ``acc`` (of the first ``grads`` blocks; the others, a teacher's, take none); the partial sums of
+    the other ranks arrive meanwhile and are added after. Returns the accumulators of this rank's own blocks,
+    summed over all ranks."""
     incoming = None
     for k in range(ring.world):
         pending = ring.start(blocks) if k < ring.world - 1 else None
-        acc = [torch.zeros(b.shape, dtype=compute_dtype(b), device=b.device) for b in blocks]
+        acc = [torch.zeros(b.shape, dtype=compute_dtype(b), device=b.device) for b in blocks[:grads]]
         compute(blocks, acc)
         if incoming is not None:  # the partial sums for this block from the ranks it has already visited
             for x, y in zip(acc, ring.finish(incoming)):
@@ -143,3 +145,59 @@ def clip_loss_ring(img_loc, txt_loc, scale, tile: int = 4096, ring=None, rows: O
 def siglip_loss_ring(img_loc, txt_loc, scale, bias, tile: int = 4096, ring=None,
                      rows: Optional[list] = None) -> torch.Tensor:
     return _RingSigLIP.apply(img_loc, txt_loc, scale, bias, tile, ring if ring is not None else Ring(), rows)
+
+
+class _RingSoftCE(torch.autograd.Function):
+    """This rank's distillation loss (the soft cross-entropy of the student's similarity rows to the teacher's,
+    both directions, its b rows against all G columns): the teacher's features travel with the student's blocks
+    and its logits are made tile by tile; only the student's column gradients travel back."""
+
+    @staticmethod
+    def forward(ctx, img, txt, t_img, t_txt, s, tau, tile: int, ring, rows: Optional[list] = None):
+        cdt = compute_dtype(img)
+        n, s32, tau32 = img.shape[0], s.to(cdt), tau.to(cdt)
+        i32, t32, ti, tt = img.to(cdt), txt.to(cdt), t_img.to(cdt), t_txt.to(cdt)
+        stats = [torch.full((n,), float("-inf"), device=img.device, dtype=cdt) for _ in range(4)]
+        cross = [torch.zeros(n, device=img.device, dtype=cdt) for _ in range(2)]
+
+        def compute(blocks):
+            bi, bt, bti, btt = (x.to(cdt) for x in blocks)
+            soft_update(i32, bt, ti, btt, s32, tau32, tile, stats[0], stats[1], cross[0])  # image -> text rows
+            soft_update(t32, bi, tt, bti, s32, tau32, tile, stats[2], stats[3], cross[1])  # text -> image rows
+
+        _ring_forward(ring, [x.contiguous() for x in (img, txt, t_img, t_txt)], compute)
+        ctx.save_for_backward(img, txt, t_img, t_txt, s, tau, *stats)
+        ctx.tile, ctx.ring = tile, ring
+        per = (stats[0] - s32 * cross[0] + stats[2] - s32 * cross[1]) / 2
+        if rows is not None:
+            rows.append(per.detach().clone())
+        return per.sum() / n
+
+    @staticmethod
+    def backward(ctx, g):
+        img, txt, t_img, t_txt, s, tau, ls_i, lt_i, ls_t, lt_t = ctx.saved_tensors
+        cdt, tile, n = ls_i.dtype, ctx.tile, img.shape[0]
+        i32, t32, ti, tt, s32, tau32 = (x.to(cdt) for x in (img, txt, t_img, t_txt, s, tau))
+        k = (g / (2 * n)).to(cdt)
+        di, dt = torch.zeros_like(i32), torch.zeros_like(t32)
+        ds = torch.zeros((), dtype=cdt, device=img.device)
+
+        def compute(blocks, acc):
+            nonlocal ds
+            bi, bt, bti, btt = (x.to(cdt) for x in blocks)
+            ds = ds + soft_backward(i32, bt, ti, btt, s32, tau32, ls_i, lt_i, tile, di, acc[1])
+            ds = ds + soft_backward(t32, bi, tt, bti, s32, tau32, ls_t, lt_t, tile, dt, acc[0])
+            for x in acc:
+                x.mul_(k)
+
+        cols = _ring_backward(ctx.ring, [x.contiguous() for x in (img, txt, t_img, t_txt)], compute, grads=2)
+        gi = di.mul_(k).add_(cols[0])
+        gt = dt.mul_(k).add_(cols[1])
+        return (gi.to(img.dtype), gt.to(txt.dtype), None, None, as_param_grad(k * ds, s), None, None, None, None)
+
+
+def soft_ce_ring(img_loc, txt_loc, t_img_loc, t_txt_loc, scale, t_scale, tile: int = 4096, ring=None,
+                 rows: Optional[list] = None) -> torch.Tensor:
+    """This rank's distillation loss with only its own rows (student's and teacher's) in memory."""
+    return _RingSoftCE.apply(img_loc, txt_loc, t_img_loc, t_txt_loc, scale, t_scale, tile,
+                             ring if ring is not None else Ring(), rows)

@@ -5,7 +5,8 @@ from typing import Optional
 
 import torch
 
-from evaclip.losses.tiles import as_param_grad, ce_backward, compute_dtype, lse_update, sigmoid_backward, softplus_rows
+from evaclip.losses.tiles import (as_param_grad, ce_backward, compute_dtype, lse_update, sigmoid_backward,
+                                  soft_backward, soft_update, softplus_rows)
 
 
 class _TiledCE(torch.autograd.Function):
@@ -109,3 +110,46 @@ def siglip_loss_tiled(img_loc, txt_all, scale, bias, offset: int, tile: int = 40
 # sends the blocks around again, and with each block a gradient accumulator to which every rank adds its
 # column gradients, so that after W hops the accumulator arrives home holding sum_r' dL_r'/d(block): what
 # all-gather-with-grad would have given, without any rank ever holding G rows (Inf-CL, Cheng et al. 2024).
+
+
+class _TiledSoftCE(torch.autograd.Function):
+    """sum_i -sum_j p^T_ij log p^S_ij for student rows a [b, D] against columns b [G, D], teacher rows c and
+    columns d (no gradient): p^S = softmax_j(s a_i.b_j), p^T = softmax_j(tau c_i.d_j). Neither b x G matrix is
+    built: forward keeps three numbers per row (``soft_update``), backward recomputes each tile's p^S - p^T."""
+
+    @staticmethod
+    def forward(ctx, a, b, c, d, s, tau, tile: int, rows: Optional[list] = None):
+        cdt = compute_dtype(a)
+        a32, b32, c32, d32, s32, tau32 = (x.to(cdt) for x in (a, b, c, d, s, tau))
+        n = a.shape[0]
+        lse_s, lse_t = (torch.full((n,), float("-inf"), device=a.device, dtype=cdt) for _ in range(2))
+        cross = torch.zeros(n, device=a.device, dtype=cdt)
+        soft_update(a32, b32, c32, d32, s32, tau32, tile, lse_s, lse_t, cross)
+        ctx.save_for_backward(a, b, c, d, s, tau, lse_s, lse_t)
+        ctx.tile = tile
+        per = lse_s - s32 * cross
+        if rows is not None:
+            rows.append(per.detach().clone())
+        return per.sum()
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b, c, d, s, tau, lse_s, lse_t = ctx.saved_tensors
+        a32, b32, c32, d32, s32, tau32 = (x.to(lse_s.dtype) for x in (a, b, c, d, s, tau))
+        da, db = torch.zeros_like(a32), torch.zeros_like(b32)
+        ds = soft_backward(a32, b32, c32, d32, s32, tau32, lse_s, lse_t, ctx.tile, da, db)
+        da.mul_(g)
+        db.mul_(g)
+        return da.to(a.dtype), db.to(b.dtype), None, None, as_param_grad(g * ds, s), None, None, None
+
+
+def soft_ce_tiled(img_loc, txt_loc, img_all, txt_all, t_img_loc, t_txt_loc, t_img_all, t_txt_all, scale, t_scale,
+                  tile: int = 4096, rows: Optional[list] = None) -> torch.Tensor:
+    """The distillation loss of this rank's rows, both directions, tiled."""
+    n = img_loc.shape[0]
+    both = [] if rows is not None else None
+    loss = (_TiledSoftCE.apply(img_loc, txt_all, t_img_loc, t_txt_all, scale, t_scale, tile, both)
+            + _TiledSoftCE.apply(txt_loc, img_all, t_txt_loc, t_img_all, scale, t_scale, tile, both)) / (2 * n)
+    if rows is not None:
+        rows.append((both[0] + both[1]) / 2)
+    return loss

@@ -68,3 +68,37 @@ def as_param_grad(g, like):
 
 
 # ---------------------------------------------------------------------------------------------- tiled (one rank)
+
+
+def soft_update(a, b, c, d, s, tau, tile: int, lse_s, lse_t, cross) -> None:
+    """One column block of the soft cross-entropy (distillation): rows a [n, D] / columns b (the student's), rows
+    c [n, Dt] / columns d (the teacher's). Online, per row: the student's log-sum-exp ``lse_s``, the teacher's
+    ``lse_t``, and ``cross`` = sum_j p^T_ij a_i.b_j with p^T normalised by the running ``lse_t`` (rescaled as
+    it grows, as flash attention rescales its output): the row's loss is then lse_s - s cross."""
+    for r0 in range(0, a.shape[0], tile):
+        r = slice(r0, r0 + tile)
+        ar, cr = a[r], c[r]
+        for c0 in range(0, b.shape[0], tile):
+            dot = ar @ b[c0:c0 + tile].t()  # [r, c]
+            tl = tau * (cr @ d[c0:c0 + tile].t())  # the teacher's logits of the tile, never more
+            lse_s[r] = torch.logaddexp(lse_s[r], torch.logsumexp(s * dot, dim=1))
+            new = torch.logaddexp(lse_t[r], torch.logsumexp(tl, dim=1))
+            cross[r] = cross[r] * torch.exp(lse_t[r] - new) + (torch.exp(tl - new[:, None]) * dot).sum(1)
+            lse_t[r] = new
+
+
+def soft_backward(a, b, c, d, s, tau, lse_s, lse_t, tile: int, da, db):
+    """Gradients of the soft cross-entropy rows (coefficient p^S_ij - p^T_ij: the hard CE's with the one-hot
+    target replaced by the teacher's distribution), added into da, db; returns its d/ds."""
+    ds = torch.zeros((), device=a.device, dtype=a.dtype)
+    for r0 in range(0, a.shape[0], tile):
+        r = slice(r0, r0 + tile)
+        ar, cr = a[r], c[r]
+        for c0 in range(0, b.shape[0], tile):
+            bc = b[c0:c0 + tile]
+            dot = ar @ bc.t()
+            p = torch.exp(s * dot - lse_s[r, None]) - torch.exp(tau * (cr @ d[c0:c0 + tile].t()) - lse_t[r, None])
+            da[r] += s * (p @ bc)
+            db[c0:c0 + tile] += s * (p.t() @ ar)
+            ds += (p * dot).sum()
+    return ds

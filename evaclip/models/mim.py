@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from evaclip.data.transforms import reframe
 from evaclip.errors import ConfigError
 from evaclip.models.clip import ImageTower
 from evaclip.models.eva_vit import Eva
@@ -97,8 +98,6 @@ class Teacher(nn.Module):
         self.image_size, self.grid, self.width, self.name = image_size, tuple(grid), width, name
         self.identity = ""  # set by load_teacher: changes with the teacher's weights (a resume checks it)
         self._stats = (tuple(float(v) for v in mean), tuple(float(v) for v in std))
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.net.requires_grad_(False)
         self.net.eval()
 
@@ -108,15 +107,7 @@ class Teacher(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor, student_mean, student_std, student_grid: Tuple[int, int],
                 autocast_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        x = images.float()
-        # compared as plain numbers: no tensors built and no device sync on every micro-batch when they match
-        if (tuple(map(float, student_mean)), tuple(map(float, student_std))) != self._stats:
-            s_mean = torch.tensor(student_mean, device=x.device).view(1, 3, 1, 1)
-            s_std = torch.tensor(student_std, device=x.device).view(1, 3, 1, 1)
-            x = (x * s_std + s_mean - self.mean) / self.std
-        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False,
-                              antialias=True)
+        x = reframe(images, student_mean, student_std, *self._stats, self.image_size)
         with torch.autocast(x.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             feats = self._features(self.net, x)  # [B, N_teacher, C]
         return resample_grid(feats.float(), self.grid, student_grid)

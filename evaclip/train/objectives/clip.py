@@ -71,16 +71,32 @@ class ClipObjective:
         rows = [sample_rng(self.seed, step, k, "token_drop").random(n, dtype="float32") for k in micro["key"]]
         return torch.from_numpy(np.stack(rows)).to(self.device)
 
+    def targets(self, micro: Dict) -> Optional[Dict[str, torch.Tensor]]:
+        """What the loss compares a micro-batch's features with besides each other (a teacher's features; computed
+        once per step, without grad): None for plain CLIP."""
+        return None
+
+    def loss(self, out: Dict[str, torch.Tensor], targets: Optional[Dict[str, torch.Tensor]],
+             rows: Optional[list] = None) -> torch.Tensor:
+        """This rank's loss of its rows' features ``out`` (image_features, text_features, logit_scale and
+        logit_bias) given their ``targets``."""
+        return self.loss_fn(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"),
+                            rows=rows)
+
+    def step_metrics(self) -> Dict[str, float]:
+        """The objective's own metrics of the step just run (besides the loss and the temperature)."""
+        return {}
+
     def forward_backward(self, engine, micro: List[Dict], step: int) -> Forward:
-        dev, loss_fn = self.device, self.loss_fn
+        dev = self.device
         imgs = [m["image"].to(dev, non_blocking=True) for m in micro]
         txts = [m["text"].to(dev, non_blocking=True) for m in micro]
         noise = [self.drop_noise(engine.model, m, step) for m in micro]
+        targets = [self.targets(m) for m in micro]
         rows = [] if self.per_sample else None  # this rank's per-sample losses, from the loss itself
         if len(micro) == 1:
             out = engine(imgs[0], txts[0], noise[0])
-            loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"),
-                           rows=rows)
+            loss = self.loss(out, targets[0], rows=rows)
             if not all_finite(loss):
                 return Forward(loss.detach(), finite=False)
             engine.backward(loss, boundary=True)
@@ -92,24 +108,20 @@ class ClipObjective:
                     states.append(_get_rng(dev))
                     cached.append(engine(img, txt, nz))
             after = _get_rng(dev)
-            img_all = [c["image_features"] for c in cached]
-            txt_all = [c["text_features"] for c in cached]
-            loss = loss_fn(torch.cat(img_all), torch.cat(txt_all), cached[-1]["logit_scale"],
-                           cached[-1].get("logit_bias"), rows=rows)
+            feats = {k: [c[k] for c in cached] for k in ("image_features", "text_features")}
+            whole = None if targets[0] is None else {k: torch.cat([t[k] for t in targets]) for k in targets[0]}
+            loss = self.loss({**cached[-1], **{k: torch.cat(v) for k, v in feats.items()}}, whole, rows=rows)
             if not all_finite(loss):
                 return Forward(loss.detach(), finite=False)
             for j, (img, txt) in enumerate(zip(imgs, txts)):
                 _set_rng(states[j], dev)
                 out = engine(img, txt, noise[j])
-                i_cat = torch.cat(img_all[:j] + [out["image_features"]] + img_all[j + 1:])
-                t_cat = torch.cat(txt_all[:j] + [out["text_features"]] + txt_all[j + 1:])
                 last = j == len(micro) - 1
                 # the temperature's (and bias') gradient must be counted once, not once per micro-batch
-                scale = out["logit_scale"] if last else out["logit_scale"].detach()
-                bias = out.get("logit_bias")
-                bias = bias if (bias is None or last) else bias.detach()
-                engine.backward(loss_fn(i_cat, t_cat, scale, bias), boundary=last)
+                both = {k: torch.cat(v[:j] + [out[k]] + v[j + 1:]) for k, v in feats.items()}
+                both.update({k: (v if last else v.detach()) for k, v in out.items() if k not in feats})
+                engine.backward(self.loss(both, whole), boundary=last)
             _set_rng(after, dev)
             out = cached[-1]
-        return Forward(loss.detach(), metrics={"train/logit_scale": float(out["logit_scale"].detach())},
-                       sample_losses=rows[0] if rows else None)
+        metrics = {"train/logit_scale": float(out["logit_scale"].detach()), **self.step_metrics()}
+        return Forward(loss.detach(), metrics=metrics, sample_losses=rows[0] if rows else None)
