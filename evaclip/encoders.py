@@ -106,6 +106,35 @@ def load_encoders(checkpoint: str = "", model: str = "", pretrained: str = "", d
     raise UserError("needs --checkpoint <run dir|checkpoint> or --model open_clip:<name> [--pretrained ...]")
 
 
+def load_source(src: str, weights: str = "", device: str = "cpu", trust_pickle: bool = False) -> Encoders:
+    """A model named by one string, as a frozen teacher is: an evaclip run dir or checkpoint, an open_clip export
+    folder, or ``open_clip:<name>`` with ``weights``; every file is read weights-only (UserError otherwise)."""
+    if src.startswith("open_clip:"):
+        enc = load_encoders(model=src, pretrained=weights, device=device, trust_pickle=trust_pickle)
+    elif os.path.isfile(os.path.join(src, "open_clip_config.json")):
+        enc = load_encoders(model="open_clip:export", pretrained=src, device=device, trust_pickle=trust_pickle)
+    elif os.path.exists(src):
+        enc = load_encoders(checkpoint=src, device=device, trust_pickle=trust_pickle)
+    else:
+        raise UserError(f"{src} does not exist (an evaclip run dir or checkpoint, an export folder, or "
+                        "open_clip:<name>)")
+    enc.module.requires_grad_(False)
+    enc.module.eval()
+    return enc
+
+
+def source_identity(src: str, weights: str = "") -> str:
+    """``load_source(src, weights).identity`` without building the model (a big teacher need not fit to be
+    compared with the one whose embeddings a reinforced shard carries)."""
+    if src.startswith("open_clip:"):
+        return _fingerprint(src[len("open_clip:"):], weights)
+    if os.path.isfile(os.path.join(src, "open_clip_config.json")):
+        return _fingerprint("export", src)
+    from evaclip.checkpoint import checkpoint_identity, find_checkpoint
+
+    return checkpoint_identity(find_checkpoint(src, log=lambda *a: None))
+
+
 def _fingerprint(name: str, pretrained: str) -> str:
     """The model name and its weights' content (size, first and last MiB): a copy of the same file elsewhere is
     the same model, the file rewritten another."""

@@ -17,43 +17,9 @@ import json
 import os
 import statistics
 import sys
-import time
 from typing import Dict, List
 
-
-def _train(experiment: str, overrides: List[str]) -> Dict:
-    from evaclip.config import load_config
-    from evaclip.preflight import resolve
-    from evaclip.train import Trainer
-
-    cfg = load_config(experiment, overrides)
-    t = time.time()
-    result = Trainer(cfg, resolve(cfg)).train()
-    result["wall_s"] = round(time.time() - t, 1)
-    return result
-
-
-def _warmup(steps: int) -> str:
-    """10% of the steps (at most 15, demo_cpu's), for stages shorter than the experiments' defaults."""
-    return f"schedule.warmup_steps={max(1, min(15, steps // 10))}" if steps > 1 else "schedule.warmup_steps=0"
-
-
-def _finished(run_dir: str) -> bool:
-    """A run whose newest valid checkpoint is its last step."""
-    from evaclip.checkpoint import find_checkpoint, read_meta
-    from evaclip.config import load_run_config
-
-    try:
-        _, derived = load_run_config(run_dir)
-        return read_meta(find_checkpoint(run_dir, log=lambda *a: None))["step"] >= derived["steps"]
-    except (OSError, ValueError, KeyError):
-        return False
-
-
-def _mim_losses(run_dir: str) -> List[float]:
-    from evaclip.metrics import read_metrics
-
-    return [r["train/loss"] for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if "train/loss" in r]
+from evaclip.study import finished, retrieval_r5, train_losses, train_run, warmup
 
 
 def run(data: str, teacher: str, out: str, seeds: List[int], mim_steps: int, clip_steps: int,
@@ -63,11 +29,11 @@ def run(data: str, teacher: str, out: str, seeds: List[int], mim_steps: int, cli
     common = [f"run.output_dir={out}", f"data.root={data}", f"data.recipe={os.path.join(data, 'recipe.toml')}",
               "checkpoint.resume=none", "log.tensorboard=false"]
     walls: Dict[str, float] = {}
-    if not _finished(teacher):
+    if not finished(teacher):
         teacher = os.path.join(out, "teacher")
         print(f"[flywheel] (1) no finished teacher run given: training demo_cpu into {teacher}", flush=True)
-        steps = [f"run.steps={teacher_steps}", _warmup(teacher_steps)] if teacher_steps else []
-        walls["teacher"] = _train("demo_cpu", common + ["run.name=teacher", *steps])["wall_s"]
+        steps = [f"run.steps={teacher_steps}", warmup(teacher_steps)] if teacher_steps else []
+        walls["teacher"] = train_run("demo_cpu", common + ["run.name=teacher", *steps])["wall_s"]
     else:
         print(f"[flywheel] (1) teacher: {teacher}", flush=True)
     arms = []
@@ -75,18 +41,18 @@ def run(data: str, teacher: str, out: str, seeds: List[int], mim_steps: int, cli
     for seed in seeds:
         tag = f"seed{seed}"
         print(f"[flywheel] seed {seed}: (2) MIM student against the teacher ({mim_steps} steps)", flush=True)
-        mim = _train("mim_demo_cpu", common + [f"run.name={tag}/mim", f"run.seed={seed}", f"run.steps={mim_steps}",
-                                               _warmup(mim_steps), f"mim.teacher={teacher}"])
-        losses = _mim_losses(mim["run_dir"])
+        mim = train_run("mim_demo_cpu", common + [f"run.name={tag}/mim", f"run.seed={seed}", f"run.steps={mim_steps}",
+                                               warmup(mim_steps), f"mim.teacher={teacher}"])
+        losses = train_losses(mim["run_dir"])
         clip = common + [f"run.seed={seed}", f"run.steps={clip_steps}", "eval.every_steps=0",
-                         f"checkpoint.every_steps={clip_steps}", _warmup(clip_steps)]
+                         f"checkpoint.every_steps={clip_steps}", warmup(clip_steps)]
         print(f"[flywheel] seed {seed}: (3) CLIP from the MIM student ({clip_steps} steps)", flush=True)
-        from_mim = _train("demo_cpu", clip + [f"run.name={tag}/clip_from_mim", f"model.vision.init={mim['run_dir']}"])
+        from_mim = train_run("demo_cpu", clip + [f"run.name={tag}/clip_from_mim", f"model.vision.init={mim['run_dir']}"])
         print(f"[flywheel] seed {seed}: (3) CLIP from scratch ({clip_steps} steps)", flush=True)
-        scratch = _train("demo_cpu", clip + [f"run.name={tag}/clip_scratch"])
+        scratch = train_run("demo_cpu", clip + [f"run.name={tag}/clip_scratch"])
         arms.append({"seed": seed, "top1_from_mim": from_mim["zeroshot"][key], "top1_scratch": scratch["zeroshot"][key],
                      # a second view, not the comparison: mean image/text R@5 on the held-out retrieval set
-                     "retrieval_r5_from_mim": _r5(from_mim["zeroshot"]), "retrieval_r5_scratch": _r5(scratch["zeroshot"]),
+                     "retrieval_r5_from_mim": retrieval_r5(from_mim["zeroshot"]), "retrieval_r5_scratch": retrieval_r5(scratch["zeroshot"]),
                      "mim_loss_start": losses[0], "mim_loss_end": losses[-1],
                      "wall_s": {"mim": mim["wall_s"], "clip_from_mim": from_mim["wall_s"],
                                 "clip_scratch": scratch["wall_s"]},
@@ -105,12 +71,6 @@ def run(data: str, teacher: str, out: str, seeds: List[int], mim_steps: int, cli
         f.write(table + "\n")
     print(table)
     return summary
-
-
-def _r5(zeroshot: Dict) -> float:
-    keys = ("zeroshot/synth_retrieval/image_retrieval_recall@5", "zeroshot/synth_retrieval/text_retrieval_recall@5")
-    vals = [zeroshot[k] for k in keys if k in zeroshot]
-    return sum(vals) / len(vals) if vals else float("nan")
 
 
 def _table(s: Dict) -> str:

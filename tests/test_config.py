@@ -37,6 +37,8 @@ def test_every_experiment_loads_and_resolves(name):
     cfg = load_config(name, ["data.root=/datasets"])
     if cfg.objective.kind == "mim" and not cfg.mim.teacher:  # mim_demo_cpu names its teacher on the command line
         cfg = load_config(name, ["data.root=/datasets", "mim.teacher=/runs/teacher"])
+    if cfg.objective.kind == "distill" and not cfg.distill.teacher:  # so does distill_demo_cpu
+        cfg = load_config(name, ["data.root=/datasets", "distill.teacher=/runs/teacher"])
     d = resolve(cfg, world_size=8, inputs_here=False)  # the cluster's init files are not on this machine
     assert d.global_batch == cfg.data.micro_batch_size * 8 * cfg.engine.accum_steps
     assert d.steps > 0 and d.train_samples == d.steps * d.global_batch

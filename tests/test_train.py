@@ -34,7 +34,7 @@ def test_short_training_run(synth_dir, tmp_path):
     assert summary["skips"] == {k: 0 for k in summary["skips"]}
 
 
-def _fixed_batches(n, b, seed=0):
+def fixed_batches(n, b, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [{"image": torch.randn(b, 3, 64, 64, generator=g), "text": torch.randint(1, 49000, (b, 32), generator=g),
              "key": [f"k{seed}-{i}-{j}" for j in range(b)]} for i in range(n)]
@@ -48,7 +48,7 @@ def test_feature_cached_accumulation_equals_big_batch(synth_dir, tmp_path, optim
     In float64: in float32 the two differ by summation order (~1e-6 relative in the gradients), which
     Adam-type updates amplify on near-zero gradients; float64 shows the algorithm itself is exact."""
     micro = [{k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in m.items()}
-             for m in _fixed_batches(4, 8)]
+             for m in fixed_batches(4, 8)]
     # the big batch in the other order: the loss does not depend on it, masks drawn from a batch RNG would
     big = [{"image": torch.cat([m["image"] for m in micro[::-1]]), "text": torch.cat([m["text"] for m in micro[::-1]]),
             "key": [k for m in micro[::-1] for k in m["key"]]}]
@@ -70,7 +70,7 @@ def test_non_finite_loss_is_skipped_then_stops(synth_dir, tmp_path):
     tr = make_trainer(synth_dir, tmp_path, "nan", extra=["engine.max_bad_steps=3"])
     tr.engine.train(True)
     before = {k: v.clone() for k, v in tr.model.state_dict().items()}
-    bad = _fixed_batches(1, 8)
+    bad = fixed_batches(1, 8)
     bad[0]["image"][0, 0, 0, 0] = float("nan")
     out = tr.train_step(bad)
     assert out == {"train/skipped_step": 1.0} and tr.bad_steps == 1

@@ -1,4 +1,5 @@
-"""``evaclip data``: synth, stats, verify, preview, and curation (score, filter)."""
+"""``evaclip data``: synth, stats, verify, preview, curation (score, filter) and reinforce (a teacher's embeddings
+stored in new shards)."""
 from __future__ import annotations
 
 import os
@@ -9,7 +10,8 @@ from evaclip.cli.common import FORMATTER, number, progress
 def add_parser(sub) -> None:
     d = sub.add_parser("data", formatter_class=FORMATTER, help="make, inspect and check datasets",
                        description="Dataset tools: synth (the embedded default dataset), stats, verify, preview; curation: "
-                       "score (CLIP score per sample) and filter (keep by score / loss into new shards).")
+                       "score (CLIP score per sample) and filter (keep by score / loss into new shards); reinforce (a teacher's "
+                       "embeddings of K augmentations per sample, for offline distillation).")
     dsub = d.add_subparsers(dest="data_cmd", metavar="DATA_COMMAND")
     s = dsub.add_parser("synth", help="write the synthetic captioned-shapes dataset (train shards + zero-shot sets)")
     s.add_argument("--out", default="data/synth")
@@ -23,6 +25,7 @@ def add_parser(sub) -> None:
 
     tools.add_parsers(dsub)
     add_curation_parsers(dsub)
+    add_reinforce_parser(dsub)
     d.set_defaults(fn=cmd_data)
 
 
@@ -39,7 +42,7 @@ def cmd_data(args) -> int:
               f"zero-shot classification set: {out['zeroshot']}\nzero-shot retrieval set: {out['retrieval']}\n"
               f"recipe: {out['recipe']}")
         return 0
-    if args.data_cmd in ("score", "filter"):
+    if args.data_cmd in ("score", "filter", "reinforce"):
         return run_curation(args)
     from evaclip.data import tools
 
@@ -101,7 +104,60 @@ def add_curation_parsers(dsub) -> None:
                    help="accept tables scored by different models (their scores are on different scales)")
 
 
+def add_reinforce_parser(dsub) -> None:
+    r = dsub.add_parser(
+        "reinforce", formatter_class=FORMATTER,
+        help="new shards carrying a teacher CLIP's embeddings of K augmentations per sample (offline distillation)",
+        description="Dataset reinforcement (MobileCLIP): run a frozen teacher once over the data, for K crops of "
+                    "each image and its caption, and store the embeddings (float16) and the crops in new shards. A "
+                    "distillation run on them (objective.kind=distill distill.source=shards) draws one of the K "
+                    "crops per sample and step and uses the stored embeddings: no teacher forward.\n\n"
+                    "  evaclip data reinforce merged2b --root /datasets --teacher runs/eva02_clip_l14 \\\n"
+                    "      --augmentations 10 --out /datasets/merged2b-kd/ --device cuda --precision bf16\n"
+                    "  evaclip train distill_demo_cpu distill.source=shards data.recipe=/datasets/merged2b-kd/recipe.toml\n\n"
+                    "Rerun the same command after a kill: finished shards are skipped. Under torchrun every rank "
+                    "takes its own shards; --part I/N splits them across separate jobs.")
+    r.add_argument("source", help="a recipe (built-in name or TOML file) or a brace pattern of tar shards")
+    r.add_argument("--root", default="", help="value of {root} in the pattern / recipe")
+    r.add_argument("--teacher", required=True, help="an evaclip run dir or checkpoint, an open_clip export folder, "
+                   "or open_clip:<name> with --teacher-weights (read weights-only)")
+    r.add_argument("--teacher-weights", default="", help="with --teacher open_clip:<name>: its weights file")
+    r.add_argument("--augmentations", type=number(int, ge=1), default=10, help="crops per image (MobileCLIP: 10)")
+    r.add_argument("--crop-scale", type=number(float, gt=0, le=1), nargs=2, default=[0.9, 1.0], metavar=("MIN", "MAX"),
+                   help="RandomResizedCrop's area range, as data.crop_scale (default 0.9 1.0)")
+    r.add_argument("--hflip", action="store_true", help="also flip half of the crops (as data.hflip)")
+    r.add_argument("--seed", type=int, default=0, help="the crops are drawn per sample from (seed, key)")
+    r.add_argument("--out", required=True, help="folder for the shards, reinforce.json, recipe.toml, manifest.parquet")
+    r.add_argument("--batch-size", type=number(int, ge=1), default=64, help="samples per teacher batch (x K crops)")
+    r.add_argument("--workers", type=number(int, ge=0), default=2, help="threads decoding and cropping (0: inline)")
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    r.add_argument("--part", default="0/1", metavar="I/N", help="only the shards with index %% N == I")
+    r.add_argument("--trust-pickle", action="store_true", help="allow a pickled (non-safetensors) checkpoint")
+
+
 def run_curation(args) -> int:
+    if args.data_cmd == "reinforce":
+        from evaclip.curation.reinforce import reinforce
+        from evaclip.curation.score import parse_part
+        from evaclip.encoders import load_source
+
+        device = args.device
+        if device == "cuda" and "LOCAL_RANK" in os.environ:  # under torchrun: one GPU per rank
+            device = f"cuda:{os.environ['LOCAL_RANK']}"
+        if args.crop_scale[0] > args.crop_scale[1]:
+            raise SystemExit(f"--crop-scale is MIN MAX: got {args.crop_scale[0]} {args.crop_scale[1]}")
+        enc = load_source(args.teacher, args.teacher_weights, device, args.trust_pickle)
+        bar = progress(None, "reinforce", "img")
+        res = reinforce(args.source, args.root, enc, args.teacher, args.out, args.augmentations,
+                        tuple(args.crop_scale), args.hflip, args.seed, args.batch_size, args.workers, device,
+                        parse_part(args.part), args.precision == "bf16", bar.update)
+        bar.close()
+        print(f"reinforced {res['shards']} shards ({res['samples']:,} samples, {res['samples_per_s']:.1f} samples/s, "
+              f"{args.augmentations} crops each), skipped {res['done_before']} already done; skipped samples: "
+              f"{res['skipped']}" + (f"; unreadable shards: {len(res['unreadable'])}" if res["unreadable"] else "")
+              + (f"\nrecipe: {res['recipe']}" if res["recipe"] else "\nrecipe.toml: written when every part is done"))
+        return 0
     if args.data_cmd == "score":
         from evaclip.curation.score import parse_part, score
         from evaclip.encoders import load_encoders

@@ -82,9 +82,10 @@ def _check_values(cfg: ExperimentConfig, world_size: int) -> None:
 
 def _check_distill(cfg: ExperimentConfig) -> None:
     d = cfg.distill
-    if not d.teacher:
+    if not d.teacher and d.source == "online":
         raise ConfigError("objective.kind = 'distill' needs distill.teacher (an evaclip run dir or checkpoint, an "
-                          "open_clip export folder, or open_clip:<name> with distill.teacher_weights)")
+                          "open_clip export folder, or open_clip:<name> with distill.teacher_weights), or "
+                          "distill.source = 'shards' with reinforced shards")
     if d.teacher.startswith("open_clip:") and not d.teacher_weights:
         raise ConfigError(f"distill.teacher = {d.teacher!r} needs distill.teacher_weights (no downloads)")
     if cfg.loss.kind == "siglip":

@@ -132,8 +132,12 @@ class ObjectiveConfig:
 class DistillConfig:
     teacher: str = _f("", "objective.kind=distill: the frozen teacher CLIP: an evaclip run dir or checkpoint, an "
                       "open_clip export folder, or open_clip:<model name> (with distill.teacher_weights); read "
-                      "weights-only", path="file")
+                      "weights-only (with source = shards: only its identity is compared)", path="file")
     teacher_weights: str = _f("", "with teacher = open_clip:<name>: its weights file (.safetensors)", path="file")
+    source: str = _f("online", "where the teacher's embeddings come from: online (its forward every step, on the "
+                     "step's crops; a reinforced shard's stored crops are used when present) | shards (those "
+                     "`evaclip data reinforce` stored: no teacher forward; distill.teacher, when set, must be the "
+                     "teacher the shards record)", ["online", "shards"])
     loss: str = _f("soft_ce", "soft_ce (cross-entropy of the student's similarity distribution over the global "
                    "batch to the teacher's, both directions: open_clip's distillation) | cosine | mse (each "
                    "sample's embeddings regressed to the teacher's; equal embedding widths)",

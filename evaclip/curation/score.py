@@ -30,7 +30,7 @@ def parse_part(spec: str) -> Tuple[int, int]:
     return i, n
 
 
-def _this_part(part: Tuple[int, int]) -> Tuple[int, int]:
+def this_part(part: Tuple[int, int]) -> Tuple[int, int]:
     """--part i/n combined with torchrun's RANK / WORLD_SIZE: part i * world + rank of n * world."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     return part[0] * world + rank, part[1] * world
@@ -42,15 +42,16 @@ def table_path(out: str, source: str, index: int, url: str) -> str:
     return os.path.join(out, source, f"{index:06d}_{stem}.parquet")
 
 
-def check_score_folder(out: str, config: Dict) -> None:
-    """A resumed score run must use the same model and settings as the tables already written."""
-    path = os.path.join(out, SCORE_CONFIG)
+def check_score_folder(out: str, config: Dict, name: str = SCORE_CONFIG) -> None:
+    """A resumed score (or reinforce) run must use the same model and settings as the outputs already written
+    (recorded in ``<out>/<name>``)."""
+    path = os.path.join(out, name)
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
         changed = [k for k in config if old.get(k) != config[k]]
         if changed:
-            raise UserError(f"{out} holds tables scored with other settings ({', '.join(changed)}: "
+            raise UserError(f"{out} holds outputs written with other settings ({', '.join(changed)}: "
                             f"{[old.get(k) for k in changed]} -> {[config[k] for k in changed]}); "
                             "use a new --out folder")
         return
@@ -106,7 +107,7 @@ def score(source: str, root: str, enc, out: str, batch_size: int = 256, workers:
 
     from evaclip.data.transforms import eval_transform
 
-    i, n = _this_part(part)
+    i, n = this_part(part)
     check_score_folder(out, {"model": enc.name, "weights": enc.identity, "source": source, "root": root,
                         "image_size": enc.image_size, "embeddings": embeddings, "precision": "bf16" if bf16 else "fp32"})
     transform = eval_transform(enc.image_size, enc.mean, enc.std, interpolation=enc.interpolation)

@@ -33,13 +33,18 @@ def shard_writer(out: str, shard_size: int):
             state["index"] += 1
             state["n"] = 0
             state["tar"] = tarfile.open(os.path.join(out, f"{state['index']:05d}.tar.tmp"), "w")
-        for ext, data in files.items():
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            state["tar"].addfile(info, io.BytesIO(data))
+        add_sample(state["tar"], key, files)
         state["n"] += 1
 
     return add, close, state
+
+
+def add_sample(tar: tarfile.TarFile, key: str, files: Dict[str, bytes]) -> None:
+    """One sample's members (ext -> bytes) into an open tar, as webdataset reads them (``<key>.<ext>``)."""
+    for ext, data in files.items():
+        info = tarfile.TarInfo(f"{key}.{ext}")
+        info.size, info.mtime, info.mode = len(data), 0, 0o644
+        tar.addfile(info, io.BytesIO(data))
 
 
 def copy_kept(url: str, match: Callable[[str], Optional[Dict]], add) -> int:

@@ -15,7 +15,9 @@ Per DataLoader worker (one stream per rank x worker, all deterministic in (seed,
   5. mix sources     each sample's source drawn with the recipe's true weights (e.g. 80/20 by samples)
   6. decode          PIL (JPEG draft mode); a missing image/caption, empty caption or undecodable image is
                      skipped and counted per reason
-  7. transform       RandomResizedCrop + normalise; the augmentation RNG is re-seeded per batch
+  7. transform       RandomResizedCrop + normalise; the augmentation RNG is re-seeded per batch. A reinforced
+                     sample (`evaclip data reinforce`) takes one of its stored crops instead, drawn from that RNG,
+                     and brings the teacher's embeddings of it
   8. tokenize, batch ``micro_batch_size`` samples -> {image, text, key, source, shard, __state__}
 
 Bounded: a worker that assembles no batch within ``batch_timeout_s`` (every sample skipped, shards that
@@ -37,7 +39,7 @@ from typing import Dict, Optional
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from evaclip.data.samples import SKIP_REASONS, SkipSample, decode_sample
+from evaclip.data.samples import KD_MEMBER, SKIP_REASONS, SkipSample, decode_reinforced, decode_sample
 from evaclip.data.shards import shard_identity
 from evaclip.data.streams import (LOST_IN_SHARDS, MixedStream, ShardSequence, SourceStream, StreamSpec,
                                   stream_seed)
@@ -53,10 +55,12 @@ class ImageTextStream(IterableDataset):
     """Infinite, restart-safe stream of training batches for one rank (see the module docstring).
     ``tokenizer=None``: images only (masked image modeling); batches then have no ``text``."""
 
-    def __init__(self, spec: StreamSpec, micro_batch_size: int, transform, tokenizer, min_side: int = 0):
+    def __init__(self, spec: StreamSpec, micro_batch_size: int, transform, tokenizer, min_side: int = 0,
+                 stored_crop=None):
         super().__init__()
         self.spec, self.micro_batch_size = spec, micro_batch_size
         self.transform, self.tokenizer, self.min_side = transform, tokenizer, min_side
+        self.stored_crop = stored_crop  # (image, crop) -> tensor: a reinforced sample's stored augmentation
         self.resume: Dict[int, Dict] = {}  # stream id -> state, set before iterating
         self.offset = 0  # stream served by DataLoader worker 0 (see set_state)
         self._identities: Dict[str, str] = {}  # shard url -> shard_identity, per worker
@@ -165,13 +169,14 @@ class ImageTextStream(IterableDataset):
 
     @staticmethod
     def _rows() -> Dict[str, list]:
-        return {"image": [], "text": [], "key": [], "source": [], "shard": []}
+        return {"image": [], "text": [], "key": [], "source": [], "shard": [], "kd": []}
 
     def _take(self, usable, rows: Dict[str, list], per_source: Counter) -> None:
-        """Add one usable sample (source index, raw, image, caption) to the batch being assembled; ``shard`` is
+        """Add one usable sample (source index, raw, image, caption, teacher targets) to the batch being assembled; ``shard`` is
         its shard's identity (size and sampled digest, "" when remote): what per-sample loss tables record, so
         that `data filter --shards` copies a sample only out of the shard the run read it from."""
-        src, raw, img, cap = usable
+        src, raw, img, cap, kd = usable
+        rows["kd"].append(kd)
         url = raw.get("__url__", "")
         if url not in self._identities:
             self._identities[url] = shard_identity(url) if url else ""
@@ -182,11 +187,17 @@ class ImageTextStream(IterableDataset):
 
     def _batch(self, rows: Dict[str, list], state: Dict, stream_ids=None) -> Dict:
         """The one batch layout both stream modes yield: images, tokens (CLIP), keys, sources, shard identities,
-        the logical stream of each sample (logical streams), and the worker's position."""
+        the teacher's targets when every sample carries them (reinforced shards: kd_image, kd_text, kd_scale,
+        kd_teacher), the logical stream of each sample (logical streams), and the worker's position."""
         batch = {"image": torch.stack(rows["image"])}
         if self.tokenizer is not None:
             batch["text"] = self.tokenizer(rows["text"])
         batch.update(key=rows["key"], source=rows["source"], shard=rows["shard"])
+        if rows["kd"] and all(kd is not None for kd in rows["kd"]):  # reinforced shards: the teacher's targets
+            batch["kd_image"] = torch.stack([kd["image"] for kd in rows["kd"]])
+            batch["kd_text"] = torch.stack([kd["text"] for kd in rows["kd"]])
+            batch["kd_scale"] = torch.tensor([kd["scale"] for kd in rows["kd"]])
+            batch["kd_teacher"] = [kd["teacher"] for kd in rows["kd"]]
         if stream_ids is not None:
             batch["stream_id"] = stream_ids
         batch["__state__"] = state
@@ -194,7 +205,7 @@ class ImageTextStream(IterableDataset):
 
     def _usable(self, it, counts: Counter, sources, worker: int, started: float, have: int, seen: bool,
                 aug_step: Optional[int] = None):
-        """The next usable sample of one stream, (source index, raw, image, caption), or None when a finite stream
+        """The next usable sample of one stream, (source index, raw, image, caption, teacher targets or None), or None when a finite stream
         ends; unusable samples are skipped and counted. Stops the run past ``data.batch_timeout_s`` (``started``:
         when the batch began, ``have``: its samples so far), or after ``UNUSABLE_LIMIT`` unusable samples in a row
         while this worker has ``seen`` none usable yet (undecodable images, image-only shards under CLIP). ``aug_step`` (logical
@@ -210,14 +221,18 @@ class ImageTextStream(IterableDataset):
             if aug_step is not None:  # the CPU generator only (torch.manual_seed also seeds every device: 75 us)
                 torch.default_generator.manual_seed(stream_seed(spec.seed, "aug", aug_step, raw["__key__"]))
             try:
-                img, cap = decode_sample(raw, self.transform, self.min_side, self.tokenizer is not None)
+                kd = None
+                if KD_MEMBER in raw and self.stored_crop is not None:  # reinforced: one of its stored augmentations
+                    img, cap, kd = decode_reinforced(raw, self.stored_crop, self.tokenizer is not None)
+                else:
+                    img, cap = decode_sample(raw, self.transform, self.min_side, self.tokenizer is not None)
             except SkipSample as s:
                 counts[s.reason] += 1
                 in_a_row += 1
                 if in_a_row >= UNUSABLE_LIMIT and not seen:
                     raise TrainingStopped(self._unusable(worker, sources, counts, in_a_row, s.reason)) from None
                 continue
-            return src, raw, img, cap
+            return src, raw, img, cap, kd
 
     def _unusable(self, worker: int, sources, counts: Counter, n: int, reason: str) -> str:
         head = (f"rank {self.spec.rank} worker {worker}: the first {n} samples of "

@@ -1,6 +1,7 @@
 """One raw webdataset sample -> (image tensor, caption), or the reason it is skipped (counted per reason)."""
 from __future__ import annotations
 
+import io
 from typing import Dict
 
 from evaclip.data.transforms import IMAGE_EXTS, decode_image
@@ -35,3 +36,41 @@ def decode_sample(raw: Dict, transform, min_side: int, captions: bool = True):
     except Exception:  # noqa: BLE001 - PIL raises many types for corrupt data
         raise SkipSample("decode_error") from None
     return transform(img), caption
+
+
+# ---------------------------------------------------------------------------------------------- reinforced samples
+# `evaclip data reinforce` adds one member to each sample: KD_MEMBER, an .npz (read without pickle) holding a frozen
+# teacher's unit embeddings of K augmentations of the image and of the caption (float16), the K crops that
+# reproduce those augmentations exactly (top, left, height, width, flip; pixels of the image decoded at full size),
+# the teacher's identity and its logit scale.
+KD_MEMBER = "kd.npz"
+
+
+def read_kd(data: bytes) -> Dict:
+    """The arrays of a KD_MEMBER, checked; ValueError when it is not one (any damage: the sample is skipped)."""
+    import numpy as np
+
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        kd = {k: z[k] for k in ("image", "text", "boxes", "teacher", "scale")}
+    k, dim = kd["image"].shape
+    if k < 1 or kd["boxes"].shape != (k, 5) or kd["text"].shape != (dim,) or kd["teacher"].ndim != 0:
+        raise ValueError("inconsistent shapes")
+    return kd
+
+
+def decode_reinforced(raw: Dict, stored_crop, captions: bool = True):
+    """(image tensor, caption, teacher targets) of a reinforced sample: augmentation k drawn from the torch RNG
+    (seeded per sample from (seed, data step, key) in logical streams) and its stored crop applied by
+    ``stored_crop(image, box)``; the targets are that augmentation's image embedding and the caption's."""
+    import torch
+
+    try:
+        kd = read_kd(raw[KD_MEMBER])
+    except Exception:  # noqa: BLE001 - numpy / zipfile raise many types for a damaged member
+        raise SkipSample("decode_error") from None
+    k = int(torch.randint(kd["image"].shape[0], (1,)).item())
+    img, caption = decode_sample(raw, lambda im: stored_crop(im, [int(v) for v in kd["boxes"][k]]), 0, captions)
+    targets = {"image": torch.from_numpy(kd["image"][k].astype("float32")),
+               "text": torch.from_numpy(kd["text"].astype("float32")),
+               "teacher": str(kd["teacher"]), "scale": float(kd["scale"])}
+    return img, caption, targets

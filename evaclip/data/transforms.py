@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import math
+import threading
 from typing import Sequence, Tuple
 
 import torch
@@ -119,8 +120,8 @@ def make_tokenizer(context_length: int, text_kind: str = "clip", hf_path: str = 
 def reframe(x: torch.Tensor, src_mean, src_std, dst_mean, dst_std, size: int) -> torch.Tensor:
     """Images [B, 3, H, W] normalised for one model -> normalised and sized for another (a frozen teacher's own
     preprocessing; resized bicubic, antialiased). Stats are compared as plain numbers: no tensors built and no
-    device sync on every micro-batch when they match."""
-    x = x.float()
+    device sync on every micro-batch when they match. At least float32 (float64 stays float64)."""
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
     src = (tuple(map(float, src_mean)), tuple(map(float, src_std)))
     dst = (tuple(map(float, dst_mean)), tuple(map(float, dst_std)))
     if src != dst:
@@ -129,3 +130,37 @@ def reframe(x: torch.Tensor, src_mean, src_std, dst_mean, dst_std, size: int) ->
     if x.shape[-1] != size or x.shape[-2] != size:
         x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
     return x
+
+
+_GLOBAL_RNG = threading.Lock()
+
+
+def draw_crops(img: Image.Image, k: int, crop_scale: Tuple[float, float], hflip: bool, generator) -> list:
+    """K crops [top, left, height, width, flip] as ``train_transform`` draws them (RandomResizedCrop's parameters,
+    then a coin for the flip), from ``generator``: what `evaclip data reinforce` stores per sample."""
+    from torchvision import transforms as T
+
+    crops = []
+    # get_params draws from the global RNG: give it the generator's state, one caller at a time (decoding threads)
+    with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
+        torch.set_rng_state(generator.get_state())
+        for _ in range(k):
+            top, left, h, w = T.RandomResizedCrop.get_params(img, list(crop_scale), [3 / 4, 4 / 3])
+            flip = int(hflip and torch.rand(1).item() < 0.5)
+            crops.append([int(top), int(left), int(h), int(w), flip])
+        generator.set_state(torch.get_rng_state())
+    return crops
+
+
+def crop_view(img: Image.Image, box, image_size: int, mean: Sequence[float], std: Sequence[float],
+              interpolation: str = "bicubic") -> torch.Tensor:
+    """One stored crop [top, left, height, width, flip] of ``img`` resized to ``image_size``, flipped, normalised:
+    ``train_transform``'s output for those parameters, at any model's size and statistics."""
+    from torchvision.transforms import functional as TF
+
+    top, left, h, w, flip = box
+    x = TF.resized_crop(img, top, left, h, w, [image_size, image_size], interpolation=_mode(interpolation),
+                        antialias=True)
+    if flip:
+        x = TF.hflip(x)
+    return TF.normalize(TF.to_tensor(x), list(mean), list(std))

@@ -3,6 +3,7 @@ checkpoint, so a resume continues with the next sample) and a running hash of th
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 import zlib
@@ -13,7 +14,7 @@ import torch
 from evaclip import dist as edist
 from evaclip.checkpoint import rank_states
 from evaclip.data.recipes import load_recipe, recipe_from_shards
-from evaclip.data.transforms import draft_side, make_tokenizer, train_transform
+from evaclip.data.transforms import crop_view, draft_side, make_tokenizer, train_transform
 from evaclip.data.loader import make_loader, stop_workers
 from evaclip.data.pipeline import DataState, ImageTextStream
 from evaclip.data.streams import build_stream_spec
@@ -72,8 +73,10 @@ class TrainData:
         transform = train_transform(v.image_size, v.mean, v.std, c.crop_scale, v.interpolation, c.hflip)
         tokenizer = make_tokenizer(v.context_length, self.text_cfg.kind, self.text_cfg.hf_path) \
             if self.uses_text else None  # MIM: images only
+        stored = functools.partial(crop_view, image_size=v.image_size, mean=v.mean, std=v.std,
+                                   interpolation=v.interpolation)
         stream = ImageTextStream(spec, c.micro_batch_size, transform, tokenizer,
-                                 min_side=draft_side(v.image_size, c.crop_scale[0]))
+                                 min_side=draft_side(v.image_size, c.crop_scale[0]), stored_crop=stored)
         stream.set_state(self.positions)
         self.state = DataState(self.positions)
         self.iterator = iter(make_loader(stream, c.workers, pin_memory=self.device.type == "cuda"))
@@ -132,8 +135,9 @@ class TrainData:
         if not self.num_streams:
             return [self.next_batch() for _ in range(self.accum_steps)]
         pieces = [self.next_batch() for _ in range(max(1, self.cfg.workers))]
+        # (a key some pieces lack, the teacher's targets of reinforced shards mixed with plain ones, is dropped)
         whole = {k: torch.cat([p[k] for p in pieces]) if torch.is_tensor(pieces[0][k]) else
-                 [x for p in pieces for x in p[k]] for k in pieces[0]}
+                 [x for p in pieces for x in p[k]] for k in pieces[0] if all(k in p for p in pieces)}
         m = self.cfg.micro_batch_size
         return [{k: v[j * m:(j + 1) * m] for k, v in whole.items()} for j in range(self.accum_steps)]
 

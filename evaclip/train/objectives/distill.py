@@ -2,22 +2,23 @@
 (``[distill]``): the soft cross-entropy of the student's similarity distributions over the global batch to the
 teacher's (open_clip's distillation task), or each sample's embeddings regressed to the teacher's.
 
-It is the CLIP objective with a teacher: the same feature caching over micro-batches (the teacher's features of
+The teacher's embeddings come from its forward every step (``distill.source = "online"``) or from reinforced
+shards (``"shards"``: what ``evaclip data reinforce`` stored for the crop the sample shows, float16; no teacher is
+loaded). It is the CLIP objective with a teacher: the same feature caching over micro-batches (the teacher's features of
 the step are computed once, without grad, and concatenated like the student's), the same towers, token dropping
 (the teacher sees every patch) and engines. The teacher lives outside the engine: never in the optimizer, never
 in a ZeRO partition, never in train mode.
 """
 from __future__ import annotations
 
-import os
 from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
 
 from evaclip.data.transforms import make_tokenizer, reframe
-from evaclip.encoders import Encoders, load_encoders
-from evaclip.errors import ConfigError, UserError
+from evaclip.encoders import Encoders, load_source, source_identity
+from evaclip.errors import ConfigError, TrainingStopped, UserError
 from evaclip.losses.distill import DistillLoss
 from evaclip.train.objectives.clip import ClipObjective
 
@@ -26,22 +27,10 @@ PROBE = "a photo of a dog, 3 cats and a 🐈 on a red sofa."  # tokenised by bot
 
 def load_teacher_clip(cfg, trust_pickle: bool, device: torch.device) -> Encoders:
     """The teacher ``distill.teacher`` names (``cfg`` is the ``[distill]`` section), frozen, read weights-only."""
-    src = cfg.teacher
     try:
-        if src.startswith("open_clip:"):
-            enc = load_encoders(model=src, pretrained=cfg.teacher_weights, device=str(device), trust_pickle=trust_pickle)
-        elif os.path.isfile(os.path.join(src, "open_clip_config.json")):
-            enc = load_encoders(model="open_clip:export", pretrained=src, device=str(device), trust_pickle=trust_pickle)
-        elif os.path.exists(src):
-            enc = load_encoders(checkpoint=src, device=str(device), trust_pickle=trust_pickle)
-        else:
-            raise UserError(f"{src} does not exist (an evaclip run dir or checkpoint, an export folder, or "
-                            "open_clip:<name>)")
+        return load_source(cfg.teacher, cfg.teacher_weights, str(device), trust_pickle)
     except UserError as e:
         raise ConfigError(f"distill.teacher: {e}") from None
-    enc.module.requires_grad_(False)
-    enc.module.eval()
-    return enc
 
 
 class DistillObjective(ClipObjective):
@@ -54,45 +43,78 @@ class DistillObjective(ClipObjective):
         self.amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.distill_fn = DistillLoss(distill_cfg.loss, loss_cfg.impl, loss_cfg.tile_size)
         self.teacher: Optional[Encoders] = None
+        self.identity = ""  # the teacher's (source = shards: the one distill.teacher names, "" when unset)
+        self.stored: Optional[tuple] = None  # source = shards: (identity, scale) the first batch's samples record
         self.parts: Dict[str, torch.Tensor] = {}
 
     def build_model(self) -> torch.nn.Module:
-        """The frozen teacher first (checked against the student: same tokens, widths for a feature loss), then
-        the seed again, so the student's init does not depend on how the teacher was built."""
+        """The frozen teacher first (online; checked against the student: same tokens, widths for a feature loss),
+        then the seed again, so the student's init does not depend on how the teacher was built."""
+        if self.cfg.source == "online":
+            self.teacher = self._load_teacher()
+            self.identity = self.teacher.identity
+        elif self.cfg.teacher:  # its identity only: the shards must carry this teacher's embeddings
+            self.identity = source_identity(self.cfg.teacher, self.cfg.teacher_weights)
+        self.log(f"distill: teacher {self.teacher.name if self.teacher else self.cfg.teacher or '(as the shards record)'}"
+                 f" ({self.cfg.source}), {self.cfg.loss} x {self.cfg.weight}")
+        torch.manual_seed(self.seed)
+        return super().build_model()
+
+    def _load_teacher(self) -> Encoders:
         t, v = load_teacher_clip(self.cfg, self.model_cfg.trust_pickle, self.device), self.variant
         mine = make_tokenizer(v.context_length, self.model_cfg.text.kind, self.model_cfg.text.hf_path)
         if not torch.equal(torch.as_tensor(mine([PROBE])), torch.as_tensor(t.tokenizer([PROBE])).to(torch.long)):
             raise ConfigError(f"distill.teacher {t.name} tokenizes captions unlike the student {v.name} (its text "
                               "tokenizer or context length differs): the batch's tokens are the student's")
         if self.cfg.loss != "soft_ce":  # (a learned projection between widths is not built yet)
-            width = self._teacher_width(t)
-            if width != v.embed_dim:
-                raise ConfigError(f"distill.loss = {self.cfg.loss!r} regresses embeddings: the teacher's are "
-                                  f"{width} wide, the student's {v.embed_dim}; use distill.loss = 'soft_ce'")
-        self.teacher = t
-        self.log(f"distill: teacher {t.name} ({t.pretrained or 'run'}), {self.cfg.loss} x {self.cfg.weight}, "
-                 f"teacher scale {self.teacher_scale():.2f}")
-        torch.manual_seed(self.seed)
-        return super().build_model()
+            with torch.no_grad():
+                self._check_width(int(t.encode_text(torch.as_tensor(t.tokenizer([PROBE])).to(self.device)).shape[-1]))
+        return t
 
-    def _teacher_width(self, t: Encoders) -> int:
-        with torch.no_grad():
-            return int(t.encode_text(torch.as_tensor(t.tokenizer([PROBE])).to(self.device)).shape[-1])
+    def _check_width(self, width: int) -> None:
+        if width != self.variant.embed_dim:
+            raise ConfigError(f"distill.loss = {self.cfg.loss!r} regresses embeddings: the teacher's are {width} "
+                              f"wide, the student's {self.variant.embed_dim}; use distill.loss = 'soft_ce'")
 
     def teacher_scale(self) -> float:
-        return 1.0 / self.cfg.temperature if self.cfg.temperature > 0 else self.teacher.logit_scale
+        if self.cfg.temperature > 0:
+            return 1.0 / self.cfg.temperature
+        return self.teacher.logit_scale if self.teacher is not None else self.stored[1]
 
     def resume_settings(self) -> Dict:
-        return {"distill.teacher_identity": self.teacher.identity}
+        return {"distill.teacher_identity": self.identity} if self.identity else {}
 
-    @torch.no_grad()
     def targets(self, micro: Dict) -> Dict[str, torch.Tensor]:
-        """The teacher's unit embeddings of the micro-batch (its own preprocessing of the student's images)."""
+        """The teacher's unit embeddings of the micro-batch: its forward (online, on its own preprocessing of the
+        student's images), or what the reinforced samples carry (shards)."""
+        if self.cfg.source == "shards":
+            return self._stored(micro)
         t, v, dev = self.teacher, self.variant, self.device
-        x = reframe(micro["image"].to(dev, non_blocking=True), v.mean, v.std, t.mean, t.std, t.image_size)
-        with torch.autocast(dev.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-            img, txt = t.encode_image(x), t.encode_text(micro["text"].to(dev, non_blocking=True))
-        return {"image": F.normalize(img.float(), dim=-1), "text": F.normalize(txt.float(), dim=-1)}
+        with torch.no_grad():
+            x = reframe(micro["image"].to(dev, non_blocking=True), v.mean, v.std, t.mean, t.std, t.image_size)
+            with torch.autocast(dev.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+                img, txt = t.encode_image(x), t.encode_text(micro["text"].to(dev, non_blocking=True))
+        # unit embeddings in at least float32 (a bf16 teacher's are promoted; a float64 one's kept)
+        return {k: F.normalize(e.to(torch.promote_types(e.dtype, torch.float32)), dim=-1)
+                for k, e in (("image", img), ("text", txt))}
+
+    def _stored(self, micro: Dict) -> Dict[str, torch.Tensor]:
+        if "kd_image" not in micro:
+            raise TrainingStopped("distill.source = 'shards', but samples of this batch carry no teacher embeddings "
+                                  f"(e.g. {micro['key'][0]}): train on the shards `evaclip data reinforce` wrote "
+                                  "(data.recipe=<its out>/recipe.toml), or set distill.source = 'online'")
+        teachers = set(micro["kd_teacher"])
+        first = self.stored[0] if self.stored else (self.identity or next(iter(teachers)))
+        if teachers != {first}:
+            raise TrainingStopped(f"the reinforced shards carry embeddings of teacher(s) {sorted(teachers)}; this "
+                                  f"run's is {first}" + (" (distill.teacher)" if self.identity else " (its first batch)"))
+        if self.stored is None:
+            self.stored = (first, float(micro["kd_scale"][0]))
+            if self.cfg.loss != "soft_ce":
+                self._check_width(micro["kd_image"].shape[-1])
+        dev = self.device
+        return {"image": F.normalize(micro["kd_image"].to(dev, non_blocking=True).float(), dim=-1),
+                "text": F.normalize(micro["kd_text"].to(dev, non_blocking=True).float(), dim=-1)}
 
     def loss(self, out, targets, rows: Optional[list] = None) -> torch.Tensor:
         c = self.cfg

@@ -1,0 +1,97 @@
+"""Distillation on the embedded synthetic data: a student smaller than the demo model (EVA02-Mi-8-64) distilled
+from the demo CLIP for N steps, against the same student trained from scratch for N steps (``make distill``).
+
+    python -m evaclip.distill_study --data data/synth --teacher runs/demo_cpu --out runs/distill --seeds 0 1 2
+
+Per seed, two runs of ``distill_demo_cpu`` alike in everything (seed, so the student's init; data order; steps;
+optimizer) but the objective: ``distill`` (contrastive loss + soft cross-entropy to the teacher) and ``clip``
+(contrastive loss alone). Both are evaluated zero-shot on the held-out synthetic sets (``quick`` suite):
+top-1 on synth_shapes and mean image / text R@5 on synth_retrieval. Writes ``<out>/summary.json`` and
+``<out>/summary.md`` (the table it prints). The teacher is ``--teacher`` (trained with ``demo_cpu`` into
+``<out>/teacher`` when it is not a finished run).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from typing import Dict, List
+
+from evaclip.study import finished, retrieval_r5, train_run, warmup
+
+
+def run(data: str, teacher: str, out: str, seeds: List[int], steps: int, dataset: str = "synth_shapes",
+        overrides: List[str] = ()) -> Dict:
+    """``overrides``: dotted settings for both arms (e.g. distill.weight=2)."""
+    common = [f"run.output_dir={out}", f"data.root={data}", f"data.recipe={os.path.join(data, 'recipe.toml')}",
+              "checkpoint.resume=none", "log.tensorboard=false", *overrides]
+    if not finished(teacher):
+        teacher = os.path.join(out, "teacher")
+        print(f"[distill] no finished teacher run given: training demo_cpu into {teacher}", flush=True)
+        train_run("demo_cpu", common + ["run.name=teacher"])
+    key, arms = f"zeroshot/{dataset}/acc1", []
+    for seed in seeds:
+        arm = common + [f"run.seed={seed}", f"run.steps={steps}", "eval.every_steps=0",
+                        f"checkpoint.every_steps={steps}", warmup(steps), f"distill.teacher={teacher}"]
+        print(f"[distill] seed {seed}: the student distilled from {teacher} ({steps} steps)", flush=True)
+        kd = train_run("distill_demo_cpu", arm + [f"run.name=seed{seed}/distilled"])
+        print(f"[distill] seed {seed}: the same student from scratch ({steps} steps)", flush=True)
+        scratch = train_run("distill_demo_cpu", arm + [f"run.name=seed{seed}/scratch", "objective.kind=clip"])
+        arms.append({"seed": seed, "top1_distilled": kd["zeroshot"][key], "top1_scratch": scratch["zeroshot"][key],
+                     "r5_distilled": retrieval_r5(kd["zeroshot"]), "r5_scratch": retrieval_r5(scratch["zeroshot"]),
+                     "wall_s": {"distilled": kd["wall_s"], "scratch": scratch["wall_s"]},
+                     "runs": {"distilled": kd["run_dir"], "scratch": scratch["run_dir"]}})
+    summary = {"teacher": teacher, "dataset": dataset, "steps": steps, "overrides": list(overrides), "seeds": arms}
+    for metric in ("top1", "r5"):
+        margins = [a[f"{metric}_distilled"] - a[f"{metric}_scratch"] for a in arms]
+        summary[metric] = {"margin_mean": statistics.mean(margins), "margin_min": min(margins),
+                           "ahead_on": sum(m > 0 for m in margins), "of": len(margins)}
+    table = _table(summary)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+    return summary
+
+
+def _table(s: Dict) -> str:
+    rows = ["| seed | top-1 distilled | top-1 scratch | margin | R@5 distilled | R@5 scratch | margin | "
+            "wall s (distilled / scratch) |", "|---|---|---|---|---|---|---|---|"]
+    for a in s["seeds"]:
+        rows.append(f"| {a['seed']} | {a['top1_distilled']:.4f} | {a['top1_scratch']:.4f} | "
+                    f"{a['top1_distilled'] - a['top1_scratch']:+.4f} | {a['r5_distilled']:.4f} | "
+                    f"{a['r5_scratch']:.4f} | {a['r5_distilled'] - a['r5_scratch']:+.4f} | "
+                    f"{a['wall_s']['distilled']:.0f} / {a['wall_s']['scratch']:.0f} |")
+    t, r = s["top1"], s["r5"]
+    head = (f"EVA02-Mi-8-64 distilled from {s['teacher']} vs from scratch, {s['steps']} steps each"
+            f"{' (' + ' '.join(s['overrides']) + ')' if s['overrides'] else ''}: zero-shot top-1 "
+            f"on {s['dataset']} ahead on {t['ahead_on']} of {t['of']} seeds (mean margin {t['margin_mean']:+.4f}), "
+            f"retrieval R@5 ahead on {r['ahead_on']} of {r['of']} (mean margin {r['margin_mean']:+.4f})")
+    return head + "\n\n" + "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m evaclip.distill_study", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="data/synth", help="the synthetic data (`evaclip data synth --out ...`)")
+    p.add_argument("--teacher", default="runs/demo_cpu", help="a finished demo CLIP run (else one is trained)")
+    p.add_argument("--out", default="runs/distill", help="where the runs, summary.json and summary.md go")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one pair of runs per seed")
+    p.add_argument("--steps", type=int, default=100, help="steps of each run (a third of the teacher's 300: the "
+                   "student from scratch is then still behind the teacher)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="settings for both arms, e.g. "
+                   "distill.weight=2")
+    a = p.parse_args(argv)
+    if not os.path.exists(os.path.join(a.data, "recipe.toml")):
+        print(f"{a.data} holds no synthetic data: run `evaclip data synth --out {a.data}` first", file=sys.stderr)
+        return 2
+    run(a.data, a.teacher, a.out, a.seeds, a.steps, overrides=a.set)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Studies on the embedded data (``make flywheel``, ``make distill``): in-process runs of shipped experiments with
+overrides, and what their summaries read from them."""
+from __future__ import annotations
+
+import os
+import time
+from typing import Dict, List
+
+
+def train_run(experiment: str, overrides: List[str]) -> Dict:
+    """Train a shipped experiment with dotted overrides in this process; its result with the wall time."""
+    from evaclip.config import load_config
+    from evaclip.preflight import resolve
+    from evaclip.train import Trainer
+
+    cfg = load_config(experiment, overrides)
+    t = time.time()
+    result = Trainer(cfg, resolve(cfg)).train()
+    result["wall_s"] = round(time.time() - t, 1)
+    return result
+
+
+def warmup(steps: int) -> str:
+    """10% of the steps (at most 15, demo_cpu's), for stages shorter than the experiments' defaults."""
+    return f"schedule.warmup_steps={max(1, min(15, steps // 10))}" if steps > 1 else "schedule.warmup_steps=0"
+
+
+def finished(run_dir: str) -> bool:
+    """A run whose newest valid checkpoint is its last step."""
+    from evaclip.checkpoint import find_checkpoint, read_meta
+    from evaclip.config import load_run_config
+
+    try:
+        _, derived = load_run_config(run_dir)
+        return read_meta(find_checkpoint(run_dir, log=lambda *a: None))["step"] >= derived["steps"]
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def train_losses(run_dir: str) -> List[float]:
+    """A run's logged train/loss, step by step."""
+    from evaclip.metrics import read_metrics
+
+    return [r["train/loss"] for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if "train/loss" in r]
+
+
+def retrieval_r5(zeroshot: Dict) -> float:
+    """Mean image and text R@5 on the held-out synthetic retrieval set (nan when it was not evaluated)."""
+    keys = ("zeroshot/synth_retrieval/image_retrieval_recall@5", "zeroshot/synth_retrieval/text_retrieval_recall@5")
+    vals = [zeroshot[k] for k in keys if k in zeroshot]
+    return sum(vals) / len(vals) if vals else float("nan")
