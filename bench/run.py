@@ -25,7 +25,8 @@ import torch  # noqa: E402
 
 from bench.common import REPO, fmt_ms  # noqa: E402
 
-SECTIONS = ("train_step", "token_drop", "compiled", "loss", "optimizer", "data", "eval", "score", "filter", "mim")
+SECTIONS = ("train_step", "token_drop", "compiled", "loss", "optimizer", "data", "eval", "score", "filter", "mim",
+            "distill")
 
 
 def prepare(cache: str, quick: bool):
@@ -51,7 +52,7 @@ def prepare(cache: str, quick: bool):
 
 
 def run_all(sections, quick: bool, cache: str):
-    from bench import data_pipeline, loss_memory, micro, train_step
+    from bench import data_pipeline, distill_step, loss_memory, micro, train_step
 
     reps = 2 if quick else 5
     paths = prepare(cache, quick)
@@ -82,6 +83,11 @@ def run_all(sections, quick: bool, cache: str):
         res["filter"] = micro.filter_identity_cost(paths["train_shards"], paths["export"], reps)
     if "mim" in sections:
         res["mim"] = micro.mim_step(paths["export"], reps, batch=16 if quick else 64)
+    if "distill" in sections:
+        synth = os.path.dirname(os.path.dirname(paths["train_shards"]))
+        res["distill"] = distill_step.run(os.path.join(synth, "recipe.toml"), synth, paths["export"], cache,
+                                          steps=10 if quick else 60, batch=16 if quick else 64,
+                                          rounds=1 if quick else 4, augmentations=2 if quick else 10)
     res["_seconds"] = time.time() - t0
     return res
 
@@ -265,6 +271,18 @@ def markdown(res, meta) -> str:
                 "| step with teacher forward | step without (targets precomputed) | teacher share | masks alone |",
                 "|---|---|---|---|",
                 f"| {ms(m['with_teacher'])} | {ms(m['without_teacher'])} | {m['teacher_share']:.0%} | {ms(m['masks'])} |", ""]
+    if "distill" in res:
+        d = res["distill"]
+        ms = lambda r: f"{r['median'] * 1e3:.0f} ms ({r['min'] * 1e3:.0f}-{r['max'] * 1e3:.0f})"  # noqa: E731
+        out += ["## Distillation: step time without, online, offline", "",
+                f"{d['student']} student, {d['teacher']} teacher (the tiny export), batch {d['batch']}, fp32, CPU, "
+                f"2 data workers; whole training steps (data wait included), {d['rounds']} alternating rounds of "
+                f"{d['steps']} steps per variant (the first 5 of each run are warm-up). Offline: shards reinforced "
+                f"with {d['augmentations']} crops per sample (`evaclip data reinforce`), no teacher forward.", "",
+                "| CLIP loss alone | online distillation | offline distillation | online / alone | offline / alone |",
+                "|---|---|---|---|---|",
+                f"| {ms(d['clip'])} | {ms(d['online'])} | {ms(d['offline'])} | {d['online_over_clip']:.2f}x | "
+                f"**{d['offline_over_clip']:.2f}x** (target <= 1.1x) |", ""]
     out.append(f"Total benchmark time: {res['_seconds'] / 60:.1f} min.")
     return "\n".join(out) + "\n"
 

@@ -17,7 +17,9 @@ def test_bench_quick(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     (res_file,) = [f for f in os.listdir(tmp_path) if f.endswith("-quick.json")]
     res = json.load(open(tmp_path / res_file))["results"]
-    assert {"train_step", "token_drop", "compiled", "loss", "optimizer", "data", "eval", "score", "mim"} <= set(res)
+    assert {"train_step", "token_drop", "compiled", "loss", "optimizer", "data", "eval", "score", "mim",
+            "distill"} <= set(res)
+    assert all(res["distill"][k]["median"] > 0 for k in ("clip", "online", "offline"))
     assert res["compiled"]["drop_0.5"]["speedup"] > 0 and 0 < res["compiled"]["drop_0.5"]["matmul_share"] < 1
     assert res["score"]["pairs"] > 0 and res["score"]["ratio"] > 0
     assert res["mim"]["with_teacher"]["median"] > 0 and res["mim"]["without_teacher"]["median"] > 0
@@ -29,7 +31,7 @@ def test_bench_quick(tmp_path):
     assert res["token_drop"]["speedup"] > 1.0
     md = open(tmp_path / res_file.replace(".json", ".md")).read()
     assert "open_clip_train" in md and "clip_benchmark" in md and "Real ring check" in md and "Curation" in md and "MIM step" in md
-    assert "Compiled vs eager" in md
+    assert "Compiled vs eager" in md and "Distillation: step time" in md
 
 
 def test_gpu_mfu_script_on_cpu(tmp_path):

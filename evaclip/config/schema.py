@@ -140,8 +140,11 @@ class DistillConfig:
                      "teacher the shards record)", ["online", "shards"])
     loss: str = _f("soft_ce", "soft_ce (cross-entropy of the student's similarity distribution over the global "
                    "batch to the teacher's, both directions: open_clip's distillation) | cosine | mse (each "
-                   "sample's embeddings regressed to the teacher's; equal embedding widths)",
+                   "sample's embeddings regressed to the teacher's, through a learned linear head when the widths differ)",
                    ["soft_ce", "cosine", "mse"])
+    teacher_width: int = _f(0, "cosine / mse with source = shards: the width of the teacher embeddings the shards "
+                            "hold (0: the student's; online it is read from the teacher); another width than the "
+                            "student's adds a learned linear head into the teacher's space", ge=0)
     weight: float = _f(1.0, "weight of the distillation term", gt=0)
     clip_weight: float = _f(1.0, "weight of the contrastive loss on the true pairs beside it (0: distillation "
                             "alone)", ge=0)

@@ -6,7 +6,7 @@ teacher every step.
     evaclip data reinforce '/data/{00000..00099}.tar' --teacher runs/big_clip --augmentations 10 --out kd/
 
 One output shard per input shard, ``<out>/<source>/<index>.tar``: every member of a sample copied byte for byte,
-plus ``kd.npz`` (``evaclip.data.samples.KD_MEMBER``). A shard is published whole when done (a rerun skips finished
+plus ``kd.npy`` (``evaclip.data.samples.KD_MEMBER``). A shard is published whole when done (a rerun skips finished
 shards; ``--part i/n`` and torchrun ranks split them); ``reinforce.json`` records the teacher (source, weights
 identity, logit scale, width) and the augmentation settings, and a rerun with others is refused. Once every shard
 is there: ``recipe.toml`` (train on it with ``data.recipe=<out>/recipe.toml``) and ``manifest.parquet``.
@@ -131,21 +131,18 @@ class _Views:
         return fi.reshape(b, k, -1).cpu().half().numpy(), ft.cpu().half().numpy()
 
     def record(self, image, text, crops) -> bytes:
-        """The sample's KD_MEMBER: an .npz (what ``np.load`` reads) written with fixed timestamps, so the same
-        input gives the same bytes (np.savez stamps each member with the current time)."""
-        import zipfile
-
+        """The sample's KD_MEMBER: one record (a 0-d structured array; what ``np.load`` reads, no pickle)."""
         import numpy as np
 
-        arrays = {"image": image, "text": text, "boxes": np.asarray(crops, dtype=np.int32),
-                  "teacher": np.asarray(self.s["teacher_identity"]),
-                  "scale": np.asarray(self.s["teacher_scale"], np.float32)}
+        teacher = self.s["teacher_identity"]
+        dtype = np.dtype([("image", np.float16, image.shape), ("text", np.float16, text.shape),
+                          ("boxes", np.int32, (len(crops), 5)), ("teacher", f"U{max(1, len(teacher))}"),
+                          ("scale", np.float32)])
+        rec = np.zeros((), dtype)
+        rec["image"], rec["text"], rec["boxes"], rec["teacher"], rec["scale"] = (image, text, crops, teacher,
+                                                                                  self.s["teacher_scale"])
         buf = io.BytesIO()
-        with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
-            for name, a in arrays.items():
-                member = io.BytesIO()
-                np.lib.format.write_array(member, np.asarray(a, order="C"), allow_pickle=False)
-                z.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), member.getvalue())
+        np.lib.format.write_array(buf, rec, allow_pickle=False)
         return buf.getvalue()
 
 

@@ -39,21 +39,24 @@ def decode_sample(raw: Dict, transform, min_side: int, captions: bool = True):
 
 
 # ---------------------------------------------------------------------------------------------- reinforced samples
-# `evaclip data reinforce` adds one member to each sample: KD_MEMBER, an .npz (read without pickle) holding a frozen
-# teacher's unit embeddings of K augmentations of the image and of the caption (float16), the K crops that
-# reproduce those augmentations exactly (top, left, height, width, flip; pixels of the image decoded at full size),
-# the teacher's identity and its logit scale.
-KD_MEMBER = "kd.npz"
+# `evaclip data reinforce` adds one member to each sample: KD_MEMBER, a .npy (read without pickle) holding one
+# record: a frozen teacher's unit embeddings of K augmentations of the image and of the caption (float16), the K
+# crops that reproduce those augmentations exactly (top, left, height, width, flip; pixels of the image decoded at
+# full size), the teacher's identity and its logit scale. One record, not an .npz of arrays: 5x faster to read.
+KD_MEMBER = "kd.npy"
+KD_FIELDS = ("image", "text", "boxes", "teacher", "scale")
 
 
 def read_kd(data: bytes) -> Dict:
-    """The arrays of a KD_MEMBER, checked; ValueError when it is not one (any damage: the sample is skipped)."""
+    """The fields of a KD_MEMBER, checked; ValueError when it is not one (any damage: the sample is skipped)."""
     import numpy as np
 
-    with np.load(io.BytesIO(data), allow_pickle=False) as z:
-        kd = {k: z[k] for k in ("image", "text", "boxes", "teacher", "scale")}
+    rec = np.load(io.BytesIO(data), allow_pickle=False)
+    if rec.shape != () or not set(KD_FIELDS) <= set(rec.dtype.names or ()):
+        raise ValueError("not a teacher record")
+    kd = {k: rec[k] for k in KD_FIELDS}
     k, dim = kd["image"].shape
-    if k < 1 or kd["boxes"].shape != (k, 5) or kd["text"].shape != (dim,) or kd["teacher"].ndim != 0:
+    if k < 1 or kd["boxes"].shape != (k, 5) or kd["text"].shape != (dim,):
         raise ValueError("inconsistent shapes")
     return kd
 

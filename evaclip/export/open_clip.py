@@ -114,6 +114,9 @@ def export_open_clip(state_dict: Dict[str, torch.Tensor], record: Dict, out_dir:
     check_target(out_dir, replace)
     tmp = final.rstrip("/") + ".tmp-export"
     shutil.rmtree(tmp, ignore_errors=True)
+    # a distillation head is training-only: the export is the CLIP without it
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith("distill_head.")}
+    record = {k: v for k, v in record.items() if k != "distill"}
     written = _write_export(state_dict, copy.deepcopy(record), tmp, final, dtype, tower, source)
     replace_dir(tmp, final)
     return {k: v.replace(tmp, final) for k, v in written.items()}

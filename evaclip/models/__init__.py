@@ -37,12 +37,13 @@ def _text_tower(variant: Variant, cfg, load_hf_weights: bool):
 
 
 def create_model(cfg, arch: Optional[Variant] = None, device: Optional[Union[str, torch.device]] = None,
-                 load_hf_weights: bool = True) -> CLIP:
+                 load_hf_weights: bool = True, distill_dim: int = 0) -> CLIP:
     """Build the (randomly initialised) CLIP a ``ModelConfig`` describes.
 
     ``cfg``: a ``ModelConfig`` or a model name (default knobs). ``arch``: the architecture, when it comes
     from a record rather than ``cfg.name``. ``device='meta'`` counts parameters without memory.
     ``load_hf_weights``: a Hugging Face text tower loads its pretrained weights (off when rebuilding).
+    ``distill_dim``: a distillation head to a teacher's embedding width (feature regression across widths).
     """
     from evaclip.config import ModelConfig
 
@@ -55,7 +56,7 @@ def create_model(cfg, arch: Optional[Variant] = None, device: Optional[Union[str
         model = CLIP(ImageTower(trunk, variant.image_size), _text_tower(variant, cfg.text, load_hf_weights),
                      variant.embed_dim, init_logit_scale=math.log(1 / cfg.init_temperature),
                      max_logit_scale=math.log(cfg.max_logit_scale),
-                     init_logit_bias=cfg.init_logit_bias if cfg.use_logit_bias else None)
+                     init_logit_bias=cfg.init_logit_bias if cfg.use_logit_bias else None, distill_dim=distill_dim)
     model.set_grad_checkpointing(cfg.vision.grad_checkpointing, cfg.text.grad_checkpointing)
     return model
 
@@ -71,15 +72,15 @@ def create_mim_student(cfg, target_dim: int, arch: Optional[Variant] = None,
     return model
 
 
-def model_record(cfg, arch: Optional[Variant] = None, mim_target_dim: int = 0) -> Dict:
-    """What a checkpoint / export records to rebuild the model: the ``[model]`` section and the architecture
-    (and, for a MIM student, its head's width under ``mim``)."""
+def model_record(cfg, arch: Optional[Variant] = None, extras: Optional[Dict] = None) -> Dict:
+    """What a checkpoint / export records to rebuild the model: the ``[model]`` section and the architecture,
+    and an objective's ``extras``: a MIM student's head width (``{"mim": {"target_dim": n}}``), a distillation
+    head's (``{"distill": {"target_dim": n}}``)."""
     from evaclip.config import to_dict
 
     variant = arch or get_variant(cfg.name, cfg.model_dir)
     record = {"config": to_dict(cfg), "arch": variant.to_dict()}
-    if mim_target_dim:
-        record["mim"] = {"target_dim": mim_target_dim}
+    record.update(extras or {})
     return record
 
 
@@ -104,4 +105,5 @@ def model_from_record(record: Dict, device: Optional[Union[str, torch.device]] =
     cfg, variant = _record_parts(record)
     if "mim" in record:
         return create_mim_student(cfg, int(record["mim"]["target_dim"]), variant, device=device)
-    return create_model(cfg, variant, device=device, load_hf_weights=False)
+    return create_model(cfg, variant, device=device, load_hf_weights=False,
+                        distill_dim=int(record.get("distill", {}).get("target_dim", 0)))

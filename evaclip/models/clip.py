@@ -31,9 +31,12 @@ class ImageTower(nn.Module):
 class CLIP(nn.Module):
     def __init__(self, visual: ImageTower, text: nn.Module, embed_dim: int,
                  init_logit_scale: float = math.log(1 / 0.07), max_logit_scale: float = math.log(100),
-                 init_logit_bias: Optional[float] = None):
+                 init_logit_bias: Optional[float] = None, distill_dim: int = 0):
         super().__init__()
         self.visual, self.text, self.embed_dim = visual, text, embed_dim
+        # distillation by feature regression to a teacher of another width: a learned map of the unit embeddings
+        # into the teacher's space (training only: exports leave it out)
+        self.distill_head = nn.Linear(embed_dim, distill_dim, bias=False) if distill_dim else None
         self.logit_scale = nn.Parameter(torch.full((1,), float(init_logit_scale)))
         # SigLIP's learned bias; absent for the softmax CLIP loss
         self.logit_bias = nn.Parameter(torch.full((1,), float(init_logit_bias))) if init_logit_bias is not None else None
@@ -63,6 +66,9 @@ class CLIP(nn.Module):
         }
         if self.logit_bias is not None:
             out["logit_bias"] = self.logit_bias.squeeze(0)
+        if self.distill_head is not None:
+            out["image_distill"] = self.distill_head(out["image_features"])
+            out["text_distill"] = self.distill_head(out["text_features"])
         return out
 
     # -- optimizer / engine metadata ------------------------------------------------------------------------

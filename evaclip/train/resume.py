@@ -14,7 +14,7 @@ RESUME_KEYS = ("model.name", "model.model_dir", "model.text.kind", "model.use_lo
                "data.root", "data.shards", "data.micro_batch_size", "data.shuffle_buffer",
                "data.resampled", "data.crop_scale", "data.hflip", "engine.accum_steps", "engine.zero_stage",
                "run.seed", "objective.kind", "mim.teacher", "mim.teacher_layer", "mim.mask_ratio", "mim.loss_on",
-               "distill.teacher", "distill.source", "distill.loss", "distill.weight", "distill.clip_weight", "distill.temperature",
+               "distill.teacher", "distill.source", "distill.loss", "distill.teacher_width", "distill.weight", "distill.clip_weight", "distill.temperature",
                "world_size")
 
 

@@ -216,7 +216,7 @@ class Trainer:
 
     def save(self):
         meta = {"samples_seen": self.samples_seen, "world_size": edist.world_size(),
-                "skips": self.data.state.skip_counts(), "model": model_record(self.cfg.model, self.variant, self.objective.teacher_width),
+                "skips": self.data.state.skip_counts(), "model": model_record(self.cfg.model, self.variant, self.objective.model_extras),
                 "settings": self.settings, **self.healing.state_dict()}
         # the rows first: a kill after the checkpoint loses none; one before it leaves rows past the previous
         # checkpoint, which the resume truncates

@@ -29,7 +29,7 @@ class Forward:
 class Objective(Protocol):
     kind: str
     uses_text: bool  # the data pipeline tokenizes captions (False: image-only shards will do)
-    teacher_width: int  # recorded with the model (a MIM student's head width); 0 without a teacher
+    model_extras: Dict  # recorded with the model to rebuild it (a MIM student's or distillation head's width)
 
     def build_model(self) -> torch.nn.Module:
         """The trained model, built after the run's seed is set (same init on every rank)."""

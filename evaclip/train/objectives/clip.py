@@ -40,7 +40,7 @@ def all_finite(loss: torch.Tensor) -> bool:
 class ClipObjective:
     kind = "clip"
     uses_text = True
-    teacher_width = 0
+    model_extras: Dict = {}
 
     def __init__(self, model_cfg, variant, loss_cfg, seed: int, per_sample: bool, device: torch.device):
         self.model_cfg, self.variant, self.seed, self.per_sample, self.device = model_cfg, variant, seed, per_sample, device
@@ -108,7 +108,8 @@ class ClipObjective:
                     states.append(_get_rng(dev))
                     cached.append(engine(img, txt, nz))
             after = _get_rng(dev)
-            feats = {k: [c[k] for c in cached] for k in ("image_features", "text_features")}
+            # every per-sample output (the embeddings, a distillation head's maps) is concatenated; scalars are not
+            feats = {k: [c[k] for c in cached] for k in cached[0] if k not in ("logit_scale", "logit_bias")}
             whole = None if targets[0] is None else {k: torch.cat([t[k] for t in targets]) for k in targets[0]}
             loss = self.loss({**cached[-1], **{k: torch.cat(v) for k, v in feats.items()}}, whole, rows=rows)
             if not all_finite(loss):

@@ -20,6 +20,7 @@ from evaclip.data.transforms import make_tokenizer, reframe
 from evaclip.encoders import Encoders, load_source, source_identity
 from evaclip.errors import ConfigError, TrainingStopped, UserError
 from evaclip.losses.distill import DistillLoss
+from evaclip.models import create_model
 from evaclip.train.objectives.clip import ClipObjective
 
 PROBE = "a photo of a dog, 3 cats and a 🐈 on a red sofa."  # tokenised by both: the tokenizers must agree
@@ -46,6 +47,7 @@ class DistillObjective(ClipObjective):
         self.identity = ""  # the teacher's (source = shards: the one distill.teacher names, "" when unset)
         self.stored: Optional[tuple] = None  # source = shards: (identity, scale) the first batch's samples record
         self.parts: Dict[str, torch.Tensor] = {}
+        self.head_dim = 0  # a feature loss against a teacher of another width: the student's head into its space
 
     def build_model(self) -> torch.nn.Module:
         """The frozen teacher first (online; checked against the student: same tokens, widths for a feature loss),
@@ -53,12 +55,19 @@ class DistillObjective(ClipObjective):
         if self.cfg.source == "online":
             self.teacher = self._load_teacher()
             self.identity = self.teacher.identity
-        elif self.cfg.teacher:  # its identity only: the shards must carry this teacher's embeddings
-            self.identity = source_identity(self.cfg.teacher, self.cfg.teacher_weights)
+        else:
+            if self.cfg.teacher:  # its identity only: the shards must carry this teacher's embeddings
+                self.identity = source_identity(self.cfg.teacher, self.cfg.teacher_weights)
+            if self.cfg.loss != "soft_ce" and self.cfg.teacher_width not in (0, self.variant.embed_dim):
+                self.head_dim = self.cfg.teacher_width
         self.log(f"distill: teacher {self.teacher.name if self.teacher else self.cfg.teacher or '(as the shards record)'}"
                  f" ({self.cfg.source}), {self.cfg.loss} x {self.cfg.weight}")
         torch.manual_seed(self.seed)
-        return super().build_model()
+        return create_model(self.model_cfg, self.variant, distill_dim=self.head_dim)
+
+    @property
+    def model_extras(self) -> Dict:
+        return {"distill": {"target_dim": self.head_dim}} if self.head_dim else {}
 
     def _load_teacher(self) -> Encoders:
         t, v = load_teacher_clip(self.cfg, self.model_cfg.trust_pickle, self.device), self.variant
@@ -66,15 +75,17 @@ class DistillObjective(ClipObjective):
         if not torch.equal(torch.as_tensor(mine([PROBE])), torch.as_tensor(t.tokenizer([PROBE])).to(torch.long)):
             raise ConfigError(f"distill.teacher {t.name} tokenizes captions unlike the student {v.name} (its text "
                               "tokenizer or context length differs): the batch's tokens are the student's")
-        if self.cfg.loss != "soft_ce":  # (a learned projection between widths is not built yet)
+        if self.cfg.loss != "soft_ce":  # regression: a head into the teacher's space when the widths differ
             with torch.no_grad():
-                self._check_width(int(t.encode_text(torch.as_tensor(t.tokenizer([PROBE])).to(self.device)).shape[-1]))
+                width = int(t.encode_text(torch.as_tensor(t.tokenizer([PROBE])).to(self.device)).shape[-1])
+            self.head_dim = 0 if width == v.embed_dim else width
         return t
 
     def _check_width(self, width: int) -> None:
-        if width != self.variant.embed_dim:
-            raise ConfigError(f"distill.loss = {self.cfg.loss!r} regresses embeddings: the teacher's are {width} "
-                              f"wide, the student's {self.variant.embed_dim}; use distill.loss = 'soft_ce'")
+        want = self.head_dim or self.variant.embed_dim
+        if width != want:
+            raise TrainingStopped(f"distill.loss = {self.cfg.loss!r}: the shards hold teacher embeddings {width} "
+                                  f"wide, this run regresses {want}-wide ones: set distill.teacher_width={width}")
 
     def teacher_scale(self) -> float:
         if self.cfg.temperature > 0:
@@ -119,8 +130,9 @@ class DistillObjective(ClipObjective):
     def loss(self, out, targets, rows: Optional[list] = None) -> torch.Tensor:
         c = self.cfg
         parts = {"clip": [] if rows is not None else None, "distill": [] if rows is not None else None}
-        kd = self.distill_fn(out["image_features"], out["text_features"], out["logit_scale"], targets["image"],
-                             targets["text"], self.teacher_scale(), rows=parts["distill"])
+        img, txt = (out.get(f"{k}_distill", out[f"{k}_features"]) for k in ("image", "text"))  # through the head
+        kd = self.distill_fn(img, txt, out["logit_scale"], targets["image"], targets["text"], self.teacher_scale(),
+                             rows=parts["distill"])
         total, self.parts = c.weight * kd, {"train/distill_loss": kd.detach()}
         if c.clip_weight:
             hard = super().loss(out, None, parts["clip"])

@@ -29,8 +29,8 @@ class MimObjective:
         self.teacher, self.masking = None, None
 
     @property
-    def teacher_width(self) -> int:
-        return self.teacher.width
+    def model_extras(self) -> Dict:
+        return {"mim": {"target_dim": self.teacher.width}}
 
     def build_model(self) -> torch.nn.Module:
         """The frozen teacher first (its width sizes the student's head), then the seed again, so the student's
