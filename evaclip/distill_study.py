@@ -19,7 +19,7 @@ import statistics
 import sys
 from typing import Dict, List
 
-from evaclip.study import finished, retrieval_r5, train_run, warmup
+from evaclip.study import demo_teacher, retrieval_r5, train_run, warmup
 
 
 def run(data: str, teacher: str, out: str, seeds: List[int], steps: int, dataset: str = "synth_shapes",
@@ -27,10 +27,7 @@ def run(data: str, teacher: str, out: str, seeds: List[int], steps: int, dataset
     """``overrides``: dotted settings for both arms (e.g. distill.weight=2)."""
     common = [f"run.output_dir={out}", f"data.root={data}", f"data.recipe={os.path.join(data, 'recipe.toml')}",
               "checkpoint.resume=none", "log.tensorboard=false", *overrides]
-    if not finished(teacher):
-        teacher = os.path.join(out, "teacher")
-        print(f"[distill] no finished teacher run given: training demo_cpu into {teacher}", flush=True)
-        train_run("demo_cpu", common + ["run.name=teacher"])
+    teacher, _ = demo_teacher(teacher, out, common, "distill")
     key, arms = f"zeroshot/{dataset}/acc1", []
     for seed in seeds:
         arm = common + [f"run.seed={seed}", f"run.steps={steps}", "eval.every_steps=0",

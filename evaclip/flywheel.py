@@ -19,7 +19,7 @@ import statistics
 import sys
 from typing import Dict, List
 
-from evaclip.study import finished, retrieval_r5, train_losses, train_run, warmup
+from evaclip.study import demo_teacher, retrieval_r5, train_losses, train_run, warmup
 
 
 def run(data: str, teacher: str, out: str, seeds: List[int], mim_steps: int, clip_steps: int,
@@ -29,13 +29,10 @@ def run(data: str, teacher: str, out: str, seeds: List[int], mim_steps: int, cli
     common = [f"run.output_dir={out}", f"data.root={data}", f"data.recipe={os.path.join(data, 'recipe.toml')}",
               "checkpoint.resume=none", "log.tensorboard=false"]
     walls: Dict[str, float] = {}
-    if not finished(teacher):
-        teacher = os.path.join(out, "teacher")
-        print(f"[flywheel] (1) no finished teacher run given: training demo_cpu into {teacher}", flush=True)
-        steps = [f"run.steps={teacher_steps}", warmup(teacher_steps)] if teacher_steps else []
-        walls["teacher"] = train_run("demo_cpu", common + ["run.name=teacher", *steps])["wall_s"]
-    else:
-        print(f"[flywheel] (1) teacher: {teacher}", flush=True)
+    steps = [f"run.steps={teacher_steps}", warmup(teacher_steps)] if teacher_steps else []
+    teacher, wall = demo_teacher(teacher, out, common, "flywheel", steps)
+    if wall is not None:
+        walls["teacher"] = wall
     arms = []
     key = f"zeroshot/{dataset}/acc1"
     for seed in seeds:

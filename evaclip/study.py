@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 
 def train_run(experiment: str, overrides: List[str]) -> Dict:
@@ -35,6 +35,21 @@ def finished(run_dir: str) -> bool:
         return read_meta(find_checkpoint(run_dir, log=lambda *a: None))["step"] >= derived["steps"]
     except (OSError, ValueError, KeyError):
         return False
+
+
+def demo_teacher(given: str, out: str, common: List[str], tag: str, extra: List[str] = ()) -> Tuple[str, Optional[float]]:
+    """The teacher a study uses: ``given`` when it is a finished run, else ``<out>/teacher``, trained with
+    ``demo_cpu`` unless a finished one is already there (a rerun of the study does not train it again);
+    (its run dir, the wall time spent training it here or None)."""
+    if finished(given):
+        print(f"[{tag}] teacher: {given}", flush=True)
+        return given, None
+    teacher = os.path.join(out, "teacher")
+    if finished(teacher):
+        print(f"[{tag}] teacher: {teacher} (trained by an earlier run of this study)", flush=True)
+        return teacher, None
+    print(f"[{tag}] no finished teacher run given: training demo_cpu into {teacher}", flush=True)
+    return teacher, train_run("demo_cpu", [*common, "run.name=teacher", *extra])["wall_s"]
 
 
 def train_losses(run_dir: str) -> List[float]:

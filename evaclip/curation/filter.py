@@ -189,10 +189,16 @@ class _Copier:
         return {(srcs[j], keys[j]): {c: cols[c][j] for c in extra} for j in np.nonzero(keep)[0]}, \
             (t.column("shard").to_pylist() if "shard" in t.column_names else None)
 
-    def copy(self, url: str, wanted: Dict, src=None, identity: str = "") -> None:
-        """Copy the samples of ``url`` that ``wanted`` holds (removing them from it). A row that recorded the
-        identity of the shard it was read from (``shard_id``: per-sample loss tables) is copied only out of that
-        shard: a key met in a shard of other content is an error, not a silent copy of another image."""
+    def copy(self, url: str, wanted: Dict, src=None, scored: str = "", table: str = "") -> None:
+        """Copy the samples of ``url`` that ``wanted`` holds (removing them from it). ``url`` must be the shard the
+        rows came from: the one a score ``table`` recorded (its identity ``scored``), and for rows that recorded
+        the shard they were read from (``shard_id``: per-sample loss tables) that one; a key met in a shard of
+        other content is an error, not a silent copy of another image. The shard's identity is taken once here."""
+        rows_say = bool(wanted) and "shard_id" in next(iter(wanted.values()))
+        identity = shard_identity(url) if (scored or rows_say) else ""
+        if scored and identity != scored:
+            raise UserError(f"{url} is not the shard {table} scored (bytes:digest {scored} then, {identity or 'gone'} "
+                            "now): score it again (evaclip data score)")
         by_key = {}
         for s_, k_ in wanted:
             by_key[k_] = None if k_ in by_key else (s_, k_)
@@ -223,11 +229,7 @@ class _Copier:
             wanted, shard_col = self.selected(_read(f))
             scored = _metadata(f).get(SHARD_KEY, "")
             for url in dict.fromkeys(shard_col):
-                now = shard_identity(url) if scored else ""
-                if now != scored:
-                    raise UserError(f"{url} is not the shard {f} scored (bytes:digest {scored} then, {now or 'gone'} "
-                                    "now): score it again (evaclip data score)")
-                self.copy(url, wanted)
+                self.copy(url, wanted, scored=scored, table=f)
             missing += len(wanted)
             if progress:
                 progress(1)
@@ -238,7 +240,7 @@ class _Copier:
         wanted, _ = self.selected(whole)
         for src, urls in expand_sources(shards, root):
             for url in urls:
-                self.copy(url, wanted, src, shard_identity(url))
+                self.copy(url, wanted, src)
                 if progress:
                     progress(1)
         return len(wanted)

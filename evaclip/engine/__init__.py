@@ -15,6 +15,7 @@ import torch
 
 from evaclip import dist as edist
 from evaclip.engine.base import Engine, StepInfo, pick_device, read_weights
+from evaclip.engine.compiling import Compiler
 from evaclip.engine.deepspeed_engine import (DeepSpeedEngine, bucket_elements, check_overlay, deepspeed_config,
                                              zero3_persistent_elements, zero_held_grad_elements)
 from evaclip.engine.torch_engine import TorchEngine
@@ -25,12 +26,14 @@ __all__ = ["Engine", "StepInfo", "bucket_elements", "build_engine", "check_overl
 
 def build_engine(model, optimizer, engine_cfg, device: torch.device, micro_batch_size: int,
                  run_dir: Optional[str] = None) -> Engine:
-    """The engine ``engine.kind`` names; writes ``ds_config.json`` into the run dir for DeepSpeed."""
+    """The engine ``engine.kind`` names, with a ``Compiler`` when ``engine.compile`` is on; writes
+    ``ds_config.json`` into the run dir for DeepSpeed."""
+    compiler = Compiler(engine_cfg.compile_backend) if engine_cfg.compile != "off" else None
     if engine_cfg.kind == "torch":
-        return TorchEngine(model, optimizer, engine_cfg, device)
+        return TorchEngine(model, optimizer, engine_cfg, device, compiler)
     ds_cfg = deepspeed_config(engine_cfg, micro_batch_size, edist.world_size())
     if run_dir and edist.is_main():
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "ds_config.json"), "w") as f:
             json.dump(ds_cfg, f, indent=2)
-    return DeepSpeedEngine(model, optimizer, engine_cfg, device, ds_cfg)
+    return DeepSpeedEngine(model, optimizer, engine_cfg, device, ds_cfg, compiler)

@@ -107,14 +107,15 @@ class DeepSpeedEngine:
 
     name = "deepspeed"
 
-    def __init__(self, model, optimizer, engine_cfg, device: torch.device, ds_config: Dict):
+    def __init__(self, model, optimizer, engine_cfg, device: torch.device, ds_config: Dict,
+                 compiler: Optional[Compiler] = None):
         check_extension_builds()
         import deepspeed
 
         self.cfg, self.device = engine_cfg, device
         self.client_optimizer = optimizer
         # the towers (and in "step" mode the loss) are compiled by the objective; DeepSpeed's optimizer stays eager
-        self.compiler = Compiler(engine_cfg.compile_backend) if engine_cfg.compile != "off" else None
+        self.compiler = compiler
         self._group_params = [list(g["params"]) for g in optimizer.param_groups]  # before DeepSpeed swaps them
         self.ds, self.ds_optimizer, _, _ = deepspeed.initialize(model=model.to(device), optimizer=optimizer,
                                                                 config=ds_config)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import Optional
 
 import torch
 
@@ -19,13 +20,13 @@ class TorchEngine:
     name = "torch"
     shards_params = False  # parameters are whole on every rank
 
-    def __init__(self, model, optimizer, engine_cfg, device: torch.device):
+    def __init__(self, model, optimizer, engine_cfg, device: torch.device, compiler: Optional[Compiler] = None):
         if edist.world_size() > 1:
             raise RuntimeError("multi-process training needs engine.kind = 'deepspeed'")
         self.model, self.optimizer, self.cfg, self.device = model.to(device), optimizer, engine_cfg, device
         self.input_dtype = torch.float32
         self._amp = engine_cfg.precision == "bf16"
-        self.compiler = Compiler(engine_cfg.compile_backend) if engine_cfg.compile != "off" else None
+        self.compiler = compiler
         # "step": the optimizer's update compiled too (its foreach ops fused; the clip and the finite check stay
         # eager: the check decides on the host whether to step at all). dynamic=None: the lr and the step count
         # change every step, so after their first change they become symbolic inputs instead of a rebuild each
