@@ -13,13 +13,12 @@ top-1 on synth_shapes and mean image / text R@5 on synth_retrieval. Writes ``<ou
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 from typing import Dict, List
 
-from evaclip.study import demo_teacher, retrieval_r5, train_run, warmup
+from evaclip.study import demo_teacher, publish, retrieval_r5, train_run, warmup
 
 
 def run(data: str, teacher: str, out: str, seeds: List[int], steps: int, dataset: str = "synth_shapes",
@@ -45,13 +44,7 @@ def run(data: str, teacher: str, out: str, seeds: List[int], steps: int, dataset
         margins = [a[f"{metric}_distilled"] - a[f"{metric}_scratch"] for a in arms]
         summary[metric] = {"margin_mean": statistics.mean(margins), "margin_min": min(margins),
                            "ahead_on": sum(m > 0 for m in margins), "of": len(margins)}
-    table = _table(summary)
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    with open(os.path.join(out, "summary.md"), "w") as f:
-        f.write(table + "\n")
-    print(table)
+    publish(out, summary, _table(summary))
     return summary
 
 

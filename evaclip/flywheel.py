@@ -13,13 +13,12 @@ zero-shot top-1 of each arm, the MIM loss at the start and end, the wall time of
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 from typing import Dict, List
 
-from evaclip.study import demo_teacher, retrieval_r5, train_losses, train_run, warmup
+from evaclip.study import demo_teacher, publish, retrieval_r5, train_losses, train_run, warmup
 
 
 def run(data: str, teacher: str, out: str, seeds: List[int], mim_steps: int, clip_steps: int,
@@ -60,13 +59,7 @@ def run(data: str, teacher: str, out: str, seeds: List[int], mim_steps: int, cli
                "clip_steps": clip_steps, "seeds": arms, "teacher_wall_s": walls.get("teacher"),
                "margin_mean": statistics.mean(margins), "margin_min": min(margins),
                "from_mim_ahead_on": sum(m > 0 for m in margins), "of": len(margins)}
-    table = _table(summary)
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    with open(os.path.join(out, "summary.md"), "w") as f:
-        f.write(table + "\n")
-    print(table)
+    publish(out, summary, _table(summary))
     return summary
 
 

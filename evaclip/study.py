@@ -52,6 +52,18 @@ def demo_teacher(given: str, out: str, common: List[str], tag: str, extra: List[
     return teacher, train_run("demo_cpu", [*common, "run.name=teacher", *extra])["wall_s"]
 
 
+def publish(out: str, summary: Dict, table: str) -> None:
+    """A study's ``<out>/summary.json`` and ``<out>/summary.md`` (the table, also printed)."""
+    import json
+
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+
+
 def train_losses(run_dir: str) -> List[float]:
     """A run's logged train/loss, step by step."""
     from evaclip.metrics import read_metrics

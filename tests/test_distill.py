@@ -160,25 +160,11 @@ def test_a_distill_run_trains_the_student_and_leaves_the_teacher_bit_identical(s
 def test_distill_accumulation_equals_the_big_batch(synth_dir, mim_teacher, tmp_path, impl):
     """4 micro-batches of 8 == one batch of 32 (float64, <= 1e-6 after 2 steps, 50% token dropping): the teacher's
     features of the step are cached and concatenated like the student's."""
-    from tests.test_train import fixed_batches
+    from tests.test_train import accumulated_minus_big_batch
 
-    micro = [{k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in m.items()}
-             for m in fixed_batches(4, 8)]
-    big = [{"image": torch.cat([m["image"] for m in micro]), "text": torch.cat([m["text"] for m in micro]),
-            "key": [k for m in micro for k in m["key"]]}]
-    params = []
-    for batches, accum, name in ((micro, 4, "acc"), (big, 1, "big")):
-        tr = distill_trainer(synth_dir, tmp_path, mim_teacher, name,
-                             extra=[f"engine.accum_steps={accum}", "engine.grad_clip=0", f"loss.impl={impl}",
-                                    "model.vision.patch_dropout=0.5"])
-        tr.model.double()
-        tr.objective.teacher.module.double()
-        tr.engine.train(True)
-        tr.scheduler.set_step(3)
-        for _ in range(2):
-            tr.train_step(batches)
-        params.append({k: v.detach().clone() for k, v in tr.model.state_dict().items()})
-    diff = max((params[0][k] - params[1][k]).abs().max().item() for k in params[0])
+    diff = accumulated_minus_big_batch(lambda name, accum: distill_trainer(
+        synth_dir, tmp_path, mim_teacher, name, extra=[f"engine.accum_steps={accum}", "engine.grad_clip=0",
+                                                       f"loss.impl={impl}", "model.vision.patch_dropout=0.5"]))
     assert diff <= 1e-6, diff
 
 

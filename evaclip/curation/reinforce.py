@@ -14,24 +14,22 @@ The crops are drawn per sample from (seed, key), so they do not depend on the pa
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
 import tarfile
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, List, Optional, Tuple
 
-from evaclip.curation.score import check_score_folder, this_part
+from evaclip.curation.score import check_score_folder, part_workers, todo
 from evaclip.curation.shard_writer import add_sample
 from evaclip.data.samples import KD_MEMBER, SkipSample, decode_sample
 from evaclip.data.shards import ShardError, iter_tar_samples
 from evaclip.data.streams import stream_seed
 from evaclip.data.tools import expand_sources
 from evaclip.errors import UserError
-from evaclip.files import atomic_write, exclusive, replace_file
+from evaclip.files import atomic_write, replace_file
 
 SETTINGS = "reinforce.json"
 
@@ -46,7 +44,6 @@ def reinforce(source: str, root: str, enc, teacher: str, out: str, augmentations
               bf16: bool = False, progress: Optional[Callable[[int], None]] = None) -> Dict:
     """Reinforce this process's shards of ``source`` with the teacher ``enc`` (``evaclip.encoders.Encoders``,
     loaded from ``teacher``); see the module docstring."""
-    i, n = this_part(part)
     try:
         sources = expand_sources(source, root)
     except ValueError as e:  # e.g. a {root} pattern without --root
@@ -57,35 +54,19 @@ def reinforce(source: str, root: str, enc, teacher: str, out: str, augmentations
                 "crop_scale": list(crop_scale), "hflip": hflip, "seed": seed, "source": source, "root": root,
                 "precision": "bf16" if bf16 else "fp32"}
     check_score_folder(out, settings, SETTINGS)
-    lock = contextlib.ExitStack()
-    lock.enter_context(exclusive(os.path.join(out, f".part-{i}-of-{n}.lock"), f"--out {out} part {i}/{n}"))
-    pool = ThreadPoolExecutor(workers) if workers > 0 else None
     res = {"shards": 0, "done_before": 0, "samples": 0, "skipped": Counter(), "unreadable": [], "settings": settings}
     t0 = time.time()
     view = _Views(enc, settings, device, bf16)
-    try:
-        index = 0
-        for name, urls in sources:
-            for k, url in enumerate(urls):
-                mine, index = index % n == i, index + 1
-                path = shard_path(out, name, k)
-                if not mine:
-                    continue
-                if os.path.exists(path):
-                    res["done_before"] += 1
-                    continue
-                try:
-                    count, skips = _reinforce_shard(url, path, view, pool, batch_size, progress)
-                except ShardError as e:
-                    res["unreadable"].append({"shard": url, "error": str(e)})  # no output: a rerun retries it
-                    continue
-                res["shards"] += 1
-                res["samples"] += count
-                res["skipped"].update(skips)
-    finally:
-        if pool is not None:
-            pool.shutdown()
-        lock.close()
+    with part_workers(out, part, workers) as (mine, pool):
+        for _, _, url, path in todo(sources, mine, lambda name, k, u: shard_path(out, name, k), res):
+            try:
+                count, skips = _reinforce_shard(url, path, view, pool, batch_size, progress)
+            except ShardError as e:
+                res["unreadable"].append({"shard": url, "error": str(e)})  # no output: a rerun retries it
+                continue
+            res["shards"] += 1
+            res["samples"] += count
+            res["skipped"].update(skips)
     res["skipped"] = dict(res["skipped"])
     res["recipe"] = _publish(out, sources)
     res["seconds"] = time.time() - t0

@@ -36,6 +36,38 @@ def this_part(part: Tuple[int, int]) -> Tuple[int, int]:
     return part[0] * world + rank, part[1] * world
 
 
+@contextlib.contextmanager
+def part_workers(out: str, part: Tuple[int, int], workers: int):
+    """This process's part (i, n) of the shards (``--part`` with torchrun's ranks) and its decoding threads (None:
+    inline), holding the part's lock on ``out``: a second process given the same part (a repeated --part, a rank
+    run twice) is refused."""
+    i, n = this_part(part)
+    with exclusive(os.path.join(out, f".part-{i}-of-{n}.lock"), f"--out {out} part {i}/{n}"):
+        pool = ThreadPoolExecutor(workers) if workers > 0 else None
+        try:
+            yield (i, n), pool
+        finally:
+            if pool is not None:
+                pool.shutdown()
+
+
+def todo(sources, part: Tuple[int, int], path_of: Callable[[str, int, str], str], res: Dict):
+    """(source name, index, url, output path) of the shards of ``part`` whose output is not there yet; those that
+    are (a rerun after a kill) are counted in ``res["done_before"]``."""
+    i, n = part
+    index = 0
+    for name, urls in sources:
+        for k, url in enumerate(urls):
+            mine, index = index % n == i, index + 1
+            if not mine:
+                continue
+            path = path_of(name, k, url)
+            if os.path.exists(path):
+                res["done_before"] += 1
+                continue
+            yield name, k, url, path
+
+
 def table_path(out: str, source: str, index: int, url: str) -> str:
     stem = os.path.basename(url.rstrip("/"))
     stem = stem[:-len(".tar")] if stem.endswith(".tar") else stem
@@ -107,15 +139,10 @@ def score(source: str, root: str, enc, out: str, batch_size: int = 256, workers:
 
     from evaclip.data.transforms import eval_transform
 
-    i, n = this_part(part)
     check_score_folder(out, {"model": enc.name, "weights": enc.identity, "source": source, "root": root,
                         "image_size": enc.image_size, "embeddings": embeddings, "precision": "bf16" if bf16 else "fp32"})
     transform = eval_transform(enc.image_size, enc.mean, enc.std, interpolation=enc.interpolation)
     dev = torch.device(device)
-    # one writer per part: a second process given the same part (a repeated --part, a rank run twice) is refused
-    lock = contextlib.ExitStack()
-    lock.enter_context(exclusive(os.path.join(out, f".part-{i}-of-{n}.lock"), f"--out {out} part {i}/{n}"))
-    pool = ThreadPoolExecutor(workers) if workers > 0 else None
     res = {"scored_shards": 0, "done_before": 0, "samples": 0, "skipped": Counter(), "unreadable": []}
     t0 = time.time()
 
@@ -125,32 +152,20 @@ def score(source: str, root: str, enc, out: str, batch_size: int = 256, workers:
             ft = F.normalize(enc.encode_text(enc.tokenizer(captions).to(dev)).float(), dim=-1)
         return (fi * ft).sum(-1).cpu(), fi.cpu()
 
-    try:
-        index = 0
-        for name, urls in expand_sources(source, root):
-            for k, url in enumerate(urls):
-                mine, index = index % n == i, index + 1
-                path = table_path(out, name, k, url)
-                if not mine:
-                    continue
-                if os.path.exists(path):
-                    res["done_before"] += 1
-                    continue
-                shard = shard_identity(url)  # before the read: a shard replaced meanwhile does not match
-                try:
-                    cols, skips, dim = _score_shard(url, transform, pool, encode, batch_size, embeddings, progress)
-                except ShardError as e:
-                    res["unreadable"].append({"shard": url, "error": str(e)})  # no table: a rerun retries it
-                    continue
-                _write_table(path, cols, name, url, dict(skips), dim, {MODEL_KEY: f"{enc.name} {enc.identity}",
-                                                                      SHARD_KEY: shard})
-                res["scored_shards"] += 1
-                res["samples"] += len(cols["key"])
-                res["skipped"].update(skips)
-    finally:
-        if pool is not None:
-            pool.shutdown()
-        lock.close()
+    with part_workers(out, part, workers) as (mine, pool):
+        for name, _, url, path in todo(expand_sources(source, root), mine,
+                                       lambda nm, k, u: table_path(out, nm, k, u), res):
+            shard = shard_identity(url)  # before the read: a shard replaced meanwhile does not match
+            try:
+                cols, skips, dim = _score_shard(url, transform, pool, encode, batch_size, embeddings, progress)
+            except ShardError as e:
+                res["unreadable"].append({"shard": url, "error": str(e)})  # no table: a rerun retries it
+                continue
+            _write_table(path, cols, name, url, dict(skips), dim, {MODEL_KEY: f"{enc.name} {enc.identity}",
+                                                                  SHARD_KEY: shard})
+            res["scored_shards"] += 1
+            res["samples"] += len(cols["key"])
+            res["skipped"].update(skips)
     res["skipped"] = dict(res["skipped"])
     res["seconds"] = time.time() - t0
     res["pairs_per_s"] = res["samples"] / max(res["seconds"], 1e-9)

@@ -87,6 +87,10 @@ class DistillObjective(ClipObjective):
             raise TrainingStopped(f"distill.loss = {self.cfg.loss!r}: the shards hold teacher embeddings {width} "
                                   f"wide, this run regresses {want}-wide ones: set distill.teacher_width={width}")
 
+    def frozen_modules(self) -> list:
+        """What runs beside the trained model and is never trained: the online teacher."""
+        return [self.teacher.module] if self.teacher is not None else []
+
     def teacher_scale(self) -> float:
         if self.cfg.temperature > 0:
             return 1.0 / self.cfg.temperature
