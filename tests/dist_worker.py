@@ -127,6 +127,7 @@ def main_loss(out: str):
 
 DISTILL_CASES = [(impl, dt, tile) for impl in ("local", "tiled", "ring") for dt, tile in
                  (("float32", 3), ("float64", 1), ("float64", 64))]
+FEATURE_CASES = [(kind, dt) for kind in ("cosine", "mse") for dt in ("float32", "float64")]
 TEACHER_DIM = 12  # the teacher's embeddings are narrower than the student's: soft CE compares similarities only
 
 
@@ -156,6 +157,16 @@ def main_distill(out: str):
         val = loss.detach().clone()
         torch.distributed.all_reduce(val)
         res[(impl, dt, tile)] = {"loss": (val / world).item(), "gi": gi, "gt": gt, "scale": gs / world}
+    for kind, dt in FEATURE_CASES:  # per-sample regression to same-width teacher embeddings: nothing gathered
+        dtype = getattr(torch, dt)
+        img, txt, _, _ = distill_inputs(rank, dtype)
+        t_img, t_txt = loss_inputs(rank + 50, dtype)
+        img, txt = img.requires_grad_(), txt.requires_grad_()
+        loss = DistillLoss(kind, "local")(img, txt, None, t_img, t_txt, 1.0)
+        gi, gt = torch.autograd.grad(loss, [img, txt])
+        val = loss.detach().clone()
+        torch.distributed.all_reduce(val)
+        res[(kind, dt)] = {"loss": (val / world).item(), "gi": gi, "gt": gt}
     torch.save({"rank": rank, "res": res}, out.replace(".pt", f".{rank}.pt"))
     edist.shutdown()
 

@@ -87,12 +87,12 @@ def test_feature_losses_equal_the_float64_reference(kind):
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_soft_ce_over_gloo_ranks_equals_the_reference_over_the_global_batch(world, tmp_path):
-    """local / tiled / ring on W gloo ranks (7 rows each, a teacher 12 wide): the mean of the ranks' losses, each
-    rank's feature gradients (x W, the engine's average) and the scale's gradient against the float64 reference
-    over the gathered batch (fp32 <= 1e-6, float64 <= 1e-12). ring gathers nothing: the teacher's blocks travel
-    with the student's."""
-    from tests.dist_worker import DISTILL_CASES, LOSS_ROWS, distill_inputs
+def test_distill_losses_over_gloo_ranks_equal_the_reference_over_the_global_batch(world, tmp_path):
+    """Soft CE, local / tiled / ring on W gloo ranks (7 rows each, a teacher 12 wide): the mean of the ranks'
+    losses, each rank's feature gradients (x W, the engine's average) and the scale's gradient against the float64
+    reference over the gathered batch (fp32 <= 1e-6, float64 <= 1e-12); ring gathers nothing: the teacher's blocks
+    travel with the student's. Cosine and MSE regression likewise against the global batch's mean."""
+    from tests.dist_worker import DISTILL_CASES, FEATURE_CASES, LOSS_ROWS, distill_inputs, loss_inputs
 
     out = str(tmp_path / "distill.pt")
     torchrun(["tests/dist_worker.py", "distill", out], nproc=world)
@@ -113,6 +113,24 @@ def test_soft_ce_over_gloo_ranks_equals_the_reference_over_the_global_batch(worl
             sl = slice(r * LOSS_ROWS, (r + 1) * LOSS_ROWS)
             assert (rk["res"][case]["gi"].double() / world - gi[sl]).abs().max() <= tol, case
             assert (rk["res"][case]["gt"].double() / world - gt[sl]).abs().max() <= tol, case
+    for kind, dt in FEATURE_CASES:  # the global batch's mean regression loss, from its formula in float64
+        tol = 1e-6 if dt == "float32" else 1e-12
+        dtype = getattr(torch, dt)
+        img, txt = (torch.cat([distill_inputs(r, dtype)[k] for r in range(world)]).double().requires_grad_()
+                    for k in (0, 1))
+        t_img, t_txt = (torch.cat([loss_inputs(r + 50, dtype)[k] for r in range(world)]).double() for k in (0, 1))
+
+        def per(a, t, kind=kind):
+            a, t = a / a.norm(dim=-1, keepdim=True), t / t.norm(dim=-1, keepdim=True)
+            return 1 - (a * t).sum(-1) if kind == "cosine" else ((a - t) ** 2).sum(-1)
+
+        ref = ((per(img, t_img) + per(txt, t_txt)) / 2).mean()
+        gi, gt = torch.autograd.grad(ref, [img, txt])
+        assert abs(ranks[0]["res"][(kind, dt)]["loss"] - ref.item()) <= tol, kind
+        for r, rk in enumerate(ranks):
+            sl = slice(r * LOSS_ROWS, (r + 1) * LOSS_ROWS)
+            assert (rk["res"][(kind, dt)]["gi"].double() / world - gi[sl]).abs().max() <= tol, kind
+            assert (rk["res"][(kind, dt)]["gt"].double() / world - gt[sl]).abs().max() <= tol, kind
 
 
 # ------------------------------------------------------------------------------------------------ training

@@ -29,7 +29,8 @@ KINDS = ("soft_ce", "cosine", "mse")
 def feature_loss(kind: str, img, txt, t_img, t_txt, rows: Optional[list] = None) -> torch.Tensor:
     """This rank's mean feature-regression loss of unit embeddings [b, D] to the teacher's (``rows``: per sample)."""
     def per(a, t):
-        a, t = F.normalize(a.float(), dim=-1), F.normalize(t.float(), dim=-1)
+        cdt = torch.promote_types(a.dtype, torch.float32)  # bf16 features: computed in fp32; float64 kept
+        a, t = F.normalize(a.to(cdt), dim=-1), F.normalize(t.to(cdt), dim=-1)
         return 1 - (a * t).sum(-1) if kind == "cosine" else (a - t).pow(2).sum(-1)
 
     both = (per(img, t_img) + per(txt, t_txt)) / 2
