@@ -127,6 +127,8 @@ def source_identity(src: str, weights: str = "") -> str:
     """``load_source(src, weights).identity`` without building the model (a big teacher need not fit to be
     compared with the one whose embeddings a reinforced shard carries)."""
     if src.startswith("open_clip:"):
+        if weights and not os.path.exists(weights):
+            raise UserError(f"{weights}: no such weights file")
         return _fingerprint(src[len("open_clip:"):], weights)
     if os.path.isfile(os.path.join(src, "open_clip_config.json")):
         return _fingerprint("export", src)

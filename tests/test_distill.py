@@ -452,3 +452,14 @@ def test_a_damaged_or_pickled_teacher_record_skips_its_sample_as_a_decode_error(
     for bad in (raw["kd.npy"][:100], pickle.dumps({"image": 1}), buf.getvalue(), np.zeros(3).tobytes()):
         with pytest.raises(SkipSample, match="decode_error"):
             decode_reinforced(dict(raw, **{"kd.npy": bad}), crop, True)
+
+
+def test_shards_mode_names_a_teacher_that_is_not_there(synth_dir, tmp_path):
+    """distill.teacher is only compared in shards mode (its identity, without loading it): one that does not exist
+    is still one line naming the key."""
+    from evaclip.config import ConfigError
+
+    for teacher, extra in ((str(tmp_path / "no_run"), []),
+                           ("open_clip:ViT-B-32", [f"distill.teacher_weights={tmp_path / 'no.safetensors'}"])):
+        with pytest.raises(ConfigError, match="distill.teacher"):
+            distill_trainer(synth_dir, tmp_path, teacher, "gone", 1, ["distill.source=shards", *extra])

@@ -68,7 +68,7 @@ def reinforce(source: str, root: str, enc, teacher: str, out: str, augmentations
             res["samples"] += count
             res["skipped"].update(skips)
     res["skipped"] = dict(res["skipped"])
-    res["recipe"] = _publish(out, sources)
+    res["recipe"] = _publish(out, sources, _weights(source))
     res["seconds"] = time.time() - t0
     res["samples_per_s"] = res["samples"] / max(res["seconds"], 1e-9)
     return res
@@ -163,7 +163,18 @@ def _with_end(it):
     yield None
 
 
-def _publish(out: str, sources) -> Optional[str]:
+def _weights(source: str) -> Dict[str, float]:
+    """The sampling weights an input recipe gives its sources (none for a shard pattern, or where it leaves them
+    proportional to samples): the reinforced recipe mixes its sources alike."""
+    from evaclip.data.recipes import load_recipe
+
+    try:
+        return {s.name: s.weight for s in load_recipe(source).source if s.weight > 0}
+    except Exception:  # noqa: BLE001 - a brace pattern is not a recipe
+        return {}
+
+
+def _publish(out: str, sources, weights: Dict[str, float]) -> Optional[str]:
     """recipe.toml and manifest.parquet once every shard of every source is written (the last part to finish
     writes them); None while some are missing."""
     from evaclip.data.tools import stats
@@ -181,7 +192,7 @@ def _publish(out: str, sources) -> Optional[str]:
                 counts.append(json.load(f)["count"])
         pattern = f"{name}/{{{0:06d}..{len(urls) - 1:06d}}}.tar" if len(urls) > 1 else f"{name}/{0:06d}.tar"
         lines += ["[[source]]", f"name = {json.dumps(name)}", f"shards = {json.dumps(pattern)}",
-                  f"samples = {sum(counts)}", ""]
+                  f"samples = {sum(counts)}", *([f"weight = {weights[name]}"] if name in weights else []), ""]
     recipe = os.path.join(out, "recipe.toml")
     with atomic_write(recipe) as f:
         f.write("\n".join(lines))

@@ -4,10 +4,10 @@ teacher's (open_clip's distillation task), or each sample's embeddings regressed
 
 The teacher's embeddings come from its forward every step (``distill.source = "online"``) or from reinforced
 shards (``"shards"``: what ``evaclip data reinforce`` stored for the crop the sample shows, float16; no teacher is
-loaded). It is the CLIP objective with a teacher: the same feature caching over micro-batches (the teacher's features of
-the step are computed once, without grad, and concatenated like the student's), the same towers, token dropping
-(the teacher sees every patch) and engines. The teacher lives outside the engine: never in the optimizer, never
-in a ZeRO partition, never in train mode.
+loaded). It is the CLIP objective with a teacher: the same feature caching over micro-batches (the teacher's
+features of the step are computed once, without grad, and concatenated like the student's), the same towers,
+token dropping (the teacher sees every patch) and engines. The teacher lives outside the engine: never in the
+optimizer, never in a ZeRO partition, never in train mode.
 """
 from __future__ import annotations
 
@@ -57,7 +57,10 @@ class DistillObjective(ClipObjective):
             self.identity = self.teacher.identity
         else:
             if self.cfg.teacher:  # its identity only: the shards must carry this teacher's embeddings
-                self.identity = source_identity(self.cfg.teacher, self.cfg.teacher_weights)
+                try:
+                    self.identity = source_identity(self.cfg.teacher, self.cfg.teacher_weights)
+                except (UserError, OSError) as e:
+                    raise ConfigError(f"distill.teacher: {e}") from None
             if self.cfg.loss != "soft_ce" and self.cfg.teacher_width not in (0, self.variant.embed_dim):
                 self.head_dim = self.cfg.teacher_width
         self.log(f"distill: teacher {self.teacher.name if self.teacher else self.cfg.teacher or '(as the shards record)'}"
