@@ -112,17 +112,17 @@ def within(context: Callable, fn: Callable) -> Callable:
     return run
 
 
-def run_suite(encode_image: Callable, encode_text: Callable, tokenizer, entries: List[DatasetEntry],
-              datasets_root: str, image_size: int, mean, std, device, batch_size: int = 64, strict: bool = False,
-              classifier_cache: Optional[str] = None, model_name: str = "", pretrained: str = "",
-              progress_factory=None, log=print, workers: int = 0, interpolation: str = "bicubic",
-              out_dir: Optional[str] = None, extra: Optional[Dict] = None, shard=(0, 1), gather=None) -> List[Dict]:
-    """Evaluate every dataset; one CLIP_benchmark-shaped result dict each (``status`` ok | missing | error).
+def run_suite(enc, entries: List[DatasetEntry], datasets_root: str, device, batch_size: int = 64,
+              strict: bool = False, classifier_cache: Optional[str] = None, progress_factory=None, log=print,
+              workers: int = 0, out_dir: Optional[str] = None, shard=(0, 1), gather=None) -> List[Dict]:
+    """Evaluate the model ``enc`` (an ``evaclip.encoders.Encoders``: its two encoders, tokenizer, preprocessing,
+    name, where its weights came from and ``extra``, recorded in every result) on every dataset; one
+    CLIP_benchmark-shaped result dict each (``status`` ok | missing | error).
 
     A dataset that fails (unreadable shards, class names that do not cover the labels ...) is reported as
     ``error`` with its message and the suite goes on (``strict``: stop); undecodable images are skipped and
     counted (``skipped``). With ``out_dir`` each result is written as soon as its dataset is done, so a
-    crash later loses nothing. ``extra`` (e.g. the checkpoint and step) is recorded in every result.
+    crash later loses nothing.
 
     Sharded over ranks (``shard`` = (rank, world), ``gather`` = an all-gather of objects; every rank calls
     with the same arguments): each dataset is split across the ranks, every rank gets the same results, and
@@ -136,19 +136,20 @@ def run_suite(encode_image: Callable, encode_text: Callable, tokenizer, entries:
     gather = gather or (lambda obj: [obj])
     for e in entries:
         root = dataset_root(e, datasets_root)
-        base = {"dataset": e.name, "model": model_name, "pretrained": pretrained, "task": e.task, "language": "en",
-                **(extra or {})}
+        base = {"dataset": e.name, "model": enc.name, "pretrained": enc.pretrained, "task": e.task, "language": "en",
+                **(enc.extra or {})}
         evalset = _open_or_missing(e, root, strict, log)
         if evalset is None:
             results.append(_done(dict(base, metrics={}, status="missing", path=root), out_dir))
             continue
-        transform = eval_transform(image_size, mean, std, e.transform, interpolation)
+        transform = eval_transform(enc.image_size, enc.mean, enc.std, e.transform, enc.interpolation)
         names, tpls = _eval_file(e.classnames) or evalset.classnames, _eval_file(e.templates) or evalset.templates
         cache_file, classifier = _cached_classifier(classifier_cache, e, names, tpls, gather, device)
         bar = progress_factory(e.name) if progress_factory else None
         t0 = time.time()
         try:
-            metrics, clf = eval_one(encode_image, encode_text, tokenizer, evalset, transform, device, batch_size,
+            metrics, clf = eval_one(enc.encode_image, enc.encode_text, enc.tokenizer, evalset, transform, device,
+                                    batch_size,
                                     templates=tpls, classnames=names, classifier=classifier,
                                     progress=bar.update if bar is not None else None, workers=workers, shard=shard,
                                     gather=gather)

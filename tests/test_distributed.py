@@ -139,6 +139,7 @@ def test_ring_loss_training_under_zero2_with_accumulation_equals_the_local_loss(
     evaluates on both ranks (each a share of every dataset): the same metrics as one process on its weights."""
     from evaclip.config import load_config
     from evaclip.data.transforms import make_tokenizer
+    from evaclip.encoders import Encoders
     from evaclip.evalsuite import load_suite, run_suite
     from evaclip.models import create_model, get_variant
     from tests.dist_worker import train_overrides
@@ -155,9 +156,9 @@ def test_ring_loss_training_under_zero2_with_accumulation_equals_the_local_loss(
     model = create_model(mc, v)
     model.load_state_dict(got["weights"])
     model.eval()
-    one = run_suite(lambda x: model.encode_image(x, normalize=False), lambda t: model.encode_text(t, normalize=False),
-                    make_tokenizer(v.context_length), load_suite("quick"), zs, v.image_size, v.mean, v.std,
-                    torch.device("cpu"), 64, interpolation=v.interpolation)
+    enc = Encoders(lambda x: model.encode_image(x, normalize=False), lambda t: model.encode_text(t, normalize=False),
+                   make_tokenizer(v.context_length), v.image_size, v.mean, v.std, v.interpolation, v.name, "", "")
+    one = run_suite(enc, load_suite("quick"), zs, torch.device("cpu"), 64)
     want = {f"zeroshot/{r['dataset']}/{k}": x for r in one for k, x in r["metrics"].items()}
     assert want and got["zeroshot"] == want
 

@@ -1,6 +1,7 @@
 """``evaclip eval``: the zero-shot suite over a checkpoint or an open_clip model, one process or a share per rank."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import textwrap
 
@@ -74,13 +75,12 @@ def cmd_eval(args) -> int:
 
     # the text classifier depends on the weights: keyed by the checkpoint's identity (step + manifest checksum)
     cache = os.path.join(args.out, ".classifier_cache", enc.identity)
-    results = run_suite(within(amp_context, enc.encode_image), within(amp_context, enc.encode_text), enc.tokenizer,
-                        entries, args.datasets_root, enc.image_size, enc.mean, enc.std, torch.device(device),
-                        args.batch_size,
-                        strict=args.strict, classifier_cache=cache, model_name=enc.name, pretrained=enc.pretrained,
-                        workers=args.workers, interpolation=enc.interpolation,
+    enc = dataclasses.replace(enc, encode_image=within(amp_context, enc.encode_image),
+                              encode_text=within(amp_context, enc.encode_text))
+    results = run_suite(enc, entries, args.datasets_root, torch.device(device), args.batch_size, strict=args.strict,
+                        classifier_cache=cache, workers=args.workers,
                         progress_factory=(lambda n: progress(None, n, "img")) if rank == 0 else None,
-                        out_dir=args.out, extra=enc.extra, shard=(rank, world),
+                        out_dir=args.out, shard=(rank, world),
                         gather=edist.all_gather_objects if world > 1 else None,
                         log=print if rank == 0 else (lambda *a, **k: None))
     seconds = time.time() - t0

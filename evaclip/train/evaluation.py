@@ -9,6 +9,7 @@ import torch
 
 from evaclip import dist as edist
 from evaclip.data.transforms import make_tokenizer
+from evaclip.encoders import Encoders
 from evaclip.evalsuite import load_suite, run_suite, within, write_results
 from evaclip.models import create_model
 
@@ -42,13 +43,13 @@ class Evaluator:
         if edist.is_main() or gather is not None:
             v, c = self.variant, self.cfg
             # evaluated in the precision the model trains in
-            results = run_suite(within(engine.autocast, lambda x: model.encode_image(x.to(dtype), normalize=False)),
-                                within(engine.autocast, lambda t: model.encode_text(t, normalize=False)),
-                                make_tokenizer(v.context_length, self.model_cfg.text.kind, self.model_cfg.text.hf_path),
-                                self.entries, self.datasets_root, v.image_size, v.mean, v.std,
-                                self.device, c.batch_size, model_name=v.name,
-                                pretrained=f"{self.run_dir}@step{step}", log=self.log,
-                                workers=c.workers, interpolation=v.interpolation, shard=shard, gather=gather)
+            enc = Encoders(within(engine.autocast, lambda x: model.encode_image(x.to(dtype), normalize=False)),
+                           within(engine.autocast, lambda t: model.encode_text(t, normalize=False)),
+                           make_tokenizer(v.context_length, self.model_cfg.text.kind, self.model_cfg.text.hf_path),
+                           v.image_size, v.mean, v.std, v.interpolation, v.name, f"{self.run_dir}@step{step}",
+                           identity="")
+            results = run_suite(enc, self.entries, self.datasets_root, self.device, c.batch_size, log=self.log,
+                                workers=c.workers, shard=shard, gather=gather)
             if edist.is_main():
                 write_results(results, os.path.join(self.run_dir, "eval", f"step-{step:08d}"))
             for r in results:
