@@ -41,7 +41,7 @@ def _steps(recipe: str, root: str, export: str, steps: int, batch: int, variant:
             f"run.output_dir={tmp}", f"run.name={variant}", f"run.steps={steps}", f"data.recipe={recipe}",
             f"data.root={root}", f"data.micro_batch_size={batch}", "data.workers=2", "eval.suite=\"\"",
             "checkpoint.every_steps=100000", "log.every_steps=1", "log.progress=false", "log.tensorboard=false",
-            "log.plot=false", *extra])
+            "log.plot=false", "schedule.warmup_steps=2", *extra])
         Trainer(cfg, resolve(cfg, 1), log=lambda *a, **k: None).train()
         rows = [json.loads(x) for x in open(os.path.join(tmp, variant, "metrics.jsonl")) if "train/samples_per_s" in x]
     return [batch / r["train/samples_per_s"] for r in rows[WARMUP:]]
