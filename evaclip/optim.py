@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 import torch.distributed as dist
 from torch.optim import Optimizer
 
@@ -87,9 +86,7 @@ class Lamb(Optimizer):
         # keyed by the flat partition tensor itself: DeepSpeed steps one group at a time by swapping
         # param_groups, and load_state_dict rebuilds the group dicts, but the partition tensors persist
         self.layouts: Dict[int, Tuple[torch.Tensor, FlatLayout]] = {}
-        # CPU update buffers by parameter (see _update_buffers); weakly keyed by identity: a parameter that is
-        # gone takes its buffer with it, and a new one at a freed address never finds a stale buffer
-        self._kept = WeakIdKeyDictionary()
+        self._kept: Dict[int, torch.Tensor] = {}  # CPU update buffers by parameter (see _update_buffers)
 
     def register_flat(self, flat: torch.Tensor, layout: FlatLayout) -> None:
         """Declare that ``flat`` (a partition DeepSpeed will hand to ``step``) is described by ``layout``."""
@@ -139,9 +136,9 @@ class Lamb(Optimizer):
             return [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
         bufs = []
         for p in params:
-            buf = self._kept.get(p)
+            buf = self._kept.get(id(p))
             if buf is None or buf.shape != p.shape or buf.dtype != p.dtype:
-                buf = self._kept[p] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                buf = self._kept[id(p)] = torch.zeros_like(p, memory_format=torch.preserve_format)
             bufs.append(buf)
         torch._foreach_zero_(bufs)
         return bufs
