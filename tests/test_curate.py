@@ -191,13 +191,13 @@ def test_two_process_scoring_equals_one_process(curate_data, demo_model, scored,
 
 
 def test_a_score_folder_refuses_another_model(curate_data, tmp_path):
-    from evaclip.curation.score import check_score_folder
+    from evaclip.curation.score import check_out_settings
     from evaclip.errors import UserError
 
-    check_score_folder(str(tmp_path), {"model": "a", "weights": "1"})
-    check_score_folder(str(tmp_path), {"model": "a", "weights": "1"})
+    check_out_settings(str(tmp_path), {"model": "a", "weights": "1"})
+    check_out_settings(str(tmp_path), {"model": "a", "weights": "1"})
     with pytest.raises(UserError, match="weights"):
-        check_score_folder(str(tmp_path), {"model": "a", "weights": "2"})
+        check_out_settings(str(tmp_path), {"model": "a", "weights": "2"})
 
 
 @pytest.mark.slow

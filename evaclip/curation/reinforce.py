@@ -22,12 +22,12 @@ import time
 from collections import Counter
 from typing import Callable, Dict, List, Optional, Tuple
 
-from evaclip.curation.score import check_score_folder, part_workers, todo
+from evaclip.curation.score import check_out_settings, part_workers, todo
 from evaclip.curation.shard_writer import add_sample
 from evaclip.data.samples import KD_MEMBER, SkipSample, decode_sample
 from evaclip.data.shards import ShardError, iter_tar_samples
 from evaclip.data.streams import stream_seed
-from evaclip.data.tools import expand_sources
+from evaclip.data.tools import expand_sources, source_weights
 from evaclip.errors import UserError
 from evaclip.files import atomic_write, replace_file
 
@@ -45,7 +45,7 @@ def reinforce(source: str, root: str, enc, teacher: str, out: str, augmentations
     """Reinforce this process's shards of ``source`` with the teacher ``enc`` (``evaclip.encoders.Encoders``,
     loaded from ``teacher``); see the module docstring."""
     try:
-        sources = expand_sources(source, root)
+        sources, weights = expand_sources(source, root), source_weights(source)
     except ValueError as e:  # e.g. a {root} pattern without --root
         raise UserError(f"{source}: {e}") from None
     teacher = teacher if teacher.startswith("open_clip:") else os.path.abspath(teacher)
@@ -53,7 +53,7 @@ def reinforce(source: str, root: str, enc, teacher: str, out: str, augmentations
                 "teacher_scale": enc.logit_scale, "teacher_image_size": enc.image_size, "augmentations": augmentations,
                 "crop_scale": list(crop_scale), "hflip": hflip, "seed": seed, "source": source, "root": root,
                 "precision": "bf16" if bf16 else "fp32"}
-    check_score_folder(out, settings, SETTINGS)
+    check_out_settings(out, settings, SETTINGS)
     res = {"shards": 0, "done_before": 0, "samples": 0, "skipped": Counter(), "unreadable": [], "settings": settings}
     t0 = time.time()
     view = _Views(enc, settings, device, bf16)
@@ -68,7 +68,7 @@ def reinforce(source: str, root: str, enc, teacher: str, out: str, augmentations
             res["samples"] += count
             res["skipped"].update(skips)
     res["skipped"] = dict(res["skipped"])
-    res["recipe"] = _publish(out, sources, _weights(source))
+    res["recipe"] = _publish(out, sources, weights)
     res["seconds"] = time.time() - t0
     res["samples_per_s"] = res["samples"] / max(res["seconds"], 1e-9)
     return res
@@ -163,38 +163,23 @@ def _with_end(it):
     yield None
 
 
-def _weights(source: str) -> Dict[str, float]:
-    """The sampling weights an input recipe gives its sources (none for a shard pattern, or where it leaves them
-    proportional to samples): the reinforced recipe mixes its sources alike."""
-    from evaclip.data.recipes import load_recipe
-
-    try:
-        return {s.name: s.weight for s in load_recipe(source).source if s.weight > 0}
-    except Exception:  # noqa: BLE001 - a brace pattern is not a recipe
-        return {}
-
-
 def _publish(out: str, sources, weights: Dict[str, float]) -> Optional[str]:
-    """recipe.toml and manifest.parquet once every shard of every source is written (the last part to finish
-    writes them); None while some are missing."""
-    from evaclip.data.tools import stats
+    """manifest.parquet, then recipe.toml (whose presence says the output is whole), once every shard of every
+    source is written (the last part to finish writes them); None while some are missing."""
+    from evaclip.data.tools import manifest
 
+    written = [(name, [shard_path(out, name, k) for k in range(len(urls))]) for name, urls in sources]
+    if not all(os.path.exists(p) and os.path.exists(p[:-len(".tar")] + "_stats.json") for _, ps in written for p in ps):
+        return None
+    counts = manifest(written, out=os.path.join(out, "manifest.parquet"))["samples"]
     lines = [f"# Written by `evaclip data reinforce` (settings: {SETTINGS}); train on it with data.recipe=<this file>",
              f"name = {json.dumps(os.path.basename(os.path.abspath(out)))}",
              'description = "reinforced: a teacher\'s embeddings of K augmentations per sample"', ""]
-    for name, urls in sources:
-        counts = []
-        for k in range(len(urls)):
-            stats_file = shard_path(out, name, k)[:-len(".tar")] + "_stats.json"
-            if not os.path.exists(shard_path(out, name, k)) or not os.path.exists(stats_file):
-                return None
-            with open(stats_file) as f:
-                counts.append(json.load(f)["count"])
-        pattern = f"{name}/{{{0:06d}..{len(urls) - 1:06d}}}.tar" if len(urls) > 1 else f"{name}/{0:06d}.tar"
+    for name, paths in written:
+        pattern = f"{name}/{{{0:06d}..{len(paths) - 1:06d}}}.tar" if len(paths) > 1 else f"{name}/{0:06d}.tar"
         lines += ["[[source]]", f"name = {json.dumps(name)}", f"shards = {json.dumps(pattern)}",
-                  f"samples = {sum(counts)}", *([f"weight = {weights[name]}"] if name in weights else []), ""]
+                  f"samples = {counts.get(name, 0)}", *([f"weight = {weights[name]}"] if name in weights else []), ""]
     recipe = os.path.join(out, "recipe.toml")
     with atomic_write(recipe) as f:
         f.write("\n".join(lines))
-    stats(recipe, out=os.path.join(out, "manifest.parquet"))
     return recipe

@@ -74,7 +74,7 @@ def table_path(out: str, source: str, index: int, url: str) -> str:
     return os.path.join(out, source, f"{index:06d}_{stem}.parquet")
 
 
-def check_score_folder(out: str, config: Dict, name: str = SCORE_CONFIG) -> None:
+def check_out_settings(out: str, config: Dict, name: str = SCORE_CONFIG) -> None:
     """A resumed score (or reinforce) run must use the same model and settings as the outputs already written
     (recorded in ``<out>/<name>``)."""
     path = os.path.join(out, name)
@@ -139,7 +139,7 @@ def score(source: str, root: str, enc, out: str, batch_size: int = 256, workers:
 
     from evaclip.data.transforms import eval_transform
 
-    check_score_folder(out, {"model": enc.name, "weights": enc.identity, "source": source, "root": root,
+    check_out_settings(out, {"model": enc.name, "weights": enc.identity, "source": source, "root": root,
                         "image_size": enc.image_size, "embeddings": embeddings, "precision": "bf16" if bf16 else "fp32"})
     transform = eval_transform(enc.image_size, enc.mean, enc.std, interpolation=enc.interpolation)
     dev = torch.device(device)

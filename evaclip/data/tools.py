@@ -28,15 +28,29 @@ def add_parsers(dsub) -> None:
             p.add_argument("--out", default="preview.png", help="contact sheet PNG")
 
 
-def expand_sources(source: str, root: str) -> List[Tuple[str, List[str]]]:
-    """[(source name, urls)] from a recipe (file or built-in name) or a single pattern."""
+def _is_recipe(source: str) -> bool:
     from evaclip.files import is_name
 
-    if source.endswith(".toml") or (is_name(source) and "{" not in source and ".tar" not in source):
+    return source.endswith(".toml") or (is_name(source) and "{" not in source and ".tar" not in source)
+
+
+def expand_sources(source: str, root: str) -> List[Tuple[str, List[str]]]:
+    """[(source name, urls)] from a recipe (file or built-in name) or a single pattern."""
+    if _is_recipe(source):
         from evaclip.data.recipes import load_recipe
 
         return [(s.name, expand_pattern(s.shards, root)) for s in load_recipe(source).source]
     return [("shards", expand_pattern(source, root))]
+
+
+def source_weights(source: str) -> Dict[str, float]:
+    """The sampling weights a recipe gives its sources ({} for a shard pattern, and without the sources it leaves
+    proportional to their samples)."""
+    if not _is_recipe(source):
+        return {}
+    from evaclip.data.recipes import load_recipe
+
+    return {s.name: s.weight for s in load_recipe(source).source if s.weight > 0}
 
 
 def _stats_json(url: str):
@@ -53,11 +67,18 @@ def _stats_json(url: str):
 
 
 def stats(source: str, root: str = "", out: str = "", progress=None) -> Dict:
+    """The manifest (``manifest.parquet``: samples and bytes per shard) of a recipe or shard pattern."""
+    return manifest(expand_sources(source, root), out, progress)
+
+
+def manifest(sources: List[Tuple[str, List[str]]], out: str = "", progress=None) -> Dict:
+    """The manifest of [(source name, shard urls)]: samples per shard from img2dataset's ``_stats.json`` where
+    there is one, else counted from the tar headers; per-source totals returned."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     rows = {"source": [], "shard": [], "samples": [], "bytes": [], "counted_from": []}
-    for name, urls in expand_sources(source, root):
+    for name, urls in sources:
         for url in urls:
             n = _stats_json(url)
             how = "img2dataset_stats"

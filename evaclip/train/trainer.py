@@ -112,6 +112,10 @@ class Trainer:
         self.variant = get_variant(cfg.model.name, cfg.model.model_dir)
         self.objective = build_objective(cfg, self.variant, self.device, self.log)
         model = self.objective.build_model()
+        trained = {id(p) for p in model.parameters()}
+        for part in self.objective.frozen_modules():  # a teacher: never trained, never in the optimizer
+            if any(p.requires_grad or id(p) in trained for p in part.parameters()):
+                raise RuntimeError(f"objective {self.objective.kind}: a frozen module is trainable or shared")
         report = init_from_files(model, cfg.model)  # refuses pickles and inits that load nothing
         if report:
             self.log(report)

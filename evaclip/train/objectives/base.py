@@ -38,6 +38,10 @@ class Objective(Protocol):
         """What a resume must find unchanged beyond the config (e.g. the identity of a frozen teacher's weights):
         recorded in every checkpoint and compared like the config's resume settings."""
 
+    def frozen_modules(self) -> List[torch.nn.Module]:
+        """What runs beside the trained model and is never trained (a teacher): outside the engine, so never in
+        the optimizer or a ZeRO partition; the trainer checks it shares no parameter with the model."""
+
     def compile(self, model: torch.nn.Module, compiler, whole_step: bool) -> None:
         """Compile what this objective runs with ``compiler`` (``engine.compile``): its towers, one graph each;
         with ``whole_step`` also its loss where the loss can be traced."""

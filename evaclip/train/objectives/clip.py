@@ -52,6 +52,9 @@ class ClipObjective:
     def resume_settings(self) -> Dict:
         return {}
 
+    def frozen_modules(self) -> list:
+        return []
+
     def compile(self, model, compiler, whole_step: bool) -> None:
         """The towers, one graph each (token dropping keeps a fixed count, so shapes are static); with
         ``whole_step`` the naive and local losses too (the tiled and ring losses are autograd Functions with their

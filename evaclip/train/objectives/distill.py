@@ -11,6 +11,7 @@ optimizer, never in a ZeRO partition, never in train mode.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, Optional
 
 import torch
@@ -26,11 +27,12 @@ from evaclip.train.objectives.clip import ClipObjective
 PROBE = "a photo of a dog, 3 cats and a 🐈 on a red sofa."  # tokenised by both: the tokenizers must agree
 
 
-def load_teacher_clip(cfg, trust_pickle: bool, device: torch.device) -> Encoders:
-    """The teacher ``distill.teacher`` names (``cfg`` is the ``[distill]`` section), frozen, read weights-only."""
+@contextlib.contextmanager
+def teacher_key():
+    """A teacher that cannot be read or identified is an error in ``distill.teacher``: one line naming the key."""
     try:
-        return load_source(cfg.teacher, cfg.teacher_weights, str(device), trust_pickle)
-    except UserError as e:
+        yield
+    except (UserError, OSError) as e:
         raise ConfigError(f"distill.teacher: {e}") from None
 
 
@@ -57,10 +59,8 @@ class DistillObjective(ClipObjective):
             self.identity = self.teacher.identity
         else:
             if self.cfg.teacher:  # its identity only: the shards must carry this teacher's embeddings
-                try:
+                with teacher_key():
                     self.identity = source_identity(self.cfg.teacher, self.cfg.teacher_weights)
-                except (UserError, OSError) as e:
-                    raise ConfigError(f"distill.teacher: {e}") from None
             if self.cfg.loss != "soft_ce" and self.cfg.teacher_width not in (0, self.variant.embed_dim):
                 self.head_dim = self.cfg.teacher_width
         self.log(f"distill: teacher {self.teacher.name if self.teacher else self.cfg.teacher or '(as the shards record)'}"
@@ -73,7 +73,9 @@ class DistillObjective(ClipObjective):
         return {"distill": {"target_dim": self.head_dim}} if self.head_dim else {}
 
     def _load_teacher(self) -> Encoders:
-        t, v = load_teacher_clip(self.cfg, self.model_cfg.trust_pickle, self.device), self.variant
+        with teacher_key():  # frozen, read weights-only
+            t = load_source(self.cfg.teacher, self.cfg.teacher_weights, str(self.device), self.model_cfg.trust_pickle)
+        v = self.variant
         mine = make_tokenizer(v.context_length, self.model_cfg.text.kind, self.model_cfg.text.hf_path)
         if not torch.equal(torch.as_tensor(mine([PROBE])), torch.as_tensor(t.tokenizer([PROBE])).to(torch.long)):
             raise ConfigError(f"distill.teacher {t.name} tokenizes captions unlike the student {v.name} (its text "

@@ -49,6 +49,9 @@ class MimObjective:
         would regress other targets is refused."""
         return {"mim.teacher_identity": self.teacher.identity}
 
+    def frozen_modules(self) -> list:
+        return [self.teacher]
+
     def compile(self, model, compiler, whole_step: bool) -> None:
         """The student (image tower and regression head), one graph; the frozen teacher's forward too."""
         compiler.module("student", model)
