@@ -14,13 +14,13 @@ from evaclip.config.derive import derive
 from evaclip.config.loading import (describe, dumps_toml, load_config, load_run_config, parse_override,
                                     save_run_config, to_dict)
 from evaclip.config.schema import (CheckpointConfig, DataConfig, Derived, EngineConfig, EvalConfig, ExperimentConfig,
-                                   DistillConfig, LogConfig, LossConfig, MIMConfig, ModelConfig, ObjectiveConfig, OptimConfig,
+                                   CocaConfig, DistillConfig, LogConfig, LossConfig, MIMConfig, ModelConfig, ObjectiveConfig, OptimConfig,
                                    RunConfig, ScheduleConfig, SpikeConfig, TextConfig, TowerOptimConfig,
                                    VisionConfig)
 from evaclip.files import ConfigError
 
 __all__ = ["CheckpointConfig", "ConfigError", "DataConfig", "Derived", "EngineConfig", "EvalConfig",
-           "DistillConfig", "ExperimentConfig", "LogConfig", "LossConfig", "MIMConfig", "ModelConfig", "ObjectiveConfig",
+           "CocaConfig", "DistillConfig", "ExperimentConfig", "LogConfig", "LossConfig", "MIMConfig", "ModelConfig", "ObjectiveConfig",
            "OptimConfig", "RunConfig", "ScheduleConfig", "SpikeConfig", "TextConfig", "TowerOptimConfig",
            "VisionConfig", "derive", "describe", "dumps_toml", "load_config", "load_run_config", "parse_override",
            "save_run_config", "to_dict"]

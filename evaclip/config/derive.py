@@ -78,6 +78,19 @@ def _check_values(cfg: ExperimentConfig, world_size: int) -> None:
         _check_mim(cfg)
     if cfg.objective.kind == "distill":
         _check_distill(cfg)
+    if cfg.objective.kind == "coca":
+        _check_coca(cfg)
+
+
+def _check_coca(cfg: ExperimentConfig) -> None:
+    if cfg.model.text.kind != "clip":
+        raise ConfigError("objective.kind = 'coca' needs model.text.kind = 'clip': the caption decoder reads the "
+                          "CLIP text tower's causal token states")
+    if cfg.engine.compile != "off":
+        raise ConfigError("objective.kind = 'coca' runs eager: set engine.compile = 'off' (the chunked caption loss "
+                          "is not compiled yet)")
+    if cfg.coca.caption_weight == 0 and cfg.coca.clip_weight == 0:
+        raise ConfigError("coca.caption_weight and coca.clip_weight are both 0: nothing to train")
 
 
 def _check_distill(cfg: ExperimentConfig) -> None:

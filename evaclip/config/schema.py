@@ -125,7 +125,8 @@ class LossConfig:
 class ObjectiveConfig:
     kind: str = _f("clip", "clip (image-text contrastive, the [loss] section) | mim (masked image modeling of the "
                    "image tower against a frozen CLIP teacher, the [mim] section; images only) | distill (clip plus "
-                   "distillation from a frozen teacher CLIP, the [distill] section)", ["clip", "mim", "distill"])
+                   "distillation from a frozen teacher CLIP, the [distill] section) | coca (clip plus a caption decoder: "
+                   "CoCa, the [coca] section)", ["clip", "mim", "distill", "coca"])
 
 
 @dataclass
@@ -150,6 +151,19 @@ class DistillConfig:
                             "alone)", ge=0)
     temperature: float = _f(0.0, "soft_ce: the teacher's logits are its similarities / temperature (0: times "
                             "the teacher's own learned logit scale)", ge=0)
+
+
+@dataclass
+class CocaConfig:
+    decoder_layers: int = _f(2, "objective.kind=coca: blocks of the multimodal decoder (each causal self-attention "
+                             "then cross-attention to the image; the text tower's width and heads)", ge=1)
+    n_queries: int = _f(32, "learned queries of the attentional pooler that gives the decoder its image context "
+                        "(CoCa: 256)", ge=1)
+    caption_weight: float = _f(2.0, "weight of the caption cross-entropy (CoCa: 2)", ge=0)
+    clip_weight: float = _f(1.0, "weight of the contrastive loss (CoCa: 1)", ge=0)
+    label_smoothing: float = _f(0.1, "label smoothing of the caption cross-entropy (CoCa: 0.1)", ge=0, lt=1)
+    ce_chunk: int = _f(1024, "tokens whose vocabulary logits are computed at once in the caption loss (its memory: "
+                       "ce_chunk x vocabulary floats, never tokens x vocabulary)", ge=1)
 
 
 @dataclass
@@ -275,6 +289,7 @@ class ExperimentConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     mim: MIMConfig = field(default_factory=MIMConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    coca: CocaConfig = field(default_factory=CocaConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)

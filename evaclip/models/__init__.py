@@ -18,12 +18,13 @@ from typing import Dict, Optional, Union
 import torch
 
 from evaclip.models.clip import CLIP, ImageTower
+from evaclip.models.coca import CoCa
 from evaclip.models.eva_vit import Eva
 from evaclip.models.mim import MIMStudent
 from evaclip.models.registry import Variant, get_variant, list_models
 from evaclip.models.text import HFTextEncoder, TextTransformer
 
-__all__ = ["CLIP", "Eva", "MIMStudent", "create_mim_student", "TextTransformer", "HFTextEncoder", "Variant", "create_model", "get_variant",
+__all__ = ["CLIP", "CoCa", "Eva", "MIMStudent", "create_mim_student", "TextTransformer", "HFTextEncoder", "Variant", "create_model", "get_variant",
            "list_models", "model_record", "model_from_record", "record_variant"]
 
 
@@ -37,13 +38,14 @@ def _text_tower(variant: Variant, cfg, load_hf_weights: bool):
 
 
 def create_model(cfg, arch: Optional[Variant] = None, device: Optional[Union[str, torch.device]] = None,
-                 load_hf_weights: bool = True, distill_dim: int = 0) -> CLIP:
+                 load_hf_weights: bool = True, distill_dim: int = 0, coca: Optional[Dict] = None) -> CLIP:
     """Build the (randomly initialised) CLIP a ``ModelConfig`` describes.
 
     ``cfg``: a ``ModelConfig`` or a model name (default knobs). ``arch``: the architecture, when it comes
     from a record rather than ``cfg.name``. ``device='meta'`` counts parameters without memory.
     ``load_hf_weights``: a Hugging Face text tower loads its pretrained weights (off when rebuilding).
     ``distill_dim``: a distillation head to a teacher's embedding width (feature regression across widths).
+    ``coca``: a CoCa's decoder (``{"decoder_layers": n, "n_queries": q}``): the CLIP plus a caption decoder.
     """
     from evaclip.config import ModelConfig
 
@@ -53,10 +55,16 @@ def create_model(cfg, arch: Optional[Variant] = None, device: Optional[Union[str
     with torch.device(device if device is not None else "cpu"):
         trunk = Eva(**variant.vision, num_classes=variant.embed_dim, global_pool="token",
                     patch_drop_rate=cfg.vision.patch_dropout, attn_impl=cfg.vision.attn_impl)
-        model = CLIP(ImageTower(trunk, variant.image_size), _text_tower(variant, cfg.text, load_hf_weights),
-                     variant.embed_dim, init_logit_scale=math.log(1 / cfg.init_temperature),
-                     max_logit_scale=math.log(cfg.max_logit_scale),
-                     init_logit_bias=cfg.init_logit_bias if cfg.use_logit_bias else None, distill_dim=distill_dim)
+        kw = dict(init_logit_scale=math.log(1 / cfg.init_temperature), max_logit_scale=math.log(cfg.max_logit_scale),
+                  init_logit_bias=cfg.init_logit_bias if cfg.use_logit_bias else None, distill_dim=distill_dim)
+        visual, text = ImageTower(trunk, variant.image_size), _text_tower(variant, cfg.text, load_hf_weights)
+        if coca:
+            if not isinstance(text, TextTransformer):
+                raise ValueError("a CoCa needs the CLIP text tower (model.text.kind = 'clip'): its causal token "
+                                 "states are the decoder's input")
+            model = CoCa(visual, text, variant.embed_dim, int(coca["decoder_layers"]), int(coca["n_queries"]), **kw)
+        else:
+            model = CLIP(visual, text, variant.embed_dim, **kw)
     model.set_grad_checkpointing(cfg.vision.grad_checkpointing, cfg.text.grad_checkpointing)
     return model
 
@@ -75,7 +83,7 @@ def create_mim_student(cfg, target_dim: int, arch: Optional[Variant] = None,
 def model_record(cfg, arch: Optional[Variant] = None, extras: Optional[Dict] = None) -> Dict:
     """What a checkpoint / export records to rebuild the model: the ``[model]`` section and the architecture,
     and an objective's ``extras``: a MIM student's head width (``{"mim": {"target_dim": n}}``), a distillation
-    head's (``{"distill": {"target_dim": n}}``)."""
+    head's (``{"distill": {"target_dim": n}}``), a CoCa's decoder (``{"coca": {...}}``)."""
     from evaclip.config import to_dict
 
     variant = arch or get_variant(cfg.name, cfg.model_dir)
@@ -106,4 +114,4 @@ def model_from_record(record: Dict, device: Optional[Union[str, torch.device]] =
     if "mim" in record:
         return create_mim_student(cfg, int(record["mim"]["target_dim"]), variant, device=device)
     return create_model(cfg, variant, device=device, load_hf_weights=False,
-                        distill_dim=int(record.get("distill", {}).get("target_dim", 0)))
+                        distill_dim=int(record.get("distill", {}).get("target_dim", 0)), coca=record.get("coca"))

@@ -133,11 +133,16 @@ class TextTransformer(nn.Module):
         for blk in self.transformer.resblocks:
             blk.attn.attn_impl = impl
 
-    def forward(self, text):  # [B, L] int64
+    def forward_tokens(self, text):  # [B, L] int64 -> (features [B, E], token states [B, L, W])
+        """The features and every position's final state (a CoCa decoder's input: causal, so state t has seen
+        tokens <= t only)."""
         x = self.token_embedding(text) + self.positional_embedding[: text.shape[1]]
         x = self.ln_final(self.transformer(x, causal=True))
         pooled = x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)]  # EOT token
-        return pooled @ self.text_projection
+        return pooled @ self.text_projection, x
+
+    def forward(self, text):  # [B, L] int64
+        return self.forward_tokens(text)[0]
 
 
 class HFTextEncoder(nn.Module):

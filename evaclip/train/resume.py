@@ -15,6 +15,8 @@ RESUME_KEYS = ("model.name", "model.model_dir", "model.text.kind", "model.use_lo
                "data.resampled", "data.crop_scale", "data.hflip", "engine.accum_steps", "engine.zero_stage",
                "run.seed", "objective.kind", "mim.teacher", "mim.teacher_layer", "mim.mask_ratio", "mim.loss_on",
                "distill.teacher", "distill.source", "distill.loss", "distill.teacher_width", "distill.weight", "distill.clip_weight", "distill.temperature",
+               "coca.decoder_layers", "coca.n_queries", "coca.caption_weight", "coca.clip_weight",
+               "coca.label_smoothing",
                "world_size")
 
 

@@ -1,0 +1,172 @@
+"""CoCa (objective.kind = "coca"): the chunked caption cross-entropy against a float64 reference written from the
+formula, generation with the key/value cache against without, the model record, and training runs (accumulation,
+ZeRO-2 on 2 gloo ranks with the ring loss and token dropping, resume)."""
+import json
+import os
+
+import pytest
+import torch
+
+from evaclip.losses.caption import chunked_token_ce
+from tests.test_distributed import torchrun
+
+COCA = ["objective.kind=coca", "coca.decoder_layers=1", "coca.n_queries=4", "coca.ce_chunk=100"]
+
+
+def reference_token_ce(hidden, weight, labels, pad, e):
+    """Per-token (1 - e) * (lse - z_y) + e * (lse - mean z), 0 at padding; float64, explicit exp / log / sums."""
+    z = hidden.double() @ weight.double()  # [n, V]
+    m = z.max(dim=1, keepdim=True).values
+    lse = (m + torch.log(torch.exp(z - m).sum(dim=1, keepdim=True))).squeeze(1)
+    target = torch.stack([z[i, int(y)] for i, y in enumerate(labels)])
+    loss = (1 - e) * (lse - target) + e * (lse - z.sum(dim=1) / z.shape[1])
+    return loss * (labels != pad).double()
+
+
+def ce_inputs(dtype, n=29, w=16, v=50, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, w, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    weight = (torch.randn(w, v, generator=g, dtype=torch.float64) / 2).to(dtype).requires_grad_()
+    labels = torch.randint(1, v, (n,), generator=g)
+    labels[::5] = 0  # padding
+    return hidden, weight, labels, torch.randn(n, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("chunk", [1, 7, 4096])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+def test_chunked_caption_ce_equals_the_float64_reference(smoothing, chunk, dtype, tol):
+    """Per-token values and the gradients of hidden states and projection (under random upstream gradients):
+    float64 <= 1e-12, fp32 <= 1e-6 relative to the largest value; and PyTorch's cross_entropy agrees."""
+    hidden, weight, labels, up = ce_inputs(dtype)
+    got = chunked_token_ce(hidden, weight, labels, 0, smoothing, chunk)
+    (got.double() * up).sum().backward()
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    ref = reference_token_ce(h64, w64, labels, 0, smoothing)
+    (ref * up).sum().backward()
+    for a, b in ((got, ref), (hidden.grad, h64.grad), (weight.grad, w64.grad)):
+        assert (a.double() - b).abs().max().item() <= tol * max(1.0, b.abs().max().item())
+    peer = torch.nn.functional.cross_entropy(h64.detach() @ w64.detach(), labels, ignore_index=0,
+                                             label_smoothing=smoothing, reduction="none")
+    assert torch.allclose(ref.detach(), peer, atol=1e-12)
+
+
+def tiny_coca(seed=0, layers=2, queries=8):
+    from evaclip.models import create_model
+
+    torch.manual_seed(seed)
+    return create_model("EVA02-Ti-8-64", coca={"decoder_layers": layers, "n_queries": queries}).eval()
+
+
+def test_generation_with_the_kv_cache_equals_without():
+    """The cached stepper's logits along a prompt fed in pieces == the whole prefix each time (<= 1e-5); greedy,
+    beam and (peaked) top-p captions are the same token for token."""
+    from evaclip.models.generate import generate
+
+    model, img = tiny_coca(), torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    seq = torch.randint(100, 5000, (3, 9), generator=torch.Generator().manual_seed(2))
+    seq[:, 0] = 49406
+    with torch.no_grad():
+        _, context = model.image_context(img)
+        step = model.caption_stepper(context)
+        diffs = [(step(seq[:, :3]) - model.caption_logits(context, seq[:, :3])).abs().max()]
+        for t in range(3, 9):
+            diffs.append((step(seq[:, t:t + 1]) - model.caption_logits(context, seq[:, :t + 1])).abs().max())
+    assert max(diffs).item() <= 1e-5
+    for method, kw in (("greedy", {}), ("beam", {"beams": 3}), ("top_p", {"temperature": 0.05, "seed": 3})):
+        with_cache = generate(model, img, 49406, 49407, max_len=12, method=method, cache=True, **kw)
+        without = generate(model, img, 49406, 49407, max_len=12, method=method, cache=False, **kw)
+        assert with_cache == without and all(len(c) == 11 or 49407 not in c for c in with_cache), method
+
+
+def test_a_coca_record_rebuilds_the_same_model_and_every_parameter_gets_a_gradient():
+    from evaclip.config import ModelConfig
+    from evaclip.losses import ContrastiveLoss
+    from evaclip.models import CoCa, model_from_record, model_record
+
+    model = tiny_coca().train()
+    record = model_record(ModelConfig(name="EVA02-Ti-8-64"), extras={"coca": {"decoder_layers": 2, "n_queries": 8}})
+    again = model_from_record(json.loads(json.dumps(record)))
+    assert isinstance(again, CoCa)
+    again.load_state_dict(model.state_dict(), strict=True)
+    text = torch.randint(1, 49000, (4, 32))
+    out = model(torch.randn(4, 3, 64, 64), text)
+    assert out["caption_tokens"].tolist() == [31] * 4
+    loss = ContrastiveLoss("clip", "local")(out["image_features"], out["text_features"], out["logit_scale"])
+    (loss + out["caption_nll"].sum()).backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum()] == []
+
+
+def coca_trainer(synth_dir, tmp_path, name="coca", steps=4, extra=()):
+    from evaclip.config import load_config
+    from evaclip.preflight import resolve
+    from evaclip.train import Trainer
+    from tests.conftest import tiny_overrides
+
+    cfg = load_config("demo_cpu", tiny_overrides(synth_dir, str(tmp_path), name, steps, [*COCA, *extra]))
+    return Trainer(cfg, resolve(cfg, 1), log=lambda *a, **k: None)
+
+
+@pytest.mark.parametrize("impl", ["local", "ring"])
+def test_coca_accumulation_equals_the_big_batch(synth_dir, tmp_path, impl):
+    """4 micro-batches of 8 == one batch of 32 (float64, <= 1e-6 after 2 steps, 50% token dropping): each
+    micro-batch's caption loss is weighted by the step's token count, not its own."""
+    from tests.test_train import accumulated_minus_big_batch
+
+    diff = accumulated_minus_big_batch(lambda name, accum: coca_trainer(
+        synth_dir, tmp_path, name, extra=[f"engine.accum_steps={accum}", "engine.grad_clip=0", f"loss.impl={impl}",
+                                          "model.vision.patch_dropout=0.5"]))
+    assert diff <= 1e-6, diff
+
+
+def test_a_coca_run_logs_both_losses_and_resumes(synth_dir, tmp_path):
+    acc = ["checkpoint.every_steps=2", "engine.accum_steps=2"]
+    tr = coca_trainer(synth_dir, tmp_path, steps=3, extra=acc)
+    run = tr.train()["run_dir"]
+    recs = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl")) if "train/loss" in x]
+    assert len(recs) == 3
+    for r in recs:  # clip_weight 1, caption_weight 2 (the defaults)
+        assert abs(r["train/loss"] - r["train/contrastive_loss"] - 2 * r["train/caption_loss"]) < 1e-5 * r["train/loss"]
+    with pytest.raises(Exception, match="coca.decoder_layers"):
+        coca_trainer(synth_dir, tmp_path, steps=4, extra=[*acc, "checkpoint.resume=auto", "coca.decoder_layers=2"]).train()
+    summary = coca_trainer(synth_dir, tmp_path, steps=4, extra=[*acc, "checkpoint.resume=auto"]).train()
+    assert summary["steps"] == 4 and summary["checkpoint"].endswith("step-00000004")
+
+
+@pytest.mark.parametrize("override,needle", [
+    (["model.text.kind=hf", "model.text.hf_path=/nowhere"], "model.text.kind"),
+    (["engine.compile=towers"], "engine.compile"),
+    (["coca.caption_weight=0", "coca.clip_weight=0"], "coca.caption_weight"),
+    (["coca.label_smoothing=1.0"], "coca.label_smoothing"),
+])
+def test_coca_config_errors_name_the_key(synth_dir, tmp_path, override, needle):
+    from evaclip.config import ConfigError
+
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        coca_trainer(synth_dir, tmp_path, extra=override)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_coca_under_zero2_on_two_ranks_with_accumulation_and_the_ring_equals_one_process(synth_dir, tmp_path):
+    """10 steps of DeepSpeed ZeRO-2 + LAMB on 2 gloo ranks, 2 accumulation steps each, ring loss and 50% token
+    dropping == the plain engine in one process on the whole batch with the local loss (<= 1e-6)."""
+    from evaclip.config import load_config
+    from evaclip.preflight import resolve
+    from evaclip.train import Trainer
+    from tests.dist_worker import run_steps, train_overrides
+    from tests.test_distributed import EXACT
+
+    shard = os.path.join(synth_dir, "train", "00000.tar")
+    common = [*COCA, "model.vision.patch_dropout=0.5", "optim.name=lamb", *EXACT]
+    cfg = load_config(None, train_overrides(shard, str(tmp_path / "ref"), ["data.micro_batch_size=8", *common]))
+    tr = Trainer(cfg, resolve(cfg, 1), log=lambda *a, **k: None)
+    ref_losses = run_steps(tr, 0, 1)
+    out = str(tmp_path / "z2.pt")
+    torchrun(["tests/dist_worker.py", "train", out, shard, "engine.kind=deepspeed", "engine.zero_stage=2",
+              "engine.accum_steps=2", "loss.impl=ring", *common])
+    got = torch.load(out)
+    assert max(abs(a - b) for a, b in zip(got["losses"], ref_losses)) <= 1e-5
+    ref = tr.model.state_dict()
+    assert set(got["weights"]) == set(ref)
+    assert max((got["weights"][k].float() - ref[k].float()).abs().max().item() for k in ref) <= 1e-6
