@@ -12,13 +12,14 @@ DEMO_RUN  := runs/demo_cpu
 
 FLYWHEEL_SEEDS ?= 0 1 2
 
-.PHONY: setup demo flywheel distill test test-cluster test-fast bench lint lock clean help
+.PHONY: setup demo flywheel distill coca test test-cluster test-fast bench lint lock clean help
 
 help:
 	@echo "make setup      create .venv and install the pinned stack (CPU torch) + evaclip"
 	@echo "make demo       synth data -> train -> zero-shot eval -> open_clip export (+ reload check)"
 	@echo "make flywheel   CLIP teacher -> MIM student -> CLIP from it vs from scratch (runs/flywheel/summary.json)"
 	@echo "make distill    a smaller student distilled from the demo CLIP vs from scratch, 3 seeds (runs/distill/summary.md)"
+	@echo "make coca       the CoCa demo vs the CLIP demo, 3 seeds: held-out captions and zero-shot top-1 (runs/coca/summary.md)"
 	@echo "make test       the whole test suite (CPU; includes slow end-to-end and 2-process tests)"
 	@echo "make test-cluster  the cluster tier: a real two-node Slurm on this machine (root), sbatch / requeue / torchrun"
 	@echo "make test-fast  tests without the slow end-to-end ones"
@@ -60,6 +61,10 @@ distill: setup
 	test -f $(DEMO_DATA)/recipe.toml || $(BIN)/evaclip data synth --out $(DEMO_DATA)
 	$(BIN)/python -m evaclip.distill_study --data $(DEMO_DATA) --teacher $(DEMO_RUN) --out runs/distill \
 		--seeds 0 1 2
+
+coca: setup
+	test -f $(DEMO_DATA)/recipe.toml || $(BIN)/evaclip data synth --out $(DEMO_DATA)
+	$(BIN)/python -m evaclip.coca_study --data $(DEMO_DATA) --out runs/coca --seeds 0 1 2
 
 test: setup
 	$(BIN)/python -m pytest -q -m "not cluster" tests

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from bench.common import REPO, fmt_ms  # noqa: E402
 
 SECTIONS = ("train_step", "token_drop", "compiled", "loss", "optimizer", "data", "eval", "score", "filter", "mim",
-            "distill")
+            "distill", "coca")
 
 
 def prepare(cache: str, quick: bool):
@@ -52,7 +52,7 @@ def prepare(cache: str, quick: bool):
 
 
 def run_all(sections, quick: bool, cache: str):
-    from bench import data_pipeline, distill_step, loss_memory, micro, train_step
+    from bench import coca_step, data_pipeline, distill_step, loss_memory, micro, train_step
 
     reps = 2 if quick else 5
     paths = prepare(cache, quick)
@@ -88,6 +88,8 @@ def run_all(sections, quick: bool, cache: str):
         res["distill"] = distill_step.run(os.path.join(synth, "recipe.toml"), synth, paths["export"], cache,
                                           steps=10 if quick else 60, batch=16 if quick else 64,
                                           rounds=1 if quick else 4, augmentations=2 if quick else 10)
+    if "coca" in sections:
+        res["coca"] = coca_step.run(reps=2 if quick else 5, batch=8 if quick else 64)
     res["_seconds"] = time.time() - t0
     return res
 
@@ -283,6 +285,10 @@ def markdown(res, meta) -> str:
                 "|---|---|---|---|---|",
                 f"| {ms(d['clip'])} | {ms(d['online'])} | {ms(d['offline'])} | {d['online_over_clip']:.2f}x | "
                 f"**{d['offline_over_clip']:.2f}x** (target <= 1.1x) |", ""]
+    if "coca" in res:
+        from bench.coca_step import markdown as coca_markdown
+
+        out += coca_markdown(res["coca"])
     out.append(f"Total benchmark time: {res['_seconds'] / 60:.1f} min.")
     return "\n".join(out) + "\n"
 

@@ -18,7 +18,7 @@ import statistics
 import sys
 from typing import Dict, List
 
-from evaclip.study import demo_teacher, publish, retrieval_r5, train_run, warmup
+from evaclip.study import check_demo_data, demo_teacher, publish, retrieval_r5, train_run, warmup
 
 
 def run(data: str, teacher: str, out: str, seeds: List[int], steps: int, dataset: str = "synth_shapes",
@@ -76,8 +76,9 @@ def main(argv=None) -> int:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="settings for both arms, e.g. "
                    "distill.weight=2")
     a = p.parse_args(argv)
-    if not os.path.exists(os.path.join(a.data, "recipe.toml")):
-        print(f"{a.data} holds no synthetic data: run `evaclip data synth --out {a.data}` first", file=sys.stderr)
+    problem = check_demo_data(a.data)
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
     run(a.data, a.teacher, a.out, a.seeds, a.steps, overrides=a.set)
     return 0

@@ -60,7 +60,7 @@ def load_registry(path: Optional[str] = None) -> Dict[str, DatasetEntry]:
     for d in reg.dataset:
         if d.name in out:
             raise ConfigError(f"{path}: dataset {d.name!r} listed twice")
-        if d.task not in ("zeroshot_classification", "zeroshot_retrieval"):
+        if d.task not in ("zeroshot_classification", "zeroshot_retrieval", "captioning"):
             raise ConfigError(f"{path}: dataset {d.name}: unknown task {d.task!r}")
         if d.transform not in ("center_crop", "squash"):
             raise ConfigError(f"{path}: dataset {d.name}: transform must be center_crop or squash")
@@ -129,7 +129,6 @@ def run_suite(enc, entries: List[DatasetEntry], datasets_root: str, device, batc
     rank 0 alone writes files."""
 
     from evaclip.data.transforms import eval_transform
-    from evaclip.zeroshot import evaluate as eval_one
 
     results, writer = [], shard[0] == 0
     out_dir = out_dir if writer else None
@@ -148,11 +147,9 @@ def run_suite(enc, entries: List[DatasetEntry], datasets_root: str, device, batc
         bar = progress_factory(e.name) if progress_factory else None
         t0 = time.time()
         try:
-            metrics, clf = eval_one(enc.encode_image, enc.encode_text, enc.tokenizer, evalset, transform, device,
-                                    batch_size,
-                                    templates=tpls, classnames=names, classifier=classifier,
-                                    progress=bar.update if bar is not None else None, workers=workers, shard=shard,
-                                    gather=gather)
+            metrics, clf, extra = _evaluate(e.task, enc, evalset, transform, device, batch_size, dict(
+                templates=tpls, classnames=names, classifier=classifier, workers=workers, shard=shard, gather=gather,
+                progress=bar.update if bar is not None else None))
         except Exception as err:  # noqa: BLE001 - one bad dataset must not cost the others their results
             if strict:
                 raise
@@ -169,8 +166,24 @@ def run_suite(enc, entries: List[DatasetEntry], datasets_root: str, device, batc
         if skipped:
             log(f"  {e.name}: skipped {sum(skipped.values())} unreadable samples {skipped}")
         results.append(_done(dict(base, metrics=metrics, status="ok", skipped=skipped,
-                                  seconds=round(time.time() - t0, 2)), out_dir))
+                                  seconds=round(time.time() - t0, 2), **extra), out_dir))
     return results
+
+
+def _evaluate(task: str, enc, evalset, transform, device, batch_size: int, kw: Dict) -> tuple:
+    """(metrics, the zero-shot classifier or None, extra result fields) of one dataset: a CoCa's captions against
+    the dataset's for the captioning task (``evaclip.caption_eval``), CLIP_benchmark's tasks otherwise."""
+    from evaclip.zeroshot import evaluate as eval_one
+
+    if task == "captioning":
+        from evaclip.caption_eval import caption_function, evaluate_captions
+
+        metrics, extra = evaluate_captions(caption_function(enc.module, device), evalset, transform, batch_size,
+                                           kw["progress"], kw["workers"], kw["shard"], kw["gather"])
+        return metrics, None, extra
+    metrics, clf = eval_one(enc.encode_image, enc.encode_text, enc.tokenizer, evalset, transform, device, batch_size,
+                            **kw)
+    return metrics, clf, {}
 
 
 def _open_or_missing(e: DatasetEntry, root: str, strict: bool, log):
@@ -258,8 +271,11 @@ def compare(files: List[str]) -> str:
 
 
 def headline(r: Dict) -> Optional[float]:
-    """The metric a table shows for a result: top-1 for classification, mean recall@5 for retrieval."""
+    """The metric a table shows for a result: top-1 for classification, mean recall@5 for retrieval, CIDEr for
+    captioning."""
     m = r.get("metrics") or {}
+    if "cider" in m:
+        return m["cider"]
     if "acc1" in m:
         return m["acc1"]
     if "image_retrieval_recall@5" in m:
@@ -273,10 +289,10 @@ def table(results: List[Dict]) -> str:
     vals = []
     for r in results:
         v = headline(r)
-        metric = "acc1" if r["task"] == "zeroshot_classification" else "mean R@5"
+        metric = {"zeroshot_classification": "acc1", "captioning": "CIDEr x 100"}.get(r["task"], "mean R@5")
         lines.append(f"| {r['dataset']} | {r['task'].replace('zeroshot_', '')} | {metric} | "
                      f"{r['status'] if v is None else f'{100 * v:.2f}'} |")
-        if v is not None:
+        if v is not None and r["task"] != "captioning":  # the average is of accuracies and recalls
             vals.append(v)
     if vals:
         lines.append(f"| **average** ({len(vals)}) | | | **{100 * sum(vals) / len(vals):.2f}** |")

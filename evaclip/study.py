@@ -20,6 +20,26 @@ def train_run(experiment: str, overrides: List[str]) -> Dict:
     return result
 
 
+def check_demo_data(data: str) -> str:
+    """The error of a study pointed at other data than `evaclip data synth`'s default (a smaller set a test or a
+    trial wrote would make every figure of the study meaningless), or "" when it is the default's size."""
+    import inspect
+
+    from evaclip.data.recipes import load_recipe
+    from evaclip.data.synth import write_all
+
+    recipe = os.path.join(data, "recipe.toml")
+    if not os.path.exists(recipe):
+        return f"{data} holds no synthetic data: run `evaclip data synth --out {data}` first"
+    defaults = inspect.signature(write_all).parameters
+    want = defaults["shards"].default * defaults["per_shard"].default
+    have = sum(s.samples for s in load_recipe(recipe).source)
+    if have != want:
+        return (f"{data} holds {have} training samples, not the {want} of `evaclip data synth`'s default: the study's "
+                f"figures are for the embedded default (rm -r {data} && evaclip data synth --out {data})")
+    return ""
+
+
 def warmup(steps: int) -> str:
     """10% of the steps (at most 15, demo_cpu's), for stages shorter than the experiments' defaults."""
     return f"schedule.warmup_steps={max(1, min(15, steps // 10))}" if steps > 1 else "schedule.warmup_steps=0"

@@ -216,7 +216,7 @@ def open_dataset(layout: str, root: str, split: str = "test") -> EvalSet:
     return LAYOUTS[layout](root, split)
 
 
-def _prefetch(gen: Iterator, depth: int = 2) -> Iterator:
+def prefetch(gen: Iterator, depth: int = 2) -> Iterator:
     """Run a (reading + decoding) generator in a thread so it overlaps the model's forward passes (PIL
     decoding and torch ops both release the GIL)."""
     import queue
@@ -243,7 +243,7 @@ def _prefetch(gen: Iterator, depth: int = 2) -> Iterator:
         yield item
 
 
-def _batches(it: Iterator, transform, batch_size: int, workers: int = 0):
+def image_batches(it: Iterator, transform, batch_size: int, workers: int = 0):
     """Transformed image batches; with ``workers`` > 0 the transforms run in a thread pool (in order)."""
     pool = None
     if workers > 0:
@@ -283,7 +283,7 @@ def evaluate(encode_image: Callable, encode_text: Callable, tokenizer, evalset: 
     encodes its share of the images (and of the classes), the outputs are gathered and put back in the
     dataset's order, and every rank computes the same metrics a single process would; ``evalset.skipped``
     becomes the total over the ranks."""
-    batches = _prefetch(_batches(evalset.samples(shard), transform, batch_size, workers))
+    batches = prefetch(image_batches(evalset.samples(shard), transform, batch_size, workers))
     if evalset.task == CLASSIFICATION:
         return _classify(encode_image, encode_text, tokenizer, evalset, batches, device, templates, classnames,
                          classifier, progress, shard, gather)
@@ -309,7 +309,7 @@ def _classify(encode_image, encode_text, tokenizer, evalset: EvalSet, batches, d
             progress(len(labels))
     parts = gather((index, torch.cat(logits) if logits else torch.zeros(0, classifier.shape[1]), targets,
                     dict(evalset.skipped)))
-    _total_skips(evalset, parts)
+    total_skips(evalset, parts)
     index = [i for p in parts for i in p[0]]
     if not index:
         raise ValueError("no readable image in the dataset")
@@ -337,7 +337,7 @@ def _retrieve(encode_image, encode_text, tokenizer, evalset: EvalSet, batches, d
             progress(len(caps))
     parts = gather((index, n_caps, torch.cat(img_emb) if img_emb else None, torch.cat(txt_emb) if txt_emb else None,
                     dict(evalset.skipped)))
-    _total_skips(evalset, parts)
+    total_skips(evalset, parts)
     # back to the dataset's order: images by index, each image's captions after it (ties break by index)
     pieces = []
     for idx, counts, im, tx, _ in parts:
@@ -352,7 +352,7 @@ def _retrieve(encode_image, encode_text, tokenizer, evalset: EvalSet, batches, d
     return retrieval_metrics(torch.stack([p[1] for p in pieces]), torch.cat([p[2] for p in pieces]), owner)
 
 
-def _total_skips(evalset: EvalSet, parts) -> None:
+def total_skips(evalset: EvalSet, parts) -> None:
     total: Counter = Counter()
     for p in parts:
         total.update(p[-1])

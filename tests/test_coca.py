@@ -1,6 +1,7 @@
 """CoCa (objective.kind = "coca"): the chunked caption cross-entropy against a float64 reference written from the
 formula, generation with the key/value cache against without, the model record, and training runs (accumulation,
 ZeRO-2 on 2 gloo ranks with the ring loss and token dropping, resume)."""
+import glob
 import json
 import os
 
@@ -170,3 +171,96 @@ def test_coca_under_zero2_on_two_ranks_with_accumulation_and_the_ring_equals_one
     ref = tr.model.state_dict()
     assert set(got["weights"]) == set(ref)
     assert max((got["weights"][k].float() - ref[k].float()).abs().max().item() for k in ref) <= 1e-6
+
+
+# ------------------------------------------------------------------------------------- export and captioning
+@pytest.fixture(scope="module")
+def coca_run(synth_dir, tmp_path_factory):
+    return coca_trainer(synth_dir, tmp_path_factory.mktemp("cocarun"), steps=2).train()["run_dir"]
+
+
+def test_a_coca_export_loads_in_open_clip_and_captions_like_its_run(coca_run, synth_dir, tmp_path):
+    """`evaclip export --verify` (open_clip loads the CLIP strictly, embeddings equal) writes the decoder into
+    caption_decoder/; `evaclip caption` on the export writes the run's own captions, one JSON line per image."""
+    from evaclip.captioning import iter_images, load_captioner
+    from tests.conftest import run_cli
+
+    exp, shard = str(tmp_path / "exp"), os.path.join(synth_dir, "zeroshot", "synth_shapes", "test", "0.tar")
+    r = run_cli(["export", coca_run, "--out", exp, "--verify"])
+    assert r.returncode == 0, r.stderr
+    assert os.path.exists(os.path.join(exp, "caption_decoder", "model.safetensors"))
+    images = [im for _, im in iter_images([shard])][:8]
+    assert load_captioner(exp).caption(images, "beam") == load_captioner(coca_run).caption(images, "beam")
+    out = str(tmp_path / "caps.jsonl")
+    r = run_cli(["caption", "--model", exp, shard, "--out", out, "--batch-size", "16"])
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(x) for x in open(out)]
+    assert len(lines) == sum(1 for _ in iter_images([shard])) and all(set(x) == {"image", "caption"} for x in lines)
+
+
+def test_caption_skips_unreadable_images_and_refuses_a_model_without_a_decoder(coca_run, mim_teacher, tmp_path):
+    from PIL import Image
+
+    from tests.conftest import run_cli
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(folder / "good.png")
+    (folder / "bad.jpg").write_bytes(b"not an image")
+    r = run_cli(["caption", "--model", coca_run, str(folder)])
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(x)["image"] for x in r.stdout.splitlines()] == [str(folder / "good.png")]
+    assert "skipped (unreadable image)" in r.stderr and "bad.jpg" in r.stderr
+    r = run_cli(["caption", "--model", mim_teacher, str(folder)])
+    assert r.returncode != 0 and "caption_decoder" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_caption_accuracy_scores_every_held_out_image_and_the_studies_refuse_other_data(coca_run, synth_dir, tmp_path):
+    from evaclip import coca_study, distill_study
+    from evaclip.captioning import iter_images
+
+    shapes = os.path.join(synth_dir, "zeroshot", "synth_shapes")
+    acc = coca_study.caption_accuracy(coca_run, shapes)
+    assert acc["images"] == sum(1 for _ in iter_images(glob.glob(os.path.join(shapes, "test", "*.tar"))))
+    assert 0.0 <= acc["accuracy"] <= 1.0 and len(acc["examples"]) == 6
+    for study in (coca_study, distill_study):  # the test data is smaller than `evaclip data synth`'s default
+        assert study.main(["--data", synth_dir, "--out", str(tmp_path / "s")]) == 2
+
+
+def test_caption_scores_are_pycocoevalcaps_on_lowercased_words():
+    """A caption equal to a reference scores BLEU-4 1 and ROUGE-L 1 whatever its case and punctuation; a caption
+    sharing no word scores 0; the figures are pycocoevalcap's scorers' on the normalised words."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    from evaclip.caption_eval import caption_scores
+
+    refs = {0: ["a red circle in the top left", "red circle, top left"], 1: ["a big blue square"],
+            2: ["the green cross sits in the middle"]}
+    preds = {0: "A red circle in the top-left.", 1: "yellow triangle", 2: "the green cross in the middle"}
+    metrics, skipped = caption_scores(preds, refs)
+    assert "spice" in skipped and ("meteor" in metrics) != ("meteor" in skipped)
+    gts = {0: ["a red circle in the top left", "red circle top left"], 1: ["a big blue square"],
+           2: ["the green cross sits in the middle"]}
+    res = {0: ["a red circle in the top left"], 1: ["yellow triangle"], 2: ["the green cross in the middle"]}
+    assert metrics["bleu4"] == pytest.approx(Bleu(4).compute_score(gts, res, verbose=0)[0][3], abs=1e-12)
+    assert metrics["cider"] == pytest.approx(Cider().compute_score(gts, res)[0], abs=1e-12)
+    alone, _ = caption_scores({0: preds[0]}, refs)
+    assert alone["bleu4"] == pytest.approx(1.0, abs=1e-6) and alone["rouge_l"] == pytest.approx(1.0)
+    none, _ = caption_scores({1: preds[1]}, refs)
+    assert none["bleu1"] < 1e-6 and none["rouge_l"] == 0.0
+
+
+def test_the_captions_suite_scores_a_coca_and_names_a_clip_as_the_error(coca_run, mim_teacher, synth_dir, tmp_path):
+    from tests.conftest import run_cli
+
+    root = os.path.join(synth_dir, "zeroshot")
+    r = run_cli(["eval", "--checkpoint", coca_run, "--suite", "captions", "--datasets-root", root,
+                 "--out", str(tmp_path / "ev")])
+    assert r.returncode == 0, r.stderr
+    (res,) = [json.load(open(p)) for p in glob.glob(str(tmp_path / "ev" / "*.json")) if "synth_captions" in p]
+    assert res["status"] == "ok" and res["task"] == "captioning"
+    assert {"bleu4", "rouge_l", "cider"} <= set(res["metrics"]) and "spice" in res["skipped_metrics"]
+    r = run_cli(["eval", "--model", "open_clip:export", "--pretrained", mim_teacher, "--suite", "captions",
+                 "--datasets-root", root, "--out", str(tmp_path / "ev2")])
+    assert "no caption decoder" in r.stdout + r.stderr

@@ -1,4 +1,4 @@
-"""``evaclip`` command line: train, eval, export, data, models, plan. Thin: parse, build, call; a module per command."""
+"""``evaclip`` command line: train, eval, export, caption, data, models, plan. Thin: parse, build, call; a module per command."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +8,7 @@ import sys
 import textwrap
 from typing import List, Optional
 
-from evaclip.cli import data, evaluate, export, models, plan, train
+from evaclip.cli import caption, data, evaluate, export, models, plan, train
 from evaclip.cli.common import FORMATTER
 from evaclip.errors import StopInterrupt, UserError
 
@@ -22,10 +22,11 @@ def build_parser() -> argparse.ArgumentParser:
           evaclip train demo_cpu data.root=data/synth               # train (overrides: optim.lr=3e-4 ...)
           evaclip eval --checkpoint runs/demo_cpu --suite quick --datasets-root data/synth/zeroshot
           evaclip export runs/demo_cpu --out exports/demo --verify  # open_clip folder (+ timm image tower)
+          evaclip caption --model runs/coca_demo_cpu photos/         # captions from a CoCa run or export
         """))
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
-    for command in (train, evaluate, export, data, models, plan):
+    for command in (train, evaluate, export, caption, data, models, plan):
         command.add_parser(sub)
     return p
 

@@ -33,6 +33,8 @@ from evaclip.models.registry import Variant, timm_pretrained_cfg
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TIMM_DIR = "timm_image_tower"
+DECODER_DIR = "caption_decoder"  # a CoCa export: the decoder and its pooler (`evaclip caption` loads them)
+DECODER_KEYS = ("decoder.", "decoder_pool.")
 
 
 _HF_POOLERS = {"mean": "mean_pooler"}  # open_clip's cls_pooler prefers BERT's pooler_output: not our "cls"
@@ -114,12 +116,35 @@ def export_open_clip(state_dict: Dict[str, torch.Tensor], record: Dict, out_dir:
     check_target(out_dir, replace)
     tmp = final.rstrip("/") + ".tmp-export"
     shutil.rmtree(tmp, ignore_errors=True)
-    # a distillation head is training-only: the export is the CLIP without it
-    state_dict = {k: v for k, v in state_dict.items() if not k.startswith("distill_head.")}
-    record = {k: v for k, v in record.items() if k != "distill"}
+    # a distillation head is training-only: the export is the CLIP without it; a CoCa's decoder and its
+    # pooler go into their own folder (open_clip's CustomTextCLIP has no place for them)
+    decoder = {k: v for k, v in state_dict.items() if k.startswith(DECODER_KEYS)}
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(("distill_head.", *DECODER_KEYS))}
+    coca = record.get("coca")
+    record = {k: v for k, v in record.items() if k not in ("distill", "coca")}
     written = _write_export(state_dict, copy.deepcopy(record), tmp, final, dtype, tower, source)
+    if coca and tower == "both":
+        written["caption_decoder"] = _write_decoder(decoder, coca, tmp, dtype)
+        with open(os.path.join(tmp, "README.md"), "a") as f:
+            f.write(_LOAD_DECODER)
     replace_dir(tmp, final)
     return {k: v.replace(tmp, final) for k, v in written.items()}
+
+
+def _write_decoder(decoder: Dict[str, torch.Tensor], coca: Dict, out_dir: str, dtype: str) -> str:
+    """``caption_decoder/``: the CoCa decoder's weights (evaclip keys ``decoder.*``, ``decoder_pool.*``) and its
+    shape (``config.json``: the model record's ``coca`` part), what `evaclip caption` adds to the exported CLIP."""
+    from safetensors.torch import save_file
+
+    folder = os.path.join(out_dir, DECODER_DIR)
+    os.makedirs(folder)
+    save_file({k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in decoder.items()},
+              os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({"coca": coca}, f, indent=2)
+    for name in os.listdir(folder):
+        os.chmod(os.path.join(folder, name), 0o644)
+    return folder
 
 
 def _write_export(state_dict, record, out_dir: str, final: str, dtype: str, tower: str, source) -> Dict[str, str]:
@@ -217,6 +242,18 @@ import timm
 tower = timm.create_model("local-dir:<this folder>/timm_image_tower", pretrained=True)
 ```
 A CLIP run starts from it with `model.vision.init = "<this folder>"` (or the MIM run dir itself).
+"""
+_LOAD_DECODER = """
+## Caption decoder (a CoCa run)
+
+`caption_decoder/` holds the CoCa decoder and the attentional pooler that feeds it (`model.safetensors`, evaclip
+keys `decoder.*`, `decoder_pool.*`; `config.json`, their shape). open_clip loads the CLIP above without them:
+open_clip's own `CoCa` needs its ViT with `output_tokens` and its `TimmModel` returns pooled features only, so it
+cannot run this decoder on the EVA tower. evaclip can:
+
+```
+evaclip caption --model <this folder> image.jpg more_images/ shards-{{000..009}}.tar
+```
 """
 _README = {"mim": _HEAD + _LOAD_MIM, "both": _HEAD + _LOAD_BOTH + _LOAD_IMAGE, "image": _HEAD + _LOAD_IMAGE, "text": _HEAD + _LOAD_TEXT}
 

@@ -11,15 +11,19 @@ from evaclip import dist as edist
 from evaclip.data.transforms import make_tokenizer
 from evaclip.encoders import Encoders
 from evaclip.evalsuite import load_suite, run_suite, within, write_results
-from evaclip.models import create_model
+from evaclip.models import model_from_record, model_record
 
 
 class Evaluator:
     """``evaluator(engine, step)`` -> {"zeroshot/<dataset>/<metric>": value}; {} when no suite is set."""
 
-    def __init__(self, eval_cfg, model_cfg, variant, data_root: str, run_dir: str, device: torch.device, log):
+    def __init__(self, eval_cfg, model_cfg, variant, data_root: str, run_dir: str, device: torch.device, log,
+                 extras: Dict = None):
+        """``extras``: the objective's ``model_extras`` (a CoCa decoder, a distillation head): what rebuilds the
+        trained model's plain copy under ZeRO-3."""
         self.cfg, self.model_cfg, self.variant, self.run_dir, self.device, self.log = \
             eval_cfg, model_cfg, variant, run_dir, device, log
+        self.extras = extras or {}
         self.entries = load_suite(eval_cfg.suite) if eval_cfg.suite else None
         self.datasets_root = eval_cfg.datasets_root.replace("{root}", data_root)
 
@@ -36,7 +40,7 @@ class Evaluator:
             with engine.full_weights() as m:
                 sd = {k: v.detach().to("cpu", copy=True) for k, v in m.state_dict().items()} if edist.is_main() else None
             if edist.is_main():
-                model = create_model(self.model_cfg, self.variant, load_hf_weights=False)
+                model = model_from_record(model_record(self.model_cfg, self.variant, self.extras))
                 model.load_state_dict(sd)
                 model.to(self.device).eval()
                 dtype = torch.float32
@@ -47,7 +51,7 @@ class Evaluator:
                            within(engine.autocast, lambda t: model.encode_text(t, normalize=False)),
                            make_tokenizer(v.context_length, self.model_cfg.text.kind, self.model_cfg.text.hf_path),
                            v.image_size, v.mean, v.std, v.interpolation, v.name, f"{self.run_dir}@step{step}",
-                           identity="")
+                           identity="", module=model)  # the module: a CoCa's captions (suite task captioning)
             results = run_suite(enc, self.entries, self.datasets_root, self.device, c.batch_size, log=self.log,
                                 workers=c.workers, shard=shard, gather=gather)
             if edist.is_main():

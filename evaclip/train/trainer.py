@@ -101,7 +101,8 @@ class Trainer:
         self.sample_log = SampleLossLog(self.run_dir, r, self.step, w) if cfg.log.sample_loss else None
         self.key_log = KeyLog(self.run_dir, r, self.step, w) if cfg.data.log_keys else None
         # 8. evaluator, logger, signals
-        self.evaluator = Evaluator(cfg.eval, cfg.model, self.variant, cfg.data.root, self.run_dir, self.device, self.log)
+        self.evaluator = Evaluator(cfg.eval, cfg.model, self.variant, cfg.data.root, self.run_dir, self.device, self.log,
+                                   self.objective.model_extras)
         self.logger = MetricLogger(self.run_dir, cfg.log, enabled=edist.is_main(), run_name=cfg.run.name,
                                    config=to_dict(cfg))
         self.stops = StopRequests(self.run_dir, self.log, waiting=lambda: self.data.waiting)
