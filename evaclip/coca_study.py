@@ -32,7 +32,7 @@ def caption_accuracy(run_dir: str, shapes_dir: str, batch_size: int = 64) -> Dic
     labels = {s["__key__"]: classes[int(s["cls"])] for sh in shards for s in iter_tar_samples(sh)}
     cap = load_captioner(run_dir)
     items = [(k, im) for k, im in iter_images(shards) if im is not None]
-    right, examples = 0, []
+    right, colour_right, shape_right, examples = 0, 0, 0, []
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
         for (key, _), text in zip(chunk, cap.caption([im for _, im in chunk])):
@@ -41,9 +41,13 @@ def caption_accuracy(run_dir: str, shapes_dir: str, batch_size: int = 64) -> Dic
             ok = (colour in words and shape in words and not (words & set(COLOURS)) - {colour}
                   and not (words & set(SHAPES)) - {shape})
             right += ok
+            colour_right += colour in words
+            shape_right += shape in words
             if len(examples) < 6:
                 examples.append({"label": labels[key], "caption": text, "right": bool(ok)})
-    return {"accuracy": right / max(len(items), 1), "images": len(items), "examples": examples}
+    n = max(len(items), 1)
+    return {"accuracy": right / n, "colour_named": colour_right / n, "shape_named": shape_right / n,
+            "images": len(items), "examples": examples}
 
 
 def run(data: str, out: str, seeds: List[int], steps: int, overrides: List[str] = ()) -> Dict:
@@ -54,9 +58,9 @@ def run(data: str, out: str, seeds: List[int], steps: int, overrides: List[str] 
         arm = common + [f"run.seed={seed}", f"run.steps={steps}", "eval.every_steps=0",
                         f"checkpoint.every_steps={steps}", warmup(steps)]
         print(f"[coca] seed {seed}: CoCa ({steps} steps)", flush=True)
-        coca = train_run("coca_demo_cpu", arm + [f"run.name=seed{seed}/coca"])
+        coca = train_run("coca_demo_cpu", arm + [f"run.name=seed{seed}/coca"], reuse=True)
         print(f"[coca] seed {seed}: the CLIP demo ({steps} steps)", flush=True)
-        clip = train_run("demo_cpu", arm + [f"run.name=seed{seed}/clip"])
+        clip = train_run("demo_cpu", arm + [f"run.name=seed{seed}/clip"], reuse=True)
         captions = caption_accuracy(coca["run_dir"], shapes)
         print(f"[coca] seed {seed}: captions right on {captions['accuracy']:.1%} of {captions['images']} images; "
               f"e.g. {captions['examples'][:3]}", flush=True)
@@ -72,9 +76,12 @@ def run(data: str, out: str, seeds: List[int], steps: int, overrides: List[str] 
 
 
 def _table(s: Dict) -> str:
-    rows = ["| seed | caption right | top-1 CoCa | top-1 CLIP | gap | wall s (CoCa / CLIP) |", "|---|---|---|---|---|---|"]
+    rows = ["| seed | caption right | colour named | shape named | top-1 CoCa | top-1 CLIP | gap | wall s (CoCa / CLIP) |",
+            "|---|---|---|---|---|---|---|---|"]
     for a in s["seeds"]:
-        rows.append(f"| {a['seed']} | {a['captions']['accuracy']:.1%} | {a['top1_coca']:.4f} | {a['top1_clip']:.4f} | "
+        c = a["captions"]
+        rows.append(f"| {a['seed']} | {c['accuracy']:.1%} | {c['colour_named']:.1%} | {c['shape_named']:.1%} | "
+                    f"{a['top1_coca']:.4f} | {a['top1_clip']:.4f} | "
                     f"{a['top1_coca'] - a['top1_clip']:+.4f} | {a['wall_s']['coca']:.0f} / {a['wall_s']['clip']:.0f} |")
     head = (f"CoCa demo vs CLIP demo (EVA02-Ti-8-64), {s['steps']} steps each"
             f"{' (' + ' '.join(s['overrides']) + ')' if s['overrides'] else ''}: held-out captions naming the right "

@@ -74,7 +74,8 @@ def read_metrics(path: str) -> List[Dict]:
 
 
 def plot_run(run_dir: str, out: Optional[str] = None) -> Optional[str]:
-    """plots.png: training loss, learning rates, logit scale (MIM: gradient norm), zero-shot metrics over steps."""
+    """plots.png: training loss (and an objective's terms), learning rates, logit scale (MIM: gradient norm),
+    zero-shot metrics over steps."""
     recs = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
     if not recs:
         return None
@@ -90,7 +91,12 @@ def plot_run(run_dir: str, out: Optional[str] = None) -> Optional[str]:
     zs_keys = sorted({k for r in recs for k in r if k.startswith("zeroshot/") and k.endswith(("/acc1", "recall@1"))})
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
     ax = axes[0][0]
-    ax.plot(*series("train/loss"), lw=1)
+    ax.plot(*series("train/loss"), lw=1, label="loss")
+    parts = sorted({k for r in recs for k in r if k.startswith("train/") and k.endswith("_loss")})
+    for k in parts:  # an objective's terms (CoCa: contrastive and caption; distillation: clip and distill)
+        ax.plot(*series(k), lw=1, label=k[len("train/"):])
+    if parts:
+        ax.legend(fontsize=8)
     for r in recs:  # loss-spike rollbacks: where the spike began and where the run went back to
         if "rollback/spike_step" in r:
             ax.axvspan(r["rollback/to_step"], r["step"], color="tab:red", alpha=0.15)

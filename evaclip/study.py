@@ -7,16 +7,32 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 
-def train_run(experiment: str, overrides: List[str]) -> Dict:
-    """Train a shipped experiment with dotted overrides in this process; its result with the wall time."""
+def train_run(experiment: str, overrides: List[str], reuse: bool = False) -> Dict:
+    """Train a shipped experiment with dotted overrides in this process; its result with the wall time.
+    ``reuse``: a run already finished in that run dir (a study rerun after a crash) is read back, not trained."""
+    import json
+
     from evaclip.config import load_config
+    from evaclip.metrics import read_metrics
     from evaclip.preflight import resolve
     from evaclip.train import Trainer
 
     cfg = load_config(experiment, overrides)
+    derived = resolve(cfg)
+    wall_file = os.path.join(derived.run_dir, "study_wall_s.json")
+    if reuse and finished(derived.run_dir) and os.path.exists(wall_file):
+        recs = [r for r in read_metrics(os.path.join(derived.run_dir, "metrics.jsonl")) if any(
+            k.startswith("zeroshot/") for k in r)]
+        print(f"[study] {derived.run_dir}: finished before, read back", flush=True)
+        with open(wall_file) as f:
+            wall = json.load(f)["wall_s"]
+        return {"run_dir": derived.run_dir, "zeroshot": {k: v for k, v in recs[-1].items() if k.startswith(
+            "zeroshot/")} if recs else {}, "wall_s": wall}
     t = time.time()
-    result = Trainer(cfg, resolve(cfg)).train()
+    result = Trainer(cfg, derived).train()
     result["wall_s"] = round(time.time() - t, 1)
+    with open(wall_file, "w") as f:
+        json.dump({"wall_s": result["wall_s"]}, f)
     return result
 
 

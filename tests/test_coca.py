@@ -139,6 +139,7 @@ def test_a_coca_run_logs_both_losses_and_resumes(synth_dir, tmp_path):
     (["engine.compile=towers"], "engine.compile"),
     (["coca.caption_weight=0", "coca.clip_weight=0"], "coca.caption_weight"),
     (["coca.label_smoothing=1.0"], "coca.label_smoothing"),
+    (["distill.teacher=/x"], "distill.teacher"),
 ])
 def test_coca_config_errors_name_the_key(synth_dir, tmp_path, override, needle):
     from evaclip.config import ConfigError
@@ -264,3 +265,78 @@ def test_the_captions_suite_scores_a_coca_and_names_a_clip_as_the_error(coca_run
     r = run_cli(["eval", "--model", "open_clip:export", "--pretrained", mim_teacher, "--suite", "captions",
                  "--datasets-root", root, "--out", str(tmp_path / "ev2")])
     assert "no caption decoder" in r.stdout + r.stderr
+
+
+# ------------------------------------------------------------------------------------------------ CapFilt
+def capfilt_run(coca_run, shard, out, keep="best", threshold=0.0, captions=2):
+    from evaclip.captioning import load_captioner
+    from evaclip.curation.capfilt import capfilt
+    from evaclip.encoders import load_source
+
+    cap, scorer = load_captioner(coca_run), load_source(coca_run)
+    settings = {"captioner": coca_run, "scorer": "", "scorer_identity": scorer.identity, "captions": captions,
+                "top_p": 0.9, "max_len": 8, "keep": keep, "threshold": threshold, "seed": 0}
+    return capfilt(shard, "", cap, scorer, out, settings, batch_size=32, workers=0), scorer
+
+
+def read_shard(path):
+    from evaclip.data.shards import iter_tar_samples
+
+    return list(iter_tar_samples(path))
+
+
+def test_capfilt_keeps_by_its_rule_records_every_scored_candidate_and_copies_the_rest(coca_run, synth_dir, tmp_path):
+    """best: one sample out per sample in, its caption the top-scoring candidate, the scores the scorer's cosines
+    (recomputed here); image and .json members byte for byte; the same run twice writes the same bytes; a rerun
+    skips the finished shard; a rerun with another rule is refused. both (threshold -1): two samples each;
+    original with an unreachable threshold: every caption synthetic."""
+    import io
+
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from evaclip.data.transforms import eval_transform
+    from evaclip.errors import UserError
+
+    shard = os.path.join(synth_dir, "train", "00000.tar")
+    res, scorer = capfilt_run(coca_run, shard, str(tmp_path / "a"))
+    (out_shard,) = glob.glob(str(tmp_path / "a" / "shards" / "*.tar"))
+    given, got = read_shard(shard), read_shard(out_shard)
+    assert res["written"] == res["samples"] == len(given) == len(got) and res["recipe"]
+    t = eval_transform(scorer.image_size, scorer.mean, scorer.std, interpolation=scorer.interpolation)
+    for raw, new in zip(given[:4], got[:4]):
+        rec = json.loads(new["capfilt.json"])
+        texts = [rec["original"]["text"]] + [c["text"] for c in rec["synthetic"]]
+        scores = [rec["original"]["score"]] + [c["score"] for c in rec["synthetic"]]
+        assert len(texts) == 3 and texts[0] == raw["txt"].decode() and new["txt"].decode() == texts[scores.index(max(scores))]
+        with torch.no_grad():
+            fi = F.normalize(scorer.encode_image(t(Image.open(io.BytesIO(raw["jpg"])).convert("RGB"))[None]), dim=-1)
+            ft = F.normalize(scorer.encode_text(scorer.tokenizer(texts)), dim=-1)
+        assert torch.allclose((ft @ fi[0]).double(), torch.tensor(scores, dtype=torch.float64), atol=1e-5)
+        assert new["jpg"] == raw["jpg"] and new["json"] == raw["json"]
+    again, _ = capfilt_run(coca_run, shard, str(tmp_path / "b"))
+    assert open(out_shard, "rb").read() == open(out_shard.replace("/a/", "/b/"), "rb").read()
+    rerun, _ = capfilt_run(coca_run, shard, str(tmp_path / "a"))
+    assert rerun["done_before"] == 1 and rerun["shards"] == 0
+    with pytest.raises(UserError, match="keep"):
+        capfilt_run(coca_run, shard, str(tmp_path / "a"), keep="original")
+    both, _ = capfilt_run(coca_run, shard, str(tmp_path / "both"), keep="both", threshold=-1.0)
+    assert both["written"] == 2 * len(given) and both["kept"] == {"original": len(given), "synthetic": len(given)}
+    synth, _ = capfilt_run(coca_run, shard, str(tmp_path / "syn"), keep="original", threshold=2.0)
+    assert synth["kept"] == {"synthetic": len(given)}
+
+
+def test_capfilt_counts_an_undecodable_sample_and_writes_the_others(coca_run, synth_dir, tmp_path):
+    import tarfile
+
+    from evaclip.curation.shard_writer import add_sample
+
+    given = read_shard(os.path.join(synth_dir, "train", "00000.tar"))[:3]
+    shard = str(tmp_path / "in.tar")
+    with tarfile.open(shard, "w") as tar:
+        for i, raw in enumerate(given):
+            add_sample(tar, raw["__key__"], {"jpg": raw["jpg"] if i != 1 else b"broken", "txt": raw["txt"]})
+    res, _ = capfilt_run(coca_run, shard, str(tmp_path / "out"), captions=1)
+    assert res["skipped"] == {"decode_error": 1} and res["written"] == 2 and res["samples"] == 3
+    assert [s["__key__"] for s in read_shard(glob.glob(str(tmp_path / "out" / "shards" / "*.tar"))[0])] == \
+        [given[0]["__key__"], given[2]["__key__"]]

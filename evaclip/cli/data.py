@@ -1,9 +1,10 @@
-"""``evaclip data``: synth, stats, verify, preview, curation (score, filter) and reinforce (a teacher's embeddings
-stored in new shards)."""
+"""``evaclip data``: synth, stats, verify, preview, curation (score, filter), reinforce (a teacher's embeddings
+stored in new shards) and capfilt (``evaclip.cli.capfilt``)."""
 from __future__ import annotations
 
 import os
 
+from evaclip.cli.capfilt import add_capfilt_parser, run_capfilt
 from evaclip.cli.common import FORMATTER, number, progress
 
 
@@ -26,6 +27,7 @@ def add_parser(sub) -> None:
     tools.add_parsers(dsub)
     add_curation_parsers(dsub)
     add_reinforce_parser(dsub)
+    add_capfilt_parser(dsub)
     d.set_defaults(fn=cmd_data)
 
 
@@ -42,7 +44,7 @@ def cmd_data(args) -> int:
               f"zero-shot classification set: {out['zeroshot']}\nzero-shot retrieval set: {out['retrieval']}\n"
               f"recipe: {out['recipe']}")
         return 0
-    if args.data_cmd in ("score", "filter", "reinforce"):
+    if args.data_cmd in ("score", "filter", "reinforce", "capfilt"):
         return run_curation(args)
     from evaclip.data import tools
 
@@ -137,6 +139,8 @@ def add_reinforce_parser(dsub) -> None:
 
 
 def run_curation(args) -> int:
+    if args.data_cmd == "capfilt":
+        return run_capfilt(args)
     if args.data_cmd == "reinforce":
         from evaclip.curation.reinforce import reinforce
         from evaclip.curation.score import parse_part

@@ -89,6 +89,9 @@ def _check_coca(cfg: ExperimentConfig) -> None:
     if cfg.engine.compile != "off":
         raise ConfigError("objective.kind = 'coca' runs eager: set engine.compile = 'off' (the chunked caption loss "
                           "is not compiled yet)")
+    if cfg.distill.teacher:
+        raise ConfigError("objective.kind = 'coca' does not distill: distill.teacher is set (CoCa with a teacher is "
+                          "not supported; train objective.kind = 'distill' or leave distill.teacher unset)")
     if cfg.coca.caption_weight == 0 and cfg.coca.clip_weight == 0:
         raise ConfigError("coca.caption_weight and coca.clip_weight are both 0: nothing to train")
 

@@ -23,7 +23,7 @@ from collections import Counter
 from typing import Callable, Dict, List, Optional, Tuple
 
 from evaclip.curation.score import check_out_settings, part_workers, todo
-from evaclip.curation.shard_writer import add_sample
+from evaclip.curation.shard_writer import add_sample, publish_parts, shard_path
 from evaclip.data.samples import KD_MEMBER, SkipSample, decode_sample
 from evaclip.data.shards import ShardError, iter_tar_samples
 from evaclip.data.streams import stream_seed
@@ -32,10 +32,6 @@ from evaclip.errors import UserError
 from evaclip.files import atomic_write, replace_file
 
 SETTINGS = "reinforce.json"
-
-
-def shard_path(out: str, source: str, index: int) -> str:
-    return os.path.join(out, source, f"{index:06d}.tar")
 
 
 def reinforce(source: str, root: str, enc, teacher: str, out: str, augmentations: int = 10,
@@ -68,7 +64,7 @@ def reinforce(source: str, root: str, enc, teacher: str, out: str, augmentations
             res["samples"] += count
             res["skipped"].update(skips)
     res["skipped"] = dict(res["skipped"])
-    res["recipe"] = _publish(out, sources, weights)
+    res["recipe"] = publish_parts(out, sources, weights, SETTINGS, "reinforced: a teacher's embeddings of K augmentations per sample", "reinforce")
     res["seconds"] = time.time() - t0
     res["samples_per_s"] = res["samples"] / max(res["seconds"], 1e-9)
     return res
@@ -161,25 +157,3 @@ def _reinforce_shard(url: str, path: str, view: _Views, pool, batch_size: int, p
 def _with_end(it):
     yield from it
     yield None
-
-
-def _publish(out: str, sources, weights: Dict[str, float]) -> Optional[str]:
-    """manifest.parquet, then recipe.toml (whose presence says the output is whole), once every shard of every
-    source is written (the last part to finish writes them); None while some are missing."""
-    from evaclip.data.tools import manifest
-
-    written = [(name, [shard_path(out, name, k) for k in range(len(urls))]) for name, urls in sources]
-    if not all(os.path.exists(p) and os.path.exists(p[:-len(".tar")] + "_stats.json") for _, ps in written for p in ps):
-        return None
-    counts = manifest(written, out=os.path.join(out, "manifest.parquet"))["samples"]
-    lines = [f"# Written by `evaclip data reinforce` (settings: {SETTINGS}); train on it with data.recipe=<this file>",
-             f"name = {json.dumps(os.path.basename(os.path.abspath(out)))}",
-             'description = "reinforced: a teacher\'s embeddings of K augmentations per sample"', ""]
-    for name, paths in written:
-        pattern = f"{name}/{{{0:06d}..{len(paths) - 1:06d}}}.tar" if len(paths) > 1 else f"{name}/{0:06d}.tar"
-        lines += ["[[source]]", f"name = {json.dumps(name)}", f"shards = {json.dumps(pattern)}",
-                  f"samples = {counts.get(name, 0)}", *([f"weight = {weights[name]}"] if name in weights else []), ""]
-    recipe = os.path.join(out, "recipe.toml")
-    with atomic_write(recipe) as f:
-        f.write("\n".join(lines))
-    return recipe
