@@ -208,11 +208,14 @@ def test_plan_cli_prints_a_table_and_json():
     assert r.returncode == 2 and "invalid choice" in r.stderr
 
 
-def test_a_mim_experiment_is_refused_naming_the_objective():
+@pytest.mark.parametrize("experiment,kind,what", [("mim_demo_cpu", "mim", "MIM teacher"),
+                                                   ("distill_demo_cpu", "distill", "distillation teacher"),
+                                                   ("coca_demo_cpu", "coca", "caption decoder")])
+def test_an_experiment_of_another_objective_is_refused_naming_it_and_what_is_missing(experiment, kind, what):
     from evaclip.errors import ConfigError
 
-    cfg = load_config("mim_demo_cpu", [])
-    with pytest.raises(ConfigError, match="objective.kind = 'mim'"):
+    cfg = load_config(experiment, [])
+    with pytest.raises(ConfigError, match=f"objective.kind = '{kind}'.*{what}"):
         plan(cfg, get_variant(cfg.model.name), "h200", 1, 1)
 
 

@@ -34,8 +34,10 @@ class Planner:
 
     def __init__(self, cfg, variant, g: speed.GPU, nodes: int, gpus_per_node: int, results_dir: str = ""):
         if cfg.objective.kind != "clip":
+            missing = {"mim": "the MIM teacher's memory", "distill": "the distillation teacher's memory",
+                       "coca": "the caption decoder and its chunked loss"}.get(cfg.objective.kind, "that objective")
             raise ConfigError(f"objective.kind = {cfg.objective.kind!r}: evaclip plan covers the CLIP objective "
-                              "so far (the MIM teacher's memory is not planned yet)")
+                              f"so far ({missing} is not planned yet)")
         self.cfg, self.variant, self.gpu, self.nodes = cfg, variant, g, nodes
         self.ranks = nodes * gpus_per_node
         self.global_batch = cfg.data.micro_batch_size * self.ranks * cfg.engine.accum_steps
