@@ -9,24 +9,13 @@ whole prefix every token).
 """
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Dict
 
 import torch
 
+from bench.common import timeit
+
 SOT, EOT = 49406, 49407
-
-
-def _median_s(fn, reps: int, warmup: int = 1) -> Dict:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return {"median": statistics.median(times), "min": min(times), "max": max(times), "n": reps}
 
 
 def step_times(reps: int, batch: int) -> Dict:
@@ -52,7 +41,7 @@ def step_times(reps: int, batch: int) -> Dict:
             loss.backward()
             opt.step()
 
-        out[name] = _median_s(step, reps)
+        out[name] = timeit(step, reps)
     out["coca_over_clip"] = out["coca"]["median"] / out["clip"]["median"]
     return out
 
@@ -92,9 +81,9 @@ def generation(reps: int, batch: int, max_len: int = 20) -> Dict:
     img = torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     res = {}
     with torch.no_grad():
-        res["evaclip_cache"] = _median_s(lambda: generate(ours, img, SOT, EOT, max_len, "greedy", cache=True), reps)
-        res["evaclip_no_cache"] = _median_s(lambda: generate(ours, img, SOT, EOT, max_len, "greedy", cache=False), reps)
-        res["open_clip"] = _median_s(lambda: theirs.generate(img, seq_len=max_len, generation_type="top_k", top_k=1,
+        res["evaclip_cache"] = timeit(lambda: generate(ours, img, SOT, EOT, max_len, "greedy", cache=True), reps)
+        res["evaclip_no_cache"] = timeit(lambda: generate(ours, img, SOT, EOT, max_len, "greedy", cache=False), reps)
+        res["open_clip"] = timeit(lambda: theirs.generate(img, seq_len=max_len, generation_type="top_k", top_k=1,
                                                              min_seq_len=2, fixed_output_length=True), reps)
     for k in ("evaclip_cache", "evaclip_no_cache", "open_clip"):
         res[k]["captions_per_s"] = batch / res[k]["median"]

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from evaclip.losses.caption import chunked_token_ce
 from evaclip.models.clip import CLIP, ImageTower
-from evaclip.models.text import ResidualAttentionBlock, TextTransformer
+from evaclip.models.text import ResidualAttentionBlock, TextTransformer, init_blocks
 
 
 class CrossAttention(nn.Module):
@@ -92,14 +92,8 @@ class MultimodalDecoder(nn.Module):
     def init_weights(self):
         """open_clip's CLIP text init (every tensor set: the self-attention's packed projection starts empty)."""
         w, n = self.ln_final.normalized_shape[0], len(self.resblocks)
+        init_blocks(self.resblocks, w)
         proj_std, attn_std, fc_std = w ** -0.5 * (2 * n) ** -0.5, w ** -0.5, (2 * w) ** -0.5
-        for blk in self.resblocks:
-            nn.init.normal_(blk.attn.in_proj_weight, std=attn_std)
-            nn.init.zeros_(blk.attn.in_proj_bias)
-            nn.init.normal_(blk.attn.out_proj.weight, std=proj_std)
-            nn.init.zeros_(blk.attn.out_proj.bias)
-            nn.init.normal_(blk.mlp.c_fc.weight, std=fc_std)
-            nn.init.normal_(blk.mlp.c_proj.weight, std=proj_std)
         for blk in self.cross_attn:
             for lin in (blk.attn.q_proj, blk.attn.k_proj, blk.attn.v_proj):
                 nn.init.normal_(lin.weight, std=attn_std)

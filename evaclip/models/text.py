@@ -59,6 +59,20 @@ class ResidualAttentionBlock(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+@torch.no_grad()
+def init_blocks(blocks, width: int) -> None:
+    """open_clip / OpenAI CLIP init of residual attention blocks: std scaled by width, and by depth on the
+    projections into the residual stream (every tensor set: the packed qkv projection starts empty)."""
+    proj_std, attn_std, fc_std = width ** -0.5 * (2 * len(blocks)) ** -0.5, width ** -0.5, (2 * width) ** -0.5
+    for blk in blocks:
+        nn.init.normal_(blk.attn.in_proj_weight, std=attn_std)
+        nn.init.zeros_(blk.attn.in_proj_bias)
+        nn.init.normal_(blk.attn.out_proj.weight, std=proj_std)
+        nn.init.zeros_(blk.attn.out_proj.bias)
+        nn.init.normal_(blk.mlp.c_fc.weight, std=fc_std)
+        nn.init.normal_(blk.mlp.c_proj.weight, std=proj_std)
+
+
 class Transformer(nn.Module):
     def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, act: str, attn_impl: str):
         super().__init__()
@@ -97,17 +111,10 @@ class TextTransformer(nn.Module):
     @torch.no_grad()
     def init_weights(self):
         """open_clip / OpenAI CLIP init: std scaled by width and depth on the residual projections."""
-        w, n = self.transformer.width, self.transformer.layers
+        w = self.transformer.width
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
-        proj_std, attn_std, fc_std = w ** -0.5 * (2 * n) ** -0.5, w ** -0.5, (2 * w) ** -0.5
-        for blk in self.transformer.resblocks:
-            nn.init.normal_(blk.attn.in_proj_weight, std=attn_std)
-            nn.init.zeros_(blk.attn.in_proj_bias)
-            nn.init.normal_(blk.attn.out_proj.weight, std=proj_std)
-            nn.init.zeros_(blk.attn.out_proj.bias)
-            nn.init.normal_(blk.mlp.c_fc.weight, std=fc_std)
-            nn.init.normal_(blk.mlp.c_proj.weight, std=proj_std)
+        init_blocks(self.transformer.resblocks, w)
         nn.init.normal_(self.text_projection, std=w ** -0.5)
 
     def no_weight_decay(self) -> set:
