@@ -340,3 +340,22 @@ def test_capfilt_counts_an_undecodable_sample_and_writes_the_others(coca_run, sy
     assert res["skipped"] == {"decode_error": 1} and res["written"] == 2 and res["samples"] == 3
     assert [s["__key__"] for s in read_shard(glob.glob(str(tmp_path / "out" / "shards" / "*.tar"))[0])] == \
         [given[0]["__key__"], given[2]["__key__"]]
+
+
+def test_the_caption_loss_skips_padding_and_sums_each_samples_tokens():
+    """Per-sample caption NLL (projection only where a token is predicted) == the float64 reference over all
+    positions with padding zeroed, for captions of different lengths."""
+    model = tiny_coca(layers=1, queries=4).double()
+    model.set_caption_loss(0.1, 7)
+    g = torch.Generator().manual_seed(5)
+    images, text = torch.randn(3, 3, 64, 64, generator=g, dtype=torch.float64), torch.zeros(3, 32, dtype=torch.long)
+    for i, n in enumerate((4, 9, 31)):
+        text[i, :n] = torch.randint(1, 49000, (n,), generator=g)
+    out = model(images, text)
+    with torch.no_grad():
+        _, context = model.image_context(images)
+        h = model.decoder(model.text.forward_tokens(text)[1][:, :-1], context)
+        ref = reference_token_ce(h.reshape(-1, h.shape[-1]), model.decoder.text_projection, text[:, 1:].reshape(-1),
+                                 0, 0.1).view(3, 31).sum(1)
+    assert out["caption_tokens"].tolist() == [3, 8, 30]
+    assert torch.allclose(out["caption_nll"].detach(), ref, atol=1e-9)

@@ -151,11 +151,15 @@ class CoCa(CLIP):
         txt, states = self.text.forward_tokens(text)  # [B, E], [B, L, W]
         h = self.decoder(states[:, :-1], context)  # predicts tokens 1..L-1
         labels = text[:, 1:]
-        nll = chunked_token_ce(h.reshape(-1, h.shape[-1]), self.decoder.text_projection, labels.reshape(-1),
-                               self.pad_id, self.label_smoothing, self.ce_chunk).view(labels.shape)
+        # the vocabulary projection only where there is a token to predict (captions are mostly padding)
+        keep = labels != self.pad_id  # [B, L-1]
+        nll = chunked_token_ce(h[keep], self.decoder.text_projection, labels[keep], self.pad_id,
+                               self.label_smoothing, self.ce_chunk)  # [tokens]
+        owner = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)[keep]
+        per_sample = torch.zeros(labels.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, owner, nll)
         out = {"image_features": F.normalize(img, dim=-1), "text_features": F.normalize(txt, dim=-1),
                "logit_scale": self.logit_scale_exp().squeeze(0),
-               "caption_nll": nll.sum(dim=1), "caption_tokens": (labels != self.pad_id).sum(dim=1)}
+               "caption_nll": per_sample, "caption_tokens": keep.sum(dim=1)}
         if self.logit_bias is not None:
             out["logit_bias"] = self.logit_bias.squeeze(0)
         return out
