@@ -88,8 +88,8 @@ def _read(src: str, trust_pickle: bool) -> Tuple[Dict[str, torch.Tensor], Dict]:
 
 
 def iter_images(inputs: List[str]) -> Iterator[Tuple[str, Any]]:
-    """(name, PIL image) from image files, folders of them (sorted, not recursive) and .tar shards (name: the
-    sample's key); an unreadable image is yielded as (name, None)."""
+    """(name, PIL image) from image files, folders of them (sorted, not recursive) and .tar shards (name:
+    ``<shard>:<key>``, unique across shards); an unreadable image is yielded as (name, None)."""
     from PIL import Image
 
     from evaclip.data.shards import iter_tar_samples
@@ -105,7 +105,8 @@ def iter_images(inputs: List[str]) -> Iterator[Tuple[str, Any]]:
         if path.endswith(".tar"):
             for s in iter_tar_samples(path):
                 ext = next((e for e in IMAGE_EXTS if e in s), None)
-                yield opened(s["__key__"], s[ext]) if ext else (s["__key__"], None)
+                name = f"{path}:{s['__key__']}"
+                yield opened(name, s[ext]) if ext else (name, None)
         elif os.path.isdir(path):
             for n in sorted(os.listdir(path)):
                 if n.lower().rsplit(".", 1)[-1] in IMAGE_EXTS:

@@ -29,7 +29,7 @@ def caption_accuracy(run_dir: str, shapes_dir: str, batch_size: int = 64) -> Dic
     with open(os.path.join(shapes_dir, "classnames.txt")) as f:
         classes = [line.strip() for line in f if line.strip()]
     shards = sorted(glob.glob(os.path.join(shapes_dir, "test", "*.tar")))
-    labels = {s["__key__"]: classes[int(s["cls"])] for sh in shards for s in iter_tar_samples(sh)}
+    labels = {f"{sh}:{s['__key__']}": classes[int(s["cls"])] for sh in shards for s in iter_tar_samples(sh)}
     cap = load_captioner(run_dir)
     items = [(k, im) for k, im in iter_images(shards) if im is not None]
     right, colour_right, shape_right, examples = 0, 0, 0, []

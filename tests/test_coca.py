@@ -197,6 +197,7 @@ def test_a_coca_export_loads_in_open_clip_and_captions_like_its_run(coca_run, sy
     assert r.returncode == 0, r.stderr
     lines = [json.loads(x) for x in open(out)]
     assert len(lines) == sum(1 for _ in iter_images([shard])) and all(set(x) == {"image", "caption"} for x in lines)
+    assert len({x["image"] for x in lines}) == len(lines) and all(x["image"].startswith(shard + ":") for x in lines)
 
 
 def test_caption_skips_unreadable_images_and_refuses_a_model_without_a_decoder(coca_run, mim_teacher, tmp_path):
@@ -359,3 +360,14 @@ def test_the_caption_loss_skips_padding_and_sums_each_samples_tokens():
                                  0, 0.1).view(3, 31).sum(1)
     assert out["caption_tokens"].tolist() == [3, 8, 30]
     assert torch.allclose(out["caption_nll"].detach(), ref, atol=1e-9)
+
+
+@pytest.mark.parametrize("how", ["bf16 inputs", "fp32 under bf16 autocast"])
+def test_the_chunked_ce_reduces_half_logits_in_fp32(how):
+    """bf16 matmuls, fp32 log-sum-exp and fp32 per-token losses: within bf16's rounding of the logits (1e-2)."""
+    hidden, weight, labels, _ = ce_inputs(torch.float32)
+    h, w = (hidden.detach().bfloat16(), weight.detach().bfloat16()) if how == "bf16 inputs" else (hidden, weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=how != "bf16 inputs"):
+        got = chunked_token_ce(h, w, labels, 0, 0.1, 7)
+    ref = reference_token_ce(hidden.detach(), weight.detach(), labels, 0, 0.1)
+    assert got.dtype == torch.float32 and (got.double() - ref).abs().max().item() <= 1e-2 * ref.abs().max().item()

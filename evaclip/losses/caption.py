@@ -17,7 +17,8 @@ import torch
 
 def _chunk_loss(h, w, y, keep, smoothing: float):
     """Per-token losses [n] (0 where ``keep`` is False) of hidden states h [n, W] through w [W, V]."""
-    z = (h @ w).float() if h.dtype in (torch.float16, torch.bfloat16) else h @ w  # [n, V]
+    z = h @ w  # [n, V]; under autocast or with half inputs a half matmul, reduced in fp32 below
+    z = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
     lse = torch.logsumexp(z, dim=-1)
     target = z.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1)
     loss = (1.0 - smoothing) * (lse - target)
@@ -34,7 +35,7 @@ class _ChunkedTokenCE(torch.autograd.Function):
                          for i in range(0, hidden.shape[0], chunk)]) if hidden.shape[0] else hidden.new_zeros(0)
         ctx.save_for_backward(hidden, weight, labels, keep)
         ctx.smoothing, ctx.chunk = smoothing, chunk
-        return out.to(hidden.dtype)
+        return out  # fp32 for half inputs: per-sample sums of many token losses need the precision
 
     @staticmethod
     def backward(ctx, grad):  # grad: [n] per-token loss gradients
