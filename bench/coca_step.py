@@ -14,8 +14,7 @@ from typing import Dict
 import torch
 
 from bench.common import timeit
-
-SOT, EOT = 49406, 49407
+from evaclip.data.transforms import Tokenizer
 
 
 def step_times(reps: int, batch: int) -> Dict:
@@ -24,7 +23,8 @@ def step_times(reps: int, batch: int) -> Dict:
 
     g = torch.Generator().manual_seed(0)
     img, text = torch.randn(batch, 3, 64, 64, generator=g), torch.randint(1, 49000, (batch, 32), generator=g)
-    text[:, 0], text[:, 12], text[:, 13:] = SOT, EOT, 0  # 12-token captions, then padding
+    tok = Tokenizer()
+    text[:, 0], text[:, 12], text[:, 13:] = tok.sot, tok.eot, 0  # 12-token captions, then padding
     clip_loss = ContrastiveLoss("clip", "local")
     out = {}
     for name, coca in (("clip", None), ("coca", {"decoder_layers": 1, "n_queries": 16})):
@@ -75,14 +75,16 @@ def generation(reps: int, batch: int, max_len: int = 20) -> Dict:
     from evaclip.models import create_model
     from evaclip.models.generate import generate
 
+    tok = Tokenizer()
+    sot, eot = tok.sot, tok.eot
     torch.manual_seed(0)
     ours = create_model("EVA02-Ti-8-64", coca={"decoder_layers": 1, "n_queries": 16}).eval()
     theirs = _open_clip_coca()
     img = torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     res = {}
     with torch.no_grad():
-        res["evaclip_cache"] = timeit(lambda: generate(ours, img, SOT, EOT, max_len, "greedy", cache=True), reps)
-        res["evaclip_no_cache"] = timeit(lambda: generate(ours, img, SOT, EOT, max_len, "greedy", cache=False), reps)
+        res["evaclip_cache"] = timeit(lambda: generate(ours, img, sot, eot, max_len, "greedy", cache=True), reps)
+        res["evaclip_no_cache"] = timeit(lambda: generate(ours, img, sot, eot, max_len, "greedy", cache=False), reps)
         res["open_clip"] = timeit(lambda: theirs.generate(img, seq_len=max_len, generation_type="top_k", top_k=1,
                                                              min_seq_len=2, fixed_output_length=True), reps)
     for k in ("evaclip_cache", "evaclip_no_cache", "open_clip"):

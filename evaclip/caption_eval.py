@@ -13,9 +13,9 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 
+from evaclip.data.transforms import Tokenizer
+from evaclip.models.generate import caption_texts
 from evaclip.zeroshot import EvalSet, image_batches, prefetch, total_skips
-
-SOT, EOT = 49406, 49407  # the CLIP BPE tokenizer's start / end of text
 
 
 def words(text: str) -> str:
@@ -67,15 +67,11 @@ def _meteor(gts, res, timeout_s: float = 300.0):
 
 def caption_function(model, device, method: str = "greedy", max_len: int = 20) -> Callable:
     """images [B, 3, H, W] -> captions, with the CoCa ``model`` (a CLIP without a decoder: a one-line error)."""
-    from open_clip.tokenizer import SimpleTokenizer
-
-    from evaclip.models.generate import generate
-
     if not hasattr(model, "caption_stepper"):
         raise ValueError("the captioning task needs a CoCa (a run with objective.kind = \"coca\"); this model has "
                          "no caption decoder")
-    tok = SimpleTokenizer()
-    return lambda images: [tok.decode(t).strip() for t in generate(model, images.to(device), SOT, EOT, max_len, method)]
+    tok = Tokenizer(model.text.context_length)
+    return lambda images: caption_texts(model, images.to(device), tok, method, max_len)
 
 
 @torch.no_grad()

@@ -15,33 +15,28 @@ from typing import Any, Callable, Dict, Iterator, List, Tuple
 import torch
 
 from evaclip.errors import UserError
-
-SOT, EOT = 49406, 49407  # the CLIP BPE tokenizer's start / end of text
+from evaclip.models.generate import caption_texts
 
 
 @dataclass
 class Captioner:
     model: Any  # a CoCa
     transform: Callable  # PIL image -> tensor [3, H, W], the model's eval preprocessing
-    decode: Callable  # token ids -> text
+    tokenizer: Any  # the CLIP BPE tokenizer (its start / end ids and decode)
     name: str
     source: str
     device: torch.device
 
     def caption(self, images: List, method: str = "greedy", max_len: int = 20, **kw) -> List[str]:
         """Captions of PIL ``images`` (``method``, ``kw``: see ``evaclip.models.generate.generate``)."""
-        from evaclip.models.generate import generate
-
         x = torch.stack([self.transform(im.convert("RGB")) for im in images]).to(self.device)
-        return [self.decode(t) for t in generate(self.model, x, SOT, EOT, max_len, method, **kw)]
+        return caption_texts(self.model, x, self.tokenizer, method, max_len, **kw)
 
 
 def load_captioner(src: str, device: str = "cpu", trust_pickle: bool = False) -> Captioner:
     """The CoCa in ``src``: an evaclip run dir or checkpoint of a coca run, or an evaclip export folder with its
     ``caption_decoder/`` (weights read weights-only)."""
-    from open_clip.tokenizer import SimpleTokenizer
-
-    from evaclip.data.transforms import eval_transform
+    from evaclip.data.transforms import Tokenizer, eval_transform
     from evaclip.models import CoCa, model_from_record, record_variant
 
     if not os.path.exists(src):
@@ -56,10 +51,8 @@ def load_captioner(src: str, device: str = "cpu", trust_pickle: bool = False) ->
     dev = torch.device(device)
     model.eval().requires_grad_(False).to(dev)
     v = record_variant(record)
-    tok = SimpleTokenizer()
     return Captioner(model, eval_transform(v.image_size, v.mean, v.std, interpolation=v.interpolation),
-                     lambda ids: tok.decode([i for i in ids if i not in (SOT, EOT)]).strip(), v.name,
-                     os.path.abspath(src), dev)
+                     Tokenizer(model.text.context_length), v.name, os.path.abspath(src), dev)
 
 
 def _read(src: str, trust_pickle: bool) -> Tuple[Dict[str, torch.Tensor], Dict]:

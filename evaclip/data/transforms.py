@@ -91,9 +91,14 @@ class Tokenizer:
 
         self.context_length = context_length
         self._tok = SimpleTokenizer(context_length=context_length)
+        self.sot, self.eot = self._tok.sot_token_id, self._tok.eot_token_id  # start / end of text ids
 
     def __call__(self, texts) -> torch.Tensor:
         return self._tok(texts, context_length=self.context_length)
+
+    def decode(self, ids) -> str:
+        """Token ids (a caption, without start / end tokens) -> text."""
+        return self._tok.decode(list(ids)).strip()
 
 
 class HFTokenizer:

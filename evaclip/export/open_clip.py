@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -122,11 +122,8 @@ def export_open_clip(state_dict: Dict[str, torch.Tensor], record: Dict, out_dir:
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith(("distill_head.", *DECODER_KEYS))}
     coca = record.get("coca")
     record = {k: v for k, v in record.items() if k not in ("distill", "coca")}
-    written = _write_export(state_dict, copy.deepcopy(record), tmp, final, dtype, tower, source)
-    if coca and tower == "both":
-        written["caption_decoder"] = _write_decoder(decoder, coca, tmp, dtype)
-        with open(os.path.join(tmp, "README.md"), "a") as f:
-            f.write(_LOAD_DECODER)
+    written = _write_export(state_dict, copy.deepcopy(record), tmp, final, dtype, tower, source,
+                            (decoder, coca) if coca and tower == "both" else None)
     replace_dir(tmp, final)
     return {k: v.replace(tmp, final) for k, v in written.items()}
 
@@ -142,13 +139,13 @@ def _write_decoder(decoder: Dict[str, torch.Tensor], coca: Dict, out_dir: str, d
               os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump({"coca": coca}, f, indent=2)
-    for name in os.listdir(folder):
-        os.chmod(os.path.join(folder, name), 0o644)
     return folder
 
 
-def _write_export(state_dict, record, out_dir: str, final: str, dtype: str, tower: str, source) -> Dict[str, str]:
-    """The export's files into ``out_dir``; paths written into configs name ``final``, where it will live."""
+def _write_export(state_dict, record, out_dir: str, final: str, dtype: str, tower: str, source,
+                  caption: Optional[Tuple[Dict[str, torch.Tensor], Dict]] = None) -> Dict[str, str]:
+    """The export's files into ``out_dir``; paths written into configs name ``final``, where it will live.
+    ``caption``: a CoCa's (decoder weights, coca record) for ``caption_decoder/``."""
     from safetensors.torch import save_file
 
     variant = record_variant(record)
@@ -188,8 +185,11 @@ def _write_export(state_dict, record, out_dir: str, final: str, dtype: str, towe
     with open(path, "w") as f:
         json.dump(cfg, f, indent=2)
     written["config"] = path
+    if caption:
+        written["caption_decoder"] = _write_decoder(*caption, out_dir, dtype)
     with open(os.path.join(out_dir, "README.md"), "w") as f:
-        f.write(_README["mim" if "mim" in record else tower].format(name=variant.name, dtype=dtype, tower=tower, src=source or "-"))
+        f.write(_README["mim" if "mim" in record else tower].format(name=variant.name, dtype=dtype, tower=tower, src=source or "-")
+                + (_LOAD_DECODER if caption else ""))
     umask = os.umask(0)
     os.umask(umask)
     for dirpath, _, names in os.walk(out_dir):  # safetensors writes 0600: exports are for sharing

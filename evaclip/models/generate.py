@@ -3,7 +3,8 @@
 is tested against).
 
 Every caption starts at the start-of-text token and stops at end-of-text or ``max_len`` tokens (start included),
-like open_clip's ``CoCa.generate``; what comes back is the token ids without the start token, one list per image.
+like open_clip's ``CoCa.generate``; what comes back is the token ids without the start token, one list per image
+(``caption_texts``: decoded to strings by the tokenizer the model was trained with).
 """
 from __future__ import annotations
 
@@ -54,6 +55,13 @@ def generate(model, images: torch.Tensor, sot: int, eot: int, max_len: int = 20,
         seqs = torch.cat([seqs, nxt[:, None]], dim=1)
         done |= nxt == eot
     return [_strip(s.tolist(), eot) for s in seqs]
+
+
+def caption_texts(model, images: torch.Tensor, tokenizer, method: str = "greedy", max_len: int = 20,
+                  **kw) -> List[str]:
+    """Captions of ``images`` as text: ``generate`` from the ``tokenizer``'s start / end ids (``sot``, ``eot``),
+    then its ``decode``; ``kw``: ``generate``'s options."""
+    return [tokenizer.decode(t) for t in generate(model, images, tokenizer.sot, tokenizer.eot, max_len, method, **kw)]
 
 
 def _beam(model, context, sot: int, eot: int, max_len: int, beams: int, cache: bool) -> List[int]:

@@ -24,6 +24,7 @@ class CocaObjective(ClipObjective):
         super().__init__(model_cfg, variant, loss_cfg, seed, per_sample, device)
         self.cfg = coca_cfg
         self.parts: Dict[str, torch.Tensor] = {}
+        self.tokens: Optional[torch.Tensor] = None  # the step's caption tokens over all ranks
 
     @property
     def model_extras(self) -> Dict:
@@ -39,12 +40,17 @@ class CocaObjective(ClipObjective):
         """The caption term is this rank's summed token losses over the global batch's token count, times the
         ranks: the engines average gradients over ranks, so the step's gradient is that of the global mean."""
         contrastive = super().loss(out, targets, rows=rows)
-        tokens = out["caption_tokens"].sum().to(torch.float64)
-        if edist.world_size() > 1:
-            tokens = edist.all_reduce_sum(tokens.clone())
-        caption = out["caption_nll"].sum() * (edist.world_size() / tokens.clamp(min=1.0)).to(out["caption_nll"].dtype)
+        if self.tokens is None:  # every call of a step sees the whole step's batch: one all-reduce per step
+            tokens = out["caption_tokens"].sum().to(torch.float64)
+            self.tokens = edist.all_reduce_sum(tokens.clone()) if edist.world_size() > 1 else tokens
+        scale = edist.world_size() / self.tokens.clamp(min=1.0)
+        caption = out["caption_nll"].sum() * scale.to(out["caption_nll"].dtype)
         self.parts = {"contrastive": contrastive.detach(), "caption": caption.detach()}
         return self.cfg.clip_weight * contrastive + self.cfg.caption_weight * caption
+
+    def forward_backward(self, engine, micro, step: int):
+        self.tokens = None
+        return super().forward_backward(engine, micro, step)
 
     def step_metrics(self) -> Dict[str, float]:
         return {f"train/{k}_loss": float(v) for k, v in self.parts.items()}
