@@ -68,7 +68,7 @@ def preempt_during(trainer, step: int) -> None:
 
     def wrapped(micro):
         out = step_fn(micro)
-        if trainer.step == step - 1:
+        if trainer.state.step == step - 1:
             trainer.stops.signal = signal.SIGTERM
         return out
 

@@ -43,7 +43,7 @@ def run_steps(trainer, rank: int, world: int, steps: int = STEPS):
     losses = []
     for step in range(steps):
         trainer.scheduler.set_step(step)
-        trainer.step = step
+        trainer.state.step = step
         n = trainer.cfg.engine.accum_steps
         if world == 1:
             parts = [batch_for(step, r) for r in range(2)]
@@ -70,7 +70,7 @@ def main_train(out: str, shard: str, overrides):
         tr.engine.client_optimizer.layouts.clear()
     losses = run_steps(tr, edist.rank(), edist.world_size())
     if cfg.checkpoint.every_steps < 1000:
-        tr.step, tr.samples_seen = STEPS, STEPS * MB * edist.world_size()
+        tr.state.step, tr.state.samples_seen = STEPS, STEPS * MB * edist.world_size()
         tr.save()
     zeroshot = tr.evaluate() if cfg.eval.suite else {}  # every rank calls it (ZeRO-3 gathers the weights)
     with tr.engine.full_weights() as model:
@@ -205,7 +205,7 @@ def main_nanstep(out: str, shard: str):
         hook = tr.model.visual.trunk.patch_embed.register_forward_hook(lambda m, i, out: _NanGrad.apply(out))
         skipped = tr.train_step([batch_for(1, edist.rank())])
         hook.remove()
-        counted, after = tr.bad_steps, weights()
+        counted, after = tr.state.bad_steps, weights()
         ok2 = "train/loss" in tr.train_step([batch_for(2, edist.rank())])
         res[f"{stage}/{prec}"] = {"first": ok1, "skipped": skipped, "counted": counted,
                                   "unchanged": all(torch.equal(before[k], after[k]) for k in before),

@@ -26,7 +26,7 @@ def _poison_after(tr, step):
 
     def step_then_poison():
         info = real()
-        if tr.step + 1 == step:
+        if tr.state.step + 1 == step:
             with torch.no_grad():
                 next(tr.engine.model.parameters()).view(-1)[0] = float("nan")
         return info

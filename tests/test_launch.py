@@ -121,7 +121,7 @@ def test_preemption_saves_and_exits_for_requeue(synth_dir, tmp_path, how):
     assert step >= 2 and (run / "REQUEUE").exists() and not (run / "STOP").exists()
     # the requeued job resumes from that checkpoint
     tr = make_trainer(synth_dir, tmp_path, "pre", steps=500)
-    assert tr.step == step and not (run / "REQUEUE").exists()
+    assert tr.state.step == step and not (run / "REQUEUE").exists()
 
 
 def test_kill_during_save_keeps_previous_latest(synth_dir, tmp_path):
@@ -129,11 +129,11 @@ def test_kill_during_save_keeps_previous_latest(synth_dir, tmp_path):
     tr.engine.train(True)
     for _ in range(2):
         tr.train_step([tr.data.next_batch()])
-        tr.step += 1
+        tr.state.step += 1
     first = tr.save()
     assert latest_checkpoint(tr.run_dir) == first
     tr.train_step([tr.data.next_batch()])
-    tr.step += 1
+    tr.state.step += 1
 
     real_save = tr.engine.save
 

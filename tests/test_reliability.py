@@ -272,7 +272,7 @@ def test_3_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(small_run,
     logs = []
     cfg = load_config("demo_cpu", tiny_overrides(synth_dir, str(tmp_path), "copy", 6))
     tr = Trainer(cfg, resolve(cfg, 1), log=logs.append)
-    assert tr.step == 2 and any("step-00000004" in m and "falling back" in m for m in logs), logs
+    assert tr.state.step == 2 and any("step-00000004" in m and "falling back" in m for m in logs), logs
 
 
 def test_3_non_finite_weights_are_refused_by_resume_and_export(small_run, synth_dir, tmp_path):
@@ -525,7 +525,7 @@ def test_8_missing_shards_count_by_their_expected_samples(synth_dir, tmp_path):
         f"data.recipe={recipe}", "log.every_steps=1000", "data.max_skip_fraction=0.1"])
     with pytest.raises(TrainingStopped, match=r"unusable.*unreadable_shard"):
         tr.train()
-    assert tr.step < 200
+    assert tr.state.step < 200
 
 
 # ------------------------------------------------------------------------------------------------ 9 image modes
@@ -558,7 +558,7 @@ def test_10_resume_refuses_changed_settings_without_touching_the_run(small_run, 
                                                                 "engine.accum_steps=2"]).step == 4
     tr = trainer(synth_dir, tmp_path, "copy", steps=6, extra=["checkpoint.allow_changes=[\"data.micro_batch_size\"]",
                                                               "data.micro_batch_size=4"])
-    assert tr.step == 4
+    assert tr.state.step == 4
 
 
 def test_10_a_checkpoint_without_logical_streams_resumes_only_on_its_number_of_ranks():

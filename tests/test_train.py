@@ -85,7 +85,7 @@ def test_non_finite_loss_is_skipped_then_stops(synth_dir, tmp_path):
     bad = fixed_batches(1, 8)
     bad[0]["image"][0, 0, 0, 0] = float("nan")
     out = tr.train_step(bad)
-    assert out == {"train/skipped_step": 1.0} and tr.bad_steps == 1
+    assert out == {"train/skipped_step": 1.0} and tr.state.bad_steps == 1
     assert all(torch.equal(before[k], v) for k, v in tr.model.state_dict().items())
     tr.train_step(bad)
     with pytest.raises(TrainingStopped, match="3 consecutive non-finite steps"):
