@@ -67,6 +67,7 @@ class _Loader(importlib.abc.Loader):
 
 
 def _register_timm_variants(_module) -> None:
+    # imported when timm is, not with this module: the shim is installed before torch, timm and evaclip.models load
     from evaclip.models.registry import register_timm_variants
 
     register_timm_variants()

@@ -14,7 +14,13 @@ from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import torch
 
+from evaclip.checkpoint import load_weights
+from evaclip.data.shards import iter_tar_samples
+from evaclip.data.transforms import IMAGE_EXTS, Tokenizer, eval_transform
 from evaclip.errors import UserError
+from evaclip.export.open_clip import DECODER_DIR
+from evaclip.models import CoCa, model_from_record, record_variant
+from evaclip.models.convert import open_clip_to_evaclip, read_state_dict
 from evaclip.models.generate import caption_texts
 
 
@@ -36,8 +42,6 @@ class Captioner:
 def load_captioner(src: str, device: str = "cpu", trust_pickle: bool = False) -> Captioner:
     """The CoCa in ``src``: an evaclip run dir or checkpoint of a coca run, or an evaclip export folder with its
     ``caption_decoder/`` (weights read weights-only)."""
-    from evaclip.data.transforms import Tokenizer, eval_transform
-    from evaclip.models import CoCa, model_from_record, record_variant
 
     if not os.path.exists(src):
         raise UserError(f"--model {src}: no such run, checkpoint or export folder")
@@ -57,13 +61,9 @@ def load_captioner(src: str, device: str = "cpu", trust_pickle: bool = False) ->
 
 def _read(src: str, trust_pickle: bool) -> Tuple[Dict[str, torch.Tensor], Dict]:
     """(evaclip state dict, model record) of a run / checkpoint, or of an export plus its decoder folder."""
-    from evaclip.export.open_clip import DECODER_DIR
-    from evaclip.models.convert import open_clip_to_evaclip, read_state_dict
 
     config = os.path.join(src, "open_clip_config.json")
     if not os.path.isfile(config):
-        from evaclip.checkpoint import load_weights
-
         sd, meta = load_weights(src, trust_pickle)
         return sd, meta["model"]
     with open(config) as f:
@@ -84,9 +84,6 @@ def iter_images(inputs: List[str]) -> Iterator[Tuple[str, Any]]:
     """(name, PIL image) from image files, folders of them (sorted, not recursive) and .tar shards (name:
     ``<shard>:<key>``, unique across shards); an unreadable image is yielded as (name, None)."""
     from PIL import Image
-
-    from evaclip.data.shards import iter_tar_samples
-    from evaclip.data.transforms import IMAGE_EXTS
 
     def opened(name, data):
         try:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from evaclip import dist as edist
+from evaclip.engine import read_weights
 from evaclip.errors import CheckpointError, TrainingStopped
 from evaclip.files import atomic_write, replace_dir
 from evaclip.safe_load import load_torch
@@ -330,7 +331,6 @@ def load_weights(path: str, trust_pickle: bool = False, log: Callable = print,
                  opt_in: str = _OPT_IN) -> Tuple[Dict[str, torch.Tensor], Dict]:
     """Full fp32 model weights and meta of a verified checkpoint (or a run dir's newest valid one), whatever
     engine wrote it; non-finite weights are refused. ``opt_in``: the setting a refusal names (the caller's)."""
-    from evaclip.engine import read_weights
 
     ckpt = find_checkpoint(path, log)
     sd = read_weights(ckpt, trust_pickle, opt_in)

@@ -16,15 +16,15 @@ import statistics
 import sys
 from typing import Dict, List
 
+from evaclip.captioning import iter_images, load_captioner
+from evaclip.data.shards import iter_tar_samples
+from evaclip.data.synth import COLOURS, SHAPES
 from evaclip.study import check_demo_data, publish, train_run, warmup
 
 
 def caption_accuracy(run_dir: str, shapes_dir: str, batch_size: int = 64) -> Dict:
     """Greedy captions of the held-out classification images: the fraction whose caption names the image's
     colour and shape and no other colour or shape word; with a few examples."""
-    from evaclip.captioning import iter_images, load_captioner
-    from evaclip.data.shards import iter_tar_samples
-    from evaclip.data.synth import COLOURS, SHAPES
 
     with open(os.path.join(shapes_dir, "classnames.txt")) as f:
         classes = [line.strip() for line in f if line.strip()]

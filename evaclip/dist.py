@@ -9,6 +9,8 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
+from evaclip.errors import TrainingStopped
+
 
 def env_world() -> tuple:
     """(rank, local_rank, world_size) from torchrun's env, else Slurm's (one task per GPU), else (0, 0, 1)."""
@@ -87,8 +89,6 @@ def barrier(what: str = "a barrier", timeout_s: Optional[float] = None) -> None:
     try:
         dist.monitored_barrier(group=_MONITOR, timeout=timedelta(seconds=t), wait_all_ranks=True)
     except RuntimeError as e:
-        from evaclip.errors import TrainingStopped
-
         m = _RANKS_RE.search(str(e))
         who = f"rank {m.group(1).strip()}" if m else ("rank 0" if rank() != 0 else "a rank")
         raise TrainingStopped(f"{what}: {who} did not arrive within {t:g} s (this is rank {rank()}; "

@@ -4,13 +4,19 @@ From an evaclip run / checkpoint, or from open_clip (a model name plus weights, 
 one written by ``evaclip export``). ``evaclip eval`` and ``evaclip data score`` load models only here."""
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Sequence
 
-from evaclip.errors import UserError
+import torch
 
+from evaclip.checkpoint import checkpoint_identity, load_weights
+from evaclip.data.transforms import make_tokenizer
+from evaclip.errors import UserError
+from evaclip.models import model_from_record, record_variant
+from evaclip.models.convert import WHOLE_MODEL_FILES, weights_file
+from evaclip.models.registry import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from evaclip.models.sources import fingerprint, resolve_source
 
 
 @dataclass
@@ -45,7 +51,6 @@ def check_open_clip_folder(folder: str) -> None:
     if "mim" in record:
         raise UserError(f"--pretrained {folder} is the image tower of a masked-image-modeling run (no text tower): "
                         "evaluate or score the CLIP trained from it")
-    from evaclip.models.convert import WHOLE_MODEL_FILES, weights_file
 
     if weights_file(folder, WHOLE_MODEL_FILES) is None:
         raise UserError(f"--pretrained {folder} holds no whole-model weights (open_clip_model.safetensors): an "
@@ -56,14 +61,8 @@ def load_encoders(checkpoint: str = "", model: str = "", pretrained: str = "", d
                   trust_pickle: bool = False) -> Encoders:
     """``checkpoint``: an evaclip run dir or checkpoint dir; or ``model`` = "open_clip:<name>" with
     ``pretrained`` a weights file, an open_clip export folder or an open_clip tag."""
-    import torch
-
     dev = torch.device(device)
     if checkpoint:
-        from evaclip.checkpoint import checkpoint_identity, load_weights
-        from evaclip.data.transforms import make_tokenizer
-        from evaclip.models import model_from_record, record_variant
-
         sd, meta = load_weights(checkpoint, trust_pickle)
         v = record_variant(meta.get("model"))
         if "mim" in meta["model"]:
@@ -79,9 +78,7 @@ def load_encoders(checkpoint: str = "", model: str = "", pretrained: str = "", d
                         {"checkpoint": meta["checkpoint"], "step": meta["step"]},
                         float(m.logit_scale_exp().detach()), m)
     if model and model.startswith("open_clip:"):
-        import open_clip
-
-        from evaclip.models.registry import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+        import open_clip  # heavy to import: only open_clip sources need it
 
         name = model[len("open_clip:"):]
         looks_like_path = pretrained and (os.sep in pretrained or
@@ -102,53 +99,20 @@ def load_encoders(checkpoint: str = "", model: str = "", pretrained: str = "", d
         size = m.visual.image_size[0] if isinstance(m.visual.image_size, (tuple, list)) else m.visual.image_size
         return Encoders(m.encode_image, m.encode_text, tok, size, cfg.get("mean", OPENAI_CLIP_MEAN),
                         cfg.get("std", OPENAI_CLIP_STD), cfg.get("interpolation", "bicubic"), name, pretrained or "",
-                        _fingerprint(name, pretrained or ""), {}, float(m.logit_scale.detach().exp()), m)
+                        fingerprint(name, pretrained or ""), {}, float(m.logit_scale.detach().exp()), m)
     raise UserError("needs --checkpoint <run dir|checkpoint> or --model open_clip:<name> [--pretrained ...]")
 
 
 def load_source(src: str, weights: str = "", device: str = "cpu", trust_pickle: bool = False) -> Encoders:
     """A model named by one string, as a frozen teacher is: an evaclip run dir or checkpoint, an open_clip export
     folder, or ``open_clip:<name>`` with ``weights``; every file is read weights-only (UserError otherwise)."""
-    if src.startswith("open_clip:"):
+    source = resolve_source(src, weights)
+    if source.kind == "open_clip":
         enc = load_encoders(model=src, pretrained=weights, device=device, trust_pickle=trust_pickle)
-    elif os.path.isfile(os.path.join(src, "open_clip_config.json")):
+    elif source.kind == "export":
         enc = load_encoders(model="open_clip:export", pretrained=src, device=device, trust_pickle=trust_pickle)
-    elif os.path.exists(src):
-        enc = load_encoders(checkpoint=src, device=device, trust_pickle=trust_pickle)
     else:
-        raise UserError(f"{src} does not exist (an evaclip run dir or checkpoint, an export folder, or "
-                        "open_clip:<name>)")
+        enc = load_encoders(checkpoint=src, device=device, trust_pickle=trust_pickle)
     enc.module.requires_grad_(False)
     enc.module.eval()
     return enc
-
-
-def source_identity(src: str, weights: str = "") -> str:
-    """``load_source(src, weights).identity`` without building the model (a big teacher need not fit to be
-    compared with the one whose embeddings a reinforced shard carries)."""
-    if src.startswith("open_clip:"):
-        if weights and not os.path.exists(weights):
-            raise UserError(f"{weights}: no such weights file")
-        return _fingerprint(src[len("open_clip:"):], weights)
-    if os.path.isfile(os.path.join(src, "open_clip_config.json")):
-        return _fingerprint("export", src)
-    from evaclip.checkpoint import checkpoint_identity, find_checkpoint
-
-    return checkpoint_identity(find_checkpoint(src, log=lambda *a: None))
-
-
-def _fingerprint(name: str, pretrained: str) -> str:
-    """The model name and its weights' content (size, first and last MiB): a copy of the same file elsewhere is
-    the same model, the file rewritten another."""
-    from evaclip.files import sampled_digest
-    from evaclip.models.convert import WHOLE_MODEL_FILES, weights_file
-
-    stamp = ""
-    if pretrained and os.path.isdir(pretrained):
-        whole = weights_file(pretrained, WHOLE_MODEL_FILES)
-        stamp = sampled_digest(whole) if whole else ""
-    elif pretrained and os.path.exists(pretrained):
-        stamp = sampled_digest(pretrained)
-    else:
-        stamp = pretrained  # an open_clip tag
-    return hashlib.sha1(f"{name}|{stamp}".encode()).hexdigest()[:16]

@@ -19,7 +19,11 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional
 
+from evaclip.caption_eval import caption_function, evaluate_captions
+from evaclip.data.transforms import eval_transform
 from evaclip.files import ConfigError, asset_file, atomic_write, find, load_typed, resolve_value
+from evaclip.zeroshot import evaluate as eval_one
+from evaclip.zeroshot import open_dataset
 
 _PATH = {"path": "file"}  # relative to the registry file (evaclip.files)
 
@@ -128,8 +132,6 @@ def run_suite(enc, entries: List[DatasetEntry], datasets_root: str, device, batc
     with the same arguments): each dataset is split across the ranks, every rank gets the same results, and
     rank 0 alone writes files."""
 
-    from evaclip.data.transforms import eval_transform
-
     results, writer = [], shard[0] == 0
     out_dir = out_dir if writer else None
     gather = gather or (lambda obj: [obj])
@@ -173,11 +175,8 @@ def run_suite(enc, entries: List[DatasetEntry], datasets_root: str, device, batc
 def _evaluate(task: str, enc, evalset, transform, device, batch_size: int, kw: Dict) -> tuple:
     """(metrics, the zero-shot classifier or None, extra result fields) of one dataset: a CoCa's captions against
     the dataset's for the captioning task (``evaclip.caption_eval``), CLIP_benchmark's tasks otherwise."""
-    from evaclip.zeroshot import evaluate as eval_one
 
     if task == "captioning":
-        from evaclip.caption_eval import caption_function, evaluate_captions
-
         metrics, extra = evaluate_captions(caption_function(enc.module, device), evalset, transform, batch_size,
                                            kw["progress"], kw["workers"], kw["shard"], kw["gather"])
         return metrics, None, extra
@@ -188,7 +187,6 @@ def _evaluate(task: str, enc, evalset, transform, device, batch_size: int, kw: D
 
 def _open_or_missing(e: DatasetEntry, root: str, strict: bool, log):
     """The dataset's reader, or None when it is missing (an error under ``strict``)."""
-    from evaclip.zeroshot import open_dataset
 
     try:
         return open_dataset(e.layout, root, e.split)

@@ -31,13 +31,15 @@ import os
 import re
 import shutil
 import tempfile
-import tomllib
 import typing
 from typing import IO, Any, Dict, Iterator, List, Optional
 
+import tomllib
 
-from evaclip.errors import ConfigError  # re-exported: the error every loader raises
-
+from evaclip.errors import (
+    ConfigError,  # re-exported: the error every loader raises
+    UserError,
+)
 
 # asset kind -> (folder inside the package's assets, file suffix)
 ASSETS = {
@@ -299,8 +301,6 @@ def exclusive(lock: str, what: str) -> Iterator[None]:
     second writer gets a UserError naming ``what`` and the holder; a lock whose process is gone (same host) is
     taken over."""
     import socket
-
-    from evaclip.errors import UserError
 
     me = f"{socket.gethostname()} {os.getpid()}"
     for _ in range(2):

@@ -21,7 +21,7 @@ import warnings
 import zipfile
 from typing import Any, Dict
 
-from evaclip.errors import UnsafeFileError
+from evaclip.errors import CheckpointError, UnsafeFileError
 
 _GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
 
@@ -137,8 +137,6 @@ def load_torch(path: str, what: str, trust_pickle: bool = False, opt_in: str = "
     except pickle.UnpicklingError as e:
         raise _refusal(path, what, e, opt_in) from None
     except (RuntimeError, EOFError) as e:
-        from evaclip.errors import CheckpointError
-
         raise CheckpointError(f"{what}: {path} is not a readable torch file ({str(e).splitlines()[0][:200]})") from None
 
 

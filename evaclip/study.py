@@ -6,16 +6,19 @@ import os
 import time
 from typing import Dict, List, Optional, Tuple
 
+from evaclip.checkpoint import find_checkpoint, read_meta
+from evaclip.config import load_config, load_run_config
+from evaclip.data.recipes import load_recipe
+from evaclip.data.synth import write_all
+from evaclip.metrics import read_metrics
+from evaclip.preflight import resolve
+from evaclip.train import Trainer
+
 
 def train_run(experiment: str, overrides: List[str], reuse: bool = False) -> Dict:
     """Train a shipped experiment with dotted overrides in this process; its result with the wall time.
     ``reuse``: a run already finished in that run dir (a study rerun after a crash) is read back, not trained."""
     import json
-
-    from evaclip.config import load_config
-    from evaclip.metrics import read_metrics
-    from evaclip.preflight import resolve
-    from evaclip.train import Trainer
 
     cfg = load_config(experiment, overrides)
     derived = resolve(cfg)
@@ -41,9 +44,6 @@ def check_demo_data(data: str) -> str:
     trial wrote would make every figure of the study meaningless), or "" when it is the default's size."""
     import inspect
 
-    from evaclip.data.recipes import load_recipe
-    from evaclip.data.synth import write_all
-
     recipe = os.path.join(data, "recipe.toml")
     if not os.path.exists(recipe):
         return f"{data} holds no synthetic data: run `evaclip data synth --out {data}` first"
@@ -63,8 +63,6 @@ def warmup(steps: int) -> str:
 
 def finished(run_dir: str) -> bool:
     """A run whose newest valid checkpoint is its last step."""
-    from evaclip.checkpoint import find_checkpoint, read_meta
-    from evaclip.config import load_run_config
 
     try:
         _, derived = load_run_config(run_dir)
@@ -102,7 +100,6 @@ def publish(out: str, summary: Dict, table: str) -> None:
 
 def train_losses(run_dir: str) -> List[float]:
     """A run's logged train/loss, step by step."""
-    from evaclip.metrics import read_metrics
 
     return [r["train/loss"] for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if "train/loss" in r]
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from evaclip.data.shards import iter_tar_samples
-from evaclip.data.transforms import IMAGE_EXTS
+from evaclip.data.transforms import IMAGE_EXTS, decode_image
 
 CLASSIFICATION, RETRIEVAL = "zeroshot_classification", "zeroshot_retrieval"
 
@@ -116,8 +116,6 @@ def _read_lines(path: str) -> List[str]:
 
 
 def _decode(data: bytes) -> Image.Image:
-    from evaclip.data.transforms import decode_image
-
     return decode_image(data)
 
 

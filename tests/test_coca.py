@@ -330,7 +330,7 @@ def test_capfilt_keeps_by_its_rule_records_every_scored_candidate_and_copies_the
 def test_capfilt_counts_an_undecodable_sample_and_writes_the_others(coca_run, synth_dir, tmp_path):
     import tarfile
 
-    from evaclip.curation.shard_writer import add_sample
+    from evaclip.data.shard_writer import add_sample
 
     given = read_shard(os.path.join(synth_dir, "train", "00000.tar"))[:3]
     shard = str(tmp_path / "in.tar")

@@ -303,17 +303,23 @@ def test_tar_reader_equals_tarfile_and_stops_at_every_cut(fmt):
 
 
 def test_tar_reader_equals_webdatasets_on_a_webdataset_shard(tmp_path):
-    """A shard written by webdataset's TarWriter (what the synthetic data are) reads as webdataset reads it."""
+    """A shard written by webdataset's TarWriter reads as webdataset reads it; so does a shard of `data synth`
+    (written by evaclip's one shard writer)."""
     import webdataset as wds
 
     from evaclip.data.synth import write_train
 
-    write_train(str(tmp_path), 1, 30, 32, seed=1)
-    url = str(tmp_path / "00000.tar")
-    ref = [{k: v for k, v in s.items() if not k.startswith("__")} | {"__key__": s["__key__"]}
-           for s in wds.WebDataset(url, shardshuffle=False)]
-    ours = [{k: v for k, v in s.items() if k != "__url__"} for s in iter_tar_samples(url)]
-    assert len(ours) == 30 and ours == ref
+    write_train(str(tmp_path / "synth"), 1, 30, 32, seed=1)
+    synth = str(tmp_path / "synth" / "00000.tar")
+    theirs = str(tmp_path / "wds.tar")
+    with wds.TarWriter(theirs) as w:
+        for s in iter_tar_samples(synth):
+            w.write({k: v for k, v in s.items() if k != "__url__"})
+    for url in (theirs, synth):
+        ref = [{k: v for k, v in s.items() if not k.startswith("__")} | {"__key__": s["__key__"]}
+               for s in wds.WebDataset(url, shardshuffle=False)]
+        ours = [{k: v for k, v in s.items() if k != "__url__"} for s in iter_tar_samples(url)]
+        assert len(ours) == 30 and ours == ref
 
 
 def test_compressed_tar_shards_read_through_tarfile(tmp_path):

@@ -47,7 +47,8 @@ def run_capfilt(args) -> int:
     from evaclip.captioning import load_captioner
     from evaclip.curation.capfilt import capfilt
     from evaclip.curation.score import parse_part
-    from evaclip.encoders import load_source, source_identity
+    from evaclip.encoders import load_source
+    from evaclip.models.sources import source_identity
 
     device = args.device
     if device == "cuda" and "LOCAL_RANK" in os.environ:  # under torchrun: one GPU per rank

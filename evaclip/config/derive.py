@@ -7,8 +7,8 @@ import math
 import os
 
 from evaclip.config.schema import Derived, ExperimentConfig
+from evaclip.data.topology import check_streams
 from evaclip.files import ConfigError, from_dict
-
 
 
 def derive(cfg: ExperimentConfig, world_size: int = 1) -> Derived:
@@ -48,8 +48,6 @@ def _check_values(cfg: ExperimentConfig, world_size: int) -> None:
             raise ConfigError(f"spike.max_nonfinite ({sp.max_nonfinite}) must be below engine.max_bad_steps "
                               f"({cfg.engine.max_bad_steps}), or the run stops before it can roll back")
     if cfg.data.streams:
-        from evaclip.data.topology import check_streams
-
         g = cfg.data.micro_batch_size * world_size * cfg.engine.accum_steps
         why = check_streams(cfg.data.streams, g, world_size, max(1, cfg.data.workers))
         if why:

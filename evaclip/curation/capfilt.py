@@ -27,14 +27,16 @@ import time
 from collections import Counter
 from typing import Callable, Dict, List, Optional, Tuple
 
+from evaclip.curation.publish import publish_parts
 from evaclip.curation.score import check_out_settings, part_workers, todo
-from evaclip.curation.shard_writer import add_sample, publish_parts, shard_path
 from evaclip.data.samples import SkipSample, decode_sample
+from evaclip.data.shard_writer import add_sample, shard_path, write_stats
 from evaclip.data.shards import ShardError, iter_tar_samples
 from evaclip.data.streams import stream_seed
 from evaclip.data.tools import expand_sources, source_weights
+from evaclip.data.transforms import eval_transform
 from evaclip.errors import UserError
-from evaclip.files import atomic_write, replace_file
+from evaclip.files import replace_file
 
 SETTINGS, MEMBER = "capfilt.json", "capfilt.json"
 RULES = ("best", "original", "both")
@@ -79,8 +81,6 @@ class _Judge:
     """A batch's synthetic captions, every candidate's score, and what the rule keeps."""
 
     def __init__(self, captioner, scorer, settings: Dict):
-        from evaclip.data.transforms import eval_transform
-
         self.cap, self.enc, self.s = captioner, scorer, settings
         e = scorer
         self.transform = eval_transform(e.image_size, e.mean, e.std, interpolation=e.interpolation)
@@ -146,9 +146,7 @@ def _capfilt_shard(url: str, path: str, judge: _Judge, pool, batch_size: int, sh
                     _write(tar, r, rec, counts)
             if progress:
                 progress(len(chunk))
-    with atomic_write(path[:-len(".tar")] + "_stats.json") as f:
-        json.dump({"count": counts["written"], "successes": counts["written"], "failed_to_download": 0,
-                   "skipped": dict(skips)}, f)
+    write_stats(path, counts["written"], skips)
     replace_file(tmp, path)
     return dict(counts, skipped=skips)
 

@@ -10,15 +10,14 @@ import shutil
 from collections import Counter
 from typing import Dict, List, Sequence
 
+from evaclip.curation.histogram import Histogram
 from evaclip.curation.score import MODEL_KEY, SHARD_KEY
-from evaclip.data.shards import shard_identity
-from evaclip.data.tools import expand_sources
+from evaclip.curation.where import parse_where
+from evaclip.data.shard_writer import copy_kept, shard_writer
+from evaclip.data.shards import is_local, shard_identity
+from evaclip.data.tools import expand_sources, stats
 from evaclip.errors import UserError
 from evaclip.files import atomic_write, exclusive, replace_dir
-from evaclip.curation.histogram import Histogram
-from evaclip.curation.shard_writer import copy_kept, shard_writer
-from evaclip.curation.where import parse_where
-
 
 # Score tables are processed one at a time (memory: one input shard's table), in two passes: the first reads
 # only the --by and source columns, for the per-source cut of --top / --bottom and the histogram's range; the
@@ -56,6 +55,22 @@ def _read(path: str, columns=None):
 
     t = pq.read_table(path, columns=columns)
     return t.drop_columns([c for c in ("embedding",) if c in t.column_names])
+
+
+def _table_shards(path: str) -> List[str]:
+    """The shards a table's rows name: from the parquet row groups' statistics where each group names one shard (a
+    score table holds one shard's rows, so the column is not read twice), else from the column."""
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(path).metadata
+    j = meta.schema.names.index("shard")
+    found = set()
+    for g in range(meta.num_row_groups):
+        st = meta.row_group(g).column(j).statistics
+        if st is None or not st.has_min_max or st.min != st.max:
+            return sorted(set(_read(path, ["shard"]).column("shard").to_pylist()))
+        found.add(st.min)
+    return sorted(found)
 
 
 def _metadata(path: str) -> Dict[str, str]:
@@ -275,12 +290,11 @@ def _write_recipe(out: str, name: str, n_shards: int, n_kept: int, n_tables: int
 def _check_out_is_no_input(out: str, paths: Sequence[str], columns, shards: str, root: str) -> None:
     """Refuse an --out that is, holds or lies inside an input (the tables and their folders, the shards): --force
     replaces --out whole, and it used to delete the score tables and the shards before writing a byte."""
-    from evaclip.data.shards import is_local
 
     inputs = list(paths)
     if "shard" in columns:
         tables = [p for p in paths if p.endswith(".parquet")]
-        inputs += sorted({u for f in tables for u in _read(f, ["shard"]).column("shard").to_pylist()})
+        inputs += sorted({u for f in tables for u in _table_shards(f)})
     if shards:
         inputs += [u for _, urls in expand_sources(shards, root) for u in urls]
     target = os.path.realpath(out)
@@ -358,7 +372,6 @@ def _build(files, columns, out, by, min_value, max_value, top, bottom, where, sh
 
 def _publish(final: str, summary: Dict) -> Dict:
     """After the swap: the manifest of the shards where they now are, and summary.json with the final paths."""
-    from evaclip.data.tools import stats
 
     man = stats(os.path.join(final, summary.pop("pattern")), out=os.path.join(final, "manifest.parquet"))
     summary.update(recipe=os.path.join(final, summary["recipe"]), manifest=man["manifest"],

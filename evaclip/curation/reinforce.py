@@ -15,21 +15,22 @@ The crops are drawn per sample from (seed, key), so they do not depend on the pa
 from __future__ import annotations
 
 import io
-import json
 import os
 import tarfile
 import time
 from collections import Counter
 from typing import Callable, Dict, List, Optional, Tuple
 
+from evaclip.curation.publish import publish_parts
 from evaclip.curation.score import check_out_settings, part_workers, todo
-from evaclip.curation.shard_writer import add_sample, publish_parts, shard_path
 from evaclip.data.samples import KD_MEMBER, SkipSample, decode_sample
+from evaclip.data.shard_writer import add_sample, shard_path, write_stats
 from evaclip.data.shards import ShardError, iter_tar_samples
 from evaclip.data.streams import stream_seed
 from evaclip.data.tools import expand_sources, source_weights
+from evaclip.data.transforms import crop_view, draw_crops
 from evaclip.errors import UserError
-from evaclip.files import atomic_write, replace_file
+from evaclip.files import replace_file
 
 SETTINGS = "reinforce.json"
 
@@ -82,8 +83,6 @@ class _Views:
     def prepare(self, raw: Dict):
         """(views [K, 3, S, S], crops, caption) or (None, skip reason, None): the checks and reasons of training."""
         import torch
-
-        from evaclip.data.transforms import crop_view, draw_crops
 
         try:
             img, caption = decode_sample(raw, lambda im: im, 0)  # full size: the crops' pixels
@@ -148,8 +147,7 @@ def _reinforce_shard(url: str, path: str, view: _Views, pool, batch_size: int, p
             count += len(ok)
             if progress:
                 progress(len(ok))
-    with atomic_write(path[:-len(".tar")] + "_stats.json") as f:
-        json.dump({"count": count, "successes": count, "failed_to_download": 0, "skipped": dict(skips)}, f)
+    write_stats(path, count, skips)
     replace_file(tmp, path)
     return count, skips
 

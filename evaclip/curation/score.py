@@ -11,8 +11,10 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, List, Optional, Tuple
 
+from evaclip.data.samples import SkipSample, decode_sample
 from evaclip.data.shards import ShardError, iter_tar_samples, shard_identity
 from evaclip.data.tools import expand_sources
+from evaclip.data.transforms import IMAGE_EXTS, eval_transform
 from evaclip.errors import UserError
 from evaclip.files import atomic_write, exclusive
 
@@ -96,9 +98,6 @@ def _prepare(raw: Dict, transform) -> Tuple:
     """(image tensor, row) or (None, skip reason), with the same checks and reasons as training."""
     from PIL import Image
 
-    from evaclip.data.transforms import IMAGE_EXTS
-    from evaclip.data.samples import SkipSample, decode_sample
-
     try:
         img, caption = decode_sample(raw, transform, 0)
     except SkipSample as s:
@@ -136,8 +135,6 @@ def score(source: str, root: str, enc, out: str, batch_size: int = 256, workers:
     """Score this process's shards of ``source`` with ``enc`` (``evaclip.encoders.Encoders``); see the module doc."""
     import torch
     import torch.nn.functional as F
-
-    from evaclip.data.transforms import eval_transform
 
     check_out_settings(out, {"model": enc.name, "weights": enc.identity, "source": source, "root": root,
                         "image_size": enc.image_size, "embeddings": embeddings, "precision": "bf16" if bf16 else "fp32"})

@@ -1,13 +1,14 @@
-"""Curation's outputs: new img2dataset-style shards (``shard_writer``: numbered tars, each published whole with
-its ``_stats.json``), the copy of kept samples from an input shard, byte for byte (``copy_kept``), and the
-per-input-shard layout of reinforce / capfilt with the recipe and manifest they publish (``publish_parts``)."""
+"""The one writer of shards (``evaclip data synth`` and curation): a whole shard at once (``write_shard``), new
+img2dataset-style shards (``shard_writer``: numbered tars, each published whole with its ``_stats.json``,
+``write_stats``), the copy of kept samples from an input shard, byte for byte (``copy_kept``), and the
+per-input-shard layout of reinforce / capfilt (``shard_path``)."""
 from __future__ import annotations
 
 import io
 import json
 import os
 import tarfile
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Iterable, Optional
 
 from evaclip.data.shards import ShardError, iter_tar_samples
 from evaclip.errors import UserError
@@ -23,8 +24,7 @@ def shard_writer(out: str, shard_size: int):
             state["tar"].close()
             name = os.path.join(out, f"{state['index']:05d}")
             replace_file(name + ".tar.tmp", name + ".tar")
-            with atomic_write(name + "_stats.json") as f:
-                json.dump({"count": state["n"], "successes": state["n"], "failed_to_download": 0}, f)
+            write_stats(name + ".tar", state["n"])
             state["counts"].append(state["n"])
             state["tar"] = None
 
@@ -38,6 +38,21 @@ def shard_writer(out: str, shard_size: int):
         state["n"] += 1
 
     return add, close, state
+
+
+def write_stats(shard: str, count: int, skipped: Optional[Dict[str, int]] = None) -> None:
+    """``<shard>_stats.json`` beside ``shard`` (``.../00000.tar``), img2dataset's record of the samples written
+    (and curation's samples skipped, by reason)."""
+    stats = {"count": count, "successes": count, "failed_to_download": 0}
+    with atomic_write(shard[:-len(".tar")] + "_stats.json") as f:
+        json.dump(stats if skipped is None else dict(stats, skipped=dict(skipped)), f)
+
+
+def write_shard(path: str, samples: Iterable[Dict[str, bytes]]) -> None:
+    """A whole shard at once, all or nothing: ``samples`` ({"__key__": key, ext: bytes, ...}) in order."""
+    with atomic_write(path, "wb") as f, tarfile.open(fileobj=f, mode="w") as tar:
+        for s in samples:
+            add_sample(tar, s["__key__"], {e: v for e, v in s.items() if e != "__key__"})
 
 
 def add_sample(tar: tarfile.TarFile, key: str, files: Dict[str, bytes]) -> None:
@@ -75,27 +90,3 @@ def copy_kept(url: str, match: Callable[[str], Optional[Dict]], add) -> int:
 def shard_path(out: str, source: str, index: int) -> str:
     """Where a per-input-shard writer (reinforce, capfilt) puts the output of ``source``'s shard ``index``."""
     return os.path.join(out, source, f"{index:06d}.tar")
-
-
-def publish_parts(out: str, sources, weights: Dict[str, float], settings: str, description: str,
-                  command: str) -> Optional[str]:
-    """manifest.parquet, then recipe.toml (whose presence says the output is whole), once every shard of every
-    source (``[(name, input urls)]``) is written under ``shard_path`` (the last part to finish writes them); None
-    while some are missing. ``weights``: the input recipe's source weights, kept."""
-    from evaclip.data.tools import manifest
-
-    written = [(name, [shard_path(out, name, k) for k in range(len(urls))]) for name, urls in sources]
-    if not all(os.path.exists(p) and os.path.exists(p[:-len(".tar")] + "_stats.json") for _, ps in written for p in ps):
-        return None
-    counts = manifest(written, out=os.path.join(out, "manifest.parquet"))["samples"]
-    lines = [f"# Written by `evaclip data {command}` (settings: {settings}); train on it with data.recipe=<this file>",
-             f"name = {json.dumps(os.path.basename(os.path.abspath(out)))}", f"description = {json.dumps(description)}",
-             ""]
-    for name, paths in written:
-        pattern = f"{name}/{{{0:06d}..{len(paths) - 1:06d}}}.tar" if len(paths) > 1 else f"{name}/{0:06d}.tar"
-        lines += ["[[source]]", f"name = {json.dumps(name)}", f"shards = {json.dumps(pattern)}",
-                  f"samples = {counts.get(name, 0)}", *([f"weight = {weights[name]}"] if name in weights else []), ""]
-    recipe = os.path.join(out, "recipe.toml")
-    with atomic_write(recipe) as f:
-        f.write("\n".join(lines))
-    return recipe

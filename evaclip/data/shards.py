@@ -15,6 +15,8 @@ import subprocess
 import tarfile
 from typing import Dict, Iterator, List, Tuple
 
+from evaclip.files import sampled_digest
+
 _KEY_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's key.ext convention (key = up to first dot)
 
 
@@ -90,7 +92,6 @@ def shard_identity(url: str) -> str:
     from a shard (score tables), so that a shard replaced since is not taken for the one scored."""
     if not is_local(url) or not os.path.exists(url):
         return ""
-    from evaclip.files import sampled_digest
 
     return f"{os.path.getsize(url)}:{sampled_digest(url)}"
 

@@ -23,7 +23,8 @@ from typing import Dict, List, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from evaclip.files import ConfigError, atomic_write
+from evaclip.data.shard_writer import write_shard, write_stats
+from evaclip.files import ConfigError
 
 COLOURS: Dict[str, Tuple[int, int, int]] = {
     "red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 70, 230), "yellow": (240, 220, 30),
@@ -89,15 +90,6 @@ def _encode(img: Image.Image, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def _write_tar(path: str, samples: List[Dict[str, bytes]]) -> None:
-    """Write a tar atomically with webdataset's TarWriter (a real webdataset shard)."""
-    from webdataset import TarWriter
-
-    with atomic_write(path, "wb") as f, TarWriter(f) as w:
-        for s in samples:
-            w.write(s)
-
-
 def classnames() -> List[str]:
     return [f"{c} {s}" for c in COLOURS for s in SHAPES]
 
@@ -115,10 +107,8 @@ def write_train(out: str, shards: int, per_shard: int, image_size: int, seed: in
             samples.append({"__key__": key, "jpg": _encode(img, "JPEG"), "txt": caption(a, rng).encode(),
                             "json": json.dumps(dict(a, key=key)).encode()})
         path = os.path.join(out, f"{shard:05d}.tar")
-        _write_tar(path, samples)
-        with open(os.path.join(out, f"{shard:05d}_stats.json"), "w") as f:  # as img2dataset writes them
-            json.dump({"count": per_shard, "successes": per_shard, "failed_to_download": 0,
-                       "failed_to_resize": 0}, f)
+        write_shard(path, samples)
+        write_stats(path, per_shard)  # as img2dataset writes them
         paths.append(path)
         if progress:
             progress(1)
@@ -171,7 +161,7 @@ def _write_benchmark(out: str, items, names, templates, shards: int, kind: str) 
             else:
                 s["txt"] = "\n".join(target).encode()
             samples.append(s)
-        _write_tar(os.path.join(split, f"{k}.tar"), samples)
+        write_shard(os.path.join(split, f"{k}.tar"), samples)
     with open(os.path.join(split, "nshards.txt"), "w") as f:
         f.write(f"{shards}\n")
     if names is not None:

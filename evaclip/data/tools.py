@@ -6,8 +6,13 @@ import os
 from collections import Counter
 from typing import Dict, List, Tuple
 
+from evaclip.data.recipes import load_recipe
+from evaclip.data.samples import SkipSample, decode_sample
 from evaclip.data.shards import ShardError, count_tar_samples, expand_pattern, is_local, iter_tar_samples
+from evaclip.data.transforms import IMAGE_EXTS
 from evaclip.errors import ConfigError
+from evaclip.files import is_name
+from evaclip.metrics import progress_bar
 
 
 def add_parsers(dsub) -> None:
@@ -29,16 +34,12 @@ def add_parsers(dsub) -> None:
 
 
 def _is_recipe(source: str) -> bool:
-    from evaclip.files import is_name
-
     return source.endswith(".toml") or (is_name(source) and "{" not in source and ".tar" not in source)
 
 
 def expand_sources(source: str, root: str) -> List[Tuple[str, List[str]]]:
     """[(source name, urls)] from a recipe (file or built-in name) or a single pattern."""
     if _is_recipe(source):
-        from evaclip.data.recipes import load_recipe
-
         return [(s.name, expand_pattern(s.shards, root)) for s in load_recipe(source).source]
     return [("shards", expand_pattern(source, root))]
 
@@ -48,7 +49,6 @@ def source_weights(source: str) -> Dict[str, float]:
     proportional to their samples)."""
     if not _is_recipe(source):
         return {}
-    from evaclip.data.recipes import load_recipe
 
     return {s.name: s.weight for s in load_recipe(source).source if s.weight > 0}
 
@@ -107,8 +107,6 @@ def manifest(sources: List[Tuple[str, List[str]]], out: str = "", progress=None)
 
 
 def verify(source: str, root: str = "", progress=None) -> Dict:
-    from evaclip.data.samples import SkipSample, decode_sample
-
     report = {"shards": [], "totals": Counter()}
     for name, urls in expand_sources(source, root):
         for url in urls:
@@ -138,8 +136,6 @@ def preview(source: str, root: str = "", n: int = 16, out: str = "preview.png") 
     import textwrap
 
     from PIL import Image, ImageDraw
-
-    from evaclip.data.transforms import IMAGE_EXTS
 
     if n < 1:
         raise ConfigError(f"data preview -n must be >= 1, got {n}")
@@ -186,8 +182,6 @@ def preview(source: str, root: str = "", n: int = 16, out: str = "preview.png") 
 
 
 def run(args) -> int:
-    from evaclip.metrics import progress_bar
-
     if args.data_cmd == "stats":
         bar = progress_bar(None, "shards", "shard", leave=False)
         res = stats(args.source, args.root, args.out, bar.update)

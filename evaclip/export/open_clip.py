@@ -26,9 +26,11 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from evaclip.errors import UserError
 from evaclip.files import replace_dir
-from evaclip.models import record_variant
+from evaclip.models import model_from_record, record_variant
 from evaclip.models.convert import evaclip_to_open_clip
+from evaclip.models.eva_vit import Eva
 from evaclip.models.registry import Variant, timm_pretrained_cfg
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -45,8 +47,6 @@ def timm_tower_config(variant: Variant, num_classes: Optional[int] = None) -> Di
     ``num_classes``: the head's width (default: the CLIP projection's; 0 for a MIM student, which has none)."""
     num_classes = variant.embed_dim if num_classes is None else num_classes
     import inspect
-
-    from evaclip.models.eva_vit import Eva
 
     params = inspect.signature(Eva.__init__).parameters
     args = {k: p.default for k, p in params.items() if k not in ("self", "patch_drop_rate", "attn_impl")}
@@ -90,7 +90,6 @@ def open_clip_config(variant: Variant, text: Dict, logit_bias: bool = False,
 def check_target(out_dir: str, replace: bool) -> None:
     """An export never mixes with what a folder holds: a non-empty target needs ``replace`` (it is then replaced
     whole). Callers check before a long consolidation; ``export_open_clip`` checks again."""
-    from evaclip.errors import UserError
 
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not replace:
         raise UserError(f"--out {out_dir} is not empty; export into a new folder or replace it whole (--force)")
@@ -265,8 +264,6 @@ def verify_export(export_dir: str, state_dict: Dict[str, torch.Tensor], record: 
     loaded into an evaclip model (fp32). Returns the max abs differences."""
     import open_clip
     import timm
-
-    from evaclip.models import model_from_record
 
     variant = record_variant(record)
     ours = model_from_record(record)

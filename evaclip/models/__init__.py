@@ -17,6 +17,8 @@ from typing import Dict, Optional, Union
 
 import torch
 
+from evaclip.config import ModelConfig, to_dict
+from evaclip.files import ConfigError, from_dict
 from evaclip.models.clip import CLIP, ImageTower
 from evaclip.models.coca import CoCa
 from evaclip.models.eva_vit import Eva
@@ -47,7 +49,6 @@ def create_model(cfg, arch: Optional[Variant] = None, device: Optional[Union[str
     ``distill_dim``: a distillation head to a teacher's embedding width (feature regression across widths).
     ``coca``: a CoCa's decoder (``{"decoder_layers": n, "n_queries": q}``): the CLIP plus a caption decoder.
     """
-    from evaclip.config import ModelConfig
 
     if isinstance(cfg, str):
         cfg = ModelConfig(name=cfg)
@@ -84,7 +85,6 @@ def model_record(cfg, arch: Optional[Variant] = None, extras: Optional[Dict] = N
     """What a checkpoint / export records to rebuild the model: the ``[model]`` section and the architecture,
     and an objective's ``extras``: a MIM student's head width (``{"mim": {"target_dim": n}}``), a distillation
     head's (``{"distill": {"target_dim": n}}``), a CoCa's decoder (``{"coca": {...}}``)."""
-    from evaclip.config import to_dict
 
     variant = arch or get_variant(cfg.name, cfg.model_dir)
     record = {"config": to_dict(cfg), "arch": variant.to_dict()}
@@ -93,9 +93,6 @@ def model_record(cfg, arch: Optional[Variant] = None, extras: Optional[Dict] = N
 
 
 def _record_parts(record: Dict):
-    from evaclip.config import ModelConfig
-    from evaclip.files import ConfigError, from_dict
-
     if not isinstance(record, dict) or "config" not in record or "arch" not in record:
         raise ConfigError("this checkpoint / export has no model record (written by an older evaclip?); "
                           "re-export it from its run")

@@ -18,6 +18,10 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from evaclip.checkpoint import is_checkpoint, load_weights
+from evaclip.errors import ConfigError
+from evaclip.safe_load import load_torch
+
 _EVA_TO_TIMM = [  # (original, timm) substrings, applied in order
     ("mlp.ffn_ln.", "mlp.norm."),
     ("attn.inner_attn_ln.", "attn.norm."),
@@ -186,11 +190,7 @@ def read_state_dict(path: str, what: str = "weights", trust_pickle: bool = False
     run or checkpoint directory (its newest valid checkpoint, consolidated whatever engine wrote it)."""
     import os
 
-    from evaclip.safe_load import load_torch
-
     if os.path.isdir(path):
-        from evaclip.checkpoint import is_checkpoint, load_weights
-
         if is_checkpoint(path) or os.path.isdir(os.path.join(path, "checkpoints")):  # an evaclip run (e.g. MIM)
             return load_weights(path, trust_pickle, opt_in=opt_in)[0]
         found = weights_file(path)
@@ -222,7 +222,6 @@ def apply_inits(model, cfg, weights: Dict[str, Dict]) -> Optional[str]:
     """Load the init state dicts (``weights``: {"model" | "vision" | "text": state dict}) into ``model`` with
     the conversions and resizing of each kind; an init that loads no tensor is an error. Returns a report.
     Separate from the file reading so every shipped experiment's init logic is tested on meta tensors."""
-    from evaclip.errors import ConfigError
 
     reports = []
     if "model" in weights:

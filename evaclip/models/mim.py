@@ -24,10 +24,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from evaclip.checkpoint import is_checkpoint, load_weights
 from evaclip.data.transforms import reframe
 from evaclip.errors import ConfigError
 from evaclip.models.clip import ImageTower
+from evaclip.models.convert import open_clip_to_evaclip, read_state_dict
 from evaclip.models.eva_vit import Eva
+from evaclip.models.registry import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from evaclip.models.sources import resolve_source, source_identity
 
 
 class MIMStudent(nn.Module):
@@ -120,12 +124,12 @@ def _tokens_of(layer: int, num_prefix: int):
 
 
 def _evaclip_teacher(sd: Dict[str, torch.Tensor], record: Dict, layer: int, where: str) -> Teacher:
+    # a real cycle: the factory (evaclip.models) builds MIM students from this module
     from evaclip.models import model_from_record, record_variant
 
     if "mim" in record:
         raise ConfigError(f"mim.teacher {where} is a MIM run: the teacher must be a CLIP (the run a MIM student "
                           "initialised is the next teacher)")
-    from evaclip.models.convert import open_clip_to_evaclip
 
     variant = record_variant(record)
     model = model_from_record(record)
@@ -161,7 +165,6 @@ def _open_clip_teacher(model, layer: int, where: str) -> Teacher:
         return t.forward_intermediates(x, indices=[index], norm=True, output_fmt="NLC", intermediates_only=True)[0]
 
     size = visual.image_size if isinstance(visual.image_size, int) else visual.image_size[0]
-    from evaclip.models.registry import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
     pp = getattr(visual, "preprocess_cfg", {}) or {}
     mean, std = pp.get("mean", OPENAI_CLIP_MEAN), pp.get("std", OPENAI_CLIP_STD)
@@ -187,40 +190,29 @@ def _fit(model, sd, what: str, path: str) -> None:
 
 
 def _load_teacher(cfg, trust_pickle: bool, log: Callable):
+    """(teacher, identity) of the source ``mim.teacher`` names, resolved as every model source is."""
     import json
 
-    from evaclip.checkpoint import checkpoint_identity, is_checkpoint, load_weights
-    from evaclip.files import sampled_digest
-    from evaclip.models.convert import WHOLE_MODEL_FILES, read_state_dict, weights_file
+    import open_clip  # heavy to import: loaded when a MIM run builds its teacher
 
+    source = resolve_source(cfg.teacher, cfg.teacher_weights, "mim.teacher")
+    identity = source_identity(cfg.teacher, cfg.teacher_weights, "mim.teacher")
     src, layer = cfg.teacher, cfg.teacher_layer
-    if src.startswith("open_clip:"):
-        import open_clip
-
-        name = src[len("open_clip:"):]
-        model = open_clip.create_model(name, pretrained=None)
+    if source.kind == "open_clip":
+        model = open_clip.create_model(source.name, pretrained=None)
         sd = read_state_dict(cfg.teacher_weights, "mim.teacher_weights", trust_pickle)
         _fit(model, sd, "mim.teacher_weights", cfg.teacher_weights)
-        return _open_clip_teacher(model, layer, src), f"{src} {sampled_digest(cfg.teacher_weights)}"
-    if not os.path.exists(src):
-        raise ConfigError(f"mim.teacher: {src} does not exist (an evaclip run dir or checkpoint, an export folder, "
-                          "or open_clip:<name>)")
-    config = os.path.join(src, "open_clip_config.json")
-    if os.path.isdir(src) and os.path.exists(config):  # an export folder
-        with open(config) as f:
+        return _open_clip_teacher(model, layer, src), identity
+    if source.kind == "export":
+        with open(os.path.join(src, "open_clip_config.json")) as f:
             record = json.load(f).get("evaclip", {}).get("model")
-        whole = weights_file(src, WHOLE_MODEL_FILES)
-        identity = f"export {sampled_digest(whole)}" if whole else src
         if record is not None:
             return _evaclip_teacher(read_state_dict(src, "mim.teacher", trust_pickle), record, layer, src), identity
-        import open_clip
-
         model = open_clip.create_model(f"local-dir:{src}", pretrained=None)
         _fit(model, read_state_dict(src, "mim.teacher", trust_pickle), "mim.teacher", src)
         return _open_clip_teacher(model, layer, src), identity
     if is_checkpoint(src) or os.path.isdir(os.path.join(src, "checkpoints")):
         sd, meta = load_weights(src, trust_pickle, log, opt_in="model.trust_pickle=true")
-        return _evaclip_teacher(sd, meta["model"], layer, meta["checkpoint"]), \
-            f"checkpoint {checkpoint_identity(meta['checkpoint'])}"
+        return _evaclip_teacher(sd, meta["model"], layer, meta["checkpoint"]), identity
     raise ConfigError(f"mim.teacher: {src} is neither an evaclip run / checkpoint nor an export folder "
                       "(open_clip_config.json)")

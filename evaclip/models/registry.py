@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Dict, List
 
 from evaclip.files import ConfigError, builtin_names, find, from_dict, is_name, load_typed
+from evaclip.models.eva_vit import Eva
+from evaclip.models.text import TextTransformer
 
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -86,8 +88,6 @@ class Variant:
 
     def check(self, where: str) -> None:
         """Names and kinds of the tower kwargs against the towers' signatures: a typo names the key."""
-        from evaclip.models.eva_vit import Eva
-        from evaclip.models.text import TextTransformer
 
         if not self.name or self.embed_dim < 1:
             raise ConfigError(f"{where}: a model file needs name and embed_dim (> 0)")

@@ -15,6 +15,8 @@ from typing import Dict
 
 import torch
 
+from evaclip.models import create_model
+
 TOWERS = ("visual", "text")
 
 
@@ -28,7 +30,6 @@ class TowerTrace:
 
 def build(model_cfg, variant, dtype: torch.dtype, attn_impl: str = ""):
     """The model on the meta device in the dtype it computes in, locked as the trainer locks it."""
-    from evaclip.models import create_model
 
     if attn_impl:
         model_cfg = dataclasses.replace(model_cfg, vision=dataclasses.replace(model_cfg.vision, attn_impl=attn_impl),

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Dict, Optional
 
 from evaclip.config import ExperimentConfig
+from evaclip.data.recipes import load_recipe
 from evaclip.errors import CheckpointError
 
 # the settings a resume must keep (else the data order, batch or model would silently change)
@@ -31,8 +32,6 @@ def resume_settings(cfg: ExperimentConfig, world_size: int) -> Dict:
             node = getattr(node, part)
         flat[key] = list(node) if isinstance(node, (list, tuple)) else node
     if cfg.data.recipe:
-        from evaclip.data.recipes import load_recipe
-
         flat["data.recipe_sources"] = [[s.name, s.shards, s.samples, s.weight] for s in load_recipe(cfg.data.recipe).source]
     return flat
 

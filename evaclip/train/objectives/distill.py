@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from evaclip.data.transforms import make_tokenizer, reframe
-from evaclip.encoders import Encoders, load_source, source_identity
+from evaclip.encoders import Encoders, load_source
 from evaclip.errors import ConfigError, TrainingStopped, UserError
 from evaclip.losses.distill import DistillLoss
 from evaclip.models import create_model
+from evaclip.models.sources import source_identity
 from evaclip.train.objectives.clip import ClipObjective
 
 PROBE = "a photo of a dog, 3 cats and a 🐈 on a red sofa."  # tokenised by both: the tokenizers must agree

@@ -1,0 +1,64 @@
+"""The one resolver of model sources: what a string naming a model points at (``distill.teacher``, ``mim.teacher``,
+``data reinforce --teacher``, ``data capfilt --captioner / --scorer``), and its identity, which changes whenever the
+weights do (a resume and a reinforced shard compare it).
+
+    an export folder (holds open_clip_config.json)      kind "export"
+    an evaclip run dir or checkpoint dir                 kind "checkpoint"
+    open_clip:<name>, with a weights file (or a tag)     kind "open_clip"
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+from evaclip.checkpoint import checkpoint_identity, find_checkpoint
+from evaclip.errors import ConfigError
+from evaclip.files import sampled_digest
+from evaclip.models.convert import weights_file
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # "export" | "checkpoint" | "open_clip"
+    path: str  # the export folder, the run / checkpoint dir; for open_clip its weights ("" or a tag: open_clip's)
+    name: str = ""  # open_clip's model name (kind "open_clip")
+
+
+def resolve_source(src: str, weights: str = "", setting: str = "") -> Source:
+    """Where ``src`` (with ``weights`` for ``open_clip:<name>``) points; one that does not exist is an error
+    (naming ``setting`` where given)."""
+    if src.startswith("open_clip:"):
+        return Source("open_clip", weights, src[len("open_clip:"):])
+    if os.path.isfile(os.path.join(src, "open_clip_config.json")):
+        return Source("export", src)
+    if os.path.exists(src):
+        return Source("checkpoint", src)
+    raise ConfigError(f"{setting + ': ' if setting else ''}{src} does not exist (an evaclip run dir or checkpoint, an export folder, or "
+                      "open_clip:<name>)")
+
+
+def source_identity(src: str, weights: str = "", setting: str = "") -> str:
+    """The identity of the model ``src`` names, without building it (a big teacher need not fit in memory to be
+    compared with the one a reinforced shard or a checkpoint records)."""
+    source = resolve_source(src, weights, setting)
+    if source.kind == "open_clip":
+        if weights and not os.path.exists(weights):
+            raise ConfigError(f"{setting + '_weights: ' if setting else ''}{weights}: no such weights file")
+        return fingerprint(source.name, weights)
+    if source.kind == "export":
+        return fingerprint("export", src)
+    return checkpoint_identity(find_checkpoint(src, log=lambda *a: None))
+
+
+def fingerprint(name: str, pretrained: str) -> str:
+    """The model name and its weights' content (size, first and last MiB; a folder's whole-model file, else its
+    first weights file): a copy of the same file elsewhere is the same model, the file rewritten another."""
+    if pretrained and os.path.isdir(pretrained):
+        found = weights_file(pretrained)
+        stamp = sampled_digest(found) if found else ""
+    elif pretrained and os.path.exists(pretrained):
+        stamp = sampled_digest(pretrained)
+    else:
+        stamp = pretrained  # an open_clip tag
+    return hashlib.sha1(f"{name}|{stamp}".encode()).hexdigest()[:16]
