@@ -267,3 +267,29 @@ def test_no_private_name_crosses_a_module():
                     and node.attr.startswith("_") and not node.attr.startswith("__")):
                 crossing.append(f"{p.relative_to(REPO)}:{node.lineno} {node.value.id}.{node.attr}")
     assert not crossing, crossing
+
+
+def test_evaclip_imports_sit_at_the_top_unless_a_comment_says_why():
+    """Issue 26's import rule: an evaclip module imported inside a function is preceded by a comment giving the
+    reason (a real cycle, an import hook), except in the CLI, whose commands import their work inside themselves so
+    that `evaclip --help` loads no torch (checked here in a fresh interpreter)."""
+    import ast
+
+    hidden = []
+    for p in _python_files("evaclip"):
+        if "cli" in p.relative_to(REPO).parts:
+            continue
+        lines = p.read_text().splitlines()
+        for fn in ast.walk(ast.parse("\n".join(lines))):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                    [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                if any(n.split(".")[0] == "evaclip" for n in names) and \
+                        not lines[node.lineno - 2].strip().startswith("#"):
+                    hidden.append(f"{p.relative_to(REPO)}:{node.lineno}")
+    assert not hidden, hidden
+    probe = "import sys, evaclip.cli; print(sorted(m for m in ('torch', 'deepspeed', 'open_clip') if m in sys.modules))"
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
