@@ -12,7 +12,7 @@ DEMO_RUN  := runs/demo_cpu
 
 FLYWHEEL_SEEDS ?= 0 1 2
 
-.PHONY: setup demo flywheel distill coca test test-cluster test-fast bench lint lock clean help
+.PHONY: setup demo flywheel distill coca capfilt test test-cluster test-fast bench lint lock clean help
 
 help:
 	@echo "make setup      create .venv and install the pinned stack (CPU torch) + evaclip"
@@ -20,6 +20,7 @@ help:
 	@echo "make flywheel   CLIP teacher -> MIM student -> CLIP from it vs from scratch (runs/flywheel/summary.json)"
 	@echo "make distill    a smaller student distilled from the demo CLIP vs from scratch, 3 seeds (runs/distill/summary.md)"
 	@echo "make coca       the CoCa demo vs the CLIP demo, 3 seeds: held-out captions and zero-shot top-1 (runs/coca/summary.md)"
+	@echo "make capfilt    CapFilt on demo shards with 30% of captions moved; CLIP on noisy vs cleaned, 3 seeds (runs/capfilt/summary.md)"
 	@echo "make test       the whole test suite (CPU; includes slow end-to-end and 2-process tests)"
 	@echo "make test-cluster  the cluster tier: a real two-node Slurm on this machine (root), sbatch / requeue / torchrun"
 	@echo "make test-fast  tests without the slow end-to-end ones"
@@ -65,6 +66,10 @@ distill: setup
 coca: setup
 	test -f $(DEMO_DATA)/recipe.toml || $(BIN)/evaclip data synth --out $(DEMO_DATA)
 	$(BIN)/python -m evaclip.coca_study --data $(DEMO_DATA) --out runs/coca --seeds 0 1 2
+
+capfilt: setup
+	test -f $(DEMO_DATA)/recipe.toml || $(BIN)/evaclip data synth --out $(DEMO_DATA)
+	$(BIN)/python -m evaclip.capfilt_study --data $(DEMO_DATA) --out runs/capfilt --seeds 0 1 2
 
 test: setup
 	$(BIN)/python -m pytest -q -m "not cluster" tests

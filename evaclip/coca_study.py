@@ -18,7 +18,7 @@ from typing import Dict, List
 
 from evaclip.captioning import iter_images, load_captioner
 from evaclip.data.shards import iter_tar_samples
-from evaclip.data.synth import COLOURS, SHAPES
+from evaclip.data.synth import names_right
 from evaclip.study import check_demo_data, publish, train_run, warmup
 
 
@@ -38,8 +38,7 @@ def caption_accuracy(run_dir: str, shapes_dir: str, batch_size: int = 64) -> Dic
         for (key, _), text in zip(chunk, cap.caption([im for _, im in chunk])):
             colour, shape = labels[key].split(" ")
             words = set(text.replace(",", " ").split())
-            ok = (colour in words and shape in words and not (words & set(COLOURS)) - {colour}
-                  and not (words & set(SHAPES)) - {shape})
+            ok = names_right(text, colour, shape)
             right += ok
             colour_right += colour in words
             shape_right += shape in words

@@ -71,19 +71,20 @@ def finished(run_dir: str) -> bool:
         return False
 
 
-def demo_teacher(given: str, out: str, common: List[str], tag: str, extra: List[str] = ()) -> Tuple[str, Optional[float]]:
-    """The teacher a study uses: ``given`` when it is a finished run, else ``<out>/teacher``, trained with
-    ``demo_cpu`` unless a finished one is already there (a rerun of the study does not train it again);
-    (its run dir, the wall time spent training it here or None)."""
+def demo_teacher(given: str, out: str, common: List[str], tag: str, extra: List[str] = (),
+                 experiment: str = "demo_cpu", role: str = "teacher") -> Tuple[str, Optional[float]]:
+    """The model a study starts from (a ``role``: teacher, captioner): ``given`` when it is a finished run, else
+    ``<out>/<role>``, trained with ``experiment`` unless a finished one is already there (a rerun of the study does
+    not train it again); (its run dir, the wall time spent training it here or None)."""
     if finished(given):
-        print(f"[{tag}] teacher: {given}", flush=True)
+        print(f"[{tag}] {role}: {given}", flush=True)
         return given, None
-    teacher = os.path.join(out, "teacher")
-    if finished(teacher):
-        print(f"[{tag}] teacher: {teacher} (trained by an earlier run of this study)", flush=True)
-        return teacher, None
-    print(f"[{tag}] no finished teacher run given: training demo_cpu into {teacher}", flush=True)
-    return teacher, train_run("demo_cpu", [*common, "run.name=teacher", *extra])["wall_s"]
+    run_dir = os.path.join(out, role)
+    if finished(run_dir):
+        print(f"[{tag}] {role}: {run_dir} (trained by an earlier run of this study)", flush=True)
+        return run_dir, None
+    print(f"[{tag}] no finished {role} run given: training {experiment} into {run_dir}", flush=True)
+    return run_dir, train_run(experiment, [*common, f"run.name={role}", *extra])["wall_s"]
 
 
 def publish(out: str, summary: Dict, table: str) -> None:

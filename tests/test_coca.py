@@ -218,15 +218,34 @@ def test_caption_skips_unreadable_images_and_refuses_a_model_without_a_decoder(c
 
 
 def test_caption_accuracy_scores_every_held_out_image_and_the_studies_refuse_other_data(coca_run, synth_dir, tmp_path):
-    from evaclip import coca_study, distill_study
+    from evaclip import capfilt_study, coca_study, distill_study
     from evaclip.captioning import iter_images
 
     shapes = os.path.join(synth_dir, "zeroshot", "synth_shapes")
     acc = coca_study.caption_accuracy(coca_run, shapes)
     assert acc["images"] == sum(1 for _ in iter_images(glob.glob(os.path.join(shapes, "test", "*.tar"))))
     assert 0.0 <= acc["accuracy"] <= 1.0 and len(acc["examples"]) == 6
-    for study in (coca_study, distill_study):  # the test data is smaller than `evaclip data synth`'s default
+    for study in (coca_study, distill_study, capfilt_study):  # the test data is smaller than `data synth`'s default
         assert study.main(["--data", synth_dir, "--out", str(tmp_path / "s")]) == 2
+
+
+def test_the_capfilt_study_moves_the_share_of_captions_it_says_and_judges_pairs_by_the_samples_truth(synth_dir,
+                                                                                                     tmp_path):
+    """The noisy input of `make capfilt`: the same images, metadata and captions (as a multiset), 30% of the
+    captions on other images; every synthetic caption names its image (pairs all correct), the noisy ones about
+    70% (a moved caption is right only where the other image has the same colour and shape)."""
+    from evaclip import capfilt_study
+    from evaclip.data.shards import iter_tar_samples
+
+    recipe = capfilt_study.move_captions(synth_dir, str(tmp_path / "noisy"), 0.3, 0, shards=4)
+    before = [s for u in sorted(glob.glob(os.path.join(synth_dir, "train", "*.tar"))) for s in iter_tar_samples(u)]
+    after = [s for u in sorted(glob.glob(str(tmp_path / "noisy" / "train" / "*.tar"))) for s in iter_tar_samples(u)]
+    assert [(s["__key__"], s["jpg"], s["json"]) for s in after] == [(s["__key__"], s["jpg"], s["json"]) for s in before]
+    assert sorted(s["txt"] for s in after) == sorted(s["txt"] for s in before)
+    moved = sum(a["txt"] != b["txt"] for a, b in zip(after, before))
+    assert round(0.3 * len(before)) - 3 <= moved <= round(0.3 * len(before))  # equal captions may swap places
+    assert capfilt_study.pairs_correct(os.path.join(synth_dir, "recipe.toml")) == 1.0
+    assert 0.69 <= capfilt_study.pairs_correct(recipe) <= 0.8
 
 
 def test_caption_scores_are_pycocoevalcaps_on_lowercased_words():

@@ -90,6 +90,14 @@ def _encode(img: Image.Image, fmt: str) -> bytes:
     return buf.getvalue()
 
 
+def names_right(text: str, colour: str, shape: str) -> bool:
+    """Whether a caption names this colour and this shape and no other colour or shape (how the studies judge a
+    caption of a synthetic image)."""
+    words = set(text.lower().replace(",", " ").replace(".", " ").split())
+    return (colour in words and shape in words and not (words & set(COLOURS)) - {colour}
+            and not (words & set(SHAPES)) - {shape})
+
+
 def classnames() -> List[str]:
     return [f"{c} {s}" for c in COLOURS for s in SHAPES]
 
