@@ -272,7 +272,7 @@ def test_no_private_name_crosses_a_module():
 def test_evaclip_imports_sit_at_the_top_unless_a_comment_says_why():
     """Issue 26's import rule: an evaclip module imported inside a function is preceded by a comment giving the
     reason (a real cycle, an import hook), except in the CLI, whose commands import their work inside themselves so
-    that `evaclip --help` loads no torch (checked here in a fresh interpreter)."""
+    that a command loads only what it runs (importing the CLI loads no torch: checked in a fresh interpreter)."""
     import ast
 
     hidden = []

@@ -1,6 +1,6 @@
 """``evaclip`` command line: train, eval, export, caption, data, models, plan. Thin: parse, build, call; a module per command.
-Each command imports its work inside its own function, so `evaclip --help` and argument errors answer without
-loading torch, DeepSpeed or open_clip (tests/test_package.py checks it)."""
+Each command imports its work inside its own function, so a command loads only what it runs (importing the CLI
+loads no torch, DeepSpeed or open_clip; tests/test_package.py checks it)."""
 from __future__ import annotations
 
 import argparse

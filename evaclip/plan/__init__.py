@@ -40,16 +40,16 @@ def render(p: Dict) -> str:
         "memory per GPU",
     ]
     for name, n in p["parts_bytes"].items():
-        lines.append(f"  {name:<24}{_gib(n)}")
-    lines.append(f"  {'fragmentation margin':<24}{_gib(sum(p['parts_bytes'].values()) * p['fragmentation_margin'])}"
+        lines.append(f"  {name:<30}{_gib(n)}")
+    lines.append(f"  {'fragmentation margin':<30}{_gib(sum(p['parts_bytes'].values()) * p['fragmentation_margin'])}"
                  f"  ({100 * p['fragmentation_margin']:.0f}%, stated)")
-    lines.append(f"  {'CUDA context':<24}{_gib(p['cuda_context_bytes'])}  (stated)")
+    lines.append(f"  {'CUDA context':<30}{_gib(p['cuda_context_bytes'])}  (stated)")
     if p["step_only_gradient_bytes"]:
-        lines.append(f"  {'(step: fp32 gradients)':<24}{_gib(p['step_only_gradient_bytes'])}  (built in the optimizer "
+        lines.append(f"  {'(step: fp32 gradients)':<30}{_gib(p['step_only_gradient_bytes'])}  (built in the optimizer "
                      "step, after the activations are freed)")
     verdict = "fits" if p["fits"] else "DOES NOT FIT"
     share = p["global_batch"] // (p["nodes"] * p["gpus_per_node"])
-    lines += [f"  {'peak':<24}{_gib(p['peak_bytes'])}  of {p['gpu_memory_gib']:g} GiB: {verdict}",
+    lines += [f"  {'peak':<30}{_gib(p['peak_bytes'])}  of {p['gpu_memory_gib']:g} GiB: {verdict}",
               f"  the largest micro-batch that fits (at most the GPU's share of the batch, {share}): "
               f"{p['largest_micro_batch'] or 'none'}", "",
               "speed",

@@ -87,6 +87,16 @@ def loss_buffers(kind: str, impl: str, global_batch: int, rows: int, dim: int, t
     return 4 * elements
 
 
+def caption_loss_buffers(chunk: int, vocab: int, width: int, half: bool, half_weights: bool) -> int:
+    """A CoCa's chunked caption cross-entropy (evaclip/losses/caption.py) at its peak, the backward's, beyond its
+    input, the projection and their gradients. Per element of one chunk's logits [c, V], c = min(coca.ce_chunk,
+    the micro-batch's predicted tokens): 12 bytes in fp32 (the logits, their softmax gradient and the copy the
+    weight-gradient matmul makes of it), 14 with ``half`` logits; with ``half_weights`` (DeepSpeed in bf16 / fp16)
+    2 W V bytes more (the fp32 accumulator of the projection's gradient beyond the half gradient). The constants
+    are torch's MemTracker's measure (tests/test_plan.py holds the formula to it within 10%)."""
+    return chunk * vocab * (14 if half else 12) + (2 * width * vocab if half_weights else 0)
+
+
 def buckets(precision: str, trainable: int, elements) -> int:
     """DeepSpeed's communication buffers alive at the peak, in the gradients' dtype: ``elements`` = the engine's
     ``bucket_elements``, (allocated whole, prefetched parameters: never more than the model)."""

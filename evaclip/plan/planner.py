@@ -13,7 +13,7 @@ from evaclip.engine import bucket_elements, zero3_persistent_elements, zero_held
 from evaclip.errors import ConfigError
 from evaclip.optim import param_groups
 from evaclip.plan import memory, speed
-from evaclip.plan.trace import build, count_flops, trace_towers
+from evaclip.plan.trace import build, caption_flops, count_flops, trace_caption, trace_towers
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -33,18 +33,22 @@ class Planner:
     checkpointing setting; activations grow linearly with the micro-batch, so other micro-batches scale them."""
 
     def __init__(self, cfg, variant, g: speed.GPU, nodes: int, gpus_per_node: int, results_dir: str = ""):
-        if cfg.objective.kind != "clip":
-            missing = {"mim": "the MIM teacher's memory", "distill": "the distillation teacher's memory",
-                       "coca": "the caption decoder and its chunked loss"}.get(cfg.objective.kind, "that objective")
-            raise ConfigError(f"objective.kind = {cfg.objective.kind!r}: evaclip plan covers the CLIP objective "
-                              f"so far ({missing} is not planned yet)")
+        if cfg.objective.kind not in ("clip", "coca"):
+            missing = {"mim": "the MIM teacher's memory", "distill": "the distillation teacher's memory"}.get(
+                cfg.objective.kind, "that objective")
+            raise ConfigError(f"objective.kind = {cfg.objective.kind!r}: evaclip plan covers the CLIP and CoCa "
+                              f"objectives so far ({missing} is not planned yet)")
         self.cfg, self.variant, self.gpu, self.nodes = cfg, variant, g, nodes
         self.ranks = nodes * gpus_per_node
         self.global_batch = cfg.data.micro_batch_size * self.ranks * cfg.engine.accum_steps
         self.dtype = DTYPES[cfg.engine.precision]
         self.results_dir = results_dir
         self._traces: Dict[Tuple[bool, bool], Dict] = {}
-        model = build(cfg.model, variant, self.dtype)  # locked as the trainer locks it
+        self.coca = {"decoder_layers": cfg.coca.decoder_layers, "n_queries": cfg.coca.n_queries} \
+            if cfg.objective.kind == "coca" else None
+        self._caption = None  # a CoCa's caption half at micro-batch 1 (bytes saved), traced once
+        model = build(cfg.model, variant, self.dtype, coca=self.coca)  # locked as the trainer locks it
+        self.projection = tuple(model.decoder.text_projection.shape) if self.coca else (0, 0)  # [W, V]
         groups = [[p.numel() for p in g["params"]]  # the optimizer's groups, as the engine flattens them
                   for g in param_groups(model, cfg.optim)]
         self.trainable = sum(map(sum, groups))
@@ -78,10 +82,25 @@ class Planner:
         out["loss buffers"] = memory.loss_buffers(c.loss.kind, c.loss.impl, self.global_batch,
                                                   self.global_batch // self.ranks, self.variant.embed_dim,
                                                   c.loss.tile_size)
+        if self.coca:
+            out.update(self._caption_parts(s.micro_batch))
         engine = dataclasses.replace(c.engine, zero_stage=s.zero, accum_steps=s.accum)
         out["communication buckets"] = memory.buckets(c.engine.precision, self.trainable,
                                                       bucket_elements(engine, s.micro_batch, self.ranks))
         return out
+
+    def _caption_parts(self, micro_batch: int) -> Dict[str, int]:
+        """A CoCa's caption half: the decoder's activations (traced, linear in the micro-batch) and the chunked
+        loss's buffers, for captions as long as the context (the most a batch can hold)."""
+        c = self.cfg
+        if self._caption is None:
+            self._caption = trace_caption(c.model, self.variant, 1, self.dtype, self.coca)
+        width, vocab = self.projection
+        chunk = min(c.coca.ce_chunk, micro_batch * (self.variant.context_length - 1))
+        half = c.engine.precision in ("bf16", "fp16")
+        return {"activations (caption decoder)": self._caption * micro_batch,
+                "caption loss buffers": memory.caption_loss_buffers(chunk, vocab, width, half,
+                                                                    half and c.engine.kind == "deepspeed")}
 
     def peak(self, s: Setting) -> int:
         return memory.total(self.parts(s), self.states(s).step_gradients)
@@ -119,6 +138,8 @@ class Planner:
         c = self.cfg
         flops = count_flops(self._model_cfg(s.checkpointing), self.variant,  # checkpointing: + the recompute
                             c.model.vision.patch_dropout)
+        if self.coca:  # the caption half, every position a token
+            flops["train"] += caption_flops(c.model, self.variant, self.coca)
         measured = speed.measured_mfu(self.results_dir, self.gpu.name, c.model.vision.patch_dropout,
                                       c.engine.compile != "off") if self.results_dir else None
         mfu = measured or self.gpu.mfu

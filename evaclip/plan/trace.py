@@ -7,11 +7,13 @@ device (shapes only: no memory, no arithmetic; seconds even for EVA02-E-14-plus 
   device a fused attention kernel keeps what it keeps on a GPU (models/attention.py ``_FusedOnMeta``).
 * FLOPs: torch's ``FlopCounterMode`` over the same forward (and backward), with attention written out as matmuls
   (``math``) so it is counted; two FLOPs per multiply-add, the convention of open_clip's model profile.
+* A CoCa's caption half (pooler, decoder, the chunked loss's input) is traced as what a whole forward saves beyond
+  the two towers, for captions as long as the context (every position a token: the most a batch can hold).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -28,13 +30,14 @@ class TowerTrace:
     recompute_bytes: int  # with gradient checkpointing: one block's activations, alive while it is recomputed
 
 
-def build(model_cfg, variant, dtype: torch.dtype, attn_impl: str = ""):
-    """The model on the meta device in the dtype it computes in, locked as the trainer locks it."""
+def build(model_cfg, variant, dtype: torch.dtype, attn_impl: str = "", coca: Optional[Dict] = None):
+    """The model on the meta device in the dtype it computes in, locked as the trainer locks it (``coca``: a
+    CoCa's decoder, as the factory takes it)."""
 
     if attn_impl:
         model_cfg = dataclasses.replace(model_cfg, vision=dataclasses.replace(model_cfg.vision, attn_impl=attn_impl),
                                         text=dataclasses.replace(model_cfg.text, attn_impl=attn_impl))
-    model = create_model(model_cfg, variant, device="meta", load_hf_weights=False).to(dtype)
+    model = create_model(model_cfg, variant, device="meta", load_hf_weights=False, coca=coca).to(dtype)
     for tower, section in (("visual", model_cfg.vision), ("text", model_cfg.text)):
         if section.lock:
             model.lock_tower(tower, section.unlocked_layers)
@@ -53,6 +56,10 @@ def _encode(model, tower: str, image, text):
 
 def saved_bytes(model, tower: str, image, text) -> int:
     """Bytes autograd saves for backward in ``tower``'s forward: each storage once, parameters excluded."""
+    return _saved(model, lambda: _encode(model, tower, image, text))
+
+
+def _saved(model, forward: Callable) -> int:
     params = {p.untyped_storage()._cdata for p in model.parameters()}
     seen: Dict[int, int] = {}
 
@@ -63,8 +70,46 @@ def saved_bytes(model, tower: str, image, text) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        _encode(model, tower, image, text)
+        forward()
     return sum(seen.values())
+
+
+def _caption_forward(model, image, text):
+    """A CoCa's forward up to the caption loss's input: the hidden states [B * (L - 1), W] of every position."""
+    _, context = model.image_context(image)
+    _, states = model.text.forward_tokens(text)
+    h = model.decoder(states[:, :-1], context)
+    return h.reshape(-1, h.shape[-1])
+
+
+def trace_caption(model_cfg, variant, batch: int, dtype: torch.dtype, coca: Dict) -> int:
+    """A CoCa's caption half at micro-batch ``batch``: what its whole forward saves beyond the two towers (the
+    pooler, the decoder, the text states it reads) plus what the chunked loss keeps (its input and the labels)."""
+    model = build(model_cfg, variant, dtype, coca=coca)
+    image, text = _inputs(variant, batch, dtype)
+    towers = sum(saved_bytes(model, tower, image, text) for tower in TOWERS)
+    whole = _saved(model, lambda: _caption_forward(model, image, text))
+    width, tokens = model.decoder.ln_final.normalized_shape[0], batch * (variant.context_length - 1)
+    return max(0, whole - towers) + tokens * (width * torch.empty((), dtype=dtype).element_size() + 8 + 1)
+
+
+def caption_flops(model_cfg, variant, coca: Dict) -> float:
+    """Training FLOPs per sample of a CoCa's caption half (every position a token): the pooler and the decoder,
+    forward and backward, counted; and the vocabulary projection, 2 W V a token forward and, in the chunked
+    backward, its recomputation and two gradients (8 W V in all)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build(model_cfg, variant, torch.float32, attn_impl="math", coca=coca)
+    image, text = _inputs(variant, 1, torch.float32)
+    with torch.no_grad():  # the towers' own FLOPs are count_flops'
+        tokens = model.visual.trunk.forward_features(image)
+        states = model.text.forward_tokens(text)[1]
+    tokens, states = tokens.detach().requires_grad_(), states.detach().requires_grad_()
+    with FlopCounterMode(display=False) as fc:
+        h = model.decoder(states[:, :-1], model.decoder_pool(tokens))
+        h.sum().backward()
+    width, vocab = model.decoder.text_projection.shape
+    return float(fc.get_total_flops()) + 8.0 * width * vocab * (variant.context_length - 1)
 
 
 def trace_towers(model_cfg, variant, batch: int, dtype: torch.dtype) -> Dict[str, TowerTrace]:
