@@ -196,8 +196,11 @@ def _load_teacher(cfg, trust_pickle: bool, log: Callable):
     import open_clip  # heavy to import: loaded when a MIM run builds its teacher
 
     source = resolve_source(cfg.teacher, cfg.teacher_weights, "mim.teacher")
-    identity = source_identity(cfg.teacher, cfg.teacher_weights, "mim.teacher")
     src, layer = cfg.teacher, cfg.teacher_layer
+    if source.kind == "checkpoint" and not (is_checkpoint(src) or os.path.isdir(os.path.join(src, "checkpoints"))):
+        raise ConfigError(f"mim.teacher: {src} is neither an evaclip run / checkpoint nor an export folder "
+                          "(open_clip_config.json)")
+    identity = source_identity(cfg.teacher, cfg.teacher_weights, "mim.teacher")
     if source.kind == "open_clip":
         model = open_clip.create_model(source.name, pretrained=None)
         sd = read_state_dict(cfg.teacher_weights, "mim.teacher_weights", trust_pickle)
@@ -211,8 +214,5 @@ def _load_teacher(cfg, trust_pickle: bool, log: Callable):
         model = open_clip.create_model(f"local-dir:{src}", pretrained=None)
         _fit(model, read_state_dict(src, "mim.teacher", trust_pickle), "mim.teacher", src)
         return _open_clip_teacher(model, layer, src), identity
-    if is_checkpoint(src) or os.path.isdir(os.path.join(src, "checkpoints")):
-        sd, meta = load_weights(src, trust_pickle, log, opt_in="model.trust_pickle=true")
-        return _evaclip_teacher(sd, meta["model"], layer, meta["checkpoint"]), identity
-    raise ConfigError(f"mim.teacher: {src} is neither an evaclip run / checkpoint nor an export folder "
-                      "(open_clip_config.json)")
+    sd, meta = load_weights(src, trust_pickle, log, opt_in="model.trust_pickle=true")
+    return _evaclip_teacher(sd, meta["model"], layer, meta["checkpoint"]), identity
