@@ -390,3 +390,17 @@ def test_the_chunked_ce_reduces_half_logits_in_fp32(how):
         got = chunked_token_ce(h, w, labels, 0, 0.1, 7)
     ref = reference_token_ce(hidden.detach(), weight.detach(), labels, 0, 0.1)
     assert got.dtype == torch.float32 and (got.double() - ref).abs().max().item() <= 1e-2 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("scale", [0.05, 1.0, 30.0])
+def test_the_nucleus_from_the_most_probable_tokens_equals_the_one_from_the_whole_sorted_vocabulary(scale):
+    """Top-p's set and probabilities taken from the 256 most probable tokens (the whole vocabulary sorted only
+    where they fall short) equal those of a full sort, for flat, moderate and peaked distributions."""
+    from evaclip.models.generate import nucleus
+
+    probs = torch.softmax(torch.randn(8, 49408, generator=torch.Generator().manual_seed(0)) * scale, dim=-1)
+    dense = []
+    for head in (256, 49408):
+        kept, order = nucleus(probs, 0.9, head)
+        dense.append(torch.zeros_like(probs).scatter(1, order, kept))
+    assert torch.equal(dense[0], dense[1]) and bool((dense[0] > 0).any(-1).all())

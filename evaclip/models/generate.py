@@ -22,12 +22,21 @@ def _next_logits(model, context, seqs, stepper, fresh: int):
     return model.caption_logits(context, seqs)
 
 
+def nucleus(probs: torch.Tensor, top_p: float, head: int = 256):
+    """The smallest set of most probable tokens whose mass reaches ``top_p`` (Holtzman et al. 2020), per row of
+    ``probs`` [B, V]: (their probabilities, zero outside the set, [B, n]; their token ids [B, n]). The set is
+    nearly always a few tokens: only the ``head`` most probable are sorted, and the whole vocabulary only where
+    their mass does not exceed ``top_p`` (past it every further token lies outside the set anyway)."""
+    sorted_p, order = probs.topk(min(head, probs.shape[-1]), dim=-1)
+    if sorted_p.shape[-1] < probs.shape[-1] and bool((sorted_p.sum(-1) <= top_p).any()):
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+    outside = sorted_p.cumsum(dim=-1) - sorted_p > top_p  # the mass before a token already exceeds top_p
+    return sorted_p.masked_fill(outside, 0.0), order
+
+
 def _top_p(logits, top_p: float, temperature: float, generator):
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    outside = sorted_p.cumsum(dim=-1) - sorted_p > top_p  # the smallest set whose mass reaches top_p is kept
-    sorted_p = sorted_p.masked_fill(outside, 0.0)
-    pick = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1, generator=generator)
+    kept, order = nucleus(torch.softmax(logits.float() / temperature, dim=-1), top_p)
+    pick = torch.multinomial(kept / kept.sum(-1, keepdim=True), 1, generator=generator)
     return order.gather(-1, pick).squeeze(-1)
 
 
