@@ -69,7 +69,8 @@ coca: setup
 
 capfilt: setup
 	test -f $(DEMO_DATA)/recipe.toml || $(BIN)/evaclip data synth --out $(DEMO_DATA)
-	$(BIN)/python -m evaclip.capfilt_study --data $(DEMO_DATA) --out runs/capfilt --seeds 0 1 2
+	$(BIN)/python -m evaclip.capfilt_study --data $(DEMO_DATA) --captioner runs/coca/captioner --out runs/capfilt \
+		--seeds 0 1 2
 
 test: setup
 	$(BIN)/python -m pytest -q -m "not cluster" tests

@@ -1,9 +1,10 @@
 """CoCa on the embedded synthetic data (``make coca``): per seed, the CoCa demo (``coca_demo_cpu``) and the CLIP demo
 (``demo_cpu``), alike in everything but the objective (seed, data order, steps, optimizer), evaluated zero-shot on
 the held-out shapes (top-1), and the CoCa's greedy captions of those held-out images scored for naming the right
-colour and the right shape (and no other colour or shape).
+colour and the right shape (and no other colour or shape). Then the captioner: the CoCa demo trained for
+``--caption-steps`` (seed 0; as many as naming the shapes needs), its captions scored at every 300th step.
 
-    python -m evaclip.coca_study --data data/synth --out runs/coca --seeds 0 1 2 --steps 300
+    python -m evaclip.coca_study --data data/synth --out runs/coca --seeds 0 1 2 --steps 300 --caption-steps 1800
 
 Writes ``<out>/summary.json`` and ``<out>/summary.md`` (the table it prints).
 """
@@ -49,7 +50,9 @@ def caption_accuracy(run_dir: str, shapes_dir: str, batch_size: int = 64) -> Dic
             "images": len(items), "examples": examples}
 
 
-def run(data: str, out: str, seeds: List[int], steps: int, overrides: List[str] = ()) -> Dict:
+def run(data: str, out: str, seeds: List[int], steps: int, overrides: List[str] = (), caption_steps: int = 0) -> Dict:
+    """Per seed, the CoCa and the CLIP demo for ``steps``; then (``caption_steps``) the captioner: the CoCa demo
+    trained for that many steps (seed 0, checkpoints every 300), its captions scored at each checkpoint."""
     common = [f"run.output_dir={out}", f"data.root={data}", f"data.recipe={os.path.join(data, 'recipe.toml')}",
               "checkpoint.resume=none", "log.tensorboard=false", *overrides]
     shapes, key, arms = os.path.join(data, "zeroshot", "synth_shapes"), "zeroshot/synth_shapes/acc1", []
@@ -70,8 +73,23 @@ def run(data: str, out: str, seeds: List[int], steps: int, overrides: List[str] 
     summary = {"steps": steps, "overrides": list(overrides), "seeds": arms,
                "top1_gap_mean": statistics.mean(gaps),
                "caption_accuracy_mean": statistics.mean(a["captions"]["accuracy"] for a in arms)}
+    if caption_steps:
+        summary["captioner"] = captioner(common, shapes, caption_steps)
     publish(out, summary, _table(summary))
     return summary
+
+
+def captioner(common: List[str], shapes: str, steps: int) -> Dict:
+    """The CoCa demo trained for ``steps`` (seed 0) and its held-out captions scored at every kept checkpoint."""
+    every = min(300, steps)
+    print(f"[coca] the captioner: CoCa ({steps} steps)", flush=True)
+    run_ = train_run("coca_demo_cpu", common + ["run.seed=0", f"run.steps={steps}", "run.name=captioner",
+                                                f"checkpoint.every_steps={every}", f"checkpoint.keep_last={steps}",
+                                                "eval.every_steps=0", warmup(steps)], reuse=True)
+    ckpts = sorted(glob.glob(os.path.join(run_["run_dir"], "checkpoints", "step-*")))
+    curve = {int(os.path.basename(c)[len("step-"):]): caption_accuracy(c, shapes)["accuracy"] for c in ckpts}
+    return {"run": run_["run_dir"], "steps": steps, "wall_s": run_["wall_s"], "accuracy_by_step": curve,
+            "zeroshot_top1": run_["zeroshot"].get("zeroshot/synth_shapes/acc1")}
 
 
 def _table(s: Dict) -> str:
@@ -87,7 +105,11 @@ def _table(s: Dict) -> str:
             f"colour and shape {s['caption_accuracy_mean']:.1%} (mean of {len(s['seeds'])} seeds); zero-shot top-1 "
             f"gap CoCa - CLIP {s['top1_gap_mean']:+.4f} (mean)")
     examples = "\n".join(f"- {e['label']}: \"{e['caption']}\"" for e in s["seeds"][0]["captions"]["examples"])
-    return head + "\n\n" + "\n".join(rows) + "\n\nCaptions of seed " + str(s["seeds"][0]["seed"]) + ":\n" + examples
+    cap = s.get("captioner")
+    tail = "" if not cap else (
+        f"\n\nThe captioner, CoCa demo trained {cap['steps']} steps ({cap['wall_s']:.0f} s): held-out captions right at "
+        "step " + ", ".join(f"{k}: {v:.1%}" for k, v in sorted(cap["accuracy_by_step"].items())))
+    return head + "\n\n" + "\n".join(rows) + "\n\nCaptions of seed " + str(s["seeds"][0]["seed"]) + ":\n" + examples + tail
 
 
 def main(argv=None) -> int:
@@ -98,12 +120,14 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one pair of runs per seed")
     p.add_argument("--steps", type=int, default=300, help="steps of each run (the CLIP demo's 300)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="settings for both arms")
+    p.add_argument("--caption-steps", type=int, default=1800, help="steps of the captioner whose captions are "
+                   "scored along its training (0: none)")
     a = p.parse_args(argv)
     problem = check_demo_data(a.data)
     if problem:
         print(problem, file=sys.stderr)
         return 2
-    run(a.data, a.out, a.seeds, a.steps, overrides=a.set)
+    run(a.data, a.out, a.seeds, a.steps, overrides=a.set, caption_steps=a.caption_steps)
     return 0
 
 

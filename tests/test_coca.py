@@ -404,3 +404,19 @@ def test_the_nucleus_from_the_most_probable_tokens_equals_the_one_from_the_whole
         kept, order = nucleus(probs, 0.9, head)
         dense.append(torch.zeros_like(probs).scatter(1, order, kept))
     assert torch.equal(dense[0], dense[1]) and bool((dense[0] > 0).any(-1).all())
+
+
+def test_make_cocas_captioner_is_scored_at_every_checkpoint_it_keeps(synth_dir, tmp_path):
+    """The captioner arm of `make coca` (4 steps here, so one checkpoint, at step 4; every 300th in the study): its
+    held-out captions are scored at each kept checkpoint; a rerun reads the finished run back, not training it."""
+    from evaclip import coca_study
+    from tests.conftest import tiny_overrides
+
+    common = [o for o in tiny_overrides(synth_dir, str(tmp_path), "x", 4) if not o.startswith(("run.name",
+                                                                                              "run.steps"))]
+    shapes = os.path.join(synth_dir, "zeroshot", "synth_shapes")
+    first = coca_study.captioner(common + ["coca.decoder_layers=1", "coca.n_queries=4"], shapes, 4)
+    assert sorted(first["accuracy_by_step"]) == [4], first
+    assert all(0.0 <= a <= 1.0 for a in first["accuracy_by_step"].values()) and first["steps"] == 4
+    again = coca_study.captioner(common + ["coca.decoder_layers=1", "coca.n_queries=4"], shapes, 4)
+    assert again["wall_s"] == first["wall_s"] and again["accuracy_by_step"] == first["accuracy_by_step"]
