@@ -555,7 +555,7 @@ def test_10_resume_refuses_changed_settings_without_touching_the_run(small_run, 
     assert open(os.path.join(run, "config.resolved.toml")).read() == before
     # the same global batch cut otherwise: the same data with logical streams, so accepted (elastic resume)
     assert trainer(synth_dir, tmp_path, "copy", steps=6, extra=["data.micro_batch_size=4",
-                                                                "engine.accum_steps=2"]).step == 4
+                                                                "engine.accum_steps=2"]).state.step == 4
     tr = trainer(synth_dir, tmp_path, "copy", steps=6, extra=["checkpoint.allow_changes=[\"data.micro_batch_size\"]",
                                                               "data.micro_batch_size=4"])
     assert tr.state.step == 4
