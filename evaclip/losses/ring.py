@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from evaclip.dist import Ring
-from evaclip.losses.tiles import (as_param_grad, ce_backward, compute_dtype, lse_update, sigmoid_backward,
+from evaclip.losses.tiles import (as_param_grad, ce_backward, compute_dtype, lse_update, mean_of_rows, sigmoid_backward,
                                   soft_backward, soft_update, softplus_rows)
 
 
@@ -61,9 +61,7 @@ class _RingCLIP(torch.autograd.Function):
         ctx.save_for_backward(img, txt, s, lse_i, lse_t)
         ctx.tile, ctx.ring = tile, ring
         per = (lse_i + lse_t - 2 * s32 * pos) / 2
-        if rows is not None:
-            rows.append(per.detach().clone())
-        return per.sum() / n
+        return mean_of_rows(per, n, rows)
 
     @staticmethod
     def backward(ctx, g):
@@ -109,9 +107,7 @@ class _RingSigLIP(torch.autograd.Function):
         ctx.save_for_backward(img, txt, s, bias)
         ctx.tile, ctx.ring = tile, ring
         per -= s32 * pos + bias32
-        if rows is not None:
-            rows.append(per.detach().clone())
-        return per.sum() / n
+        return mean_of_rows(per, n, rows)
 
     @staticmethod
     def backward(ctx, g):
@@ -169,9 +165,7 @@ class _RingSoftCE(torch.autograd.Function):
         ctx.save_for_backward(img, txt, t_img, t_txt, s, tau, *stats)
         ctx.tile, ctx.ring = tile, ring
         per = (stats[0] - s32 * cross[0] + stats[2] - s32 * cross[1]) / 2
-        if rows is not None:
-            rows.append(per.detach().clone())
-        return per.sum() / n
+        return mean_of_rows(per, n, rows)
 
     @staticmethod
     def backward(ctx, g):

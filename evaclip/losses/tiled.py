@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from evaclip.losses.tiles import (as_param_grad, ce_backward, compute_dtype, lse_update, sigmoid_backward,
+from evaclip.losses.tiles import (as_param_grad, ce_backward, compute_dtype, lse_update, mean_of_rows, sigmoid_backward,
                                   soft_backward, soft_update, softplus_rows)
 
 
@@ -76,9 +76,7 @@ class _TiledSigLIP(torch.autograd.Function):
         per = softplus_rows(a32, b32, s32, bias32, tile) - (s32 * pos + bias32)
         ctx.save_for_backward(a, b, s, bias)
         ctx.offset, ctx.tile, ctx.cdt = offset, tile, cdt
-        if rows is not None:
-            rows.append(per.detach().clone())
-        return per.sum() / n
+        return mean_of_rows(per, n, rows)
 
     @staticmethod
     def backward(ctx, g):

@@ -17,19 +17,29 @@ def lse_update(a, b, s, tile: int, lse) -> None:
             lse[r0:r0 + tile] = torch.logaddexp(lse[r0:r0 + tile], torch.logsumexp(t, dim=1))
 
 
-def ce_backward(a, b, s, lse, tile: int, da, db):
-    """Softmax part of the CE gradients (p_ij = exp(s a_i.b_j - lse_i)), added into da, db; returns its d/ds."""
+def pair_backward(a, b, s, tile: int, da, db, coef):
+    """The backward of a loss over logits s a_i.b_j (+ bias), one tile at a time: with w = coef(rows, c0, dot) its
+    d/dlogit on the tile, da_i += s sum_j w_ij b_j and db_j += s sum_i w_ij a_i; returns (d/ds, d/dbias) =
+    (sum w_ij a_i.b_j, sum w_ij)."""
     ds = torch.zeros((), device=a.device, dtype=a.dtype)
+    dbias = torch.zeros((), device=a.device, dtype=a.dtype)
     for r0 in range(0, a.shape[0], tile):
-        ar = a[r0:r0 + tile]
+        r = slice(r0, r0 + tile)
+        ar = a[r]
         for c0 in range(0, b.shape[0], tile):
             bc = b[c0:c0 + tile]
-            dot = ar @ bc.t()
-            p = torch.exp(s * dot - lse[r0:r0 + tile, None])  # softmax tile [r, c]
-            da[r0:r0 + tile] += s * (p @ bc)
-            db[c0:c0 + tile] += s * (p.t() @ ar)
-            ds += (p * dot).sum()
-    return ds
+            dot = ar @ bc.t()  # [r, c]
+            w = coef(r, c0, dot)
+            da[r] += s * (w @ bc)
+            db[c0:c0 + tile] += s * (w.t() @ ar)
+            ds += (w * dot).sum()
+            dbias += w.sum()
+    return ds, dbias
+
+
+def ce_backward(a, b, s, lse, tile: int, da, db):
+    """Softmax part of the CE gradients (p_ij = exp(s a_i.b_j - lse_i)), added into da, db; returns its d/ds."""
+    return pair_backward(a, b, s, tile, da, db, lambda r, c0, dot: torch.exp(s * dot - lse[r, None]))[0]
 
 
 def softplus_rows(a, b, s, bias, tile: int):
@@ -44,19 +54,14 @@ def softplus_rows(a, b, s, bias, tile: int):
 
 def sigmoid_backward(a, b, s, bias, tile: int, da, db):
     """Gradients of ``softplus_rows`` (q_ij = sigmoid(logit_ij)) added into da, db; returns (d/ds, d/dbias)."""
-    ds = torch.zeros((), device=a.device, dtype=a.dtype)
-    dbias = torch.zeros((), device=a.device, dtype=a.dtype)
-    for r0 in range(0, a.shape[0], tile):
-        ar = a[r0:r0 + tile]
-        for c0 in range(0, b.shape[0], tile):
-            bc = b[c0:c0 + tile]
-            dot = ar @ bc.t()
-            q = torch.sigmoid(s * dot + bias)
-            da[r0:r0 + tile] += s * (q @ bc)
-            db[c0:c0 + tile] += s * (q.t() @ ar)
-            ds += (q * dot).sum()
-            dbias += q.sum()
-    return ds, dbias
+    return pair_backward(a, b, s, tile, da, db, lambda r, c0, dot: torch.sigmoid(s * dot + bias))
+
+
+def mean_of_rows(per, n: int, rows):
+    """The loss sum(per) / n; with ``rows`` (the per-sample loss log) a detached copy of ``per`` kept there."""
+    if rows is not None:
+        rows.append(per.detach().clone())
+    return per.sum() / n
 
 
 def compute_dtype(x):
@@ -90,15 +95,7 @@ def soft_update(a, b, c, d, s, tau, tile: int, lse_s, lse_t, cross) -> None:
 def soft_backward(a, b, c, d, s, tau, lse_s, lse_t, tile: int, da, db):
     """Gradients of the soft cross-entropy rows (coefficient p^S_ij - p^T_ij: the hard CE's with the one-hot
     target replaced by the teacher's distribution), added into da, db; returns its d/ds."""
-    ds = torch.zeros((), device=a.device, dtype=a.dtype)
-    for r0 in range(0, a.shape[0], tile):
-        r = slice(r0, r0 + tile)
-        ar, cr = a[r], c[r]
-        for c0 in range(0, b.shape[0], tile):
-            bc = b[c0:c0 + tile]
-            dot = ar @ bc.t()
-            p = torch.exp(s * dot - lse_s[r, None]) - torch.exp(tau * (cr @ d[c0:c0 + tile].t()) - lse_t[r, None])
-            da[r] += s * (p @ bc)
-            db[c0:c0 + tile] += s * (p.t() @ ar)
-            ds += (p * dot).sum()
-    return ds
+    def coef(r, c0, dot):
+        return torch.exp(s * dot - lse_s[r, None]) - torch.exp(tau * (c[r] @ d[c0:c0 + tile].t()) - lse_t[r, None])
+
+    return pair_backward(a, b, s, tile, da, db, coef)[0]
