@@ -217,3 +217,25 @@ def test_cli_help_is_usable():
                  ["data", "synth", "--help"]):
         r = run_cli(args)
         assert r.returncode == 0 and "usage:" in r.stdout, args
+
+
+def test_every_commands_help_renders_and_shows_no_doubled_percent():
+    """Every command and subcommand's --help formats; a literal '%%' in the text is a description written as if
+    argparse %-formatted it (it formats only the options' help)."""
+    import argparse
+
+    from evaclip.cli import build_parser
+
+    def walk(p, name):
+        yield name, p
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub, q in action.choices.items():
+                    yield from walk(q, f"{name} {sub}")
+
+    seen = []
+    for name, p in walk(build_parser(), "evaclip"):
+        text = p.format_help()
+        assert text.startswith("usage:") and "%%" not in text, name
+        seen.append(name)
+    assert {"evaclip data filter", "evaclip data capfilt", "evaclip train", "evaclip plan"} <= set(seen)

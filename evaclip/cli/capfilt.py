@@ -1,29 +1,29 @@
 """``evaclip data capfilt``: BLIP's CapFilt over shards (a captioner's synthetic captions, a CLIP's filter)."""
 from __future__ import annotations
 
-import os
 
-from evaclip.cli.common import FORMATTER, number, progress
+from evaclip.cli.common import FORMATTER, add_shard_job, add_shard_source, number, progress, rank_device
+
+
+DESCRIPTION = """\
+BLIP's CapFilt: a CoCa writes K synthetic captions per image (nucleus sampling), a CLIP scores them and the original
+against the image, and --keep decides what the new shards carry (.txt; every candidate with its score in capfilt.json):
+  best      the highest-scoring caption, original or synthetic
+  original  the original if its score >= --threshold, else the best synthetic one
+  both      the original and the best synthetic one, each if its score >= --threshold (two samples)
+
+  evaclip data capfilt data/synth/recipe.toml --root data/synth --captioner runs/coca_demo_cpu \\
+      --out data/synth-capfilt --captions 3 --keep best
+  evaclip train demo_cpu data.recipe=data/synth-capfilt/recipe.toml
+
+Rerun the same command after a kill: finished shards are skipped. Under torchrun every rank takes its own shards;
+--part I/N splits them across separate jobs."""
 
 
 def add_capfilt_parser(dsub) -> None:
-    c = dsub.add_parser(
-        "capfilt", formatter_class=FORMATTER,
-        help="new shards whose captions a CoCa wrote or a CLIP kept (BLIP's CapFilt)",
-        description="BLIP's CapFilt: a CoCa writes K synthetic captions per image (nucleus sampling), a CLIP scores "
-                    "them and the original against the image, and --keep decides what the new shards carry (.txt; "
-                    "every candidate with its score in capfilt.json):\n"
-                    "  best      the highest-scoring caption, original or synthetic\n"
-                    "  original  the original if its score >= --threshold, else the best synthetic one\n"
-                    "  both      the original and the best synthetic one, each if its score >= --threshold "
-                    "(two samples)\n\n"
-                    "  evaclip data capfilt data/synth/recipe.toml --root data/synth --captioner runs/coca_demo_cpu \\\n"
-                    "      --out data/synth-capfilt --captions 3 --keep best\n"
-                    "  evaclip train demo_cpu data.recipe=data/synth-capfilt/recipe.toml\n\n"
-                    "Rerun the same command after a kill: finished shards are skipped. Under torchrun every rank "
-                    "takes its own shards; --part I/N splits them across separate jobs.")
-    c.add_argument("source", help="a recipe (built-in name or TOML file) or a brace pattern of tar shards")
-    c.add_argument("--root", default="", help="value of {root} in the pattern / recipe")
+    c = dsub.add_parser("capfilt", formatter_class=FORMATTER, description=DESCRIPTION,
+                        help="new shards whose captions a CoCa wrote or a CLIP kept (BLIP's CapFilt)")
+    add_shard_source(c)
     c.add_argument("--captioner", required=True, help="a CoCa run dir, checkpoint or evaclip export (evaclip caption)")
     c.add_argument("--scorer", default="", help="the CLIP that scores the captions: an evaclip run dir or checkpoint, "
                    "an open_clip export folder, or open_clip:<name> with --scorer-weights (default: the captioner's "
@@ -36,11 +36,7 @@ def add_capfilt_parser(dsub) -> None:
     c.add_argument("--threshold", type=float, default=0.0, help="--keep original|both: the least cosine score kept")
     c.add_argument("--seed", type=int, default=0, help="the synthetic captions are drawn from (seed, shard, batch)")
     c.add_argument("--out", required=True, help="folder for the shards, capfilt.json, recipe.toml, manifest.parquet")
-    c.add_argument("--batch-size", type=number(int, ge=1), default=64, help="images per captioning batch")
-    c.add_argument("--workers", type=number(int, ge=0), default=2, help="threads decoding images (0: inline)")
-    c.add_argument("--device", default="cpu")
-    c.add_argument("--part", default="0/1", metavar="I/N", help="only the shards with index %% N == I")
-    c.add_argument("--trust-pickle", action="store_true", help="allow a pickled (non-safetensors) checkpoint")
+    add_shard_job(c, 64, "images per captioning batch", "threads decoding images (0: inline)", precision=False)
 
 
 def run_capfilt(args) -> int:
@@ -50,9 +46,7 @@ def run_capfilt(args) -> int:
     from evaclip.encoders import load_source
     from evaclip.models.sources import source_identity
 
-    device = args.device
-    if device == "cuda" and "LOCAL_RANK" in os.environ:  # under torchrun: one GPU per rank
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
+    device = rank_device(args.device)
     cap = load_captioner(args.captioner, device, args.trust_pickle)
     scorer = load_source(args.scorer or args.captioner, args.scorer_weights, device, args.trust_pickle)
     settings = {"captioner": cap.source, "captioner_identity": source_identity(args.captioner),

@@ -2,10 +2,9 @@
 stored in new shards) and capfilt (``evaclip.cli.capfilt``)."""
 from __future__ import annotations
 
-import os
 
 from evaclip.cli.capfilt import add_capfilt_parser, run_capfilt
-from evaclip.cli.common import FORMATTER, number, progress
+from evaclip.cli.common import FORMATTER, add_shard_job, add_shard_source, number, progress, rank_device
 
 
 def add_parser(sub) -> None:
@@ -62,19 +61,13 @@ def add_curation_parsers(dsub) -> None:
                     "      --pretrained laion2b_s34b_b79k --out scores/ --part 0/4      # this process: shards 0, 4, 8...\n\n"
                     "Rerun the same command after a kill: finished shards are skipped. Under torchrun every rank "
                     "takes its own shards.")
-    s.add_argument("source", help="a recipe (built-in name or TOML file) or a brace pattern of tar shards")
-    s.add_argument("--root", default="", help="value of {root} in the pattern / recipe")
+    add_shard_source(s)
     s.add_argument("--checkpoint", default="", help="an evaclip run dir or checkpoint dir")
     s.add_argument("--model", default="", help="open_clip:<name> (with --pretrained: weights, an export folder or a tag)")
     s.add_argument("--pretrained", default="")
     s.add_argument("--out", required=True, help="folder for the tables (<out>/<source>/<shard>.parquet)")
-    s.add_argument("--batch-size", type=number(int, ge=1), default=256)
-    s.add_argument("--workers", type=number(int, ge=0), default=2, help="threads decoding images (0: inline)")
-    s.add_argument("--device", default="cpu")
-    s.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     s.add_argument("--embeddings", action="store_true", help="also store each image embedding (float16) for clustering")
-    s.add_argument("--part", default="0/1", metavar="I/N", help="score only the shards with index %% N == I")
-    s.add_argument("--trust-pickle", action="store_true", help="allow a pickled (non-safetensors) checkpoint")
+    add_shard_job(s, 256, "pairs per scoring batch", "threads decoding images (0: inline)")
 
     f = dsub.add_parser(
         "filter", formatter_class=FORMATTER,
@@ -82,10 +75,10 @@ def add_curation_parsers(dsub) -> None:
         description="Keep samples from score tables (evaclip data score) or per-sample loss tables "
                     "(log.sample_loss) and copy them into new shards.\n\n"
                     "  evaclip data filter scores/ --min-score 0.28 --out laion-0.28/          # LAION style\n"
-                    "  evaclip data filter scores/ --top 0.3 --out top30/                      # DataComp: top 30%% per source\n"
+                    "  evaclip data filter scores/ --top 0.3 --out top30/                      # DataComp: top 30% per source\n"
                     "  evaclip data filter scores/ --where 'score > 0.25 and caption_chars >= 10' --out f/\n"
                     "  evaclip data filter runs/x/sample_loss --by loss --bottom 0.99 \\\n"
-                    "      --shards merged2b --root /datasets --out clean/    # drop the 1%% highest-loss samples\n\n"
+                    "      --shards merged2b --root /datasets --out clean/    # drop the 1% highest-loss samples\n\n"
                     "--where: comparisons (< <= > >= == !=), and / or / not, + - * /, numbers and 'strings' over "
                     "the table's columns. It is parsed, never executed.")
     f.add_argument("tables", nargs="+", help="parquet tables or folders of them")
@@ -106,21 +99,24 @@ def add_curation_parsers(dsub) -> None:
                    help="accept tables scored by different models (their scores are on different scales)")
 
 
+REINFORCE = """\
+Dataset reinforcement (MobileCLIP): run a frozen teacher once over the data, for K crops of each image and its caption,
+and store the embeddings (float16) and the crops in new shards. A distillation run on them (objective.kind=distill
+distill.source=shards) draws one of the K crops per sample and step and uses the stored embeddings: no teacher forward.
+
+  evaclip data reinforce merged2b --root /datasets --teacher runs/eva02_clip_l14 \\
+      --augmentations 10 --out /datasets/merged2b-kd/ --device cuda --precision bf16
+  evaclip train distill_demo_cpu distill.source=shards data.recipe=/datasets/merged2b-kd/recipe.toml
+
+Rerun the same command after a kill: finished shards are skipped. Under torchrun every rank takes its own shards;
+--part I/N splits them across separate jobs."""
+
+
 def add_reinforce_parser(dsub) -> None:
-    r = dsub.add_parser(
-        "reinforce", formatter_class=FORMATTER,
-        help="new shards carrying a teacher CLIP's embeddings of K augmentations per sample (offline distillation)",
-        description="Dataset reinforcement (MobileCLIP): run a frozen teacher once over the data, for K crops of "
-                    "each image and its caption, and store the embeddings (float16) and the crops in new shards. A "
-                    "distillation run on them (objective.kind=distill distill.source=shards) draws one of the K "
-                    "crops per sample and step and uses the stored embeddings: no teacher forward.\n\n"
-                    "  evaclip data reinforce merged2b --root /datasets --teacher runs/eva02_clip_l14 \\\n"
-                    "      --augmentations 10 --out /datasets/merged2b-kd/ --device cuda --precision bf16\n"
-                    "  evaclip train distill_demo_cpu distill.source=shards data.recipe=/datasets/merged2b-kd/recipe.toml\n\n"
-                    "Rerun the same command after a kill: finished shards are skipped. Under torchrun every rank "
-                    "takes its own shards; --part I/N splits them across separate jobs.")
-    r.add_argument("source", help="a recipe (built-in name or TOML file) or a brace pattern of tar shards")
-    r.add_argument("--root", default="", help="value of {root} in the pattern / recipe")
+    r = dsub.add_parser("reinforce", formatter_class=FORMATTER, description=REINFORCE,
+                        help="new shards carrying a teacher CLIP's embeddings of K augmentations per sample "
+                             "(offline distillation)")
+    add_shard_source(r)
     r.add_argument("--teacher", required=True, help="an evaclip run dir or checkpoint, an open_clip export folder, "
                    "or open_clip:<name> with --teacher-weights (read weights-only)")
     r.add_argument("--teacher-weights", default="", help="with --teacher open_clip:<name>: its weights file")
@@ -130,12 +126,7 @@ def add_reinforce_parser(dsub) -> None:
     r.add_argument("--hflip", action="store_true", help="also flip half of the crops (as data.hflip)")
     r.add_argument("--seed", type=int, default=0, help="the crops are drawn per sample from (seed, key)")
     r.add_argument("--out", required=True, help="folder for the shards, reinforce.json, recipe.toml, manifest.parquet")
-    r.add_argument("--batch-size", type=number(int, ge=1), default=64, help="samples per teacher batch (x K crops)")
-    r.add_argument("--workers", type=number(int, ge=0), default=2, help="threads decoding and cropping (0: inline)")
-    r.add_argument("--device", default="cpu")
-    r.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    r.add_argument("--part", default="0/1", metavar="I/N", help="only the shards with index %% N == I")
-    r.add_argument("--trust-pickle", action="store_true", help="allow a pickled (non-safetensors) checkpoint")
+    add_shard_job(r, 64, "samples per teacher batch (x K crops)", "threads decoding and cropping (0: inline)")
 
 
 def run_curation(args) -> int:
@@ -146,9 +137,7 @@ def run_curation(args) -> int:
         from evaclip.curation.score import parse_part
         from evaclip.encoders import load_source
 
-        device = args.device
-        if device == "cuda" and "LOCAL_RANK" in os.environ:  # under torchrun: one GPU per rank
-            device = f"cuda:{os.environ['LOCAL_RANK']}"
+        device = rank_device(args.device)
         if args.crop_scale[0] > args.crop_scale[1]:
             raise SystemExit(f"--crop-scale is MIN MAX: got {args.crop_scale[0]} {args.crop_scale[1]}")
         enc = load_source(args.teacher, args.teacher_weights, device, args.trust_pickle)
@@ -166,9 +155,7 @@ def run_curation(args) -> int:
         from evaclip.curation.score import parse_part, score
         from evaclip.encoders import load_encoders
 
-        device = args.device
-        if device == "cuda" and "LOCAL_RANK" in os.environ:  # under torchrun: one GPU per rank
-            device = f"cuda:{os.environ['LOCAL_RANK']}"
+        device = rank_device(args.device)
         enc = load_encoders(args.checkpoint, args.model, args.pretrained, device, args.trust_pickle)
         bar = progress(None, "score", "img")
         res = score(args.source, args.root, enc, args.out, batch_size=args.batch_size, workers=args.workers,
