@@ -12,7 +12,6 @@ Writes ``<out>/summary.json`` and ``<out>/summary.md`` (the table it prints).
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
@@ -26,7 +25,7 @@ from evaclip.data.shard_writer import write_shard, write_stats
 from evaclip.data.shards import iter_tar_samples
 from evaclip.data.synth import names_right
 from evaclip.data.tools import expand_sources
-from evaclip.study import check_demo_data, demo_teacher, publish, train_run, warmup
+from evaclip.study import demo_teacher, parse_study_args, publish, study_parser, train_run, warmup
 
 
 def move_captions(data: str, out: str, fraction: float, seed: int, shards: int) -> str:
@@ -106,21 +105,15 @@ def _table(s: Dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m evaclip.capfilt_study", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="data/synth", help="the synthetic data (`evaclip data synth --out ...`)")
+    p = study_parser("capfilt_study", __doc__, out="runs/capfilt", seeds=[0, 1, 2])
     p.add_argument("--captioner", default="", help="a finished CoCa run (default: train one into <out>/captioner)")
     p.add_argument("--captioner-steps", type=int, default=1800, help="steps of the captioner this study trains")
-    p.add_argument("--out", default="runs/capfilt", help="where the shards, runs and summary go")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one pair of CLIP runs per seed")
     p.add_argument("--steps", type=int, default=300, help="steps of each CLIP run (the CLIP demo's 300)")
     p.add_argument("--fraction", type=float, default=0.3, help="share of the captions moved to other images")
     p.add_argument("--shards", type=int, default=20, help="the first N training shards (20: all of them)")
     p.add_argument("--captions", type=int, default=3, help="synthetic captions per image (capfilt --captions)")
-    a = p.parse_args(argv)
-    problem = check_demo_data(a.data)
-    if problem:
-        print(problem, file=sys.stderr)
+    a = parse_study_args(p, argv)
+    if a is None:
         return 2
     run(a.data, a.captioner, a.out, a.seeds, a.steps, a.captioner_steps, a.fraction, a.shards, a.captions)
     return 0

@@ -10,7 +10,6 @@ Writes ``<out>/summary.json`` and ``<out>/summary.md`` (the table it prints).
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import os
 import statistics
@@ -19,8 +18,8 @@ from typing import Dict, List
 
 from evaclip.captioning import iter_images, load_captioner
 from evaclip.data.shards import iter_tar_samples
-from evaclip.data.synth import names_right
-from evaclip.study import check_demo_data, publish, train_run, warmup
+from evaclip.data.synth import caption_words, names_right
+from evaclip.study import parse_study_args, publish, study_parser, train_run, warmup
 
 
 def caption_accuracy(run_dir: str, shapes_dir: str, batch_size: int = 64) -> Dict:
@@ -38,7 +37,7 @@ def caption_accuracy(run_dir: str, shapes_dir: str, batch_size: int = 64) -> Dic
         chunk = items[i:i + batch_size]
         for (key, _), text in zip(chunk, cap.caption([im for _, im in chunk])):
             colour, shape = labels[key].split(" ")
-            words = set(text.replace(",", " ").split())
+            words = caption_words(text)
             ok = names_right(text, colour, shape)
             right += ok
             colour_right += colour in words
@@ -113,19 +112,13 @@ def _table(s: Dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m evaclip.coca_study", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="data/synth", help="the synthetic data (`evaclip data synth --out ...`)")
-    p.add_argument("--out", default="runs/coca", help="where the runs, summary.json and summary.md go")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one pair of runs per seed")
+    p = study_parser("coca_study", __doc__, out="runs/coca", seeds=[0, 1, 2])
     p.add_argument("--steps", type=int, default=300, help="steps of each run (the CLIP demo's 300)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="settings for both arms")
     p.add_argument("--caption-steps", type=int, default=1800, help="steps of the captioner whose captions are "
                    "scored along its training (0: none)")
-    a = p.parse_args(argv)
-    problem = check_demo_data(a.data)
-    if problem:
-        print(problem, file=sys.stderr)
+    a = parse_study_args(p, argv)
+    if a is None:
         return 2
     run(a.data, a.out, a.seeds, a.steps, overrides=a.set, caption_steps=a.caption_steps)
     return 0

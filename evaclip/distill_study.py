@@ -12,13 +12,11 @@ top-1 on synth_shapes and mean image / text R@5 on synth_retrieval. Writes ``<ou
 """
 from __future__ import annotations
 
-import argparse
 import os
-import statistics
 import sys
 from typing import Dict, List
 
-from evaclip.study import check_demo_data, demo_teacher, publish, retrieval_r5, train_run, warmup
+from evaclip.study import demo_teacher, margins, md_table, parse_study_args, publish, retrieval_r5, study_parser, train_run, warmup
 
 
 def run(data: str, teacher: str, out: str, seeds: List[int], steps: int, dataset: str = "synth_shapes",
@@ -41,44 +39,33 @@ def run(data: str, teacher: str, out: str, seeds: List[int], steps: int, dataset
                      "runs": {"distilled": kd["run_dir"], "scratch": scratch["run_dir"]}})
     summary = {"teacher": teacher, "dataset": dataset, "steps": steps, "overrides": list(overrides), "seeds": arms}
     for metric in ("top1", "r5"):
-        margins = [a[f"{metric}_distilled"] - a[f"{metric}_scratch"] for a in arms]
-        summary[metric] = {"margin_mean": statistics.mean(margins), "margin_min": min(margins),
-                           "ahead_on": sum(m > 0 for m in margins), "of": len(margins)}
+        summary[metric] = margins(arms, f"{metric}_distilled", f"{metric}_scratch")
     publish(out, summary, _table(summary))
     return summary
 
 
 def _table(s: Dict) -> str:
-    rows = ["| seed | top-1 distilled | top-1 scratch | margin | R@5 distilled | R@5 scratch | margin | "
-            "wall s (distilled / scratch) |", "|---|---|---|---|---|---|---|---|"]
-    for a in s["seeds"]:
-        rows.append(f"| {a['seed']} | {a['top1_distilled']:.4f} | {a['top1_scratch']:.4f} | "
-                    f"{a['top1_distilled'] - a['top1_scratch']:+.4f} | {a['r5_distilled']:.4f} | "
-                    f"{a['r5_scratch']:.4f} | {a['r5_distilled'] - a['r5_scratch']:+.4f} | "
-                    f"{a['wall_s']['distilled']:.0f} / {a['wall_s']['scratch']:.0f} |")
     t, r = s["top1"], s["r5"]
     head = (f"EVA02-Mi-8-64 distilled from {s['teacher']} vs from scratch, {s['steps']} steps each"
             f"{' (' + ' '.join(s['overrides']) + ')' if s['overrides'] else ''}: zero-shot top-1 "
             f"on {s['dataset']} ahead on {t['ahead_on']} of {t['of']} seeds (mean margin {t['margin_mean']:+.4f}), "
             f"retrieval R@5 ahead on {r['ahead_on']} of {r['of']} (mean margin {r['margin_mean']:+.4f})")
-    return head + "\n\n" + "\n".join(rows)
+    rows = [f"| {a['seed']} | {a['top1_distilled']:.4f} | {a['top1_scratch']:.4f} | "
+            f"{a['top1_distilled'] - a['top1_scratch']:+.4f} | {a['r5_distilled']:.4f} | "
+            f"{a['r5_scratch']:.4f} | {a['r5_distilled'] - a['r5_scratch']:+.4f} | "
+            f"{a['wall_s']['distilled']:.0f} / {a['wall_s']['scratch']:.0f} |" for a in s["seeds"]]
+    return head + "\n\n" + md_table(["seed", "top-1 distilled", "top-1 scratch", "margin", "R@5 distilled",
+                                      "R@5 scratch", "margin", "wall s (distilled / scratch)"], rows)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m evaclip.distill_study", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="data/synth", help="the synthetic data (`evaclip data synth --out ...`)")
-    p.add_argument("--teacher", default="runs/demo_cpu", help="a finished demo CLIP run (else one is trained)")
-    p.add_argument("--out", default="runs/distill", help="where the runs, summary.json and summary.md go")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one pair of runs per seed")
+    p = study_parser("distill_study", __doc__, out="runs/distill", seeds=[0, 1, 2], teacher=True)
     p.add_argument("--steps", type=int, default=100, help="steps of each run (a third of the teacher's 300: the "
                    "student from scratch is then still behind the teacher)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="settings for both arms, e.g. "
                    "distill.weight=2")
-    a = p.parse_args(argv)
-    problem = check_demo_data(a.data)
-    if problem:
-        print(problem, file=sys.stderr)
+    a = parse_study_args(p, argv)
+    if a is None:
         return 2
     run(a.data, a.teacher, a.out, a.seeds, a.steps, overrides=a.set)
     return 0

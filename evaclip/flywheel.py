@@ -12,13 +12,12 @@ zero-shot top-1 of each arm, the MIM loss at the start and end, the wall time of
 """
 from __future__ import annotations
 
-import argparse
 import os
-import statistics
 import sys
 from typing import Dict, List
 
-from evaclip.study import demo_teacher, publish, retrieval_r5, train_losses, train_run, warmup
+from evaclip.study import (demo_teacher, margins, md_table, parse_study_args, publish, retrieval_r5, study_parser, train_losses,
+                           train_run, warmup)
 
 
 def run(data: str, teacher: str, out: str, seeds: List[int], mim_steps: int, clip_steps: int,
@@ -54,42 +53,35 @@ def run(data: str, teacher: str, out: str, seeds: List[int], mim_steps: int, cli
                                 "clip_scratch": scratch["wall_s"]},
                      "runs": {"mim": mim["run_dir"], "clip_from_mim": from_mim["run_dir"],
                               "clip_scratch": scratch["run_dir"]}})
-    margins = [a["top1_from_mim"] - a["top1_scratch"] for a in arms]
+    m = margins(arms, "top1_from_mim", "top1_scratch")
     summary = {"teacher": teacher, "dataset": dataset, "metric": "zero-shot top-1", "mim_steps": mim_steps,
                "clip_steps": clip_steps, "seeds": arms, "teacher_wall_s": walls.get("teacher"),
-               "margin_mean": statistics.mean(margins), "margin_min": min(margins),
-               "from_mim_ahead_on": sum(m > 0 for m in margins), "of": len(margins)}
+               "margin_mean": m["margin_mean"], "margin_min": m["margin_min"], "from_mim_ahead_on": m["ahead_on"],
+               "of": m["of"]}
     publish(out, summary, _table(summary))
     return summary
 
 
 def _table(s: Dict) -> str:
-    rows = ["| seed | top-1 CLIP from MIM | top-1 CLIP from scratch | margin | retrieval R@5 from MIM / scratch | "
-            "MIM loss start -> end | wall s (MIM / from MIM / scratch) |", "|---|---|---|---|---|---|---|"]
-    for a in s["seeds"]:
-        w = a["wall_s"]
-        rows.append(f"| {a['seed']} | {a['top1_from_mim']:.4f} | {a['top1_scratch']:.4f} | "
-                    f"{a['top1_from_mim'] - a['top1_scratch']:+.4f} | {a['retrieval_r5_from_mim']:.4f} / "
-                    f"{a['retrieval_r5_scratch']:.4f} | {a['mim_loss_start']:.3f} -> "
-                    f"{a['mim_loss_end']:.3f} | {w['mim']:.0f} / {w['clip_from_mim']:.0f} / {w['clip_scratch']:.0f} |")
+    rows = [f"| {a['seed']} | {a['top1_from_mim']:.4f} | {a['top1_scratch']:.4f} | "
+            f"{a['top1_from_mim'] - a['top1_scratch']:+.4f} | {a['retrieval_r5_from_mim']:.4f} / "
+            f"{a['retrieval_r5_scratch']:.4f} | {a['mim_loss_start']:.3f} -> {a['mim_loss_end']:.3f} | "
+            f"{a['wall_s']['mim']:.0f} / {a['wall_s']['clip_from_mim']:.0f} / {a['wall_s']['clip_scratch']:.0f} |"
+            for a in s["seeds"]]
     head = (f"EVA flywheel on {s['dataset']} ({s['metric']}; MIM {s['mim_steps']} steps, each CLIP {s['clip_steps']} "
             f"steps; teacher {s['teacher']}): CLIP from MIM ahead on {s['from_mim_ahead_on']} of {s['of']} seeds, "
             f"mean margin {s['margin_mean']:+.4f}")
-    return head + "\n\n" + "\n".join(rows)
+    return head + "\n\n" + md_table(["seed", "top-1 CLIP from MIM", "top-1 CLIP from scratch", "margin",
+                                      "retrieval R@5 from MIM / scratch", "MIM loss start -> end",
+                                      "wall s (MIM / from MIM / scratch)"], rows)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m evaclip.flywheel", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="data/synth", help="the synthetic data (`evaclip data synth --out ...`)")
-    p.add_argument("--teacher", default="runs/demo_cpu", help="a finished demo CLIP run (else one is trained)")
-    p.add_argument("--out", default="runs/flywheel", help="where the runs, summary.json and summary.md go")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one flywheel per seed (same teacher)")
+    p = study_parser("flywheel", __doc__, out="runs/flywheel", seeds=[0], teacher=True)
     p.add_argument("--mim-steps", type=int, default=150, help="MIM steps of the student")
     p.add_argument("--clip-steps", type=int, default=100, help="steps of each CLIP arm")
-    a = p.parse_args(argv)
-    if not os.path.exists(os.path.join(a.data, "recipe.toml")):
-        print(f"{a.data} holds no synthetic data: run `evaclip data synth --out {a.data}` first", file=sys.stderr)
+    a = parse_study_args(p, argv, any_size=True)
+    if a is None:
         return 2
     run(a.data, a.teacher, a.out, a.seeds, a.mim_steps, a.clip_steps)
     return 0

@@ -2,7 +2,10 @@
 overrides, and what their summaries read from them."""
 from __future__ import annotations
 
+import argparse
 import os
+import statistics
+import sys
 import time
 from typing import Dict, List, Optional, Tuple
 
@@ -56,6 +59,30 @@ def check_demo_data(data: str) -> str:
     return ""
 
 
+def study_parser(name: str, doc: str, out: str, seeds: List[int], teacher: bool = False) -> argparse.ArgumentParser:
+    """A study's command line with what every study takes: --data, --out, --seeds (and --teacher, a demo CLIP)."""
+    p = argparse.ArgumentParser(prog=f"python -m evaclip.{name}", description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="data/synth", help="the synthetic data (`evaclip data synth --out ...`)")
+    if teacher:
+        p.add_argument("--teacher", default="runs/demo_cpu", help="a finished demo CLIP run (else one is trained)")
+    p.add_argument("--out", default=out, help="where the runs, summary.json and summary.md go")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(seeds), help="one run of each arm per seed")
+    return p
+
+
+def parse_study_args(p: argparse.ArgumentParser, argv, any_size: bool = False) -> Optional[argparse.Namespace]:
+    """The parsed arguments, or None after saying why --data cannot serve (``check_demo_data``; with ``any_size``
+    only that it exists)."""
+    a = p.parse_args(argv)
+    exists = os.path.exists(os.path.join(a.data, "recipe.toml"))
+    problem = "" if any_size and exists else check_demo_data(a.data)
+    if problem:
+        print(problem, file=sys.stderr)
+        return None
+    return a
+
+
 def warmup(steps: int) -> str:
     """10% of the steps (at most 15, demo_cpu's), for stages shorter than the experiments' defaults."""
     return f"schedule.warmup_steps={max(1, min(15, steps // 10))}" if steps > 1 else "schedule.warmup_steps=0"
@@ -97,6 +124,17 @@ def publish(out: str, summary: Dict, table: str) -> None:
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(table + "\n")
     print(table)
+
+
+def md_table(columns: List[str], lines: List[str]) -> str:
+    """A markdown table: the header of ``columns`` over ``lines`` (each a whole ``| ... |`` row)."""
+    return "\n".join(["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)] + lines)
+
+
+def margins(arms: List[Dict], ours: str, theirs: str) -> Dict:
+    """How one arm's figure compares with the other's over the seeds: mean and least margin, seeds ahead, of how many."""
+    m = [a[ours] - a[theirs] for a in arms]
+    return {"margin_mean": statistics.mean(m), "margin_min": min(m), "ahead_on": sum(x > 0 for x in m), "of": len(m)}
 
 
 def train_losses(run_dir: str) -> List[float]:

@@ -18,7 +18,7 @@ import io
 import json
 import os
 import random
-from typing import Dict, List, Tuple
+from typing import Dict, List, Set, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -90,10 +90,15 @@ def _encode(img: Image.Image, fmt: str) -> bytes:
     return buf.getvalue()
 
 
+def caption_words(text: str) -> Set[str]:
+    """A caption's words, lower case, commas and full stops dropped (how the studies read a caption)."""
+    return set(text.lower().replace(",", " ").replace(".", " ").split())
+
+
 def names_right(text: str, colour: str, shape: str) -> bool:
     """Whether a caption names this colour and this shape and no other colour or shape (how the studies judge a
     caption of a synthetic image)."""
-    words = set(text.lower().replace(",", " ").replace(".", " ").split())
+    words = caption_words(text)
     return (colour in words and shape in words and not (words & set(COLOURS)) - {colour}
             and not (words & set(SHAPES)) - {shape})
 
