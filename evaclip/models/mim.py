@@ -200,7 +200,7 @@ def _load_teacher(cfg, trust_pickle: bool, log: Callable):
     if source.kind == "checkpoint" and not (is_checkpoint(src) or os.path.isdir(os.path.join(src, "checkpoints"))):
         raise ConfigError(f"mim.teacher: {src} is neither an evaclip run / checkpoint nor an export folder "
                           "(open_clip_config.json)")
-    identity = source_identity(cfg.teacher, cfg.teacher_weights, "mim.teacher")
+    identity = source_identity(source, setting="mim.teacher")
     if source.kind == "open_clip":
         model = open_clip.create_model(source.name, pretrained=None)
         sd = read_state_dict(cfg.teacher_weights, "mim.teacher_weights", trust_pickle)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
+from typing import Union
 
 from evaclip.checkpoint import checkpoint_identity, find_checkpoint
 from evaclip.errors import ConfigError
@@ -38,17 +39,17 @@ def resolve_source(src: str, weights: str = "", setting: str = "") -> Source:
                       "open_clip:<name>)")
 
 
-def source_identity(src: str, weights: str = "", setting: str = "") -> str:
-    """The identity of the model ``src`` names, without building it (a big teacher need not fit in memory to be
-    compared with the one a reinforced shard or a checkpoint records)."""
-    source = resolve_source(src, weights, setting)
+def source_identity(src: Union[str, Source], weights: str = "", setting: str = "") -> str:
+    """The identity of the model ``src`` names (or of a Source already resolved), without building it (a big
+    teacher need not fit in memory to be compared with the one a reinforced shard or a checkpoint records)."""
+    source = src if isinstance(src, Source) else resolve_source(src, weights, setting)
     if source.kind == "open_clip":
-        if weights and not os.path.exists(weights):
-            raise ConfigError(f"{setting + '_weights: ' if setting else ''}{weights}: no such weights file")
-        return fingerprint(source.name, weights)
+        if source.path and not os.path.exists(source.path):
+            raise ConfigError(f"{setting + '_weights: ' if setting else ''}{source.path}: no such weights file")
+        return fingerprint(source.name, source.path)
     if source.kind == "export":
-        return fingerprint("export", src)
-    return checkpoint_identity(find_checkpoint(src, log=lambda *a: None))
+        return fingerprint("export", source.path)
+    return checkpoint_identity(find_checkpoint(source.path, log=lambda *a: None))
 
 
 def fingerprint(name: str, pretrained: str) -> str:
