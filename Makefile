@@ -72,8 +72,9 @@ capfilt: setup
 	$(BIN)/python -m evaclip.capfilt_study --data $(DEMO_DATA) --captioner runs/coca/captioner --out runs/capfilt \
 		--seeds 0 1 2
 
+# the 25 slowest tests are listed at the end: a suite that grows slower shows where
 test: setup
-	$(BIN)/python -m pytest -q -m "not cluster" tests
+	$(BIN)/python -m pytest -q -m "not cluster" --durations=25 tests
 
 # brings up launch/slurm/local_cluster.sh (apt + daemons, as root) for the session and takes it down after
 test-cluster: setup
