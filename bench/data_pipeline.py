@@ -45,8 +45,9 @@ class before_issue_16:
         self.shards.tar_members = self.ours
 
 
-def make_iter(impl: str, shards: str, size: int, batch: int):
-    """An iterator of training batches of one pipeline, with workers = 0 (this process decodes)."""
+def make_iter(impl: str, shards: str, size: int, batch: int, buffer: int = 500):
+    """An iterator of training batches of one pipeline, with workers = 0 (this process decodes); ``buffer``:
+    evaclip's shuffle buffer in samples."""
     from evaclip.data.transforms import Tokenizer, draft_side, train_transform
     from evaclip.models.registry import OPENAI_CLIP_MEAN as MEAN
     from evaclip.models.registry import OPENAI_CLIP_STD as STD
@@ -62,7 +63,7 @@ def make_iter(impl: str, shards: str, size: int, batch: int):
         # data.streams = ranks x workers) or 8 per worker (a run set up to shrink 8x later)
         n = STREAMS.get(impl, 0)
         logical = dict(num_streams=n, step_samples=batch) if n else {}
-        spec = build_stream_spec(recipe_from_shards(shards), "", 0, 0, 1, True, 500, **logical)
+        spec = build_stream_spec(recipe_from_shards(shards), "", 0, 0, 1, True, buffer, **logical)
         stream = ImageTextStream(spec, batch, train_transform(size, MEAN, STD, (0.9, 1.0)), tok,
                                  min_side=draft_side(size, 0.9))
         return iter(make_loader(stream, 0))
@@ -87,14 +88,14 @@ def child(a):
     torch.set_num_threads(1)
     impls = a.get("impls", list(IMPLS))
     size, batch = a["image_size"], a.get("batch", 64)
-    rounds, per_round = a.get("rounds", 12), a.get("per_round", 3)
-    its = {impl: make_iter(impl, a["shards"], size, batch) for impl in impls}
+    rounds, per_round, buffer = a.get("rounds", 12), a.get("per_round", 3), a.get("buffer", 500)
+    its = {impl: make_iter(impl, a["shards"], size, batch, buffer) for impl in impls}
     scope = {impl: before_issue_16 if impl == "before" else contextlib.nullcontext for impl in impls}
-    # warm-up: until every shuffle buffer is full (8 logical streams x 500 samples), the same for every impl, so
-    # the timed batches are the steady state (a stream's start reads its buffer's worth without emitting)
+    # warm-up: until every shuffle buffer is full (8 logical streams x buffer samples), the same for every impl,
+    # so the timed batches are the steady state (a stream's start reads its buffer's worth without emitting)
     for impl, it in its.items():
         with scope[impl]():
-            for _ in range(3 + -(-8 * 500 // batch)):
+            for _ in range(3 + -(-8 * buffer // batch)):
                 next(it)
     spent = {impl: [] for impl in impls}
     for r in range(rounds):
@@ -119,8 +120,9 @@ def make_shards(out: str, shards: int = 2, per_shard: int = 400, size: int = 256
     return os.path.join(out, "{%05d..%05d}.tar" % (0, shards - 1))
 
 
-def run(shards: str, reps: int = 5, sizes=(224, 64), rounds: int = 12):
-    """``reps`` processes per output size, each timing every pipeline in alternation (see ``child``); reports
+def run(shards: str, reps: int = 5, sizes=(224, 64), rounds: int = 12, buffer: int = 500):
+    """``reps`` processes per output size, each timing every pipeline in alternation (see ``child``); ``buffer``:
+    the shuffle buffer (the warm-up fills it; --quick shrinks it, the figures are then not steady state); reports
     the median over processes of each pipeline's images/s and of each ratio (paired round by round), with the
     ratios' min-max over processes."""
     import statistics
@@ -137,7 +139,8 @@ def run(shards: str, reps: int = 5, sizes=(224, 64), rounds: int = 12):
     for size in sizes:
         runs = []
         for _ in range(reps):
-            r = run_child("data_pipeline", {"shards": shards, "image_size": size, "rounds": rounds})
+            r = run_child("data_pipeline", {"shards": shards, "image_size": size, "rounds": rounds,
+                                           "buffer": buffer})
             if "error" in r:
                 return [{"image_size": size, "error": r["error"]}]
             runs.append(r)

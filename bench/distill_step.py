@@ -21,7 +21,7 @@ def reinforce_once(recipe: str, root: str, export: str, cache: str, augmentation
     from evaclip.curation.reinforce import reinforce
     from evaclip.encoders import load_source
 
-    out = os.path.join(cache, f"reinforced_k{augmentations}")
+    out = os.path.join(cache, f"reinforced_{os.path.basename(os.path.normpath(root))}_k{augmentations}")
     if not os.path.exists(os.path.join(out, "recipe.toml")):
         reinforce(recipe, root, load_source(export), export, out, augmentations, batch_size=64, workers=2)
     return os.path.join(out, "recipe.toml")

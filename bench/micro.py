@@ -80,11 +80,12 @@ def _matmul_share(fn) -> float:
     return mm / total if total else float("nan")
 
 
-def compiled_step(rounds: int = 5, batch: int = 16, depth: int = 12):
+def compiled_step(rounds: int = 5, batch: int = 16, depth: int = 12, rates=(0.0, 0.5)):
     """Image-tower forward + backward on EVA-02 Small at 224 px (token_drop's geometry), eager against
     torch.compile (Inductor, one graph, as engine.compile = "towers" builds it), with and without token dropping.
     Timed in alternating paired rounds (eager, compiled, eager, ...), so a slow spell of this shared machine falls
-    on both; the ratio is the median over rounds of eager / compiled. The compile time is reported apart."""
+    on both; the ratio is the median over rounds of eager / compiled. The compile time is reported apart.
+    ``rates``: the token-drop rates compared (one compile each)."""
     import copy
     import statistics
     import time
@@ -94,7 +95,7 @@ def compiled_step(rounds: int = 5, batch: int = 16, depth: int = 12):
     eager = small_tower(depth)
     x = torch.randn(batch, 3, 224, 224)
     out = {}
-    for rate in (0.0, 0.5):
+    for rate in rates:
         eager.set_patch_dropout(rate)
         compiled = copy.deepcopy(eager)
         Compiler("inductor").module("tower", compiled)

@@ -113,13 +113,15 @@ def train_flops(model: str, drop: float) -> float:
     return count_flops(ModelConfig(name=model), get_variant(model), drop)["train"]
 
 
-def run(shards: str, steps: int = 200, batch: int = 64, compiled: bool = True, model: str = "EVA02-Ti-4-32"):
+def run(shards: str, steps: int = 200, batch: int = 64, compiled: bool = True, model: str = "EVA02-Ti-4-32",
+        drops=(0.0, 0.5)):
     """Each variant and open_clip_train for ``steps`` steps of ``model`` (default: the shape of open_clip's small EVA
-    test configs); ``compiled``: also the compiled variant (Inductor compiling; --quick leaves it out)."""
+    test configs) at each token-drop rate of ``drops``; ``compiled``: also the compiled variant (Inductor compiling;
+    --quick leaves it out)."""
     from bench.common import run_child
 
     peak, rows = matmul_peak(), []
-    for drop in (0.0, 0.5):
+    for drop in drops:
         res = {impl: run_child("train_step", {"impl": impl, "shards": shards, "steps": steps, "batch": batch,
                                               "patch_dropout": drop, "model": model, **VARIANTS.get(impl, {})})
                for impl in (*VARIANTS, "open_clip") if compiled or impl != "evaclip_compiled"}
