@@ -18,7 +18,7 @@ from typing import Dict, List
 
 from evaclip.captioning import iter_images, load_captioner
 from evaclip.data.shards import iter_tar_samples
-from evaclip.data.synth import caption_words, names_right
+from evaclip.data.synth import caption_words, words_name_right
 from evaclip.study import parse_study_args, publish, study_parser, train_run, warmup
 
 
@@ -38,7 +38,7 @@ def caption_accuracy(run_dir: str, shapes_dir: str, batch_size: int = 64) -> Dic
         for (key, _), text in zip(chunk, cap.caption([im for _, im in chunk])):
             colour, shape = labels[key].split(" ")
             words = caption_words(text)
-            ok = names_right(text, colour, shape)
+            ok = words_name_right(words, colour, shape)
             right += ok
             colour_right += colour in words
             shape_right += shape in words

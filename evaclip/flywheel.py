@@ -56,8 +56,7 @@ def run(data: str, teacher: str, out: str, seeds: List[int], mim_steps: int, cli
     m = margins(arms, "top1_from_mim", "top1_scratch")
     summary = {"teacher": teacher, "dataset": dataset, "metric": "zero-shot top-1", "mim_steps": mim_steps,
                "clip_steps": clip_steps, "seeds": arms, "teacher_wall_s": walls.get("teacher"),
-               "margin_mean": m["margin_mean"], "margin_min": m["margin_min"], "from_mim_ahead_on": m["ahead_on"],
-               "of": m["of"]}
+               **m}  # margin_mean, margin_min, ahead_on (seeds where CLIP from MIM is ahead), of
     publish(out, summary, _table(summary))
     return summary
 
@@ -69,7 +68,7 @@ def _table(s: Dict) -> str:
             f"{a['wall_s']['mim']:.0f} / {a['wall_s']['clip_from_mim']:.0f} / {a['wall_s']['clip_scratch']:.0f} |"
             for a in s["seeds"]]
     head = (f"EVA flywheel on {s['dataset']} ({s['metric']}; MIM {s['mim_steps']} steps, each CLIP {s['clip_steps']} "
-            f"steps; teacher {s['teacher']}): CLIP from MIM ahead on {s['from_mim_ahead_on']} of {s['of']} seeds, "
+            f"steps; teacher {s['teacher']}): CLIP from MIM ahead on {s['ahead_on']} of {s['of']} seeds, "
             f"mean margin {s['margin_mean']:+.4f}")
     return head + "\n\n" + md_table(["seed", "top-1 CLIP from MIM", "top-1 CLIP from scratch", "margin",
                                       "retrieval R@5 from MIM / scratch", "MIM loss start -> end",

@@ -98,7 +98,11 @@ def caption_words(text: str) -> Set[str]:
 def names_right(text: str, colour: str, shape: str) -> bool:
     """Whether a caption names this colour and this shape and no other colour or shape (how the studies judge a
     caption of a synthetic image)."""
-    words = caption_words(text)
+    return words_name_right(caption_words(text), colour, shape)
+
+
+def words_name_right(words, colour: str, shape: str) -> bool:
+    """``names_right`` on a caption's words (``caption_words``) already split."""
     return (colour in words and shape in words and not (words & set(COLOURS)) - {colour}
             and not (words & set(SHAPES)) - {shape})
 

@@ -17,12 +17,12 @@ def lse_update(a, b, s, tile: int, lse) -> None:
             lse[r0:r0 + tile] = torch.logaddexp(lse[r0:r0 + tile], torch.logsumexp(t, dim=1))
 
 
-def pair_backward(a, b, s, tile: int, da, db, coef):
+def pair_backward(a, b, s, tile: int, da, db, coef, with_bias: bool = False):
     """The backward of a loss over logits s a_i.b_j (+ bias), one tile at a time: with w = coef(rows, c0, dot) its
     d/dlogit on the tile, da_i += s sum_j w_ij b_j and db_j += s sum_i w_ij a_i; returns (d/ds, d/dbias) =
-    (sum w_ij a_i.b_j, sum w_ij)."""
+    (sum w_ij a_i.b_j, sum w_ij), d/dbias None unless ``with_bias`` (only SigLIP's logits have a bias)."""
     ds = torch.zeros((), device=a.device, dtype=a.dtype)
-    dbias = torch.zeros((), device=a.device, dtype=a.dtype)
+    dbias = torch.zeros((), device=a.device, dtype=a.dtype) if with_bias else None
     for r0 in range(0, a.shape[0], tile):
         r = slice(r0, r0 + tile)
         ar = a[r]
@@ -33,7 +33,8 @@ def pair_backward(a, b, s, tile: int, da, db, coef):
             da[r] += s * (w @ bc)
             db[c0:c0 + tile] += s * (w.t() @ ar)
             ds += (w * dot).sum()
-            dbias += w.sum()
+            if with_bias:
+                dbias += w.sum()
     return ds, dbias
 
 
@@ -54,7 +55,8 @@ def softplus_rows(a, b, s, bias, tile: int):
 
 def sigmoid_backward(a, b, s, bias, tile: int, da, db):
     """Gradients of ``softplus_rows`` (q_ij = sigmoid(logit_ij)) added into da, db; returns (d/ds, d/dbias)."""
-    return pair_backward(a, b, s, tile, da, db, lambda r, c0, dot: torch.sigmoid(s * dot + bias))
+    return pair_backward(a, b, s, tile, da, db, lambda r, c0, dot: torch.sigmoid(s * dot + bias),
+                         with_bias=True)
 
 
 def mean_of_rows(per, n: int, rows):
