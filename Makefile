@@ -74,7 +74,7 @@ capfilt: setup
 
 # the 25 slowest tests are listed at the end: a suite that grows slower shows where
 test: setup
-	$(BIN)/python -m pytest -q -m "not cluster" --durations=25 tests
+	$(BIN)/python -m pytest -q -m "not cluster" --durations=40 tests
 
 # brings up launch/slurm/local_cluster.sh (apt + daemons, as root) for the session and takes it down after
 test-cluster: setup
