@@ -48,6 +48,7 @@ class Planner:
             if cfg.objective.kind == "coca" else None
         self._caption = None  # a CoCa's caption half at micro-batch 1 (bytes saved), traced once
         model = build(cfg.model, variant, self.dtype, coca=self.coca)  # locked as the trainer locks it
+        self._meta_model = model  # on the meta device (no memory); a CoCa's caption half is traced on it
         self.projection = tuple(model.decoder.text_projection.shape) if self.coca else (0, 0)  # [W, V]
         groups = [[p.numel() for p in g["params"]]  # the optimizer's groups, as the engine flattens them
                   for g in param_groups(model, cfg.optim)]
@@ -94,7 +95,7 @@ class Planner:
         loss's buffers, for captions as long as the context (the most a batch can hold)."""
         c = self.cfg
         if self._caption is None:
-            self._caption = trace_caption(c.model, self.variant, 1, self.dtype, self.coca)
+            self._caption = trace_caption(self._meta_model, self.variant, 1, self.dtype)
         width, vocab = self.projection
         chunk = min(c.coca.ce_chunk, micro_batch * (self.variant.context_length - 1))
         half = c.engine.precision in ("bf16", "fp16")

@@ -82,10 +82,10 @@ def _caption_forward(model, image, text):
     return h.reshape(-1, h.shape[-1])
 
 
-def trace_caption(model_cfg, variant, batch: int, dtype: torch.dtype, coca: Dict) -> int:
+def trace_caption(model, variant, batch: int, dtype: torch.dtype) -> int:
     """A CoCa's caption half at micro-batch ``batch``: what its whole forward saves beyond the two towers (the
-    pooler, the decoder, the text states it reads) plus what the chunked loss keeps (its input and the labels)."""
-    model = build(model_cfg, variant, dtype, coca=coca)
+    pooler, the decoder, the text states it reads) plus what the chunked loss keeps (its input and the labels);
+    ``model``: the CoCa as ``build`` makes it (the planner's own)."""
     image, text = _inputs(variant, batch, dtype)
     towers = sum(saved_bytes(model, tower, image, text) for tower in TOWERS)
     whole = _saved(model, lambda: _caption_forward(model, image, text))
