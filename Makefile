@@ -72,7 +72,7 @@ capfilt: setup
 	$(BIN)/python -m evaclip.capfilt_study --data $(DEMO_DATA) --captioner runs/coca/captioner --out runs/capfilt \
 		--seeds 0 1 2
 
-# the 25 slowest tests are listed at the end: a suite that grows slower shows where
+# the 40 slowest tests are listed at the end: a suite that grows slower shows where
 test: setup
 	$(BIN)/python -m pytest -q -m "not cluster" --durations=40 tests
 

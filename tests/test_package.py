@@ -52,9 +52,9 @@ def _run(cmd, cwd, env, timeout=900):
 def test_wheel_install_works_from_an_empty_folder(tmp_path):
     """pip install --no-deps . (not editable) into a new venv, then synth -> train -> eval -> export by the
     built-in names of the experiment and the suite, from a folder that holds nothing of the repository. The new
-    venv sees this environment's locked dependencies (pip included) through a .pth line (installing the lock again costs minutes;
-    `make setup` installs it on every CI run), never its editable evaclip: a .pth adds a folder to the path without
-    running the .pth files in it, and the venv's own site-packages comes first."""
+    venv sees this environment's locked dependencies (pip included) through a .pth line (installing the lock
+    again costs minutes; `make setup` installs it on every CI run), never its editable evaclip: a .pth adds a
+    folder to the path without running the .pth files in it, and the venv's own site-packages comes first."""
     import sysconfig
 
     src = tmp_path / "src"  # a copy of the files git has (or would add): the build never touches the checkout
