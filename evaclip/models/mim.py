@@ -31,7 +31,7 @@ from evaclip.models.clip import ImageTower
 from evaclip.models.convert import open_clip_to_evaclip, read_state_dict
 from evaclip.models.eva_vit import Eva
 from evaclip.models.registry import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from evaclip.models.sources import resolve_source, source_identity
+from evaclip.models.sources import meta_model, resolve_source, source_identity
 
 
 class MIMStudent(nn.Module):
@@ -113,8 +113,12 @@ class Teacher(nn.Module):
                 autocast_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         x = reframe(images, student_mean, student_std, *self._stats, self.image_size)
         with torch.autocast(x.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            feats = self._features(self.net, x)  # [B, N_teacher, C]
+            feats = self.features(x)  # [B, N_teacher, C]
         return resample_grid(feats.float(), self.grid, student_grid)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch features [B, N_teacher, C] of images already in the teacher's size and normalisation."""
+        return self._features(self.net, x)
 
 
 def _tokens_of(layer: int, num_prefix: int):
@@ -123,7 +127,9 @@ def _tokens_of(layer: int, num_prefix: int):
     return features
 
 
-def _evaclip_teacher(sd: Dict[str, torch.Tensor], record: Dict, layer: int, where: str) -> Teacher:
+def _evaclip_teacher(sd: Optional[Dict[str, torch.Tensor]], record: Dict, layer: int, where: str,
+                     model: Optional[nn.Module] = None) -> Teacher:
+    """The teacher of an evaclip record with the weights ``sd`` (None: ``model`` as built, the planner's)."""
     # a real cycle: the factory (evaclip.models) builds MIM students from this module
     from evaclip.models import model_from_record, record_variant
 
@@ -132,13 +138,14 @@ def _evaclip_teacher(sd: Dict[str, torch.Tensor], record: Dict, layer: int, wher
                           "initialised is the next teacher)")
 
     variant = record_variant(record)
-    model = model_from_record(record)
-    sd = open_clip_to_evaclip(sd)  # an export holds open_clip's layout; a checkpoint evaclip's (no-op)
+    model = model if model is not None else model_from_record(record)
     trunk = model.visual.trunk
-    if any(k.startswith("visual.trunk.") for k in sd):
-        model.load_state_dict(sd)
-    else:  # an image-tower-only export (timm_image_tower/model.safetensors)
-        trunk.load_state_dict(sd)
+    if sd is not None:
+        sd = open_clip_to_evaclip(sd)  # an export holds open_clip's layout; a checkpoint evaclip's (no-op)
+        if any(k.startswith("visual.trunk.") for k in sd):
+            model.load_state_dict(sd)
+        else:  # an image-tower-only export (timm_image_tower/model.safetensors)
+            trunk.load_state_dict(sd)
     _check_layer(layer, len(trunk.blocks), where)
     return Teacher(trunk, _tokens_of(layer, trunk.num_prefix_tokens), variant.image_size, trunk.patch_embed.grid_size,
                    trunk.embed_dim, variant.mean, variant.std, f"{variant.name} ({where})")
@@ -178,6 +185,16 @@ def load_teacher(cfg, trust_pickle: bool = False, log: Callable = print) -> Teac
     teacher, identity = _load_teacher(cfg, trust_pickle, log)
     teacher.identity = identity
     return teacher
+
+
+def teacher_architecture(cfg, math_attention: bool = False) -> Teacher:
+    """The teacher ``mim.teacher`` names, built on the meta device from its model record or open_clip config, its
+    weights not read (what ``evaclip plan`` measures; ``math_attention``: what a FLOP counter sees)."""
+    source = resolve_source(cfg.teacher, cfg.teacher_weights, "mim.teacher")
+    net, record = meta_model(source, "mim.teacher", math_attention)
+    if record is not None:
+        return _evaclip_teacher(None, record, cfg.teacher_layer, cfg.teacher, model=net)
+    return _open_clip_teacher(net, cfg.teacher_layer, cfg.teacher)
 
 
 def _fit(model, sd, what: str, path: str) -> None:

@@ -9,11 +9,15 @@ weights do (a resume and a reinforced shard compare it).
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 from dataclasses import dataclass
 from typing import Union
 
-from evaclip.checkpoint import checkpoint_identity, find_checkpoint
+import torch
+
+from evaclip.checkpoint import checkpoint_identity, find_checkpoint, is_checkpoint, latest_checkpoint, read_meta
 from evaclip.errors import ConfigError
 from evaclip.files import sampled_digest
 from evaclip.models.convert import weights_file
@@ -63,3 +67,43 @@ def fingerprint(name: str, pretrained: str) -> str:
     else:
         stamp = pretrained  # an open_clip tag
     return hashlib.sha1(f"{name}|{stamp}".encode()).hexdigest()[:16]
+
+
+def meta_model(source: Source, setting: str, math_attention: bool = False, export_as_open_clip: bool = False):
+    """``(model, record)``: the model a source names, built on the meta device from its record (an evaclip run,
+    checkpoint or export; ``record`` is that record) or its open_clip config (``record`` None); no weights read,
+    so a 5B-parameter teacher is planned in seconds. ``math_attention``: an evaclip model's attention written out
+    as matmuls (what a FLOP counter sees; on the meta device a fused kernel's memory is traced otherwise).
+    ``export_as_open_clip``: an export folder built by open_clip, as ``encoders.load_source`` builds it."""
+    # a real cycle: the factory (evaclip.models) imports this module
+    from evaclip.models import model_from_record
+
+    record = None
+    if source.kind == "checkpoint":
+        found = source.path if is_checkpoint(source.path) else latest_checkpoint(source.path)
+        if found is None:
+            raise ConfigError(f"{setting}: {source.path} is neither an evaclip checkpoint nor a run dir with "
+                              "checkpoints")
+        record = read_meta(found)["model"]
+    elif source.kind == "export" and not export_as_open_clip:
+        with open(os.path.join(source.path, "open_clip_config.json")) as f:
+            record = json.load(f).get("evaclip", {}).get("model")
+    if record is not None:
+        if math_attention:
+            record = json.loads(json.dumps(record))
+            for tower in ("vision", "text"):
+                record["config"][tower]["attn_impl"] = "math"
+        return model_from_record(record, device="meta"), record
+    import open_clip
+
+    name = source.name if source.kind == "open_clip" else f"local-dir:{source.path}"
+    level = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # open_clip warns that no pretrained weights were loaded: none are wanted
+    try:
+        with torch.device("meta"):
+            return open_clip.create_model(name, pretrained=None, device="meta", load_weights=False), None
+    except (RuntimeError, ValueError, FileNotFoundError) as e:
+        why = str(e).splitlines()[0].split(" Available:")[0]  # not the list of every model open_clip has
+        raise ConfigError(f"{setting}: open_clip cannot build {name} ({why})") from None
+    finally:
+        logging.disable(level)

@@ -4,7 +4,8 @@
     print(render(plan(cfg, variant, "a100-80gb", nodes=4, gpus_per_node=8)))
 
 Memory by part (plan/memory.py: each formula with its source), activations and FLOPs from the real model run on
-the meta device (plan/trace.py), step time from an MFU per GPU kind (plan/speed.py).
+the meta device (plan/trace.py), a MIM or distillation run's frozen teacher and distillation loss measured the same
+way (plan/teacher.py), step time from an MFU per GPU kind (plan/speed.py).
 """
 from __future__ import annotations
 
@@ -35,7 +36,9 @@ def render(p: Dict) -> str:
         f"{p['engine']}{' ZeRO-' + str(p['zero_stage']) if p['engine'] == 'deepspeed' else ''}, {p['precision']}, "
         f"token drop {p['patch_dropout']:g}, checkpointing: image {_on(p['grad_checkpointing']['image'])}, "
         f"text {_on(p['grad_checkpointing']['text'])}, "
-        f"loss {p['loss_impl']}",
+        f"loss {p['loss_impl'] if p['objective'] != 'mim' else 'MIM (per position, nothing gathered)'}",
+        *([f"frozen teacher {t['name']}: {t['params'] / 1e6:,.1f} M parameters (fp32, whole on every GPU), "
+           f"{t['forward_flops_per_sample'] / 1e9:,.1f} GFLOPs forward per sample"] if (t := p["teacher"]) else []),
         "",
         "memory per GPU",
     ]
@@ -47,6 +50,9 @@ def render(p: Dict) -> str:
     if p["step_only_gradient_bytes"]:
         lines.append(f"  {'(step: fp32 gradients)':<30}{_gib(p['step_only_gradient_bytes'])}  (built in the optimizer "
                      "step, after the activations are freed)")
+    if p["teacher_forward_bytes"]:
+        lines.append(f"  {'(teacher forward)':<30}{_gib(p['teacher_forward_bytes'])}  (its no-grad forward, before the "
+                     "student's: a phase of its own)")
     verdict = "fits" if p["fits"] else "DOES NOT FIT"
     share = p["global_batch"] // (p["nodes"] * p["gpus_per_node"])
     lines += [f"  {'peak':<30}{_gib(p['peak_bytes'])}  of {p['gpu_memory_gib']:g} GiB: {verdict}",

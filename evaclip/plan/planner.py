@@ -13,6 +13,7 @@ from evaclip.engine import bucket_elements, zero3_persistent_elements, zero_held
 from evaclip.errors import ConfigError
 from evaclip.optim import param_groups
 from evaclip.plan import memory, speed
+from evaclip.plan.teacher import TeacherTrace, describe, distill_loss_bytes, distill_teacher, mim_teacher
 from evaclip.plan.trace import build, caption_flops, count_flops, trace_caption, trace_towers
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -33,21 +34,39 @@ class Planner:
     checkpointing setting; activations grow linearly with the micro-batch, so other micro-batches scale them."""
 
     def __init__(self, cfg, variant, g: speed.GPU, nodes: int, gpus_per_node: int, results_dir: str = ""):
-        if cfg.objective.kind not in ("clip", "coca"):
-            missing = {"mim": "the MIM teacher's memory", "distill": "the distillation teacher's memory"}.get(
-                cfg.objective.kind, "that objective")
-            raise ConfigError(f"objective.kind = {cfg.objective.kind!r}: evaclip plan covers the CLIP and CoCa "
-                              f"objectives so far ({missing} is not planned yet)")
         self.cfg, self.variant, self.gpu, self.nodes = cfg, variant, g, nodes
         self.ranks = nodes * gpus_per_node
+        kind = cfg.objective.kind
+        key = {"mim": "mim.teacher", "distill": "distill.teacher" if cfg.distill.source == "online" else ""}.get(kind)
+        if key and not (cfg.mim.teacher if kind == "mim" else cfg.distill.teacher):
+            raise ConfigError(f"objective.kind = {kind!r}: the plan needs {key} (its architecture sizes the "
+                              "teacher's memory and FLOPs)")
         self.global_batch = cfg.data.micro_batch_size * self.ranks * cfg.engine.accum_steps
         self.dtype = DTYPES[cfg.engine.precision]
         self.results_dir = results_dir
         self._traces: Dict[Tuple[bool, bool], Dict] = {}
         self.coca = {"decoder_layers": cfg.coca.decoder_layers, "n_queries": cfg.coca.n_queries} \
-            if cfg.objective.kind == "coca" else None
+            if kind == "coca" else None
         self._caption = None  # a CoCa's caption half at micro-batch 1 (bytes saved), traced once
-        model = build(cfg.model, variant, self.dtype, coca=self.coca)  # locked as the trainer locks it
+        self.teacher: Optional[TeacherTrace] = None  # a frozen teacher run beside the model (MIM, distillation)
+        self.mim_dim = self.distill_dim = self.distill_loss = 0
+        if kind == "mim":
+            v = variant.vision
+            grid = (variant.image_size // v["patch_size"],) * 2
+            self.teacher = mim_teacher(cfg.mim, grid, self.dtype)
+            self.mim_dim = self.teacher.width
+        elif kind == "distill":
+            d = cfg.distill
+            if d.source == "online":
+                self.teacher = distill_teacher(d, variant.context_length, self.dtype)
+            width = self.teacher.width if self.teacher else (d.teacher_width or variant.embed_dim)
+            self.distill_dim = width if d.loss != "soft_ce" and width != variant.embed_dim else 0
+            self.distill_width = width
+            self.distill_loss = distill_loss_bytes(d.loss, cfg.loss.impl, self.global_batch,
+                                                   self.global_batch // self.ranks, variant.embed_dim, width,
+                                                   cfg.loss.tile_size)
+        model = build(cfg.model, variant, self.dtype, coca=self.coca, distill_dim=self.distill_dim,
+                      mim_dim=self.mim_dim)  # locked as the trainer locks it
         self._meta_model = model  # on the meta device (no memory); a CoCa's caption half is traced on it
         self.projection = tuple(model.decoder.text_projection.shape) if self.coca else (0, 0)  # [W, V]
         groups = [[p.numel() for p in g["params"]]  # the optimizer's groups, as the engine flattens them
@@ -64,7 +83,8 @@ class Planner:
 
     def _trace(self, checkpointing: Tuple[bool, bool]):
         if checkpointing not in self._traces:
-            self._traces[checkpointing] = trace_towers(self._model_cfg(checkpointing), self.variant, 1, self.dtype)
+            self._traces[checkpointing] = trace_towers(self._model_cfg(checkpointing), self.variant, 1, self.dtype,
+                                                       self.distill_dim, self.mim_dim)
         return self._traces[checkpointing]
 
     def states(self, s: Setting) -> memory.ModelStates:
@@ -80,11 +100,20 @@ class Planner:
         for name, t in towers.items():  # traced at micro-batch 1
             out[f"activations ({'image' if name == 'visual' else 'text'})"] = \
                 (t.saved_bytes + t.recompute_bytes) * s.micro_batch
-        out["loss buffers"] = memory.loss_buffers(c.loss.kind, c.loss.impl, self.global_batch,
-                                                  self.global_batch // self.ranks, self.variant.embed_dim,
-                                                  c.loss.tile_size)
+        if not self.mim_dim:  # a MIM student's loss is in its trace (per position, nothing gathered)
+            out["loss buffers"] = memory.loss_buffers(c.loss.kind, c.loss.impl, self.global_batch,
+                                                      self.global_batch // self.ranks, self.variant.embed_dim,
+                                                      c.loss.tile_size)
         if self.coca:
             out.update(self._caption_parts(s.micro_batch))
+        if c.objective.kind == "distill":
+            out["distillation loss buffers"] = self.distill_loss
+            # every micro-batch's unit embeddings (the teacher's or the shards'), fp32, and their concatenation
+            out["teacher targets"] = 2 * 2 * 4 * self.distill_width * s.micro_batch * s.accum
+        if self.teacher:
+            out["teacher weights"] = self.teacher.weight_bytes
+        if self.mim_dim:  # one micro-batch's targets at a time
+            out["teacher targets"] = self.teacher.target_bytes * s.micro_batch
         engine = dataclasses.replace(c.engine, zero_stage=s.zero, accum_steps=s.accum)
         out["communication buckets"] = memory.buckets(c.engine.precision, self.trainable,
                                                       bucket_elements(engine, s.micro_batch, self.ranks))
@@ -103,8 +132,12 @@ class Planner:
                 "caption loss buffers": memory.caption_loss_buffers(chunk, vocab, width, half,
                                                                     half and c.engine.kind == "deepspeed")}
 
+    def teacher_forward(self, s: Setting) -> int:
+        """What a frozen teacher's forward holds at once, before the student's forward (0: no teacher forward)."""
+        return self.teacher.forward_bytes * s.micro_batch if self.teacher else 0
+
     def peak(self, s: Setting) -> int:
-        return memory.total(self.parts(s), self.states(s).step_gradients)
+        return memory.total(self.parts(s), self.states(s).step_gradients, self.teacher_forward(s))
 
     def fits(self, s: Setting) -> bool:
         return self.peak(s) <= self.gpu.memory_gib * memory.GiB
@@ -138,14 +171,19 @@ class Planner:
     def speed(self, s: Setting) -> Dict:
         c = self.cfg
         flops = count_flops(self._model_cfg(s.checkpointing), self.variant,  # checkpointing: + the recompute
-                            c.model.vision.patch_dropout)
+                            c.model.vision.patch_dropout, self.mim_dim)
         if self.coca:  # the caption half, every position a token
             flops["train"] += caption_flops(c.model, self.variant, self.coca)
+        if self.teacher:  # its forward, every sample, every step
+            flops["train"] += self.teacher.flops
         measured = speed.measured_mfu(self.results_dir, self.gpu.name, c.model.vision.patch_dropout,
                                       c.engine.compile != "off") if self.results_dir else None
         mfu = measured or self.gpu.mfu
+        dim = 0 if self.mim_dim else self.variant.embed_dim  # MIM's loss gathers nothing
+        if c.objective.kind == "distill" and c.distill.loss == "soft_ce":
+            dim += self.variant.embed_dim + self.distill_width // 2  # its own gather; the teacher's: forward only
         comm = speed.comm_bytes(s.zero, c.engine.kind, c.engine.precision, self.trainable, self.global_batch,
-                                self.variant.embed_dim, self.ranks)
+                                dim, self.ranks)
         t = speed.step_seconds(flops["train"], s.micro_batch * s.accum, self.gpu, mfu, comm, self.nodes)
         steps = derive(c, self.ranks).steps  # run.steps, or train_samples / global batch
         return {"flops_per_sample_forward_full": flops["forward_full"], "flops_per_sample_train": flops["train"],
@@ -167,9 +205,12 @@ class Planner:
             if lower is not None:
                 out.append(f"engine.zero_stage={lower} also fits (less communication per step)")
         parts = self.parts(s)
-        if self.cfg.loss.impl in ("naive", "local") and parts["loss buffers"] > 0.1 * self.gpu.memory_gib * memory.GiB:
+        if self.cfg.loss.impl in ("naive", "local") and \
+                parts.get("loss buffers", 0) + parts.get("distillation loss buffers", 0) > \
+                0.1 * self.gpu.memory_gib * memory.GiB:
             out.append(f"loss.impl=tiled (or ring): the {self.cfg.loss.impl} loss holds "
-                       f"{parts['loss buffers'] / memory.GiB:.1f} GiB at this global batch")
+                       f"{(parts.get('loss buffers', 0) + parts.get('distillation loss buffers', 0)) / memory.GiB:.1f}"
+                       " GiB at this global batch")
         return out
 
     def _to_fit(self, s: Setting) -> List[str]:
@@ -200,13 +241,14 @@ def plan(cfg, variant, gpu_name: str, nodes: int, gpus_per_node: int, results_di
     s = p.current()
     parts = p.parts(s)
     peak = p.peak(s)
-    return {"model": variant.name, "gpu": g.name, "gpu_memory_gib": g.memory_gib, "nodes": nodes,
+    return {"model": variant.name, "objective": cfg.objective.kind, "gpu": g.name, "gpu_memory_gib": g.memory_gib, "nodes": nodes,
             "gpus_per_node": gpus_per_node, "global_batch": p.global_batch, "micro_batch": s.micro_batch,
             "accum_steps": s.accum, "engine": cfg.engine.kind, "zero_stage": s.zero, "precision": cfg.engine.precision,
             "grad_checkpointing": {"image": s.checkpointing[0], "text": s.checkpointing[1]},
             "patch_dropout": cfg.model.vision.patch_dropout,
             "loss_impl": cfg.loss.impl, "parts_bytes": parts,
-            "step_only_gradient_bytes": p.states(s).step_gradients, "cuda_context_bytes": memory.CUDA_CONTEXT_BYTES,
+            "step_only_gradient_bytes": p.states(s).step_gradients, "teacher_forward_bytes": p.teacher_forward(s),
+            "teacher": describe(p.teacher) if p.teacher else None, "cuda_context_bytes": memory.CUDA_CONTEXT_BYTES,
             "fragmentation_margin": memory.FRAGMENTATION, "peak_bytes": peak,
             "fits": peak <= g.memory_gib * memory.GiB, "largest_micro_batch": p.largest_micro_batch(s),
             "speed": p.speed(s), "suggestions": p.suggestions(s)}

@@ -17,7 +17,8 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from evaclip.models import create_model
+from evaclip.losses import mim_loss
+from evaclip.models import create_mim_student, create_model
 
 TOWERS = ("visual", "text")
 
@@ -30,14 +31,19 @@ class TowerTrace:
     recompute_bytes: int  # with gradient checkpointing: one block's activations, alive while it is recomputed
 
 
-def build(model_cfg, variant, dtype: torch.dtype, attn_impl: str = "", coca: Optional[Dict] = None):
+def build(model_cfg, variant, dtype: torch.dtype, attn_impl: str = "", coca: Optional[Dict] = None,
+          distill_dim: int = 0, mim_dim: int = 0):
     """The model on the meta device in the dtype it computes in, locked as the trainer locks it (``coca``: a
-    CoCa's decoder, as the factory takes it)."""
+    CoCa's decoder, as the factory takes it; ``distill_dim``: a distillation head; ``mim_dim``: a MIM student with
+    a head to the teacher's feature width instead of a CLIP)."""
 
     if attn_impl:
         model_cfg = dataclasses.replace(model_cfg, vision=dataclasses.replace(model_cfg.vision, attn_impl=attn_impl),
                                         text=dataclasses.replace(model_cfg.text, attn_impl=attn_impl))
-    model = create_model(model_cfg, variant, device="meta", load_hf_weights=False, coca=coca).to(dtype)
+    if mim_dim:
+        return create_mim_student(model_cfg, mim_dim, variant, device="meta").to(dtype).train()
+    model = create_model(model_cfg, variant, device="meta", load_hf_weights=False, coca=coca,
+                         distill_dim=distill_dim).to(dtype)
     for tower, section in (("visual", model_cfg.vision), ("text", model_cfg.text)):
         if section.lock:
             model.lock_tower(tower, section.unlocked_layers)
@@ -50,13 +56,20 @@ def _inputs(variant, batch: int, dtype: torch.dtype):
     return image, text
 
 
-def _encode(model, tower: str, image, text):
-    return model.encode_image(image) if tower == "visual" else model.encode_text(text)
+def _forwards(model, image, text, mim_dim: int) -> Dict[str, Callable]:
+    """Each tower's forward as training runs it: a CLIP's encoders, or a MIM student's forward and loss against a
+    teacher's targets (shapes only: which positions are masked does not change what is saved)."""
+    if mim_dim:
+        n = model.grid[0] * model.grid[1]
+        mask = torch.zeros(image.shape[0], n, dtype=torch.bool, device=image.device)
+        target = torch.zeros(image.shape[0], n, mim_dim, device=image.device)
+        return {"visual": lambda: mim_loss(model(image, mask)["pred"], target, mask, 1.0)}
+    return {"visual": lambda: model.encode_image(image), "text": lambda: model.encode_text(text)}
 
 
 def saved_bytes(model, tower: str, image, text) -> int:
     """Bytes autograd saves for backward in ``tower``'s forward: each storage once, parameters excluded."""
-    return _saved(model, lambda: _encode(model, tower, image, text))
+    return _saved(model, _forwards(model, image, text, 0)[tower])
 
 
 def _saved(model, forward: Callable) -> int:
@@ -112,18 +125,20 @@ def caption_flops(model_cfg, variant, coca: Dict) -> float:
     return float(fc.get_total_flops()) + 8.0 * width * vocab * (variant.context_length - 1)
 
 
-def trace_towers(model_cfg, variant, batch: int, dtype: torch.dtype) -> Dict[str, TowerTrace]:
-    """Each tower's activations at micro-batch ``batch`` (meta device)."""
-    model = build(model_cfg, variant, dtype)
+def trace_towers(model_cfg, variant, batch: int, dtype: torch.dtype, distill_dim: int = 0,
+                 mim_dim: int = 0) -> Dict[str, TowerTrace]:
+    """Each tower's activations at micro-batch ``batch`` (meta device); a MIM student's (``mim_dim``): its image
+    tower, head and loss."""
+    model = build(model_cfg, variant, dtype, distill_dim=distill_dim, mim_dim=mim_dim)
     image, text = _inputs(variant, batch, dtype)
     out = {}
-    for tower in TOWERS:
+    for tower, forward in _forwards(model, image, text, mim_dim).items():
         ckpt = (model_cfg.vision if tower == "visual" else model_cfg.text).grad_checkpointing
-        saved = saved_bytes(model, tower, image, text)
+        saved = _saved(model, forward)
         recompute = 0
         if ckpt:  # backward recomputes one block at a time: its activations come back while it runs
             model.set_grad_checkpointing(False, False)
-            full = saved_bytes(model, tower, image, text)
+            full = _saved(model, forward)
             model.set_grad_checkpointing(model_cfg.vision.grad_checkpointing, model_cfg.text.grad_checkpointing)
             recompute = max(0, full - saved) // _depth(variant, tower)
         out[tower] = TowerTrace(saved_bytes=saved, recompute_bytes=recompute)
@@ -135,14 +150,23 @@ def _depth(variant, tower: str) -> int:
     return max(1, int(variant.vision.get("depth", 1)) if tower == "visual" else int(variant.text.get("layers", 1)))
 
 
-def count_flops(model_cfg, variant, patch_dropout: float) -> Dict[str, float]:
+def count_flops(model_cfg, variant, patch_dropout: float, mim_dim: int = 0) -> Dict[str, float]:
     """FLOPs per sample: ``forward_full`` (image + text forward, no token dropping: what open_clip's profile
-    lists) and ``train`` (forward + backward at ``patch_dropout``, the trainable towers' backward only)."""
+    lists; a MIM student's forward) and ``train`` (forward + backward at ``patch_dropout``, the trainable towers'
+    backward only)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     model = build(dataclasses.replace(model_cfg, vision=dataclasses.replace(model_cfg.vision, patch_dropout=0.0)),
-                  variant, torch.float32, attn_impl="math")
+                  variant, torch.float32, attn_impl="math", mim_dim=mim_dim)
     image, text = _inputs(variant, 1, torch.float32)
+    if mim_dim:
+        forward = _forwards(model, image, text, mim_dim)["visual"]
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            forward()
+        forward_full = fc.get_total_flops()
+        with FlopCounterMode(display=False) as fc:
+            forward().backward()
+        return {"forward_full": float(forward_full), "train": float(fc.get_total_flops())}
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
         model.eval()(image, text)
     forward_full = fc.get_total_flops()
