@@ -50,6 +50,9 @@ def render(p: Dict) -> str:
     if p["step_only_gradient_bytes"]:
         lines.append(f"  {'(step: fp32 gradients)':<30}{_gib(p['step_only_gradient_bytes'])}  (built in the optimizer "
                      "step, after the activations are freed)")
+    if p["compile"] != "off":  # tests/test_plan.py holds a compiled forward's saved bytes under the eager trace
+        lines.append(f"  (engine.compile = {p['compile']}: activations as eager's, an upper bound: torch.compile's "
+                     "partitioner saves less, recomputing cheap ops in backward)")
     if p["teacher_forward_bytes"]:
         lines.append(f"  {'(teacher forward)':<30}{_gib(p['teacher_forward_bytes'])}  (its no-grad forward, before the "
                      "student's: a phase of its own)")

@@ -245,7 +245,7 @@ def plan(cfg, variant, gpu_name: str, nodes: int, gpus_per_node: int, results_di
             "gpus_per_node": gpus_per_node, "global_batch": p.global_batch, "micro_batch": s.micro_batch,
             "accum_steps": s.accum, "engine": cfg.engine.kind, "zero_stage": s.zero, "precision": cfg.engine.precision,
             "grad_checkpointing": {"image": s.checkpointing[0], "text": s.checkpointing[1]},
-            "patch_dropout": cfg.model.vision.patch_dropout,
+            "patch_dropout": cfg.model.vision.patch_dropout, "compile": cfg.engine.compile,
             "loss_impl": cfg.loss.impl, "parts_bytes": parts,
             "step_only_gradient_bytes": p.states(s).step_gradients, "teacher_forward_bytes": p.teacher_forward(s),
             "teacher": describe(p.teacher) if p.teacher else None, "cuda_context_bytes": memory.CUDA_CONTEXT_BYTES,
