@@ -45,7 +45,10 @@ class before_issue_16:
         self.shards.tar_members = self.ours
 
 
-def make_iter(impl: str, shards: str, size: int, batch: int, buffer: int = 500):
+BUFFER = 500  # the shuffle buffer of every pipeline compared (samples): the full bench's; --quick passes 50
+
+
+def make_iter(impl: str, shards: str, size: int, batch: int, buffer: int = BUFFER):
     """An iterator of training batches of one pipeline, with workers = 0 (this process decodes); ``buffer``:
     evaclip's shuffle buffer in samples."""
     from evaclip.data.transforms import Tokenizer, draft_side, train_transform
@@ -88,7 +91,7 @@ def child(a):
     torch.set_num_threads(1)
     impls = a.get("impls", list(IMPLS))
     size, batch = a["image_size"], a.get("batch", 64)
-    rounds, per_round, buffer = a.get("rounds", 12), a.get("per_round", 3), a.get("buffer", 500)
+    rounds, per_round, buffer = a.get("rounds", 12), a.get("per_round", 3), a.get("buffer", BUFFER)
     its = {impl: make_iter(impl, a["shards"], size, batch, buffer) for impl in impls}
     scope = {impl: before_issue_16 if impl == "before" else contextlib.nullcontext for impl in impls}
     # warm-up: until every shuffle buffer is full (8 logical streams x buffer samples), the same for every impl,
@@ -120,7 +123,7 @@ def make_shards(out: str, shards: int = 2, per_shard: int = 400, size: int = 256
     return os.path.join(out, "{%05d..%05d}.tar" % (0, shards - 1))
 
 
-def run(shards: str, reps: int = 5, sizes=(224, 64), rounds: int = 12, buffer: int = 500):
+def run(shards: str, reps: int = 5, sizes=(224, 64), rounds: int = 12, buffer: int = BUFFER):
     """``reps`` processes per output size, each timing every pipeline in alternation (see ``child``); ``buffer``:
     the shuffle buffer (the warm-up fills it; --quick shrinks it, the figures are then not steady state); reports
     the median over processes of each pipeline's images/s and of each ratio (paired round by round), with the

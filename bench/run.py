@@ -73,7 +73,7 @@ def run_all(sections, quick: bool, cache: str):
                                          real=(512, 4)) if quick else loss_memory.run(reps)),
         "optimizer": lambda: micro.optimizer_step(reps, model="EVA02-Ti-8-64" if quick else "EVA02-B-16"),
         "data": lambda: data_pipeline.run(paths["jpeg256"], reps=1 if quick else 5, sizes=(64,) if quick else (224, 64),
-                                          rounds=2 if quick else 12, buffer=50 if quick else 500),
+                                          rounds=2 if quick else 12, buffer=50 if quick else data_pipeline.BUFFER),
         "eval": lambda: micro.eval_throughput(paths["zeroshot"], paths["export"], reps),
         "score": lambda: micro.score_throughput(paths["jpeg256"], paths["export"], reps),
         "filter": lambda: micro.filter_identity_cost(paths["train_shards"], paths["export"], 2 if quick else 5),
