@@ -25,7 +25,7 @@ from evaclip.data.shard_writer import write_shard, write_stats
 from evaclip.data.shards import iter_tar_samples
 from evaclip.data.synth import names_right
 from evaclip.data.tools import expand_sources
-from evaclip.study import demo_teacher, parse_study_args, publish, study_parser, train_run, warmup
+from evaclip.study import CLI, demo_teacher, parse_study_args, publish, study_parser, train_run, warmup
 
 
 def move_captions(data: str, out: str, fraction: float, seed: int, shards: int) -> str:
@@ -74,7 +74,7 @@ def run(data: str, captioner: str, out: str, seeds: List[int], steps: int, capti
     noisy = move_captions(data, os.path.join(out, "noisy"), fraction, 0, shards)
     clean = os.path.join(out, "clean")
     print(f"[capfilt] evaclip data capfilt {noisy} --captioner {captioner} --captions {captions} --keep best", flush=True)
-    subprocess.run([sys.executable, "-m", "evaclip", "data", "capfilt", noisy, "--captioner", captioner, "--out",
+    subprocess.run([*CLI, "data", "capfilt", noisy, "--captioner", captioner, "--out",
                     clean, "--captions", str(captions), "--keep", "best"], check=True)
     summary = {"steps": steps, "fraction_moved": fraction, "shards": shards, "captioner": captioner,
                "captioner_wall_s": wall, "correct_noisy": pairs_correct(noisy),

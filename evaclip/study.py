@@ -18,6 +18,9 @@ from evaclip.preflight import resolve
 from evaclip.train import Trainer
 
 
+CLI = [sys.executable, "-m", "evaclip.cli"]  # the evaclip command in a child process (a study's capfilt pass)
+
+
 def train_run(experiment: str, overrides: List[str], reuse: bool = False) -> Dict:
     """Train a shipped experiment with dotted overrides in this process; its result with the wall time.
     ``reuse``: a run already finished in that run dir (a study rerun after a crash) is read back, not trained."""

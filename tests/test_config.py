@@ -219,6 +219,17 @@ def test_cli_help_is_usable():
         assert r.returncode == 0 and "usage:" in r.stdout, args
 
 
+def test_the_command_a_study_spawns_runs():
+    """``evaclip.study.CLI`` (how ``make capfilt`` calls ``evaclip data capfilt`` in a child process) is a runnable
+    command: ``python -m evaclip`` was not (the package has no ``__main__``)."""
+    import subprocess
+
+    from evaclip.study import CLI
+
+    r = subprocess.run([*CLI, "data", "capfilt", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "--captioner" in r.stdout, r.stderr
+
+
 def test_every_commands_help_renders_and_shows_no_doubled_percent():
     """Every command and subcommand's --help formats; a literal '%%' in the text is a description written as if
     argparse %-formatted it (it formats only the options' help)."""
