@@ -49,7 +49,7 @@ class Planner:
             if kind == "coca" else None
         self._caption = None  # a CoCa's caption half at micro-batch 1 (bytes saved), traced once
         self.teacher: Optional[TeacherTrace] = None  # a frozen teacher run beside the model (MIM, distillation)
-        self.mim_dim = self.distill_dim = self.distill_loss = 0
+        self.mim_dim = self.distill_dim = self.distill_width = self.distill_loss = 0  # widths, bytes
         if kind == "mim":
             v = variant.vision
             grid = (variant.image_size // v["patch_size"],) * 2
@@ -241,8 +241,8 @@ def plan(cfg, variant, gpu_name: str, nodes: int, gpus_per_node: int, results_di
     s = p.current()
     parts = p.parts(s)
     peak = p.peak(s)
-    return {"model": variant.name, "objective": cfg.objective.kind, "gpu": g.name, "gpu_memory_gib": g.memory_gib, "nodes": nodes,
-            "gpus_per_node": gpus_per_node, "global_batch": p.global_batch, "micro_batch": s.micro_batch,
+    return {"model": variant.name, "objective": cfg.objective.kind, "gpu": g.name, "gpu_memory_gib": g.memory_gib,
+            "nodes": nodes, "gpus_per_node": gpus_per_node, "global_batch": p.global_batch, "micro_batch": s.micro_batch,
             "accum_steps": s.accum, "engine": cfg.engine.kind, "zero_stage": s.zero, "precision": cfg.engine.precision,
             "grad_checkpointing": {"image": s.checkpointing[0], "text": s.checkpointing[1]},
             "patch_dropout": cfg.model.vision.patch_dropout, "compile": cfg.engine.compile,
