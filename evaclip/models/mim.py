@@ -206,11 +206,16 @@ def _fit(model, sd, what: str, path: str) -> None:
         raise ConfigError(f"{what}: {path} does not fit the teacher's architecture ({first} ...)") from None
 
 
+def _open_clip_model(name: str):
+    """An open_clip model without weights (a MIM run imports open_clip, 3-8 s here, only for an open_clip teacher)."""
+    import open_clip  # heavy optional import: only open_clip teachers need it
+
+    return open_clip.create_model(name, pretrained=None)
+
+
 def _load_teacher(cfg, trust_pickle: bool, log: Callable):
     """(teacher, identity) of the source ``mim.teacher`` names, resolved as every model source is."""
     import json
-
-    import open_clip  # heavy to import: loaded when a MIM run builds its teacher
 
     source = resolve_source(cfg.teacher, cfg.teacher_weights, "mim.teacher")
     src, layer = cfg.teacher, cfg.teacher_layer
@@ -219,7 +224,7 @@ def _load_teacher(cfg, trust_pickle: bool, log: Callable):
                           "(open_clip_config.json)")
     identity = source_identity(source, setting="mim.teacher")
     if source.kind == "open_clip":
-        model = open_clip.create_model(source.name, pretrained=None)
+        model = _open_clip_model(source.name)
         sd = read_state_dict(cfg.teacher_weights, "mim.teacher_weights", trust_pickle)
         _fit(model, sd, "mim.teacher_weights", cfg.teacher_weights)
         return _open_clip_teacher(model, layer, src), identity
@@ -228,7 +233,7 @@ def _load_teacher(cfg, trust_pickle: bool, log: Callable):
             record = json.load(f).get("evaclip", {}).get("model")
         if record is not None:
             return _evaclip_teacher(read_state_dict(src, "mim.teacher", trust_pickle), record, layer, src), identity
-        model = open_clip.create_model(f"local-dir:{src}", pretrained=None)
+        model = _open_clip_model(f"local-dir:{src}")
         _fit(model, read_state_dict(src, "mim.teacher", trust_pickle), "mim.teacher", src)
         return _open_clip_teacher(model, layer, src), identity
     sd, meta = load_weights(src, trust_pickle, log, opt_in="model.trust_pickle=true")
