@@ -205,12 +205,10 @@ class Planner:
             if lower is not None:
                 out.append(f"engine.zero_stage={lower} also fits (less communication per step)")
         parts = self.parts(s)
-        if self.cfg.loss.impl in ("naive", "local") and \
-                parts.get("loss buffers", 0) + parts.get("distillation loss buffers", 0) > \
-                0.1 * self.gpu.memory_gib * memory.GiB:
-            out.append(f"loss.impl=tiled (or ring): the {self.cfg.loss.impl} loss holds "
-                       f"{(parts.get('loss buffers', 0) + parts.get('distillation loss buffers', 0)) / memory.GiB:.1f}"
-                       " GiB at this global batch")
+        loss = parts.get("loss buffers", 0) + parts.get("distillation loss buffers", 0)
+        if self.cfg.loss.impl in ("naive", "local") and loss > 0.1 * self.gpu.memory_gib * memory.GiB:
+            out.append(f"loss.impl=tiled (or ring): the {self.cfg.loss.impl} loss holds {loss / memory.GiB:.1f} GiB "
+                       "at this global batch")
         return out
 
     def _to_fit(self, s: Setting) -> List[str]:
