@@ -40,8 +40,8 @@ timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py te
   2>&1 | tee "$OUT/pytest_gpu.log" || status=1
 
 if [ "${SKIP_MFU:-0}" = 0 ]; then
-  step "gpu_mfu: $MODEL batch $BATCH, drop 0 / 0.5, compile off / on"
-  timeout "${MFU_TIMEOUT:-200}" python3 bench/gpu_mfu.py --model "$MODEL" --batch "$BATCH" --steps 10 \
+  step "gpu_mfu: $MODEL batch $BATCH, drop 0 / 0.5, compile off / towers / step"
+  timeout "${MFU_TIMEOUT:-300}" python3 bench/gpu_mfu.py --model "$MODEL" --batch "$BATCH" --steps 10 \
     --device "$DEVICE" --out "$OUT/gpu_mfu.json" 2>&1 | grep -v "^W[0-9]" | tee "$OUT/gpu_mfu.log" || status=1
 fi
 

@@ -3,7 +3,7 @@
     python bench/gpu_mfu.py --model EVA02-B-16 --batch 256 --steps 30 --out bench/results/gpu_mfu.json
     python bench/gpu_mfu.py --model EVA02-Ti-8-64 --device cpu --steps 3 --batch 8     # CPU smoke test
 
-For each setting (token drop 0 / 0.5, torch.compile off / on) it trains on synthetic tensors (the input
+For each setting (token drop 0 / 0.5, compile off / towers / step, as `engine.compile` sets them) it trains on synthetic tensors (the input
 pipeline is benchmarked separately) with bf16 autocast, SDPA attention and our LAMB, and reports
 samples/s, achieved TFLOP/s and MFU. Model FLOPs per sample are counted with torch's FlopCounterMode on
 a real forward + backward at that setting (so token dropping's savings are counted, not assumed);
@@ -49,8 +49,11 @@ def count_flops(model, loss_fn, images, texts) -> float:
     return fc.get_total_flops() / images.shape[0]
 
 
-def bench_setting(name, batch, steps, device, patch_dropout, compile_, dtype, warmup=5):
+def bench_setting(name, batch, steps, device, patch_dropout, compile_, dtype, warmup=5, backend="inductor"):
+    """``compile_``: "off", "towers" (each tower compiled in place, as the trainer does) or "step" (the towers, the
+    loss and the optimizer's update: the plain engine's ``engine.compile = "step"``)."""
     import evaclip  # noqa: F401
+    from evaclip.engine.compiling import Compiler
     from evaclip.config import OptimConfig
     from evaclip.losses import ContrastiveLoss
     from evaclip.config import ModelConfig, VisionConfig
@@ -78,14 +81,21 @@ def bench_setting(name, batch, steps, device, patch_dropout, compile_, dtype, wa
             fwd(images[:1], texts[:1])
         fwd_flops = fc.get_total_flops()
     del fwd
-    step_model = torch.compile(model) if compile_ else model
+    update = opt.step
+    if compile_ != "off":  # the same Compiler calls the trainer's engine and CLIP objective make
+        compiler = Compiler(backend)
+        compiler.module("visual", model.visual)
+        compiler.module("text", model.text)
+        if compile_ == "step":
+            loss_fn = compiler.function("loss", loss_fn)
+            update = compiler.function("optimizer", opt.step, dynamic=None)
 
     def step():
         with torch.autocast(**amp):
-            out = step_model(images, texts)
+            out = model(images, texts)
             loss = loss_fn(out["image_features"].float(), out["text_features"].float(), out["logit_scale"].float())
         loss.backward()
-        opt.step()
+        update()
         opt.zero_grad(set_to_none=True)
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -103,7 +113,8 @@ def bench_setting(name, batch, steps, device, patch_dropout, compile_, dtype, wa
     return {"model": name, "batch": batch, "patch_dropout": patch_dropout, "compile": compile_,
             "dtype": str(dtype).replace("torch.", ""), "step_s": med, "step_s_min": min(times), "step_s_max": max(times),
             "samples_per_s": batch / med, "train_flops_per_sample": flops, "forward_gflops_per_pair_full": fwd_flops / 1e9,
-            "published_forward_gflops": v.gflops, "achieved_tflops": flops * batch / med / 1e12, "max_mem_gib": mem}
+            "published_forward_gflops": v.gflops, "achieved_tflops": flops * batch / med / 1e12, "max_mem_gib": mem,
+            "graphs": dict(compiler.graphs) if compile_ != "off" else {}}
 
 
 def main(argv=None):
@@ -114,7 +125,9 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--drop", type=float, nargs="+", default=[0.0, 0.5])
-    ap.add_argument("--compile", type=int, nargs="+", default=[0, 1], help="torch.compile off (0) / on (1)")
+    ap.add_argument("--compile", nargs="+", default=["off", "towers", "step"], choices=["off", "towers", "step"],
+                    help="engine.compile settings to run: off, towers (each tower), step (towers, loss, optimizer)")
+    ap.add_argument("--backend", default="inductor", help="torch.compile backend (aot_eager: a quick CPU check)")
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="override the device's peak (e.g. for CPU tests)")
     ap.add_argument("--out", default="")
     a = ap.parse_args(argv)
@@ -128,9 +141,9 @@ def main(argv=None):
         for comp in a.compile:
             for drop in a.drop:
                 try:
-                    r = bench_setting(name, a.batch, a.steps, device, drop, bool(comp), dtype)
+                    r = bench_setting(name, a.batch, a.steps, device, drop, comp, dtype, backend=a.backend)
                 except torch.OutOfMemoryError as e:
-                    r = {"model": name, "patch_dropout": drop, "compile": bool(comp), "error": f"OOM: {e}"[:200]}
+                    r = {"model": name, "patch_dropout": drop, "compile": comp, "error": f"OOM: {e}"[:200]}
                     torch.cuda.empty_cache()
                 if "achieved_tflops" in r:
                     r["mfu"] = r["achieved_tflops"] / peak

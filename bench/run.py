@@ -101,6 +101,30 @@ def _ratio(x):
     return f"**{x:.2f}x**"
 
 
+def profile_table(rows) -> list:
+    """Where the eager AdamW step's time goes in each framework (bench.step_profile), and evaclip minus open_clip."""
+    from bench.step_profile import CATEGORIES
+
+    parts = (*CATEGORIES, "rest", "step")
+    out = ["", "Where a step's time goes (the eager AdamW runs above, timed inside each framework's own loop: mean ms "
+           "per step after warm-up; forward = both towers and projections, backward = the towers' and the loss's "
+           "together, rest = the loop's own Python, zeroing gradients, the lr schedule, meters):", "",
+           "| token drop | framework | " + " | ".join(parts) + " |", "|---|---|" + "---|" * len(parts)]
+    for r in rows:
+        prof = {k: r.get(k, {}).get("profile") or {} for k in ("evaclip", "open_clip")}
+        for k, p in prof.items():
+            if "mean_s" in p:
+                out.append(f"| {r['patch_dropout']} | {k} | " +
+                           " | ".join(f"{1000 * p['mean_s'][c]:.1f}" for c in parts) + " |")
+            else:
+                out.append(f"| {r['patch_dropout']} | {k} | {p.get('error', 'not profiled')[:100]} |")
+        if all("mean_s" in p for p in prof.values()):
+            e, o = prof["evaclip"]["mean_s"], prof["open_clip"]["mean_s"]
+            out.append(f"| {r['patch_dropout']} | evaclip - open_clip | " +
+                       " | ".join(f"{1000 * (e[c] - o[c]):+.1f}" for c in parts) + " |")
+    return out
+
+
 def markdown(res, meta) -> str:
     out = [f"# evaclip benchmarks — {meta['date']}", "",
            f"{meta['machine']}; torch {meta['torch']}; {meta['threads']} threads. Medians of >= 5 repetitions after "
@@ -138,6 +162,7 @@ def markdown(res, meta) -> str:
                        f"{r.get('lamb_over_adamw', float('nan')):.2f}x the time | "
                        f"{100 * r.get('evaclip_peak_share', float('nan')):.0f}% | "
                        f"{100 * r.get('evaclip_compiled_peak_share', float('nan')):.0f}% |")
+        out += profile_table(res["train_step"])
         ok = [r for r in res["train_step"] if "speed_ratio" in r]
         if len(ok) == 2:
             ev = ok[0]["evaclip"]["step_s"]["median"] / ok[1]["evaclip"]["step_s"]["median"]

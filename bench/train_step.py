@@ -2,6 +2,8 @@
 (EVA02-Ti-4-32, the shape of open_clip's small EVA test configs, written as an evaclip model file and given to
 open_clip as the JSON config written from it), batch, precision (fp32), optimizer (AdamW), data workers and
 synthetic shards, with and without 50% token dropping. Both log one line per step; the first steps are warm-up.
+The eager AdamW run of each framework is also profiled (bench.step_profile): data, forward, loss, backward,
+optimizer, logging and the rest of each step, measured inside the frameworks' own loops.
 
     python -m bench.train_step '{"impl": "open_clip", ...}'   # one run, prints JSON
 """
@@ -38,6 +40,7 @@ sys.path.insert(0, {REPO!r})
 from bench.data_pipeline import patch_open_clip_train
 patch_open_clip_train()
 open_clip.add_model_config({cfg_dir!r})
+{_profiler("open_clip", a)}
 from open_clip_train.main import main
 main(sys.argv[1:])
 """
@@ -57,9 +60,19 @@ main(sys.argv[1:])
     return times
 
 
+def _profiler(framework: str, a) -> str:
+    """The line that installs bench.step_profile's timers in a run (none unless ``a["profile"]`` names a file)."""
+    if not a.get("profile"):
+        return ""
+    return f"from bench.step_profile import install; install({framework!r}, {a['profile']!r}, {WARMUP})"
+
+
 def _evaclip_runner(a, tmp):
     steps, mb = a["steps"], a["batch"]
-    args = [sys.executable, "-m", "evaclip.cli", "train", os.path.join(REPO, "launch/experiments/demo_cpu.toml"),
+    start = [sys.executable, "-m", "evaclip.cli"] if not a.get("profile") else \
+        [sys.executable, "-c", f"import sys; sys.path.insert(0, {REPO!r}); {_profiler('evaclip', a)}; "
+                               "from evaclip.cli import main; sys.exit(main(sys.argv[1:]))"]
+    args = [*start, "train", os.path.join(REPO, "launch/experiments/demo_cpu.toml"),
             f"run.output_dir={tmp}", "run.name=ev", f"run.steps={steps}", f'data.shards="{a["shards"]}"',
             'data.recipe=""', "data.workers=1", f"data.micro_batch_size={mb}", f"optim.name={a.get('optim', 'adamw')}",
             "optim.lr=1e-3", "schedule.warmup_steps=2", "engine.grad_clip=0", "log.every_steps=1",
@@ -78,14 +91,23 @@ def _evaclip_runner(a, tmp):
 # "step": towers, loss and optimizer by Inductor; the compile falls in the warm-up steps), and LAMB (eager)
 VARIANTS = {"evaclip": {}, "evaclip_compiled": {"extra": ["engine.compile=step"]},
             "evaclip_lamb": {"optim": "lamb"}}
+# the eager AdamW runs of both frameworks carry bench.step_profile's timers: where their steps' time goes
+PROFILED = ("evaclip", "open_clip")
 
 
 def child(a):
     with tempfile.TemporaryDirectory() as tmp:
+        if a.get("profile"):
+            a = {**a, "profile": os.path.join(tmp, "profile.json")}
         times = (_open_clip_runner if a["impl"] == "open_clip" else _evaclip_runner)(a, tmp)
+        profile = None
+        if a.get("profile"):
+            with open(a["profile"]) as f:
+                profile = json.load(f)
     t = times[WARMUP:]
     med = statistics.median(t)
-    return {"step_s": {"median": med, "min": min(t), "max": max(t), "n": len(t)}, "samples_per_s": a["batch"] / med}
+    out = {"step_s": {"median": med, "min": min(t), "max": max(t), "n": len(t)}, "samples_per_s": a["batch"] / med}
+    return {**out, "profile": profile} if profile else out
 
 
 def matmul_peak(n: int = 2048, reps: int = 5) -> float:
@@ -123,7 +145,8 @@ def run(shards: str, steps: int = 200, batch: int = 64, compiled: bool = True, m
     peak, rows = matmul_peak(), []
     for drop in drops:
         res = {impl: run_child("train_step", {"impl": impl, "shards": shards, "steps": steps, "batch": batch,
-                                              "patch_dropout": drop, "model": model, **VARIANTS.get(impl, {})})
+                                              "patch_dropout": drop, "model": model, **VARIANTS.get(impl, {}),
+                                              "profile": impl in PROFILED})
                for impl in (*VARIANTS, "open_clip") if compiled or impl != "evaclip_compiled"}
         row = {"patch_dropout": drop, "model": model, "steps": steps, **res}
         med = {k: v["step_s"]["median"] for k, v in res.items() if "error" not in v}
