@@ -18,8 +18,10 @@ def test_torchrun_two_agents_on_localhost_equal_one_process(synth_dir, reference
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", "two-agents",
            "-m", "evaclip.cli", "train", *overrides(synth_dir, out, "agents", 30, 10), "engine.kind=deepspeed"]
-    agents = [subprocess.Popen(cmd, cwd=REPO, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True) for _ in range(2)]
+    # which agent hosts the rendezvous store is named, as node 0 is on a cluster: left to torch's guess, both agents
+    # on one host race for it, and once (CI, 2026-12-06) both timed out as clients of a store nobody served
+    agents = [subprocess.Popen([*cmd[:3], "--rdzv-conf", f"is_host={host}", *cmd[3:]], cwd=REPO, env=job_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for host in (1, 0)]
     try:
         logs = [a.communicate(timeout=600)[0] for a in agents]
     finally:
