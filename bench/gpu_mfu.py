@@ -54,9 +54,9 @@ def bench_setting(name, batch, steps, device, patch_dropout, compile_, dtype, wa
     loss and the optimizer's update: the plain engine's ``engine.compile = "step"``)."""
     import evaclip  # noqa: F401
     from evaclip.engine.compiling import Compiler
-    from evaclip.config import OptimConfig
-    from evaclip.losses import ContrastiveLoss
+    from evaclip.config import LossConfig, OptimConfig
     from evaclip.config import ModelConfig, VisionConfig
+    from evaclip.train.objectives import ClipObjective
     from evaclip.models import create_model, get_variant
     from evaclip.optim import Lamb, param_groups
 
@@ -65,8 +65,10 @@ def bench_setting(name, batch, steps, device, patch_dropout, compile_, dtype, wa
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(0)
-    model = create_model(ModelConfig(name=name, vision=VisionConfig(patch_dropout=patch_dropout))).to(device).train()
-    loss_fn = ContrastiveLoss("clip", "local")
+    model_cfg = ModelConfig(name=name, vision=VisionConfig(patch_dropout=patch_dropout))
+    model = create_model(model_cfg).to(device).train()
+    objective = ClipObjective(model_cfg, v, LossConfig(kind="clip", impl="local"), 0, False, device)
+    loss_fn = objective.loss_fn
     opt = Lamb(param_groups(model, OptimConfig()), lr=1e-4)
     images = torch.randn(batch, 3, v.image_size, v.image_size, device=device)
     texts = torch.randint(1, 49000, (batch, v.context_length), device=device)
@@ -82,12 +84,11 @@ def bench_setting(name, batch, steps, device, patch_dropout, compile_, dtype, wa
         fwd_flops = fc.get_total_flops()
     del fwd
     update = opt.step
-    if compile_ != "off":  # the same Compiler calls the trainer's engine and CLIP objective make
+    if compile_ != "off":  # the CLIP objective's own compile (towers; with "step" its loss), as the trainer runs it
         compiler = Compiler(backend)
-        compiler.module("visual", model.visual)
-        compiler.module("text", model.text)
-        if compile_ == "step":
-            loss_fn = compiler.function("loss", loss_fn)
+        objective.compile(model, compiler, whole_step=compile_ == "step")
+        loss_fn = objective.loss_fn
+        if compile_ == "step":  # the plain engine's compiled update (engine/torch_engine.py)
             update = compiler.function("optimizer", opt.step, dynamic=None)
 
     def step():
