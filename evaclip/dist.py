@@ -25,6 +25,11 @@ def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def backend() -> Optional[str]:
+    """The default process group's backend ("gloo", "nccl"), None without one."""
+    return dist.get_backend() if is_initialized() else None
+
+
 def rank() -> int:
     return dist.get_rank() if is_initialized() else 0
 

@@ -10,6 +10,7 @@ weights (and, with checkpoint.*, a checkpoint). ``loss``: the CLIP and SigLIP lo
 feature / temperature / bias gradients, per rank. The reference runs in the test process. ``nanstep``: a NaN
 gradient under DeepSpeed is reported as a skipped step (engine contract), per ZeRO stage and precision.
 ``states OUT.pt shard.tar STAGE PRECISION``: the bytes of the tensors the DeepSpeed engine holds (issue 31's plan).
+``gathers OUT.pt shard.tar``: ZeRO-3's full weights gathered many times, each against a blocking gather.
 """
 import os
 import sys
@@ -21,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import evaclip  # noqa: E402,F401
 from evaclip import dist as edist  # noqa: E402
 
+EXACT_ARGS = ["optim.lr=1e-4", "optim.eps=1e-3"]
 STEPS, MB = int(os.environ.get("DIST_STEPS", 10)), 4
 
 
@@ -265,6 +267,40 @@ def main_states(out: str, shard: str, stage: int, prec: str):
     edist.shutdown()
 
 
+def main_gathers(out: str, shard: str, steps: int = 10, times: int = 40):
+    """Train ZeRO-3 ``steps`` steps on 2 ranks, one at a time, and after each count the parameters whose whole value
+    differs from a blocking all-gather of every rank's partition: the persistent (small) parameters DeepSpeed
+    re-gathers after every step, then every parameter inside the engine's ``full_weights``, ``times`` times."""
+    from evaclip.config import load_config
+    from evaclip.preflight import resolve
+    from evaclip.train import Trainer
+
+    cfg = load_config(None, train_overrides(shard, os.path.dirname(out), [
+        "engine.kind=deepspeed", "engine.zero_stage=3", "optim.name=lamb", 'eval.suite=""', *EXACT_ARGS]))
+    tr = Trainer(cfg, resolve(cfg, edist.env_world()[2]), log=lambda *a, **k: None)
+    params = list(tr.engine.model.named_parameters())
+
+    def blocking(p):
+        full = torch.empty(p.ds_tensor.numel() * edist.world_size(), dtype=p.ds_tensor.dtype)
+        torch.distributed.all_gather_into_tensor(full, p.ds_tensor.contiguous())  # async_op=False
+        return full[:p.ds_numel].view(p.ds_shape)
+
+    bad, checked = [], 0
+    for step in range(steps):
+        run_steps(tr, edist.rank(), edist.world_size(), steps=1)
+        persistent = [(n, p) for n, p in params if p.data.numel() == p.ds_numel]  # whole on every rank now
+        bad += [(step, n) for n, p in persistent if not torch.equal(p.data, blocking(p))]
+        checked += len(persistent)
+    want = {n: blocking(p) for n, p in params}
+    params.sort(key=lambda np_: -np_[1].ds_numel)  # the largest gathers land last: read them first
+    for t in range(times):
+        with tr.engine.full_weights():
+            bad += [("full", t, n) for n, p in params if not torch.equal(p.data, want[n])]
+            checked += len(params)
+    torch.save({"bad": bad, "checked": checked}, f"{out}.rank{edist.rank()}")
+    edist.shutdown()
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
     if mode == "train":
@@ -275,6 +311,8 @@ if __name__ == "__main__":
         main_loss(out)
     elif mode == "distill":
         main_distill(out)
+    elif mode == "gathers":
+        main_gathers(out, sys.argv[3])
     elif mode == "states":
         main_states(out, sys.argv[3], int(sys.argv[4]), sys.argv[5])
     else:

@@ -69,6 +69,11 @@ def _max_diff(a, b):
     return max((a[k].float() - b[k].float()).abs().max().item() for k in b)
 
 
+def _worst(a, b):
+    """The key of ``b`` where ``a`` differs most, with the difference: what a failed exactness check names."""
+    return max(((a[k].float() - b[k].float()).abs().max().item(), k) for k in b)
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_losses_over_gloo_match_the_gathered_reference(world, tmp_path):
     """Every impl of CLIP and SigLIP on W gloo ranks (7 rows each; tiles 1, 3, 5, 64) against the reference
@@ -118,10 +123,25 @@ def test_zero_lamb_equals_single_process(zero, shard, reference, tmp_path):
     got = torch.load(out)
     if zero == 3:
         assert 0.0 <= got["zeroshot"]["zeroshot/synth_shapes/acc1"] <= 1.0
-    assert _max_diff(got["weights"], reference["lamb"]["weights"]) <= 1e-6
+    assert _max_diff(got["weights"], reference["lamb"]["weights"]) <= 1e-6, (
+        _worst(got["weights"], reference["lamb"]["weights"]), got["losses"], reference["lamb"]["losses"])
     assert max(abs(a - b) for a, b in zip(got["losses"], reference["lamb"]["losses"])) <= 1e-5
     if zero == 2:
         _check_export_of_zero_checkpoint(os.path.join(str(tmp_path), "dist"), got["weights"], tmp_path)
+
+
+def test_zero3_full_weights_are_complete_every_time_on_gloo(shard, tmp_path):
+    """ZeRO-3 on 2 gloo ranks, 30 steps: after each, the parameters DeepSpeed keeps whole (re-gathered after every
+    step), and at the end all the engine's full weights, equal a blocking gather of the ranks' partitions.
+    DeepSpeed's coalesced gather waits on its last launched all-gather only: enough on a CUDA stream, a race on
+    gloo's worker threads, so on gloo the engine asks for blocking gathers (the written config says so)."""
+    out = str(tmp_path / "g.pt")
+    torchrun(["tests/dist_worker.py", "gathers", out, shard])
+    with open(tmp_path / "dist" / "ds_config.json") as f:  # the engine asked for blocking gathers on gloo
+        assert json.load(f)["zero_optimization"]["stage3_allgather_sequential"] is True
+    for r in range(2):
+        got = torch.load(f"{out}.rank{r}")
+        assert got["checked"] > 1000 and got["bad"] == [], (r, got["bad"][:10], len(got["bad"]))
 
 
 def test_zero2_feature_cached_accumulation(shard, reference, tmp_path):
@@ -417,3 +437,17 @@ def test_a_two_rank_checkpoint_resumes_on_four_ranks_with_the_uninterrupted_runs
     a, _ = load_weights(r2w2)
     b, _ = load_weights(str(run))
     assert _max_diff(a, b) <= 1e-5
+
+
+def test_blocking_zero3_gathers_only_on_gloo_and_an_overlays_choice_stays():
+    """``for_backend``: gloo ZeRO-3 gets ``stage3_allgather_sequential``; NCCL, other stages and an overlay that
+    sets the key itself are left as they are."""
+    from evaclip.engine import for_backend
+
+    z3 = {"zero_optimization": {"stage": 3}}
+    assert for_backend(z3, "gloo")["zero_optimization"]["stage3_allgather_sequential"] is True
+    assert "stage3_allgather_sequential" not in for_backend(z3, "nccl")["zero_optimization"]
+    assert "stage3_allgather_sequential" not in z3["zero_optimization"]  # the input is not changed
+    assert for_backend({"zero_optimization": {"stage": 2}}, "gloo") == {"zero_optimization": {"stage": 2}}
+    own = {"zero_optimization": {"stage": 3, "stage3_allgather_sequential": False}}
+    assert for_backend(own, "gloo") == own

@@ -17,10 +17,10 @@ from evaclip import dist as edist
 from evaclip.engine.base import Engine, StepInfo, pick_device, read_weights
 from evaclip.engine.compiling import Compiler
 from evaclip.engine.deepspeed_engine import (DeepSpeedEngine, bucket_elements, check_overlay, deepspeed_config,
-                                             zero3_persistent_elements, zero_held_grad_elements)
+                                             for_backend, zero3_persistent_elements, zero_held_grad_elements)
 from evaclip.engine.torch_engine import TorchEngine
 
-__all__ = ["Engine", "StepInfo", "bucket_elements", "build_engine", "check_overlay", "deepspeed_config",
+__all__ = ["Engine", "StepInfo", "bucket_elements", "build_engine", "check_overlay", "deepspeed_config", "for_backend",
            "pick_device", "read_weights", "zero3_persistent_elements", "zero_held_grad_elements"]
 
 
@@ -31,7 +31,7 @@ def build_engine(model, optimizer, engine_cfg, device: torch.device, micro_batch
     compiler = Compiler(engine_cfg.compile_backend) if engine_cfg.compile != "off" else None
     if engine_cfg.kind == "torch":
         return TorchEngine(model, optimizer, engine_cfg, device, compiler)
-    ds_cfg = deepspeed_config(engine_cfg, micro_batch_size, edist.world_size())
+    ds_cfg = for_backend(deepspeed_config(engine_cfg, micro_batch_size, edist.world_size()), edist.backend())
     if run_dir and edist.is_main():
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "ds_config.json"), "w") as f:

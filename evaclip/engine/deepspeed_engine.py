@@ -52,6 +52,19 @@ def deepspeed_config(engine_cfg, micro_batch_size: int, world_size: int) -> Dict
     return cfg
 
 
+def for_backend(ds_cfg: Dict, backend: Optional[str]) -> Dict:
+    """``ds_cfg`` adjusted to the process group's backend. On gloo (CPU), ZeRO-3 gathers parameters one blocking
+    all-gather at a time (``stage3_allgather_sequential``, unless the overlay sets it): DeepSpeed's coalesced
+    gather (``_allgather_params_coalesced``: ``GatheredParameters``, the persistent parameters after each step)
+    launches one asynchronous all-gather per parameter and waits on the last only. On a CUDA stream that orders
+    them; gloo runs them on worker threads, so an earlier gather can still be writing when the weights are read
+    (measured here with the tiny CLIP's sizes: about 1 gather in 100 incomplete)."""
+    z = ds_cfg.get("zero_optimization", {})
+    if backend == "gloo" and z.get("stage") == 3 and "stage3_allgather_sequential" not in z:
+        ds_cfg = deep_merge(ds_cfg, {"zero_optimization": {"stage3_allgather_sequential": True}})
+    return ds_cfg
+
+
 DEFAULT_BUCKET = 500_000_000  # DeepSpeed's reduce / allgather / prefetch bucket default (elements; its config docs)
 
 
