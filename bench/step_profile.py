@@ -8,12 +8,15 @@ metrics file). Only the outermost timed call counts (a forward inside a forward 
 when its optimizer step returns; what is left of a step's wall time after the timed parts is ``rest``: the loop's
 own Python, zeroing gradients, the lr schedule, meters. At exit the per-step figures go to ``path`` as JSON.
 A few ``perf_counter`` calls per timed call: negligible beside a step of hundreds of milliseconds.
+With ``STEP_PROFILE_OPS=PREFIX`` in the environment, the 15th-17th backward calls also run under torch.profiler
+and their per-operator tables go to ``PREFIX.<framework>.<call>``.
 """
 from __future__ import annotations
 
 import atexit
 import functools
 import json
+import os
 import time
 from typing import Dict, List
 
@@ -113,4 +116,27 @@ def install(framework: str, path: str, warmup: int) -> StepClock:
             json.dump(result, f)
 
     atexit.register(dump)
+    if os.environ.get("STEP_PROFILE_OPS"):  # "PREFIX": per-operator tables of the 15th-17th backward calls
+        _profile_backward_ops(framework, os.environ["STEP_PROFILE_OPS"], (15, 16, 17))
     return clock
+
+
+def _profile_backward_ops(framework: str, prefix: str, calls) -> None:
+    """torch.profiler around the ``calls``-th ``Tensor.backward`` calls (after warm-up): each one's operators by self
+    CPU time, written to ``PREFIX.FRAMEWORK.N`` (issue 28: is one framework's backward slower per operator?)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    real, count = torch.Tensor.backward, [0]
+
+    def backward(self, *args, **kwargs):
+        count[0] += 1
+        if count[0] not in calls:
+            return real(self, *args, **kwargs)
+        with profile(activities=[ProfilerActivity.CPU]) as p:
+            out = real(self, *args, **kwargs)
+        with open(f"{prefix}.{framework}.{count[0]}", "w") as f:
+            f.write(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
+        return out
+
+    torch.Tensor.backward = backward
