@@ -53,3 +53,11 @@ def test_gpu_mfu_script_on_cpu(tmp_path):
     # "towers" compiles what engine.compile = "towers" does, one graph per tower ("step", which adds the loss and
     # the optimizer's update, takes minutes to compile LAMB on this CPU: run by hand, not here)
     assert rows[0]["graphs"] == {} and rows[2]["graphs"] == {"visual": 1, "text": 1}
+
+
+def test_data_then_and_now_says_how_to_run_it():
+    """bench/data_then_and_now.py (a tree's input pipeline against open_clip's) answers --help with its usage
+    and runs under -S (no .pth hooks), as its usage line says."""
+    r = subprocess.run([sys.executable, "-S", "-m", "bench.data_then_and_now", "--help"], cwd=REPO,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "python -S -m bench.data_then_and_now TREE SIZE SHARDS" in r.stderr, r.stderr
