@@ -10,7 +10,8 @@ weights (and, with checkpoint.*, a checkpoint). ``loss``: the CLIP and SigLIP lo
 feature / temperature / bias gradients, per rank. The reference runs in the test process. ``nanstep``: a NaN
 gradient under DeepSpeed is reported as a skipped step (engine contract), per ZeRO stage and precision.
 ``states OUT.pt shard.tar STAGE PRECISION``: the bytes of the tensors the DeepSpeed engine holds (issue 31's plan).
-``gathers OUT.pt shard.tar``: ZeRO-3's full weights gathered many times, each against a blocking gather.
+``gathers OUT.pt shard.tar``: ZeRO-3's whole parameters after each step and in ``full_weights``, each against a
+blocking gather.
 """
 import os
 import sys
@@ -22,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import evaclip  # noqa: E402,F401
 from evaclip import dist as edist  # noqa: E402
 
-EXACT_ARGS = ["optim.lr=1e-4", "optim.eps=1e-3"]
+EXACT = ["optim.lr=1e-4", "optim.eps=1e-3"]  # exactness settings: why, in tests/test_distributed.py's docstring
 STEPS, MB = int(os.environ.get("DIST_STEPS", 10)), 4
 
 
@@ -276,7 +277,7 @@ def main_gathers(out: str, shard: str, steps: int = 10, times: int = 40):
     from evaclip.train import Trainer
 
     cfg = load_config(None, train_overrides(shard, os.path.dirname(out), [
-        "engine.kind=deepspeed", "engine.zero_stage=3", "optim.name=lamb", 'eval.suite=""', *EXACT_ARGS]))
+        "engine.kind=deepspeed", "engine.zero_stage=3", "optim.name=lamb", 'eval.suite=""', *EXACT]))
     tr = Trainer(cfg, resolve(cfg, edist.env_world()[2]), log=lambda *a, **k: None)
     params = list(tr.engine.model.named_parameters())
 
