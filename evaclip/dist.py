@@ -30,6 +30,11 @@ def backend() -> Optional[str]:
     return dist.get_backend() if is_initialized() else None
 
 
+def backend_for(device_type: str) -> str:
+    """The backend a run on ``device_type`` ("cuda", "cpu") initialises: nccl on GPU, gloo on CPU."""
+    return "nccl" if device_type == "cuda" else "gloo"
+
+
 def rank() -> int:
     return dist.get_rank() if is_initialized() else 0
 
@@ -69,7 +74,7 @@ def init_distributed(device: torch.device, timeout_min: int = 180, collective_ti
     os.environ.setdefault("RANK", str(r))
     os.environ.setdefault("WORLD_SIZE", str(w))
     os.environ.setdefault("LOCAL_RANK", str(local))
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = backend_for(device.type)
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_min))
     _MONITOR = dist.new_group(backend="gloo") if backend != "gloo" else None
 

@@ -212,6 +212,22 @@ def test_cli_dry_run_prints_derived():
     assert "global_batch = 256" in r.stdout and '"stage": 1' in r.stdout and '"gradient_clipping"' in r.stdout
 
 
+def test_dry_runs_deepspeed_config_is_the_one_a_run_here_writes():
+    """--dry-run prints the DeepSpeed config adjusted to the backend a run on this machine uses (gloo without a GPU:
+    ZeRO-3 gathers one blocking all-gather at a time, as ``build_engine`` writes it) and names that backend."""
+    import torch
+
+    r = run_cli(["train", "demo_cpu", "data.root=/tmp/synth", "--dry-run", "--world-size", "2", "run.device=cpu",
+                 "engine.kind=deepspeed", "engine.zero_stage=3"])
+    assert r.returncode == 0, r.stderr
+    assert "gloo process group; a GPU run does not set stage3_allgather_sequential" in r.stdout
+    assert '"stage3_allgather_sequential": true' in r.stdout
+    if not torch.cuda.is_available():  # auto = cpu here
+        r = run_cli(["train", "demo_cpu", "data.root=/tmp/synth", "--dry-run", "--world-size", "2",
+                     "engine.kind=deepspeed", "engine.zero_stage=3"])
+        assert "gloo process group" in r.stdout, r.stderr
+
+
 def test_cli_help_is_usable():
     for args in (["--help"], ["train", "--help"], ["eval", "--help"], ["export", "--help"], ["data", "--help"],
                  ["data", "synth", "--help"]):

@@ -9,6 +9,7 @@ import torch
 from evaclip.config import ModelConfig, load_config
 from evaclip.models import create_model, get_variant, list_models
 from evaclip.plan import Planner, plan, render
+from evaclip.plan.planner import STUDENT
 from evaclip.plan.memory import GiB, model_states
 from evaclip.plan.speed import GPUS
 from evaclip.plan.trace import count_flops
@@ -295,6 +296,7 @@ def test_a_distillation_runs_teacher_is_the_real_objectives(mim_teacher):
     obj.build_model()
     t = obj.teacher
     assert planner.parts(s)["teacher weights"] == sum(p.numel() * p.element_size() for p in t.module.parameters())
+    assert _student_named(planner.parts(s)) <= set(STUDENT) and "distillation loss buffers" in planner.parts(s)
     x = torch.randn(b, 3, t.image_size, t.image_size)
     tokens = torch.randint(0, 1000, (b, v.context_length))
     with torch.no_grad():
@@ -356,8 +358,17 @@ def test_a_teacher_forward_is_a_phase_of_its_own():
 
     parts = {"weights": 10, "gradients": 10, "optimizer states": 20, "activations (image)": 500, "loss buffers": 100,
              "distillation loss buffers": 100, "teacher weights": 40, "teacher targets": 5}
-    assert total(parts, 0, 800) == int((10 + 10 + 20 + 40 + 5 + 800) * (1 + FRAGMENTATION)) + CUDA_CONTEXT_BYTES
-    assert total(parts, 0, 100) == int(sum(parts.values()) * (1 + FRAGMENTATION)) + CUDA_CONTEXT_BYTES
+    assert total(parts, 0, 800, STUDENT) == int((10 + 10 + 20 + 40 + 5 + 800) * (1 + FRAGMENTATION)) + \
+        CUDA_CONTEXT_BYTES
+    assert total(parts, 0, 100, STUDENT) == int(sum(parts.values()) * (1 + FRAGMENTATION)) + CUDA_CONTEXT_BYTES
+    # a CoCa plan's activations and loss buffers (the most a student has: towers, decoder, both losses) are all
+    # the student's (the distillation loss's: test_a_distillation_runs_teacher_is_the_real_objectives)
+    coca = Planner(load_config("coca_demo_cpu", ["data.root=unused"]), get_variant("EVA02-Ti-8-64"), GPUS["h200"], 1, 1)
+    assert _student_named(coca.parts(coca.current())) == set(STUDENT) - {"distillation loss buffers"}
+
+
+def _student_named(parts):
+    return {k for k in parts if k.startswith("activations") or k.endswith("loss buffers")}
 
 
 def test_the_shipped_distillation_run_fits_on_its_stated_hardware_with_its_tiled_loss():

@@ -58,15 +58,18 @@ def cmd_train(args) -> int:
     derived = resolve(cfg, world, inputs_here=not args.dry_run)
     if args.dry_run:
         from evaclip.config import dumps_toml
-        from evaclip.engine import deepspeed_config
+        from evaclip.engine import device_kind, run_deepspeed_config
 
         print(dumps_toml(to_dict(cfg)))
         print("\n[derived]")
         for k, v in derived.__dict__.items():
             print(f"{k} = {v!r}")
         if cfg.engine.kind == "deepspeed":
-            print("\n# DeepSpeed config")
-            print(json.dumps(deepspeed_config(cfg.engine, cfg.data.micro_batch_size, world), indent=2))
+            backend = edist.backend_for(device_kind(cfg.run.device))
+            here, nccl = (run_deepspeed_config(cfg.engine, cfg.data.micro_batch_size, world, b) for b in (backend, "nccl"))
+            print(f"\n# DeepSpeed config (as a run on this machine writes it: {backend} process group"
+                  f"{'; a GPU run does not set stage3_allgather_sequential' if here != nccl else ''})")
+            print(json.dumps(here, indent=2))
         print(f"\nworld size {world}, global batch {derived.global_batch}, {derived.steps} steps, "
               f"{derived.train_samples:,} samples; run dir {derived.run_dir}")
         for line in missing_inputs(cfg):  # may exist where the run will run; a start here would stop on it

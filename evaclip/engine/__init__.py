@@ -9,19 +9,26 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 
 from evaclip import dist as edist
-from evaclip.engine.base import Engine, StepInfo, pick_device, read_weights
+from evaclip.engine.base import Engine, StepInfo, device_kind, pick_device, read_weights
 from evaclip.engine.compiling import Compiler
 from evaclip.engine.deepspeed_engine import (DeepSpeedEngine, bucket_elements, check_overlay, deepspeed_config,
                                              for_backend, zero3_persistent_elements, zero_held_grad_elements)
 from evaclip.engine.torch_engine import TorchEngine
 
-__all__ = ["Engine", "StepInfo", "bucket_elements", "build_engine", "check_overlay", "deepspeed_config", "for_backend",
-           "pick_device", "read_weights", "zero3_persistent_elements", "zero_held_grad_elements"]
+__all__ = ["Engine", "StepInfo", "bucket_elements", "build_engine", "check_overlay", "deepspeed_config", "device_kind",
+           "for_backend", "pick_device", "read_weights", "run_deepspeed_config", "zero3_persistent_elements",
+           "zero_held_grad_elements"]
+
+
+def run_deepspeed_config(engine_cfg, micro_batch_size: int, world_size: int, backend: Optional[str]) -> Dict:
+    """The DeepSpeed config a run uses and writes (``ds_config.json``): the generated one, adjusted to the run's
+    process-group backend (``for_backend``)."""
+    return for_backend(deepspeed_config(engine_cfg, micro_batch_size, world_size), backend)
 
 
 def build_engine(model, optimizer, engine_cfg, device: torch.device, micro_batch_size: int,
@@ -31,7 +38,7 @@ def build_engine(model, optimizer, engine_cfg, device: torch.device, micro_batch
     compiler = Compiler(engine_cfg.compile_backend) if engine_cfg.compile != "off" else None
     if engine_cfg.kind == "torch":
         return TorchEngine(model, optimizer, engine_cfg, device, compiler)
-    ds_cfg = for_backend(deepspeed_config(engine_cfg, micro_batch_size, edist.world_size()), edist.backend())
+    ds_cfg = run_deepspeed_config(engine_cfg, micro_batch_size, edist.world_size(), edist.backend())
     if run_dir and edist.is_main():
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "ds_config.json"), "w") as f:

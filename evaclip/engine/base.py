@@ -75,8 +75,13 @@ class Engine(Protocol):
     def full_weights(self) -> contextlib.AbstractContextManager: ...
 
 
+def device_kind(run_device: str) -> str:
+    """``run.device`` on this machine: "cpu" or "cuda" (``auto``: cuda where there is one)."""
+    return "cpu" if run_device == "cpu" or (run_device == "auto" and not torch.cuda.is_available()) else "cuda"
+
+
 def pick_device(run_device: str) -> torch.device:
-    if run_device == "cpu" or (run_device == "auto" and not torch.cuda.is_available()):
+    if device_kind(run_device) == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise RuntimeError("run.device = 'cuda' but no CUDA device is available")

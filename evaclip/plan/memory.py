@@ -7,7 +7,7 @@ rank, G = global batch, D = embedding width, t = loss tile. Bytes per element: 4
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict
+from typing import Dict, Iterable
 
 GiB = 1024 ** 3
 CUDA_CONTEXT_BYTES = int(1.0 * GiB)  # the CUDA context, cuBLAS / cuDNN workspaces: a stated constant, not measured
@@ -105,13 +105,15 @@ def buckets(precision: str, trainable: int, elements) -> int:
     return width * (whole + min(prefetch, trainable))
 
 
-def total(parts: Dict[str, int], step_only: int = 0, teacher_forward: int = 0) -> int:
+def total(parts: Dict[str, int], step_only: int = 0, teacher_forward: int = 0,
+          student: Iterable[str] = ()) -> int:
     """The peak per GPU, the largest of three phases, plus the fragmentation margin, plus the CUDA context: the end
     of backward (every part); the optimizer step (model states, a teacher's weights and what the step builds, the
     activations gone); a frozen teacher's forward (``teacher_forward``: it runs before the student's forward, so
-    every part but the student's activations and loss buffers, plus what that forward holds)."""
+    every part but the ``student`` ones, the names of what only the student's forward and backward hold, plus what
+    that forward holds)."""
     states = sum(parts.get(k, 0) for k in ("weights", "gradients", "optimizer states", "teacher weights"))
-    student = sum(v for k, v in parts.items() if k.startswith("activations") or k.endswith("loss buffers"))
+    student = sum(parts.get(k, 0) for k in set(student))
     peak = max(sum(parts.values()), states + step_only,
                sum(parts.values()) - student + teacher_forward if teacher_forward else 0)
     return int(peak * (1 + FRAGMENTATION)) + CUDA_CONTEXT_BYTES

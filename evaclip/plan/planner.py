@@ -17,6 +17,11 @@ from evaclip.plan.teacher import TeacherTrace, describe, distill_loss_bytes, dis
 from evaclip.plan.trace import build, caption_flops, count_flops, trace_caption, trace_towers
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# parts' names; the student's are what only its own forward and backward hold (gone while a frozen teacher runs)
+ACTIVATIONS = {"visual": "activations (image)", "text": "activations (text)"}
+CAPTION_ACTIVATIONS, LOSS, CAPTION_LOSS, DISTILL_LOSS = ("activations (caption decoder)", "loss buffers",
+                                                         "caption loss buffers", "distillation loss buffers")
+STUDENT = (*ACTIVATIONS.values(), CAPTION_ACTIVATIONS, LOSS, CAPTION_LOSS, DISTILL_LOSS)
 
 
 @dataclasses.dataclass
@@ -98,16 +103,15 @@ class Planner:
         states = self.states(s)
         out = {"weights": states.weights, "gradients": states.gradients, "optimizer states": states.optimizer}
         for name, t in towers.items():  # traced at micro-batch 1
-            out[f"activations ({'image' if name == 'visual' else 'text'})"] = \
-                (t.saved_bytes + t.recompute_bytes) * s.micro_batch
+            out[ACTIVATIONS[name]] = (t.saved_bytes + t.recompute_bytes) * s.micro_batch
         if not self.mim_dim:  # a MIM student's loss is in its trace (per position, nothing gathered)
-            out["loss buffers"] = memory.loss_buffers(c.loss.kind, c.loss.impl, self.global_batch,
+            out[LOSS] = memory.loss_buffers(c.loss.kind, c.loss.impl, self.global_batch,
                                                       self.global_batch // self.ranks, self.variant.embed_dim,
                                                       c.loss.tile_size)
         if self.coca:
             out.update(self._caption_parts(s.micro_batch))
         if c.objective.kind == "distill":
-            out["distillation loss buffers"] = self.distill_loss
+            out[DISTILL_LOSS] = self.distill_loss
             # every micro-batch's unit embeddings (the teacher's or the shards'), fp32, and their concatenation
             out["teacher targets"] = 2 * 2 * 4 * self.distill_width * s.micro_batch * s.accum
         if self.teacher:
@@ -128,16 +132,16 @@ class Planner:
         width, vocab = self.projection
         chunk = min(c.coca.ce_chunk, micro_batch * (self.variant.context_length - 1))
         half = c.engine.precision in ("bf16", "fp16")
-        return {"activations (caption decoder)": self._caption * micro_batch,
-                "caption loss buffers": memory.caption_loss_buffers(chunk, vocab, width, half,
-                                                                    half and c.engine.kind == "deepspeed")}
+        return {CAPTION_ACTIVATIONS: self._caption * micro_batch,
+                CAPTION_LOSS: memory.caption_loss_buffers(chunk, vocab, width, half,
+                                                        half and c.engine.kind == "deepspeed")}
 
     def teacher_forward(self, s: Setting) -> int:
         """What a frozen teacher's forward holds at once, before the student's forward (0: no teacher forward)."""
         return self.teacher.forward_bytes * s.micro_batch if self.teacher else 0
 
     def peak(self, s: Setting) -> int:
-        return memory.total(self.parts(s), self.states(s).step_gradients, self.teacher_forward(s))
+        return memory.total(self.parts(s), self.states(s).step_gradients, self.teacher_forward(s), STUDENT)
 
     def fits(self, s: Setting) -> bool:
         return self.peak(s) <= self.gpu.memory_gib * memory.GiB
@@ -205,7 +209,7 @@ class Planner:
             if lower is not None:
                 out.append(f"engine.zero_stage={lower} also fits (less communication per step)")
         parts = self.parts(s)
-        loss = parts.get("loss buffers", 0) + parts.get("distillation loss buffers", 0)
+        loss = parts.get(LOSS, 0) + parts.get(DISTILL_LOSS, 0)
         if self.cfg.loss.impl in ("naive", "local") and loss > 0.1 * self.gpu.memory_gib * memory.GiB:
             out.append(f"loss.impl=tiled (or ring): the {self.cfg.loss.impl} loss holds {loss / memory.GiB:.1f} GiB "
                        "at this global batch")
