@@ -66,17 +66,19 @@ def pairs_correct(recipe: str) -> float:
 
 
 def run(data: str, captioner: str, out: str, seeds: List[int], steps: int, captioner_steps: int,
-        fraction: float = 0.3, shards: int = 20, captions: int = 3) -> Dict:
+        fraction: float = 0.3, shards: int = 20, captions: int = 3, keep: str = "best", threshold: float = 0.0) -> Dict:
     common = [f"run.output_dir={out}", f"data.root={data}", "checkpoint.resume=none", "log.tensorboard=false"]
     captioner, wall = demo_teacher(captioner, out, common + [f"data.recipe={os.path.join(data, 'recipe.toml')}"],
                                    "capfilt", [f"run.steps={captioner_steps}", "eval.every_steps=0"],
                                    experiment="coca_demo_cpu", role="captioner")
     noisy = move_captions(data, os.path.join(out, "noisy"), fraction, 0, shards)
     clean = os.path.join(out, "clean")
-    print(f"[capfilt] evaclip data capfilt {noisy} --captioner {captioner} --captions {captions} --keep best", flush=True)
+    rule = ["--keep", keep] + (["--threshold", str(threshold)] if keep != "best" else [])
+    print(f"[capfilt] evaclip data capfilt {noisy} --captioner {captioner} --captions {captions} {' '.join(rule)}",
+          flush=True)
     subprocess.run([*CLI, "data", "capfilt", noisy, "--captioner", captioner, "--out",
-                    clean, "--captions", str(captions), "--keep", "best"], check=True)
-    summary = {"steps": steps, "fraction_moved": fraction, "shards": shards, "captioner": captioner,
+                    clean, "--captions", str(captions), *rule], check=True)
+    summary = {"steps": steps, "fraction_moved": fraction, "shards": shards, "captioner": captioner, "rule": rule,
                "captioner_wall_s": wall, "correct_noisy": pairs_correct(noisy),
                "correct_clean": pairs_correct(os.path.join(clean, "recipe.toml")), "seeds": []}
     key = "zeroshot/synth_shapes/acc1"
@@ -99,7 +101,7 @@ def _table(s: Dict) -> str:
     rows += [f"| {a['seed']} | {a['top1_noisy']:.4f} | {a['top1_clean']:.4f} | {a['top1_clean'] - a['top1_noisy']:+.4f} |"
              for a in s["seeds"]]
     return (f"CapFilt on the demo shards ({s['shards']} shards, {s['fraction_moved']:.0%} of the captions moved; "
-            f"captioner and scorer {s['captioner']}): correct pairs {s['correct_noisy']:.1%} in the noisy input, "
+            f"captioner and scorer {s['captioner']}, {' '.join(s.get('rule', ['--keep', 'best']))}): correct pairs {s['correct_noisy']:.1%} in the noisy input, "
             f"{s['correct_clean']:.1%} in CapFilt's output; the CLIP demo, {s['steps']} steps on each, zero-shot "
             f"top-1 gain {s['top1_gain_mean']:+.4f} (mean of {len(s['seeds'])} seeds)\n\n" + "\n".join(rows))
 
@@ -112,10 +114,15 @@ def main(argv=None) -> int:
     p.add_argument("--fraction", type=float, default=0.3, help="share of the captions moved to other images")
     p.add_argument("--shards", type=int, default=20, help="the first N training shards (20: all of them)")
     p.add_argument("--captions", type=int, default=3, help="synthetic captions per image (capfilt --captions)")
+    p.add_argument("--keep", choices=["best", "original", "both"], default="best", help="what CapFilt keeps "
+                   "(capfilt --keep)")
+    p.add_argument("--threshold", type=float, default=0.0, help="--keep original|both: the least score kept "
+                   "(capfilt --threshold)")
     a = parse_study_args(p, argv)
     if a is None:
         return 2
-    run(a.data, a.captioner, a.out, a.seeds, a.steps, a.captioner_steps, a.fraction, a.shards, a.captions)
+    run(a.data, a.captioner, a.out, a.seeds, a.steps, a.captioner_steps, a.fraction, a.shards, a.captions, a.keep,
+        a.threshold)
     return 0
 
 
