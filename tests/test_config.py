@@ -220,12 +220,15 @@ def test_dry_runs_deepspeed_config_is_the_one_a_run_here_writes():
     r = run_cli(["train", "demo_cpu", "data.root=/tmp/synth", "--dry-run", "--world-size", "2", "run.device=cpu",
                  "engine.kind=deepspeed", "engine.zero_stage=3"])
     assert r.returncode == 0, r.stderr
-    assert "gloo process group; a GPU run does not set stage3_allgather_sequential" in r.stdout
+    assert "gloo process group; a GPU run (nccl) differs in zero_optimization.stage3_allgather_sequential" in r.stdout
     assert '"stage3_allgather_sequential": true' in r.stdout
     if not torch.cuda.is_available():  # auto = cpu here
         r = run_cli(["train", "demo_cpu", "data.root=/tmp/synth", "--dry-run", "--world-size", "2",
                      "engine.kind=deepspeed", "engine.zero_stage=3"])
         assert "gloo process group" in r.stdout, r.stderr
+    r = run_cli(["train", "demo_cpu", "data.root=/tmp/synth", "--dry-run", "--world-size", "2", "run.device=cpu",
+                 "engine.kind=deepspeed", "engine.zero_stage=2"])  # ZeRO-2: the same config on both backends
+    assert r.returncode == 0 and "(as a run on this machine writes it: gloo process group)" in r.stdout, r.stderr
 
 
 def test_cli_help_is_usable():

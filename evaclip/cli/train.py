@@ -66,9 +66,11 @@ def cmd_train(args) -> int:
             print(f"{k} = {v!r}")
         if cfg.engine.kind == "deepspeed":
             backend = edist.backend_for(device_kind(cfg.run.device))
-            here, nccl = (run_deepspeed_config(cfg.engine, cfg.data.micro_batch_size, world, b) for b in (backend, "nccl"))
+            here, gpu = (run_deepspeed_config(cfg.engine, cfg.data.micro_batch_size, world, b)
+                         for b in (backend, "nccl"))
+            differs = ", ".join(_differing_keys(here, gpu))
             print(f"\n# DeepSpeed config (as a run on this machine writes it: {backend} process group"
-                  f"{'; a GPU run does not set stage3_allgather_sequential' if here != nccl else ''})")
+                  f"{f'; a GPU run (nccl) differs in {differs}' if differs else ''})")
             print(json.dumps(here, indent=2))
         print(f"\nworld size {world}, global batch {derived.global_batch}, {derived.steps} steps, "
               f"{derived.train_samples:,} samples; run dir {derived.run_dir}")
@@ -100,3 +102,15 @@ def cmd_train(args) -> int:
         print(f"run dir: {summary['run_dir']}\ncheckpoint: {summary['checkpoint']}"
               + (f"\nplots: {summary['plot']}" if summary.get("plot") else ""))
     return 0
+
+
+def _differing_keys(a, b, prefix: str = "") -> list:
+    """The dotted keys whose values differ between two nested dicts (a key only one of them has differs)."""
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            keys += _differing_keys(x, y, f"{prefix}{k}.")
+        elif x != y or (k in a) != (k in b):
+            keys.append(f"{prefix}{k}")
+    return keys

@@ -106,8 +106,8 @@ class Planner:
             out[ACTIVATIONS[name]] = (t.saved_bytes + t.recompute_bytes) * s.micro_batch
         if not self.mim_dim:  # a MIM student's loss is in its trace (per position, nothing gathered)
             out[LOSS] = memory.loss_buffers(c.loss.kind, c.loss.impl, self.global_batch,
-                                                      self.global_batch // self.ranks, self.variant.embed_dim,
-                                                      c.loss.tile_size)
+                                            self.global_batch // self.ranks, self.variant.embed_dim,
+                                            c.loss.tile_size)
         if self.coca:
             out.update(self._caption_parts(s.micro_batch))
         if c.objective.kind == "distill":
@@ -134,7 +134,7 @@ class Planner:
         half = c.engine.precision in ("bf16", "fp16")
         return {CAPTION_ACTIVATIONS: self._caption * micro_batch,
                 CAPTION_LOSS: memory.caption_loss_buffers(chunk, vocab, width, half,
-                                                        half and c.engine.kind == "deepspeed")}
+                                                          half and c.engine.kind == "deepspeed")}
 
     def teacher_forward(self, s: Setting) -> int:
         """What a frozen teacher's forward holds at once, before the student's forward (0: no teacher forward)."""
