@@ -233,9 +233,11 @@ def test_the_capfilt_study_moves_the_share_of_captions_it_says_and_judges_pairs_
                                                                                                      tmp_path):
     """The noisy input of `make capfilt`: the same images, metadata and captions (as a multiset), 30% of the
     captions on other images; every synthetic caption names its image (pairs all correct), the noisy ones about
-    70% (a moved caption is right only where the other image has the same colour and shape)."""
+    70% (a moved caption is right only where the other image has the same colour and shape); the control arm's
+    recipe names the same shards of the synth data, every pair right."""
     from evaclip import capfilt_study
     from evaclip.data.shards import iter_tar_samples
+    from evaclip.data.tools import expand_sources
 
     recipe = capfilt_study.move_captions(synth_dir, str(tmp_path / "noisy"), 0.3, 0, shards=4)
     before = [s for u in sorted(glob.glob(os.path.join(synth_dir, "train", "*.tar"))) for s in iter_tar_samples(u)]
@@ -246,6 +248,10 @@ def test_the_capfilt_study_moves_the_share_of_captions_it_says_and_judges_pairs_
     assert round(0.3 * len(before)) - 3 <= moved <= round(0.3 * len(before))  # equal captions may swap places
     assert capfilt_study.pairs_correct(os.path.join(synth_dir, "recipe.toml")) == 1.0
     assert 0.69 <= capfilt_study.pairs_correct(recipe) <= 0.8
+    control = capfilt_study.untouched_recipe(synth_dir, recipe, str(tmp_path / "untouched"))  # the study's ceiling
+    assert capfilt_study.pairs_correct(control) == 1.0
+    assert sorted(expand_sources(control, str(tmp_path))[0][1]) == sorted(glob.glob(os.path.join(synth_dir, "train",
+                                                                                                 "*.tar")))[:4]
 
 
 def test_caption_scores_are_pycocoevalcaps_on_lowercased_words():
