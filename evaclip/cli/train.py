@@ -58,20 +58,13 @@ def cmd_train(args) -> int:
     derived = resolve(cfg, world, inputs_here=not args.dry_run)
     if args.dry_run:
         from evaclip.config import dumps_toml
-        from evaclip.engine import device_kind, run_deepspeed_config
 
         print(dumps_toml(to_dict(cfg)))
         print("\n[derived]")
         for k, v in derived.__dict__.items():
             print(f"{k} = {v!r}")
         if cfg.engine.kind == "deepspeed":
-            backend = edist.backend_for(device_kind(cfg.run.device))
-            here, gpu = (run_deepspeed_config(cfg.engine, cfg.data.micro_batch_size, world, b)
-                         for b in (backend, "nccl"))
-            differs = ", ".join(_differing_keys(here, gpu))
-            print(f"\n# DeepSpeed config (as a run on this machine writes it: {backend} process group"
-                  f"{f'; a GPU run (nccl) differs in {differs}' if differs else ''})")
-            print(json.dumps(here, indent=2))
+            _print_deepspeed_config(cfg, world)
         print(f"\nworld size {world}, global batch {derived.global_batch}, {derived.steps} steps, "
               f"{derived.train_samples:,} samples; run dir {derived.run_dir}")
         for line in missing_inputs(cfg):  # may exist where the run will run; a start here would stop on it
@@ -102,6 +95,20 @@ def cmd_train(args) -> int:
         print(f"run dir: {summary['run_dir']}\ncheckpoint: {summary['checkpoint']}"
               + (f"\nplots: {summary['plot']}" if summary.get("plot") else ""))
     return 0
+
+
+def _print_deepspeed_config(cfg, world: int) -> None:
+    """The DeepSpeed config a run on this machine writes (adjusted to its process group's backend), naming the keys
+    a GPU (nccl) run writes differently."""
+    from evaclip import dist as edist
+    from evaclip.engine import device_kind, run_deepspeed_config
+
+    backend = edist.backend_for(device_kind(cfg.run.device))
+    here, gpu = (run_deepspeed_config(cfg.engine, cfg.data.micro_batch_size, world, b) for b in (backend, "nccl"))
+    differs = ", ".join(_differing_keys(here, gpu))
+    print(f"\n# DeepSpeed config (as a run on this machine writes it: {backend} process group"
+          f"{f'; a GPU run (nccl) differs in {differs}' if differs else ''})")
+    print(json.dumps(here, indent=2))
 
 
 def _differing_keys(a, b, prefix: str = "") -> list:
