@@ -20,7 +20,7 @@ help:
 	@echo "make flywheel   CLIP teacher -> MIM student -> CLIP from it vs from scratch (runs/flywheel/summary.json)"
 	@echo "make distill    a smaller student distilled from the demo CLIP vs from scratch, 3 seeds (runs/distill/summary.md)"
 	@echo "make coca       the CoCa demo vs the CLIP demo, 3 seeds: held-out captions and zero-shot top-1 (runs/coca/summary.md)"
-	@echo "make capfilt    CapFilt on demo shards with 30% of captions moved; CLIP on noisy vs cleaned, 3 seeds (runs/capfilt/summary.md)"
+	@echo "make capfilt    CapFilt on 4 demo shards with 30% of captions moved; CLIP on noisy vs cleaned vs untouched, 3 seeds (runs/capfilt/summary.md)"
 	@echo "make test       the whole test suite (CPU; includes slow end-to-end and 2-process tests)"
 	@echo "make test-cluster  the cluster tier: a real two-node Slurm on this machine (root), sbatch / requeue / torchrun"
 	@echo "make test-fast  tests without the slow end-to-end ones"
@@ -70,7 +70,7 @@ coca: setup
 capfilt: setup
 	test -f $(DEMO_DATA)/recipe.toml || $(BIN)/evaclip data synth --out $(DEMO_DATA)
 	$(BIN)/python -m evaclip.capfilt_study --data $(DEMO_DATA) --captioner runs/coca/captioner --out runs/capfilt \
-		--seeds 0 1 2
+		--seeds 0 1 2 --shards 4
 
 # the 40 slowest tests are listed at the end: a suite that grows slower shows where
 test: setup
