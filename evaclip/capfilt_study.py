@@ -1,7 +1,8 @@
 """BLIP's CapFilt on the embedded data (``make capfilt``): the demo's shards with a share of their captions moved to
 other images (noisy web text), cleaned by ``evaclip data capfilt`` with a CoCa demo as captioner and scorer; per
 seed, the CLIP demo trained on the noisy shards, on the cleaned ones and (the control) on the same shards with
-their own captions, for equal steps, zero-shot on the held-out shapes.
+their own captions, for equal steps; each arm judged by zero-shot top-1 on the held-out shapes and by retrieval
+R@5 on the held-out captions (``METRICS``).
 
     python -m evaclip.capfilt_study --data data/synth --captioner runs/coca/captioner --out runs/capfilt
 
@@ -19,8 +20,9 @@ import random
 import statistics
 import subprocess
 import sys
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
+from evaclip.data.recipes import shard_pattern, write_recipe
 from evaclip.data.shard_writer import write_shard, write_stats
 from evaclip.data.shards import iter_tar_samples
 from evaclip.data.synth import names_right
@@ -35,12 +37,14 @@ METRICS = {"top1": lambda zs: zs["zeroshot/synth_shapes/acc1"], "top5": lambda z
            "r5": retrieval_r5}
 
 
-def move_captions(data: str, out: str, fraction: float, seed: int, shards: int) -> str:
+def move_captions(data: str, out: str, fraction: float, seed: int, shards: int) -> Tuple[str, str]:
     """``out/train``: the first ``shards`` training shards of ``data`` with ``fraction`` of the captions moved (a
-    random subset's captions rotated by one, so each lands on another image); its recipe (returned)."""
-    recipe = os.path.join(out, "recipe.toml")
-    if os.path.exists(recipe):
-        return recipe
+    random subset's captions rotated by one, so each lands on another image). Returns two recipes: ``out/recipe.toml``
+    (these noisy shards) and ``out/untouched.toml`` (the control arm: the same shards of ``data`` with their own
+    captions, what the same images give with every pair right)."""
+    recipe, control = os.path.join(out, "recipe.toml"), os.path.join(out, "untouched.toml")
+    if os.path.exists(recipe) and os.path.exists(control):
+        return recipe, control
     urls = sorted(glob.glob(os.path.join(data, "train", "*.tar")))[:shards]
     samples = [{k: v for k, v in s.items() if k != "__url__"} for u in urls for s in iter_tar_samples(u)]
     moved = random.Random(seed).sample(range(len(samples)), int(round(fraction * len(samples))))
@@ -53,28 +57,13 @@ def move_captions(data: str, out: str, fraction: float, seed: int, shards: int) 
         path = os.path.join(out, "train", f"{k:05d}.tar")
         write_shard(path, samples[k * per:(k + 1) * per])
         write_stats(path, len(samples[k * per:(k + 1) * per]))
-    with open(recipe, "w") as f:
-        f.write(f'name = "noisy"\ndescription = "{fraction:.0%} of the captions moved to other images"\n\n'
-                f'[[source]]\nname = "noisy"\nshards = "train/{{00000..{len(urls) - 1:05d}}}.tar"\n'
-                f"samples = {len(samples)}\n")
-    return recipe
-
-
-def untouched_recipe(data: str, noisy: str, out: str) -> str:
-    """``out/recipe.toml``: the shards of ``data`` that the ``noisy`` recipe was made from, with their own captions
-    (the control arm: what the same images give with every pair right)."""
-    import tomllib
-
-    with open(noisy, "rb") as f:
-        samples = tomllib.load(f)["source"][0]["samples"]
-    shards = len(glob.glob(os.path.join(os.path.dirname(noisy), "train", "*.tar")))
-    os.makedirs(out, exist_ok=True)
-    recipe = os.path.join(out, "recipe.toml")
-    with open(recipe, "w") as f:
-        f.write(f'name = "untouched"\ndescription = "the first {shards} demo shards, captions untouched"\n\n'
-                f'[[source]]\nname = "untouched"\nshards = "{os.path.abspath(data)}/train/{{00000..{shards - 1:05d}}}'
-                f'.tar"\nsamples = {samples}\n')
-    return recipe
+    # relative to the recipe's folder, as recipes' shard paths are (evaclip.files), so the two trees move together
+    source = os.path.relpath(os.path.join(data, "train"), out)
+    write_recipe(control, "untouched", f"the first {len(urls)} demo shards, captions untouched",
+                 [{"name": "untouched", "shards": shard_pattern(source, len(urls)), "samples": len(samples)}])
+    write_recipe(recipe, "noisy", f"{fraction:.0%} of the captions moved to other images",
+                 [{"name": "noisy", "shards": shard_pattern("train", len(urls)), "samples": len(samples)}])
+    return recipe, control
 
 
 def pairs_correct(recipe: str) -> float:
@@ -95,14 +84,13 @@ def run(data: str, captioner: str, out: str, seeds: List[int], steps: int, capti
     captioner, wall = demo_teacher(captioner, out, common + [f"data.recipe={os.path.join(data, 'recipe.toml')}"],
                                    "capfilt", [f"run.steps={captioner_steps}", "eval.every_steps=0"],
                                    experiment="coca_demo_cpu", role="captioner")
-    noisy = move_captions(data, os.path.join(out, "noisy"), fraction, 0, shards)
+    noisy, untouched = move_captions(data, os.path.join(out, "noisy"), fraction, 0, shards)
     clean = os.path.join(out, "clean")
     rule = ["--keep", keep] + (["--threshold", str(threshold)] if keep != "best" else [])
     print(f"[capfilt] evaclip data capfilt {noisy} --captioner {captioner} --captions {captions} {' '.join(rule)}",
           flush=True)
     subprocess.run([*CLI, "data", "capfilt", noisy, "--captioner", captioner, "--out",
                     clean, "--captions", str(captions), *rule], check=True)
-    untouched = untouched_recipe(data, noisy, os.path.join(out, "untouched"))
     summary = {"steps": steps, "fraction_moved": fraction, "shards": shards, "captioner": captioner, "rule": rule,
                "captioner_wall_s": wall, "correct_noisy": pairs_correct(noisy),
                "correct_clean": pairs_correct(os.path.join(clean, "recipe.toml")), "seeds": []}

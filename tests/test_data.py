@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from evaclip.data.recipes import Recipe, SourceSpec, load_recipe
+from evaclip.data.recipes import Recipe, SourceSpec, load_recipe, shard_pattern, write_recipe
 from evaclip.data.shards import ShardError, count_tar_samples, expand_pattern, iter_tar_samples
 from evaclip.data.transforms import Tokenizer
 from evaclip.data.loader import make_loader, stop_workers
@@ -90,6 +90,26 @@ def test_recipe_weights_explicit_or_from_counts(tmp_path):
     p.write_text('name = "x"\n[[source]]\nname = "a"\nshards = "a.tar"\nwieght = 3\n')
     with pytest.raises(Exception, match="source\\[0\\].wieght"):
         load_recipe(str(p))
+
+
+def test_a_written_recipe_reads_back_as_written(tmp_path):
+    """write_recipe (the one writer of data synth's, filter's, reinforce's, capfilt's and the studies' recipes):
+    names with quotes and backslashes, a comment, weights on every source, and shard patterns relative to the file
+    read back through load_recipe as they were given; the file is written whole, no temporary file left beside it."""
+    path = str(tmp_path / "out" / "recipe.toml")
+    os.makedirs(os.path.dirname(path))
+    write_recipe(path, 'a "quoted" name', "C:\\data\\x", [
+        {"name": "a", "shards": shard_pattern("a", 3, width=6), "samples": 30, "weight": 3},
+        {"name": "b\\c", "shards": shard_pattern("../b", 1), "samples": 7, "weight": 1.0}],
+        comment="first line\n  second line")
+    r = load_recipe(path)
+    assert (r.name, r.description) == ('a "quoted" name', "C:\\data\\x")
+    assert [(s.name, s.shards, s.samples) for s in r.source] == [
+        ("a", os.path.join(str(tmp_path / "out"), "a", "{000000..000002}.tar"), 30),
+        ("b\\c", str(tmp_path / "b" / "00000.tar"), 7)]
+    assert r.weights() == pytest.approx([0.75, 0.25])
+    assert open(path).read().startswith("# first line\n#   second line\nname = ")
+    assert os.listdir(tmp_path / "out") == ["recipe.toml"]
 
 
 def test_decoded_stream_reports_per_source_counts(tmp_path):

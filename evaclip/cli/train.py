@@ -118,6 +118,6 @@ def _differing_keys(a, b, prefix: str = "") -> list:
         x, y = a.get(k), b.get(k)
         if isinstance(x, dict) and isinstance(y, dict):
             keys += _differing_keys(x, y, f"{prefix}{k}.")
-        elif x != y or (k in a) != (k in b):
+        elif x != y or (k in a) != (k in b):  # the second test: a key set to None on one side, absent on the other
             keys.append(f"{prefix}{k}")
     return keys

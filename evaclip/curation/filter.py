@@ -13,6 +13,7 @@ from typing import Dict, List, Sequence
 from evaclip.curation.histogram import Histogram
 from evaclip.curation.score import MODEL_KEY, SHARD_KEY
 from evaclip.curation.where import parse_where
+from evaclip.data.recipes import shard_pattern, write_recipe
 from evaclip.data.shard_writer import copy_kept, shard_writer
 from evaclip.data.shards import is_local, shard_identity
 from evaclip.data.tools import expand_sources, stats
@@ -276,14 +277,11 @@ def _first_pass(files, columns, whole, by: str, top, bottom):
 def _write_recipe(out: str, name: str, n_shards: int, n_kept: int, n_tables: int, criteria: Dict) -> tuple:
     """recipe.toml pointing at the new shards; (its path, the shard pattern)."""
     recipe_name = name or os.path.basename(os.path.abspath(out))
-    recipe = os.path.join(out, "recipe.toml")
-    pattern = "{00000..%05d}.tar" % (n_shards - 1) if n_shards > 1 else "00000.tar"
-    with open(recipe, "w") as f:
-        f.write(f"# Written by `evaclip data filter` from {n_tables} tables: {json.dumps(criteria)}\n"
-                "#   evaclip train <experiment> data.recipe=<the path of this file>\n"
-                f"name = {json.dumps(recipe_name)}\ndescription = {json.dumps('filtered: ' + json.dumps(criteria))}\n\n"
-                f"[[source]]\nname = {json.dumps(recipe_name)}\nshards = {json.dumps(pattern)}\n"
-                f"samples = {n_kept}\n")
+    pattern = shard_pattern("", n_shards)
+    recipe = write_recipe(os.path.join(out, "recipe.toml"), recipe_name, "filtered: " + json.dumps(criteria),
+                          [{"name": recipe_name, "shards": pattern, "samples": n_kept}],
+                          comment=f"Written by `evaclip data filter` from {n_tables} tables: {json.dumps(criteria)}\n"
+                                  "  evaclip train <experiment> data.recipe=<the path of this file>")
     return recipe, pattern
 
 

@@ -9,10 +9,11 @@
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
-from typing import List
+from typing import Dict, List, Sequence
 
-from evaclip.files import ConfigError, find, load_typed
+from evaclip.files import ConfigError, atomic_write, find, load_typed
 
 UNSET = -1.0  # SourceSpec.weight when the recipe does not set it
 _PATH = {"path": "file"}  # relative to the recipe file (evaclip.files); {root} patterns and URLs as they are
@@ -70,3 +71,25 @@ def load_recipe(name_or_path: str) -> Recipe:
 def recipe_from_shards(pattern: str) -> Recipe:
     """A one-source recipe for ``data.shards``."""
     return Recipe(name="shards", source=[SourceSpec(name="shards", shards=pattern)])
+
+
+def shard_pattern(folder: str, n: int, width: int = 5) -> str:
+    """The brace pattern of ``n`` shards numbered from 0 with ``width`` digits in ``folder`` ("" for the recipe's
+    own folder): ``train/{00000..00003}.tar``, or ``train/00000.tar`` for one."""
+    names = f"{0:0{width}d}.tar" if n == 1 else f"{{{0:0{width}d}..{n - 1:0{width}d}}}.tar"
+    return f"{folder}/{names}" if folder else names
+
+
+def write_recipe(path: str, name: str, description: str, sources: Sequence[Dict], comment: str = "") -> str:
+    """Write a recipe file all or nothing (``files.atomic_write``): ``sources`` as ``[{"name", "shards",
+    "samples"[, "weight"]}]`` (shards relative to the file, or ``{root}/...``), ``comment`` as ``#`` lines above.
+    The one writer of the recipes that data synth, filter, reinforce, capfilt and the studies produce; strings
+    are written as JSON strings, which TOML reads back as the same text (paths with backslashes or quotes too)."""
+    lines = [f"# {line}" if line else "#" for line in comment.splitlines()]
+    lines += [f"name = {json.dumps(name)}", f"description = {json.dumps(description)}", ""]
+    for s in sources:
+        lines += ["[[source]]", f"name = {json.dumps(s['name'])}", f"shards = {json.dumps(s['shards'])}",
+                  f"samples = {int(s['samples'])}", *([f"weight = {float(s['weight'])}"] if "weight" in s else []), ""]
+    with atomic_write(path) as f:
+        f.write("\n".join(lines))
+    return path

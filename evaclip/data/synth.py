@@ -23,6 +23,7 @@ from typing import Dict, List, Set, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
+from evaclip.data.recipes import shard_pattern, write_recipe
 from evaclip.data.shard_writer import write_shard, write_stats
 from evaclip.files import ConfigError
 
@@ -203,8 +204,7 @@ def write_all(out: str, shards: int = 20, per_shard: int = 1000, image_size: int
     train = write_train(os.path.join(out, "train"), shards, per_shard, image_size, seed, progress)
     zs = write_zeroshot_classification(os.path.join(out, "zeroshot", "synth_shapes"), eval_per_class, image_size, seed)
     rt = write_zeroshot_retrieval(os.path.join(out, "zeroshot", "synth_retrieval"), retrieval_images, image_size, seed)
-    recipe = os.path.join(out, "recipe.toml")
-    with open(recipe, "w") as f:
-        f.write(f'name = "synthetic"\ndescription = "evaclip data synth output"\n\n[[source]]\nname = "synthetic"\n'
-                f'shards = "{{root}}/train/{{{0:05d}..{shards - 1:05d}}}.tar"\nsamples = {shards * per_shard}\n')
+    recipe = write_recipe(os.path.join(out, "recipe.toml"), "synthetic", "evaclip data synth output",
+                          [{"name": "synthetic", "shards": shard_pattern("{root}/train", shards),
+                            "samples": shards * per_shard}])
     return {"train": os.path.dirname(train[0]), "zeroshot": zs, "retrieval": rt, "recipe": recipe}
