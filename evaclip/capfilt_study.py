@@ -35,6 +35,7 @@ from evaclip.study import CLI, demo_teacher, parse_study_args, publish, retrieva
 # (captions naming colour, shape, size and position), not in top-1.
 METRICS = {"top1": lambda zs: zs["zeroshot/synth_shapes/acc1"], "top5": lambda zs: zs["zeroshot/synth_shapes/acc5"],
            "r5": retrieval_r5}
+ARMS = ("noisy", "clean", "untouched")  # the CLIP demo's training sets; the gains are over the first
 
 
 def move_captions(data: str, out: str, fraction: float, seed: int, shards: int) -> Tuple[str, str]:
@@ -86,6 +87,7 @@ def run(data: str, captioner: str, out: str, seeds: List[int], steps: int, capti
                                    experiment="coca_demo_cpu", role="captioner")
     noisy, untouched = move_captions(data, os.path.join(out, "noisy"), fraction, 0, shards)
     clean = os.path.join(out, "clean")
+    recipes = dict(zip(ARMS, (noisy, os.path.join(clean, "recipe.toml"), untouched)))
     rule = ["--keep", keep] + (["--threshold", str(threshold)] if keep != "best" else [])
     print(f"[capfilt] evaclip data capfilt {noisy} --captioner {captioner} --captions {captions} {' '.join(rule)}",
           flush=True)
@@ -93,21 +95,20 @@ def run(data: str, captioner: str, out: str, seeds: List[int], steps: int, capti
                     clean, "--captions", str(captions), *rule], check=True)
     summary = {"steps": steps, "fraction_moved": fraction, "shards": shards, "captioner": captioner, "rule": rule,
                "captioner_wall_s": wall, "correct_noisy": pairs_correct(noisy),
-               "correct_clean": pairs_correct(os.path.join(clean, "recipe.toml")), "seeds": []}
-    arms = (("noisy", noisy), ("clean", os.path.join(clean, "recipe.toml")), ("untouched", untouched))
+               "correct_clean": pairs_correct(recipes["clean"]), "seeds": []}
     for seed in seeds:
         arm = common + [f"run.seed={seed}", f"run.steps={steps}", "eval.every_steps=0",
                         f"checkpoint.every_steps={steps}", warmup(steps)]
         row = {"seed": seed}
-        for name, recipe in arms:
+        for name, recipe in recipes.items():
             print(f"[capfilt] seed {seed}: the CLIP demo on the {name} shards ({steps} steps)", flush=True)
             zs = train_run("demo_cpu", arm + [f"data.recipe={recipe}", f"run.name=seed{seed}/{name}"],
                            reuse=True)["zeroshot"]
             row.update({f"{m}_{name}": read(zs) for m, read in METRICS.items()})
         summary["seeds"].append(row)
     for m in METRICS:  # the control's gain is the most a filter could give at this budget
-        for name in ("clean", "untouched"):
-            summary[f"{m}_{name}_gain_mean"] = statistics.mean(a[f"{m}_{name}"] - a[f"{m}_noisy"]
+        for name in ARMS[1:]:
+            summary[f"{m}_{name}_gain_mean"] = statistics.mean(a[f"{m}_{name}"] - a[f"{m}_{ARMS[0]}"]
                                                                 for a in summary["seeds"])
     publish(out, summary, _table(summary))
     return summary
@@ -115,8 +116,7 @@ def run(data: str, captioner: str, out: str, seeds: List[int], steps: int, capti
 
 def _table(s: Dict) -> str:
     rows = ["| seed | top-1 noisy / CapFilt / untouched | retrieval R@5 noisy / CapFilt / untouched |", "|---|---|---|"]
-    arms = ("noisy", "clean", "untouched")
-    rows += [f"| {a['seed']} | " + " | ".join(" / ".join(f"{a[f'{m}_{n}']:.4f}" for n in arms) for m in ("top1", "r5"))
+    rows += [f"| {a['seed']} | " + " | ".join(" / ".join(f"{a[f'{m}_{n}']:.4f}" for n in ARMS) for m in ("top1", "r5"))
              + " |" for a in s["seeds"]]
     gains = "; ".join(f"{label} {s[f'{m}_clean_gain_mean']:+.4f} (untouched {s[f'{m}_untouched_gain_mean']:+.4f})"
                       for m, label in (("top1", "top-1"), ("r5", "retrieval R@5")))

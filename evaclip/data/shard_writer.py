@@ -87,6 +87,9 @@ def copy_kept(url: str, match: Callable[[str], Optional[Dict]], add) -> int:
     return n
 
 
+PART_DIGITS = 6  # a per-input-shard output's number: shard_path's names and the recipe's brace range that lists them
+
+
 def shard_path(out: str, source: str, index: int) -> str:
     """Where a per-input-shard writer (reinforce, capfilt) puts the output of ``source``'s shard ``index``."""
-    return os.path.join(out, source, f"{index:06d}.tar")
+    return os.path.join(out, source, f"{index:0{PART_DIGITS}d}.tar")
