@@ -72,9 +72,10 @@ capfilt: setup
 	$(BIN)/python -m evaclip.capfilt_study --data $(DEMO_DATA) --captioner runs/coca/captioner --out runs/capfilt \
 		--seeds 0 1 2 --shards 4
 
-# the 40 slowest tests are listed at the end: a suite that grows slower shows where
+# the 40 slowest tests are listed at the end, and every test's time is in test-results.xml (JUnit): a suite that
+# grows slower shows where
 test: setup
-	$(BIN)/python -m pytest -q -m "not cluster" --durations=40 tests
+	$(BIN)/python -m pytest -q -m "not cluster" --durations=40 --junitxml=test-results.xml tests
 
 # brings up launch/slurm/local_cluster.sh (apt + daemons, as root) for the session and takes it down after
 test-cluster: setup

@@ -80,11 +80,26 @@ def _matmul_share(fn) -> float:
     return mm / total if total else float("nan")
 
 
+def _deviation(eager, compiled, x, noise) -> float:
+    """max |eager - compiled| over the output and every parameter's gradient of one forward + backward (the
+    compiled tower is a deep copy of the eager one, so both start from the same weights)."""
+    res = []
+    for m in (eager, compiled):
+        m.zero_grad(set_to_none=True)
+        y = m(x, noise)
+        y.square().mean().backward()
+        res.append([y.detach()] + [p.grad for p in m.parameters() if p.grad is not None])
+    assert len(res[0]) == len(res[1]), "the compiled tower's parameters got other gradients than the eager one's"
+    return max((a - b).abs().max().item() for a, b in zip(*res))
+
+
 def compiled_step(rounds: int = 5, batch: int = 16, depth: int = 12, rates=(0.0, 0.5)):
     """Image-tower forward + backward on EVA-02 Small at 224 px (token_drop's geometry), eager against
     torch.compile (Inductor, one graph, as engine.compile = "towers" builds it), with and without token dropping.
     Timed in alternating paired rounds (eager, compiled, eager, ...), so a slow spell of this shared machine falls
-    on both; the ratio is the median over rounds of eager / compiled. The compile time is reported apart.
+    on both; the ratio is the median over rounds of eager / compiled. The compile time is reported apart, and
+    the largest deviation of the compiled output and gradients from eager's (``max_diff``: the generated kernels
+    are checked where they are timed; ``make test`` runs this section's quick form).
     ``rates``: the token-drop rates compared (one compile each)."""
     import copy
     import statistics
@@ -110,10 +125,12 @@ def compiled_step(rounds: int = 5, batch: int = 16, depth: int = 12, rates=(0.0,
         t0 = time.perf_counter()
         step(compiled)
         compile_s = time.perf_counter() - t0
+        max_diff = _deviation(eager, compiled, x, noise)
         step(eager), step(compiled)  # warm-up
         pairs = [(step(eager), step(compiled)) for _ in range(rounds)]
         out[f"drop_{rate}"] = {"eager": summarize([a for a, _ in pairs]), "compiled": summarize([b for _, b in pairs]),
                                "speedup": statistics.median(a / b for a, b in pairs), "compile_s": compile_s,
+                               "max_diff": max_diff,
                                "matmul_share": _matmul_share(lambda: step(eager))}
     out["config"] = "EVA-02 Small (width 384, depth %d, 256 patches of 14 px), batch %d, fp32" % (depth, batch)
     return out

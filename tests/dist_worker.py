@@ -6,7 +6,7 @@
     python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py nanstep OUT.pt shard.tar
 
 ``train``: the real Trainer.train_step for 10 steps on fixed per-(step, rank) batches; rank 0 saves the full
-weights (and, with checkpoint.*, a checkpoint). ``loss``: the CLIP and SigLIP loss (every impl) and their
+weights (and, with checkpoint.*, a checkpoint). ``compiled``: ``train`` with engine.compile off, then towers. ``loss``: the CLIP and SigLIP loss (every impl) and their
 feature / temperature / bias gradients, per rank. The reference runs in the test process. ``nanstep``: a NaN
 gradient under DeepSpeed is reported as a skipped step (engine contract), per ZeRO stage and precision.
 ``states OUT.pt shard.tar STAGE PRECISION``: the bytes of the tensors the DeepSpeed engine holds (issue 31's plan).
@@ -61,12 +61,13 @@ def run_steps(trainer, rank: int, world: int, steps: int = STEPS):
     return losses
 
 
-def main_train(out: str, shard: str, overrides):
+def _train(run_dir: str, shard: str, overrides):
+    """10 steps of the real Trainer; rank 0 returns the full weights, the losses, the zero-shot metrics and the
+    compiled graphs (other ranks None)."""
     from evaclip.config import load_config
     from evaclip.preflight import resolve
     from evaclip.train import Trainer
 
-    run_dir = os.path.dirname(out)
     cfg = load_config(None, train_overrides(shard, run_dir, overrides))
     tr = Trainer(cfg, resolve(cfg, edist.env_world()[2]), log=lambda *a, **k: None)
     if os.environ.get("NAIVE_LAMB"):  # negative control: an off-the-shelf LAMB, trust ratios per partition
@@ -78,9 +79,26 @@ def main_train(out: str, shard: str, overrides):
     zeroshot = tr.evaluate() if cfg.eval.suite else {}  # every rank calls it (ZeRO-3 gathers the weights)
     with tr.engine.full_weights() as model:
         if edist.is_main():
-            torch.save({"weights": {k: v.detach().float().clone() for k, v in model.state_dict().items()},
-                        "losses": losses, "zeroshot": zeroshot,
-                        "graphs": dict(tr.engine.compiler.graphs) if tr.engine.compiler else {}}, out)
+            return {"weights": {k: v.detach().float().clone() for k, v in model.state_dict().items()},
+                    "losses": losses, "zeroshot": zeroshot,
+                    "graphs": dict(tr.engine.compiler.graphs) if tr.engine.compiler else {}}
+    return None
+
+
+def main_train(out: str, shard: str, overrides):
+    res = _train(os.path.dirname(out), shard, overrides)
+    if res is not None:
+        torch.save(res, out)
+    edist.shutdown()
+
+
+def main_compiled(out: str, shard: str, overrides):
+    """The same run with engine.compile off and on (towers), one after the other in one launch (one torchrun
+    start-up instead of two); rank 0 saves {mode: what ``train`` saves}."""
+    runs = {mode: _train(os.path.join(os.path.dirname(out), mode), shard, [*overrides, f"engine.compile={mode}"])
+            for mode in ("off", "towers")}
+    if edist.is_main():
+        torch.save(runs, out)
     edist.shutdown()
 
 
@@ -306,6 +324,8 @@ if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
     if mode == "train":
         main_train(out, sys.argv[3], sys.argv[4:])
+    elif mode == "compiled":
+        main_compiled(out, sys.argv[3], sys.argv[4:])
     elif mode == "nanstep":
         main_nanstep(out, sys.argv[3])
     elif mode == "loss":

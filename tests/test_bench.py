@@ -20,7 +20,8 @@ def test_bench_quick(tmp_path):
     assert {"train_step", "token_drop", "compiled", "loss", "optimizer", "data", "eval", "score", "mim",
             "distill"} <= set(res)
     assert all(res["distill"][k]["median"] > 0 for k in ("clip", "online", "offline"))
-    assert res["compiled"]["drop_0.5"]["speedup"] > 0 and 0 < res["compiled"]["drop_0.5"]["matmul_share"] < 1
+    compiled = res["compiled"]["drop_0.5"]  # Inductor's kernels (the one Inductor build in make test) = eager
+    assert compiled["speedup"] > 0 and 0 < compiled["matmul_share"] < 1 and compiled["max_diff"] <= 1e-4, compiled
     assert res["score"]["pairs"] > 0 and res["score"]["ratio"] > 0
     assert res["mim"]["with_teacher"]["median"] > 0 and res["mim"]["without_teacher"]["median"] > 0
     for row in res["train_step"]:
