@@ -274,15 +274,16 @@ def _first_pass(files, columns, whole, by: str, top, bottom):
     return cuts, lo, hi
 
 
-def _write_recipe(out: str, name: str, n_shards: int, n_kept: int, n_tables: int, criteria: Dict) -> tuple:
-    """recipe.toml pointing at the new shards; (its path, the shard pattern)."""
+def _write_recipe(out: str, name: str, n_shards: int, n_kept: int, n_tables: int, criteria: Dict) -> str:
+    """recipe.toml pointing at the new shards (relative to it: the folder is swapped into place after); the shard
+    pattern."""
     recipe_name = name or os.path.basename(os.path.abspath(out))
     pattern = shard_pattern("", n_shards)
-    recipe = write_recipe(os.path.join(out, "recipe.toml"), recipe_name, "filtered: " + json.dumps(criteria),
-                          [{"name": recipe_name, "shards": pattern, "samples": n_kept}],
-                          comment=f"Written by `evaclip data filter` from {n_tables} tables: {json.dumps(criteria)}\n"
-                                  "  evaclip train <experiment> data.recipe=<the path of this file>")
-    return recipe, pattern
+    write_recipe(os.path.join(out, "recipe.toml"), recipe_name, "filtered: " + json.dumps(criteria),
+                 [{"name": recipe_name, "shards": pattern, "samples": n_kept}],
+                 comment=f"Written by `evaclip data filter` from {n_tables} tables: {json.dumps(criteria)}\n"
+                         "  evaclip train <experiment> data.recipe=<the path of this file>")
+    return pattern
 
 
 def _check_out_is_no_input(out: str, paths: Sequence[str], columns, shards: str, root: str) -> None:
@@ -358,7 +359,7 @@ def _build(files, columns, out, by, min_value, max_value, top, bottom, where, sh
     n_shards = len(copier.state["counts"])
     criteria = {k: v for k, v in {"by": by, "min": min_value, "max": max_value, "top": top, "bottom": bottom,
                                   "where": where or None}.items() if v is not None}
-    _, pattern = _write_recipe(out, name, n_shards, n_kept, len(files), criteria)
+    pattern = _write_recipe(out, name, n_shards, n_kept, len(files), criteria)
     plot = copier.hist.save(os.path.join(out, "histogram.png"), by, cuts, min_value, max_value) if has_by else ""
     per_source = {s: {"total": total[s], "kept": kept[s], "cut": next(iter(cuts.get(s, {}).values()), min_value)}
                   for s in total}
