@@ -239,7 +239,8 @@ def markdown(res, meta) -> str:
         for rate in [k[len("drop_"):] for k in c if k.startswith("drop_")]:
             r = c[f"drop_{rate}"]
             out.append(f"| {rate} | {fmt_ms(r['eager'])} | {fmt_ms(r['compiled'])} | {_ratio(r['speedup'])} | "
-                       f"{r['compile_s']:.0f} s | {100 * r['matmul_share']:.0f}% | {r.get('max_diff', float('nan')):.1e} |")
+                       f"{r['compile_s']:.0f} s | {100 * r['matmul_share']:.0f}% | "
+                       f"{r.get('max_diff', float('nan')):.1e} |")
         out.append("")
     if "data" in res:
         out += ["## Input pipeline: evaclip vs open_clip_train.data", "",

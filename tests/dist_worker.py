@@ -6,9 +6,10 @@
     python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py nanstep OUT.pt shard.tar
 
 ``train``: the real Trainer.train_step for 10 steps on fixed per-(step, rank) batches; rank 0 saves the full
-weights (and, with checkpoint.*, a checkpoint). ``compiled``: ``train`` with engine.compile off, then towers. ``loss``: the CLIP and SigLIP loss (every impl) and their
-feature / temperature / bias gradients, per rank. The reference runs in the test process. ``nanstep``: a NaN
-gradient under DeepSpeed is reported as a skipped step (engine contract), per ZeRO stage and precision.
+weights (and, with checkpoint.*, a checkpoint). ``compiled``: ``train`` with engine.compile off, then towers, in
+one launch. ``loss``: the CLIP and SigLIP loss (every impl) and their feature / temperature / bias gradients, per
+rank. The reference runs in the test process. ``nanstep``: a NaN gradient under DeepSpeed is reported as a skipped
+step (engine contract), per ZeRO stage and precision.
 ``states OUT.pt shard.tar STAGE PRECISION``: the bytes of the tensors the DeepSpeed engine holds (issue 31's plan).
 ``gathers OUT.pt shard.tar``: ZeRO-3's whole parameters after each step and in ``full_weights``, each against a
 blocking gather.

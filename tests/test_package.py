@@ -116,7 +116,9 @@ def user_run(synth_dir, tmp_path_factory):
 
 def test_user_model_file_trains_and_is_rebuilt_from_its_checkpoint_alone(user_run):
     """train -> checkpoint -> rebuild from the checkpoint's record (the model file no longer needed): the same
-    state dict keys and shapes, the same knobs, identical forward outputs."""
+    state dict keys and shapes, the same knobs, the same forward outputs (to 1e-5: two models with equal weights
+    differed in the last bits here, 1e-6 in two of three runs of this file on one day; a knob the record lost moves
+    the normalized features far more)."""
     from evaclip.checkpoint import load_weights
     from evaclip.models import model_from_record
 
@@ -137,7 +139,7 @@ def test_user_model_file_trains_and_is_rebuilt_from_its_checkpoint_alone(user_ru
         a, b = trained(img, txt), rebuilt(img, txt)
     assert set(a) == set(b) == {"image_features", "text_features", "logit_scale", "logit_bias"}
     for k in a:
-        assert torch.equal(a[k], b[k]), k
+        assert (a[k] - b[k]).abs().max() <= 1e-5, k
 
 
 def test_user_model_export_reloads_in_open_clip_and_timm(user_run, tmp_path):
