@@ -80,15 +80,13 @@ def _matmul_share(fn) -> float:
     return mm / total if total else float("nan")
 
 
-def _deviation(eager, compiled, x, noise) -> float:
-    """max |eager - compiled| over the output and every parameter's gradient of one forward + backward (the
-    compiled tower is a deep copy of the eager one, so both start from the same weights)."""
+def _deviation(eager, compiled, fwd_bwd) -> float:
+    """max |eager - compiled| over the output and every parameter's gradient of one ``fwd_bwd`` (the compiled
+    tower is a deep copy of the eager one, so both start from the same weights)."""
     res = []
     for m in (eager, compiled):
         m.zero_grad(set_to_none=True)
-        y = m(x, noise)
-        y.square().mean().backward()
-        res.append([y.detach()] + [p.grad for p in m.parameters() if p.grad is not None])
+        res.append([fwd_bwd(m)] + [p.grad for p in m.parameters() if p.grad is not None])
     assert len(res[0]) == len(res[1]), "the compiled tower's parameters got other gradients than the eager one's"
     return max((a - b).abs().max().item() for a, b in zip(*res))
 
@@ -116,16 +114,22 @@ def compiled_step(rounds: int = 5, batch: int = 16, depth: int = 12, rates=(0.0,
         Compiler("inductor").module("tower", compiled)
         noise = torch.rand(batch, eager.patch_embed.num_patches)
 
-        def step(m, noise=noise):
+        def fwd_bwd(m, noise=noise):
+            """one forward + backward of the bench's loss; the output"""
+            y = m(x, noise)
+            y.square().mean().backward()
+            return y.detach()
+
+        def step(m):
             m.zero_grad(set_to_none=True)
             t = time.perf_counter()
-            m(x, noise).square().mean().backward()
+            fwd_bwd(m)
             return time.perf_counter() - t
 
         t0 = time.perf_counter()
         step(compiled)
         compile_s = time.perf_counter() - t0
-        max_diff = _deviation(eager, compiled, x, noise)
+        max_diff = _deviation(eager, compiled, fwd_bwd)
         step(eager), step(compiled)  # warm-up
         pairs = [(step(eager), step(compiled)) for _ in range(rounds)]
         out[f"drop_{rate}"] = {"eager": summarize([a for a, _ in pairs]), "compiled": summarize([b for _, b in pairs]),

@@ -20,8 +20,9 @@ def publish_parts(out: str, sources, weights: Dict[str, float], settings: str, d
     if not all(os.path.exists(p) and os.path.exists(p[:-len(".tar")] + "_stats.json") for _, ps in written for p in ps):
         return None
     counts = manifest(written, out=os.path.join(out, "manifest.parquet"))["samples"]
-    sources = [{"name": name, "shards": shard_pattern(name, len(paths), width=PART_DIGITS), "samples": counts.get(name, 0),
-                **({"weight": weights[name]} if name in weights else {})} for name, paths in written]
+    sources = [{"name": name, "shards": shard_pattern(name, len(paths), width=PART_DIGITS),
+                "samples": counts.get(name, 0), **({"weight": weights[name]} if name in weights else {})}
+               for name, paths in written]
     return write_recipe(os.path.join(out, "recipe.toml"), os.path.basename(os.path.abspath(out)), description, sources,
                         comment=f"Written by `evaclip data {command}` (settings: {settings}); train on it with "
                                 "data.recipe=<this file>")
